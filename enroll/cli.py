@@ -1,0 +1,308 @@
+"""``enroll``: create the fleet's identity, issue join tokens, enroll and manage devices."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from enroll import admin, certs, device, output, tokens
+from enroll.enrollment import EnrollError, enroll, parse_request
+from enroll.labels import LabelError, parse_assignments, parse_selector
+from enroll.registry import RegistryError
+from enroll.state import FleetState, StateError, default_state_dir, parse_duration
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+
+EPILOG = """\
+exit status:
+  0  success
+  1  refused or failed: the message on stderr says what was wrong and what to do;
+     nothing was changed
+  2  usage error (unknown option, missing argument)
+
+The state directory (CA keys, registry) is --state, else $FLEET_STATE, else
+$XDG_DATA_HOME/fleet-tunnel. Labels are key=value; selectors are key=value,
+key!=value, 'key in (a,b)', 'key notin (a,b)', key, !key — several are ANDed.
+"""
+
+DEVICE_COLUMNS = ["id", "lifecycle", "labels", "last_seen", "locked_until"]
+TOKEN_COLUMNS = ["id", "status", "labels", "uses_left", "expires_at", "name_prefix"]
+
+
+class Refused(Exception):
+    """A user-facing refusal: printed as one line, exit status 1."""
+
+
+def _state(args) -> FleetState:
+    return FleetState(Path(args.state) if args.state else default_state_dir())
+
+
+def _format_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=output.FORMATS, default="table", help="output format (default: table)")
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def cmd_init(args) -> int:
+    root = Path(args.state) if args.state else default_state_dir()
+    state = FleetState.create(
+        root,
+        fleet=args.fleet,
+        proxy_name=args.proxy_name,
+        proxy_ips=args.proxy_ip,
+        proxy_port=args.proxy_port,
+        device_lifetime=args.device_lifetime,
+    )
+    info = {
+        "fleet": state.fleet,
+        "state": str(root),
+        "ca_pin": certs.ca_pin(state.ca_cert),
+        "proxy": state.proxy_address,
+        "ssh_host_ca": state.ssh_ca_public("host"),
+    }
+    if args.format != "table":
+        output.emit(info, args.format)
+    else:
+        print(f"Created fleet {info['fleet']!r} in {root}")
+        print(f"CA pin (give this to every enrollment line): {info['ca_pin']}")
+        print(f"Proxy endpoint: {info['proxy']}")
+    return EXIT_OK
+
+
+def cmd_token_create(args) -> int:
+    state = _state(args)
+    labels = parse_assignments(args.label)
+    if args.name_prefix and not certs.NAME_RE.match(args.name_prefix + "x"):
+        raise Refused(f"bad --name-prefix {args.name_prefix!r}: use lowercase letters, digits and '-'")
+    with state.registry() as reg:
+        secret, row = tokens.create(
+            reg, state.fleet, labels=labels, ttl=parse_duration(args.ttl), uses=args.uses,
+            name_prefix=args.name_prefix, creator=args.creator,
+        )
+    if args.format != "table":
+        output.emit({"token": secret, "id": row["id"], "expires_at": row["expires_at"],
+                     "uses": row["uses_total"], "labels": json.loads(row["labels"])}, args.format)
+    else:
+        print(secret)
+        print(f"token {row['id']}: {row['uses_total']} use(s), expires {row['expires_at']}; "
+              "shown once, only its hash is stored", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_token_ls(args) -> int:
+    state = _state(args)
+    with state.registry() as reg:
+        output.emit(tokens.listing(reg), args.format, TOKEN_COLUMNS)
+    return EXIT_OK
+
+
+def cmd_token_revoke(args) -> int:
+    state = _state(args)
+    with state.registry() as reg:
+        tokens.revoke(reg, args.id)
+    print(f"token {args.id} revoked")
+    return EXIT_OK
+
+
+def cmd_device(args) -> int:
+    directory = Path(args.dir)
+    services = dict(s.split("=", 1) for s in args.service) if args.service else None
+    if args.install:
+        if not args.ca_pin:
+            raise Refused("--install needs --ca-pin sha256:... (from 'enroll init') to check the bundle")
+        bundle = json.loads(Path(args.install).read_text())
+        summary = device.install(directory, bundle, args.ca_pin, services)
+        output.emit(summary, args.format)
+        return EXIT_OK
+    if args.csr_only:
+        device.prepare(directory, args.name, Path(args.ssh_host_key) if args.ssh_host_key else None)
+        print(f"wrote {directory / 'request.json'}: take it to the CA host and run "
+              f"'enroll sign --csr request.json --token ...'", file=sys.stderr)
+        return EXIT_OK
+    raise Refused(
+        "choose how to enroll: --csr-only (write a request for 'enroll sign') "
+        "or --install BUNDLE --ca-pin PIN"
+    )
+
+
+def cmd_sign(args) -> int:
+    state = _state(args)
+    request = parse_request(Path(args.csr).read_bytes())
+    with state.registry() as reg:
+        bundle = enroll(state, reg, request, args.token)
+    text = json.dumps(bundle, indent=2) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"enrolled {bundle['device_id']}; bundle written to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def cmd_devices(args) -> int:
+    state = _state(args)
+    selector = parse_selector(args.selector)
+    with state.registry() as reg:
+        all_devices = reg.devices()
+    rows = [d.as_dict() for d in all_devices if selector.matches(d.labels)]
+    output.emit(rows, args.format, DEVICE_COLUMNS)
+    if not rows and selector.terms and args.format == "table":
+        known = sorted({k for d in all_devices for k in d.labels})
+        print(f"no device matches {selector}; label keys in use: {', '.join(known) or 'none'}",
+              file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_relabel(args) -> int:
+    state = _state(args)
+    with state.registry() as reg:
+        dev = admin.relabel(reg, args.device, parse_assignments(args.labels), args.remove)
+    output.emit(dev.as_dict(), args.format)
+    return EXIT_OK
+
+
+def cmd_decommission(args) -> int:
+    state = _state(args)
+    with state.registry() as reg:
+        dev = admin.decommission(reg, args.device)
+    print(f"{dev.id} decommissioned; certificate {dev.cert_serial} revoked")
+    return EXIT_OK
+
+
+def cmd_lock(args) -> int:
+    state = _state(args)
+    ttl = parse_duration(args.ttl) if args.ttl else None
+    with state.registry() as reg:
+        dev = admin.lock(reg, args.device, ttl, args.message)
+    print(f"{dev.id} locked until {dev.locked_until}")
+    return EXIT_OK
+
+
+def cmd_unlock(args) -> int:
+    state = _state(args)
+    with state.registry() as reg:
+        dev = admin.unlock(reg, args.device)
+    print(f"{dev.id} unlocked")
+    return EXIT_OK
+
+
+# --- parser ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--state", default=argparse.SUPPRESS, metavar="DIR",
+                        help="fleet state directory (default: $FLEET_STATE or the XDG data dir)")
+    parser = argparse.ArgumentParser(
+        prog="enroll", description=__doc__, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, func, help_text, **kw):
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common],
+                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("init", cmd_init, "create the fleet CA, SSH CAs, proxy certificate and registry (once)")
+    p.add_argument("--fleet", required=True, help="fleet name (lowercase letters, digits, '-')")
+    p.add_argument("--proxy-name", required=True, metavar="HOST", help="DNS name devices dial")
+    p.add_argument("--proxy-ip", action="append", default=[], metavar="IP",
+                   help="an IP address of the proxy to put in its certificate (repeatable)")
+    p.add_argument("--proxy-port", type=int, default=443, help="proxy UDP port (default: 443)")
+    p.add_argument("--device-lifetime", default="30d", help="device certificate lifetime (default: 30d)")
+    _format_arg(p)
+
+    token = add("token", None, "create, list and revoke join tokens")
+    tsub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+
+    def tadd(name, func, help_text):
+        p = tsub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    p = tadd("create", cmd_token_create, "create a join token; prints the secret once")
+    p.add_argument("--label", action="append", default=[], metavar="K=V",
+                   help="label every device enrolled with this token gets (repeatable)")
+    p.add_argument("--ttl", default="30m", help="how long the token is valid (default: 30m)")
+    p.add_argument("--uses", type=int, default=1, help="how many devices may use it (default: 1)")
+    p.add_argument("--name-prefix", default="", metavar="PREFIX",
+                   help="device ids become PREFIX + random, unless the device asks for --name")
+    p.add_argument("--creator", default="admin", help=argparse.SUPPRESS)
+    _format_arg(p)
+    p = tadd("ls", cmd_token_ls, "list tokens (never their secrets)")
+    _format_arg(p)
+    p = tadd("revoke", cmd_token_revoke, "revoke a token by id")
+    p.add_argument("id")
+
+    p = add("device", cmd_device, "on the device: make keys, write a request, install a bundle")
+    p.add_argument("--dir", required=True, help="identity directory on the device (made 0700)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--csr-only", action="store_true",
+                      help="write DIR/request.json for the offline 'enroll sign'")
+    mode.add_argument("--install", metavar="BUNDLE", help="install a bundle from 'enroll sign'")
+    p.add_argument("--ca-pin", metavar="sha256:HEX", help="the fleet CA pin printed by 'enroll init'")
+    p.add_argument("--name", help="ask for this device id (default: token prefix + random)")
+    p.add_argument("--ssh-host-key", metavar="PUB",
+                   help="existing sshd host public key to certify (default: make one in DIR)")
+    p.add_argument("--service", action="append", default=[], metavar="NAME=HOST:PORT",
+                   help="service the agent exposes (default: ssh=127.0.0.1:22; repeatable)")
+    _format_arg(p)
+
+    p = add("sign", cmd_sign, "on the CA host: sign an offline request with a token")
+    p.add_argument("--csr", required=True, metavar="FILE", help="request.json from 'enroll device --csr-only'")
+    p.add_argument("--token", required=True)
+    p.add_argument("--out", metavar="FILE", help="write the bundle here (default: stdout)")
+
+    p = add("devices", cmd_devices, "list enrolled devices, optionally by label selector")
+    p.add_argument("selector", nargs="*", metavar="SELECTOR")
+    _format_arg(p)
+
+    p = add("relabel", cmd_relabel, "set or remove labels of a device (acts at once)")
+    p.add_argument("device")
+    p.add_argument("labels", nargs="*", metavar="K=V")
+    p.add_argument("--remove", action="append", default=[], metavar="KEY")
+    _format_arg(p)
+
+    p = add("decommission", cmd_decommission, "retire a device: lifecycle decommissioned, certificate revoked")
+    p.add_argument("device")
+
+    p = add("lock", cmd_lock, "block a device's connections and sessions until unlocked")
+    p.add_argument("device")
+    p.add_argument("--ttl", help="lock only for this long (e.g. 1h); default: until unlocked")
+    p.add_argument("--message", default="", help="reason shown to engineers and in the audit log")
+
+    p = add("unlock", cmd_unlock, "lift a device lock")
+    p.add_argument("device")
+    return parser
+
+
+USER_ERRORS = (
+    Refused, StateError, RegistryError, EnrollError, LabelError, certs.CertError,
+    tokens.TokenError, admin.AdminError, device.InstallError, ValueError,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.state = getattr(args, "state", None)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"enroll: error: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except FileNotFoundError as exc:
+        print(f"enroll: error: no such file: {exc.filename}", file=sys.stderr)
+        return EXIT_REFUSED
+    except PermissionError as exc:
+        print(f"enroll: error: permission denied: {exc.filename}", file=sys.stderr)
+        return EXIT_REFUSED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

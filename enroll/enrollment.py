@@ -1,0 +1,155 @@
+"""The CA step of enrollment: token + CSR in, signed identity bundle out.
+
+Used by ``enroll sign`` (offline, air-gapped lines) and by the proxy's enrollment endpoint
+(online). Everything happens in one registry transaction: the token use, the device row, the
+certificate row and the audit events commit together, so a refused or killed enrollment leaves
+no trace but its ``device.enroll.denied`` event.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+
+from enroll import audit, certs, tokens
+from enroll.registry import Registry, iso
+from enroll.state import FleetState
+
+REQUEST_VERSION = 1
+BUNDLE_VERSION = 1
+MAX_REQUEST_BYTES = 16 * 1024
+
+
+class EnrollError(ValueError):
+    """Enrollment refused; the message says why and what to do."""
+
+
+def make_request(csr_pem: bytes, ssh_host_key: str, name: str | None = None) -> dict:
+    return {
+        "version": REQUEST_VERSION,
+        "csr": csr_pem.decode(),
+        "ssh_host_key": ssh_host_key.strip(),
+        "name": name,
+    }
+
+
+def parse_request(data: bytes | str) -> dict:
+    """Decode and shape-check a request file or message (size-limited, versioned)."""
+    if len(data) > MAX_REQUEST_BYTES:
+        raise EnrollError(f"enrollment request is larger than {MAX_REQUEST_BYTES} bytes")
+    try:
+        req = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise EnrollError("malformed enrollment request: not JSON (make it with 'enroll device --csr-only')") from None
+    if not isinstance(req, dict) or req.get("version") != REQUEST_VERSION:
+        raise EnrollError(f"unsupported enrollment request version: expected {REQUEST_VERSION}")
+    for field in ("csr", "ssh_host_key"):
+        if not isinstance(req.get(field), str):
+            raise EnrollError(f"malformed enrollment request: missing {field!r}")
+    if req.get("name") is not None and not isinstance(req["name"], str):
+        raise EnrollError("malformed enrollment request: 'name' must be a string")
+    return req
+
+
+def _device_id(db, requested: str | None, prefix: str) -> str:
+    if requested:
+        certs.check_name(requested)
+        if db["devices"].count_where("id = ?", [requested]):
+            raise EnrollError(
+                f"device name {requested!r} is already enrolled: choose another --name, "
+                "or decommission the old device first"
+            )
+        return requested
+    for _ in range(10):
+        candidate = certs.check_name(f"{prefix}{secrets.token_hex(3)}")
+        if not db["devices"].count_where("id = ?", [candidate]):
+            return candidate
+    raise EnrollError("could not pick a free device name; pass --name")
+
+
+def enroll(
+    state: FleetState,
+    registry: Registry,
+    request: dict,
+    token: str,
+    *,
+    remote: str | None = None,
+    now: dt.datetime | None = None,
+) -> dict:
+    """Check everything, then register the device and return its bundle. Raises EnrollError."""
+    now = now or dt.datetime.now(dt.UTC)
+    fleet = state.fleet
+    token_id = None
+    try:
+        parsed = tokens.parse(token, fleet)
+        token_id = parsed.id
+        public_key = certs.check_csr(request["csr"])
+        host_key = certs.load_ssh_public(request["ssh_host_key"])
+        with registry.write() as db:
+            row = tokens.consume(db, parsed, now)
+            labels = json.loads(row["labels"])
+            device_id = _device_id(db, request.get("name"), row["name_prefix"] or "")
+            cert = certs.issue(
+                state.ca_cert, state.ca_key, public_key,
+                kind="device", fleet=fleet, name=device_id, labels=labels,
+                lifetime=state.lifetime("device"), now=now,
+            )
+            host_cert = certs.ssh_certificate(
+                state.ssh_host_ca_key, host_key, host=True, key_id=f"{fleet}/{device_id}",
+                principals=[device_id], lifetime=state.lifetime("ssh_host"), now=now,
+            )
+            serial = format(cert.serial_number, "x")
+            db["devices"].insert(
+                {
+                    "id": device_id,
+                    "labels": json.dumps(labels, sort_keys=True),
+                    "cert_serial": serial,
+                    "ssh_host_key": request["ssh_host_key"].strip(),
+                    "enrolled_at": iso(now),
+                    "last_seen": None,
+                    "locked_until": None,
+                    "lock_message": None,
+                }
+            )
+            db["certs"].insert(
+                {
+                    "serial": serial,
+                    "kind": "device",
+                    "subject": device_id,
+                    "issued_at": iso(now),
+                    "not_after": iso(cert.not_valid_after_utc),
+                    "revoked_at": None,
+                }
+            )
+            audit.append(
+                db, "device.enroll", actor=f"token:{parsed.id}", device=device_id,
+                labels=labels, now=now, remote=remote, token=parsed.id,
+            )
+            audit.append(
+                db, "cert.issue", actor="ca", device=device_id, labels=labels, now=now,
+                kind="device", serial=serial, not_after=iso(cert.not_valid_after_utc),
+            )
+    except (EnrollError, tokens.TokenError, certs.CertError) as exc:
+        with registry.write() as db:
+            audit.append(
+                db, "device.enroll.denied", actor=f"token:{token_id}" if token_id else "unknown",
+                result="denied", reason=str(exc), now=now, remote=remote,
+                requested_name=request.get("name"),
+            )
+        raise EnrollError(str(exc)) from None
+    return {
+        "version": BUNDLE_VERSION,
+        "fleet": fleet,
+        "device_id": device_id,
+        "labels": labels,
+        "cert": certs.cert_pem(cert).decode(),
+        "ca": certs.cert_pem(state.ca_cert).decode(),
+        "ssh_host_cert": host_cert,
+        "ssh_user_ca": state.ssh_ca_public("user"),
+        "ssh_host_ca": state.ssh_ca_public("host"),
+        "proxy": {
+            "address": state.proxy_address,
+            "server_name": state.config["proxy_name"],
+        },
+    }

@@ -1,0 +1,221 @@
+"""The registry: devices, join tokens and issued certificates in one SQLite file.
+
+SQLite through sqlite-utils, in WAL mode so the proxy can read while ``enroll`` writes, with
+``synchronous=FULL`` so an acknowledged enrollment or audit event survives a crash. Every change
+runs in one ``BEGIN IMMEDIATE`` transaction together with its audit event (:meth:`Registry.write`),
+so a refused or killed operation leaves nothing half-done. The schema is versioned; each entry of
+``MIGRATIONS`` runs once, in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import sqlite3
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlite_utils
+
+from enroll.labels import LIFECYCLE
+
+
+def iso(t: dt.datetime) -> str:
+    """UTC RFC 3339 with microseconds: sorts as text, so indexes on time work."""
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_iso(text: str) -> dt.datetime:
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
+
+
+def _v1(db: sqlite_utils.Database) -> None:
+    db["devices"].create(
+        {
+            "id": str,
+            "labels": str,
+            "cert_serial": str,
+            "ssh_host_key": str,
+            "enrolled_at": str,
+            "last_seen": str,
+            "locked_until": str,
+            "lock_message": str,
+        },
+        pk="id",
+    )
+    db["tokens"].create(
+        {
+            "id": str,
+            "hash": str,
+            "labels": str,
+            "uses_left": int,
+            "uses_total": int,
+            "name_prefix": str,
+            "created_at": str,
+            "expires_at": str,
+            "creator": str,
+            "revoked_at": str,
+        },
+        pk="id",
+    )
+    db["certs"].create(
+        {
+            "serial": str,
+            "kind": str,
+            "subject": str,
+            "issued_at": str,
+            "not_after": str,
+            "revoked_at": str,
+        },
+        pk="serial",
+    )
+    db["certs"].create_index(["subject"])
+    db["audit"].create(
+        {
+            "seq": int,
+            "time": str,
+            "type": str,
+            "actor": str,
+            "actor_roles": str,
+            "device": str,
+            "labels": str,
+            "result": str,
+            "reason": str,
+            "fields": str,
+            "prev_hash": str,
+            "hash": str,
+        },
+        pk="seq",
+    )
+    db["audit"].create_index(["time"])
+    db["audit"].create_index(["device", "time"])
+    db["audit"].create_index(["type", "time"])
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
+
+
+class RegistryError(RuntimeError):
+    """The registry cannot be opened or used; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Device:
+    id: str
+    labels: dict[str, str]
+    cert_serial: str | None
+    enrolled_at: str
+    last_seen: str | None
+    locked_until: str | None
+    lock_message: str | None
+
+    @property
+    def lifecycle(self) -> str:
+        return self.labels.get(LIFECYCLE, "active")
+
+    def locked(self, now: dt.datetime) -> bool:
+        return self.locked_until is not None and parse_iso(self.locked_until) > now
+
+    @classmethod
+    def from_row(cls, row: dict) -> Device:
+        return cls(
+            row["id"],
+            json.loads(row["labels"]),
+            row["cert_serial"],
+            row["enrolled_at"],
+            row["last_seen"],
+            row["locked_until"],
+            row["lock_message"],
+        )
+
+    def as_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "labels": self.labels,
+            "lifecycle": self.lifecycle,
+            "cert_serial": self.cert_serial,
+            "enrolled_at": self.enrolled_at,
+            "last_seen": self.last_seen,
+            "locked_until": self.locked_until,
+            "lock_message": self.lock_message,
+        }
+
+
+class Registry:
+    """One open registry file. Not shared between threads; open one per process or task."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        try:
+            conn = sqlite3.connect(str(self.path), timeout=30)
+            conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.Error as exc:
+            raise RegistryError(f"cannot open registry {self.path}: {exc}") from None
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        self.db = sqlite_utils.Database(conn)
+        self._migrate()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _migrate(self) -> None:
+        with self.write():
+            if "schema_migrations" not in self.db.table_names():
+                self.db["schema_migrations"].create({"version": int, "applied_at": str}, pk="version")
+            done = {r["version"] for r in self.db["schema_migrations"].rows}
+            for version, migration in enumerate(MIGRATIONS, start=1):
+                if version not in done:
+                    migration(self.db)
+                    self.db["schema_migrations"].insert(
+                        {"version": version, "applied_at": iso(dt.datetime.now(dt.UTC))}
+                    )
+            if max(done, default=0) > len(MIGRATIONS):
+                raise RegistryError(
+                    f"registry {self.path} has schema version {max(done)}, newer than this "
+                    f"fleet-tunnel knows ({len(MIGRATIONS)}): upgrade fleet-tunnel"
+                )
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sqlite_utils.Database]:
+        """One write transaction, taken up front so concurrent writers queue instead of failing."""
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    # --- devices ----------------------------------------------------------------------------
+
+    def device(self, device_id: str) -> Device | None:
+        rows = list(self.db["devices"].rows_where("id = ?", [device_id]))
+        return Device.from_row(rows[0]) if rows else None
+
+    def devices(self) -> list[Device]:
+        return [Device.from_row(r) for r in self.db["devices"].rows_where(order_by="id")]
+
+    def touch(self, device_id: str, when: dt.datetime) -> None:
+        with self.write() as db:
+            db["devices"].update(device_id, {"last_seen": iso(when)})
+
+    # --- certificates -----------------------------------------------------------------------
+
+    def cert_revoked(self, serial_hex: str) -> bool:
+        rows = list(self.db["certs"].rows_where("serial = ?", [serial_hex]))
+        return bool(rows and rows[0]["revoked_at"])
+
+    def cert_known(self, serial_hex: str) -> bool:
+        return bool(self.db["certs"].count_where("serial = ?", [serial_hex]))

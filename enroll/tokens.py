@@ -1,0 +1,160 @@
+"""Join tokens: one-time, expiring, stored only as a hash.
+
+A token reads ``ft1.<fleet>.<id>.<secret>``. The fleet name lets a device line notice at once
+that it holds another fleet's token; the short id is public (``enroll token ls``/``revoke``
+use it); the 256-bit secret is shown once and only its SHA-256 is stored — a slow hash adds
+nothing for a random secret of that size. The token, not the device, decides the labels.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import json
+import re
+import secrets
+from dataclasses import dataclass
+
+from enroll import audit
+from enroll.labels import LIFECYCLE, validate
+from enroll.registry import Registry, iso, parse_iso
+
+PREFIX = "ft1"
+_TOKEN = re.compile(r"^ft1\.([a-z0-9-]+)\.([0-9a-f]{10})\.([A-Za-z0-9_-]{43})$")
+
+
+class TokenError(ValueError):
+    """The token cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ParsedToken:
+    fleet: str
+    id: str
+    secret: str
+
+    @property
+    def hash(self) -> str:
+        return hash_secret(self.secret)
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def parse(token: str, fleet: str) -> ParsedToken:
+    m = _TOKEN.match((token or "").strip())
+    if not m:
+        raise TokenError(
+            "malformed join token: expected ft1.<fleet>.<id>.<secret> as printed by "
+            "'enroll token create' (check for copy/paste truncation)"
+        )
+    parsed = ParsedToken(*m.groups())
+    if parsed.fleet != fleet:
+        raise TokenError(
+            f"this token belongs to fleet {parsed.fleet!r}, but this CA serves fleet {fleet!r}: "
+            "use a token created by this fleet's 'enroll token create'"
+        )
+    return parsed
+
+
+def create(
+    registry: Registry,
+    fleet: str,
+    *,
+    labels: dict[str, str],
+    ttl: dt.timedelta = dt.timedelta(minutes=30),
+    uses: int = 1,
+    name_prefix: str = "",
+    creator: str = "admin",
+    now: dt.datetime | None = None,
+) -> tuple[str, dict]:
+    """Create a token; return the secret string (shown once) and its stored row."""
+    if uses < 1:
+        raise TokenError("--uses must be at least 1")
+    labels = validate({LIFECYCLE: "active", **labels})
+    now = now or dt.datetime.now(dt.UTC)
+    token_id = secrets.token_hex(5)
+    secret = secrets.token_urlsafe(32)
+    row = {
+        "id": token_id,
+        "hash": hash_secret(secret),
+        "labels": json.dumps(labels, sort_keys=True),
+        "uses_left": uses,
+        "uses_total": uses,
+        "name_prefix": name_prefix,
+        "created_at": iso(now),
+        "expires_at": iso(now + ttl),
+        "creator": creator,
+        "revoked_at": None,
+    }
+    with registry.write() as db:
+        db["tokens"].insert(row)
+        audit.append(
+            db, "token.create", actor=creator, labels=labels, now=now,
+            token=token_id, uses=uses, expires_at=row["expires_at"],
+        )
+    return f"{PREFIX}.{fleet}.{token_id}.{secret}", row
+
+
+def consume(db, token: ParsedToken, now: dt.datetime) -> dict:
+    """Use one use of ``token`` inside an open write transaction; return its row.
+
+    Runs under ``BEGIN IMMEDIATE``, so two enrollments racing for a single-use token are
+    serialized and exactly one of them sees ``uses_left > 0``.
+    """
+    rows = list(db["tokens"].rows_where("id = ?", [token.id]))
+    if not rows or not hmac.compare_digest(rows[0]["hash"], token.hash):
+        raise TokenError("unknown join token: it was never issued by this fleet, or mistyped")
+    row = rows[0]
+    if row["revoked_at"]:
+        raise TokenError(f"join token {token.id} was revoked at {row['revoked_at']}: ask ops for a new one")
+    if parse_iso(row["expires_at"]) <= now:
+        raise TokenError(f"join token {token.id} expired at {row['expires_at']}: ask ops for a new one")
+    if row["uses_left"] <= 0:
+        raise TokenError(
+            f"join token {token.id} was already used ({row['uses_total']} of {row['uses_total']}): "
+            "tokens are one-time; ask ops for a new one"
+        )
+    db.execute("UPDATE tokens SET uses_left = uses_left - 1 WHERE id = ?", [token.id])
+    return row
+
+
+def revoke(registry: Registry, token_id: str, actor: str = "admin") -> None:
+    with registry.write() as db:
+        rows = list(db["tokens"].rows_where("id = ?", [token_id]))
+        if not rows:
+            raise TokenError(f"no token with id {token_id!r}: see 'enroll token ls'")
+        if rows[0]["revoked_at"]:
+            return
+        now = dt.datetime.now(dt.UTC)
+        db["tokens"].update(token_id, {"revoked_at": iso(now)})
+        audit.append(db, "token.revoke", actor=actor, now=now, token=token_id)
+
+
+def listing(registry: Registry, now: dt.datetime | None = None) -> list[dict]:
+    now = now or dt.datetime.now(dt.UTC)
+    out = []
+    for row in registry.db["tokens"].rows_where(order_by="created_at"):
+        if row["revoked_at"]:
+            status = "revoked"
+        elif parse_iso(row["expires_at"]) <= now:
+            status = "expired"
+        elif row["uses_left"] <= 0:
+            status = "used"
+        else:
+            status = "valid"
+        out.append(
+            {
+                "id": row["id"],
+                "status": status,
+                "labels": json.loads(row["labels"]),
+                "uses_left": row["uses_left"],
+                "uses_total": row["uses_total"],
+                "name_prefix": row["name_prefix"],
+                "expires_at": row["expires_at"],
+                "creator": row["creator"],
+            }
+        )
+    return out

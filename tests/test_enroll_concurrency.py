@@ -1,0 +1,82 @@
+"""Enrollment under contention and crashes, with real processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+from enroll import audit, device, tokens
+from enroll.state import FleetState
+
+
+def _fleet(tmp_path):
+    return FleetState.create(tmp_path / "state", fleet="acme-fleet", proxy_name="proxy.test", proxy_ips=[])
+
+
+def test_racing_enrollments_for_one_single_use_token(tmp_path):
+    fleet = _fleet(tmp_path)
+    with fleet.registry() as reg:
+        token, _ = tokens.create(reg, fleet.fleet, labels={"customer": "acme"})
+    requests = []
+    for i in range(6):
+        device.prepare(tmp_path / f"dev{i}", f"racer-{i}")
+        requests.append(tmp_path / f"dev{i}" / "request.json")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "enroll.cli", "--state", str(fleet.root), "sign",
+             "--csr", str(r), "--token", token, "--out", str(r.with_suffix(".bundle"))],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for r in requests
+    ]
+    results = [(p.wait(timeout=60), p.stderr.read()) for p in procs]
+    winners = [r for r in results if r[0] == 0]
+    losers = [r for r in results if r[0] != 0]
+    assert len(winners) == 1, results
+    assert all("already used" in err for _, err in losers), losers
+    with fleet.registry() as reg:
+        assert len(reg.devices()) == 1
+        denied = audit.events(reg.db, "device.enroll.denied")
+        assert len(denied) == len(losers)
+        assert audit.verify(reg.db) is None
+
+
+def test_kill_during_enrollment_burst_leaves_no_half_registered_device(tmp_path):
+    fleet = _fleet(tmp_path)
+    with fleet.registry() as reg:
+        token, _ = tokens.create(reg, fleet.fleet, labels={"customer": "acme"}, uses=100000)
+    device.prepare(tmp_path / "dev", None)
+    script = textwrap.dedent(f"""
+        import json, sys
+        from enroll.enrollment import enroll
+        from enroll.state import FleetState
+        state = FleetState({str(fleet.root)!r})
+        request = json.load(open({str(tmp_path / "dev" / "request.json")!r}))
+        reg = state.registry()
+        print("ready", flush=True)
+        while True:
+            enroll(state, reg, request, {token!r})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(1.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    with fleet.registry() as reg:
+        assert reg.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        devices = reg.devices()
+        assert len(devices) > 5, "the burst should have enrolled several devices before the kill"
+        serials = {r["serial"]: r["subject"] for r in reg.db["certs"].rows}
+        for dev in devices:
+            assert serials.get(dev.cert_serial) == dev.id
+        assert len(serials) == len(devices)
+        row = list(reg.db["tokens"].rows)[0]
+        assert row["uses_total"] - row["uses_left"] == len(devices)
+        enrolled = [e["device"] for e in audit.events(reg.db, "device.enroll")]
+        assert sorted(enrolled) == sorted(d.id for d in devices)
+        assert audit.verify(reg.db) is None
+    json.dumps([d.as_dict() for d in devices])  # everything decodes
