@@ -55,11 +55,11 @@ def decommission(registry: Registry, device_id: str, actor: str = "admin") -> De
         dev = _get(db, device_id)
         labels = {**dev.labels, LIFECYCLE: "decommissioned"}
         db["devices"].update(device_id, {"labels": json.dumps(labels, sort_keys=True)})
-        if dev.cert_serial:
-            db.execute(
-                "UPDATE certs SET revoked_at = ? WHERE serial = ? AND revoked_at IS NULL",
-                [iso(now), dev.cert_serial],
-            )
+        # every certificate the device ever held, renewals included
+        db.execute(
+            "UPDATE certs SET revoked_at = ? WHERE kind = 'device' AND subject = ? AND revoked_at IS NULL",
+            [iso(now), device_id],
+        )
         audit.append(
             db, "device.decommission", actor=actor, device=device_id, labels=labels, now=now,
             revoked_serial=dev.cert_serial,

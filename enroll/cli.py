@@ -142,6 +142,27 @@ def cmd_sign(args) -> int:
     return EXIT_OK
 
 
+def cmd_user_issue(args) -> int:
+    """Issue a user certificate on the CA host, for an ops identity used right here."""
+    from enroll.enrollment import issue_user
+    from enroll.files import make_private_dir, write_file, write_private
+
+    state = _state(args)
+    directory = make_private_dir(Path(args.dir))
+    key = certs.new_key()
+    with state.registry() as reg:
+        cert = issue_user(state, reg, args.name, key.public_key(), args.role, parse_duration(args.ttl))
+    write_private(directory / "user.key", certs.key_pem(key))
+    write_file(directory / "user.crt", certs.cert_pem(cert))
+    write_file(directory / "ca.crt", certs.cert_pem(state.ca_cert))
+    proxy = args.proxy or state.proxy_address
+    write_file(directory / "client.yaml",
+               f"proxy: {proxy}\nserver_name: {state.config['proxy_name']}\n")
+    print(f"user certificate for {args.name} (roles: {', '.join(args.role) or 'none'}) "
+          f"valid until {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}, in {directory}", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_devices(args) -> int:
     state = _state(args)
     selector = parse_selector(args.selector)
@@ -257,6 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csr", required=True, metavar="FILE", help="request.json from 'enroll device --csr-only'")
     p.add_argument("--token", required=True)
     p.add_argument("--out", metavar="FILE", help="write the bundle here (default: stdout)")
+
+    user = add("user", None, "engineer and ops identities")
+    usub = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
+    p = usub.add_parser("issue", parents=[common],
+                        help="issue a short-lived user certificate into DIR (key made here)",
+                        description="issue a short-lived user certificate into DIR (key made here)")
+    p.set_defaults(func=cmd_user_issue)
+    p.add_argument("name")
+    p.add_argument("--role", action="append", default=[], help="role to hold (repeatable), e.g. admin")
+    p.add_argument("--dir", required=True, help="identity directory to write (made 0700)")
+    p.add_argument("--ttl", default="8h", help="certificate lifetime (default: 8h)")
+    p.add_argument("--proxy", metavar="HOST:PORT", help="proxy address for client.yaml (default: from fleet.yaml)")
 
     p = add("devices", cmd_devices, "list enrolled devices, optionally by label selector")
     p.add_argument("selector", nargs="*", metavar="SELECTOR")

@@ -153,3 +153,56 @@ def enroll(
             "server_name": state.config["proxy_name"],
         },
     }
+
+
+def renew(
+    state: FleetState, registry: Registry, device_id: str, csr_pem: str, *, now: dt.datetime | None = None
+) -> str:
+    """A fresh certificate for an admitted device, carrying the registry's *current* labels."""
+    now = now or dt.datetime.now(dt.UTC)
+    public_key = certs.check_csr(csr_pem)
+    with registry.write() as db:
+        rows = list(db["devices"].rows_where("id = ?", [device_id]))
+        if not rows:
+            raise EnrollError(f"device {device_id} is not enrolled")
+        labels = json.loads(rows[0]["labels"])
+        cert = certs.issue(
+            state.ca_cert, state.ca_key, public_key, kind="device", fleet=state.fleet,
+            name=device_id, labels=labels, lifetime=state.lifetime("device"), now=now,
+        )
+        serial = format(cert.serial_number, "x")
+        db["certs"].insert({
+            "serial": serial, "kind": "device", "subject": device_id, "issued_at": iso(now),
+            "not_after": iso(cert.not_valid_after_utc), "revoked_at": None,
+        })
+        db["devices"].update(device_id, {"cert_serial": serial})
+        audit.append(
+            db, "cert.issue", actor=f"device:{device_id}", device=device_id, labels=labels,
+            now=now, kind="device", serial=serial, not_after=iso(cert.not_valid_after_utc),
+            renewal=True,
+        )
+    return certs.cert_pem(cert).decode()
+
+
+def issue_user(
+    state: FleetState, registry: Registry, name: str, public_key, roles: list[str],
+    ttl: dt.timedelta, *, actor: str = "admin", now: dt.datetime | None = None,
+):
+    """A short-lived user certificate; recorded so the proxy knows and can revoke it."""
+    now = now or dt.datetime.now(dt.UTC)
+    certs.check_name(name, "user name")
+    cert = certs.issue(
+        state.ca_cert, state.ca_key, public_key, kind="user", fleet=state.fleet, name=name,
+        roles=roles, lifetime=ttl, now=now,
+    )
+    serial = format(cert.serial_number, "x")
+    with registry.write() as db:
+        db["certs"].insert({
+            "serial": serial, "kind": "user", "subject": name, "issued_at": iso(now),
+            "not_after": iso(cert.not_valid_after_utc), "revoked_at": None,
+        })
+        audit.append(
+            db, "cert.issue", actor=actor, actor_roles=roles, now=now, kind="user", user=name,
+            serial=serial, not_after=iso(cert.not_valid_after_utc),
+        )
+    return cert

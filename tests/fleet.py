@@ -1,0 +1,180 @@
+"""Test helpers: a fleet on disk, enrolled devices, and real proxy/agent processes.
+
+Processes are started as real ``tunnel`` commands (``python -m tunnel.cli``), optionally inside a
+lab namespace (pass ``spawn=lab.spawn``-like callables), and are always stopped on teardown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from enroll import certs, device, tokens
+from enroll.enrollment import enroll
+from enroll.state import FleetState
+
+PY = sys.executable
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Fleet:
+    """A fleet state directory plus helpers to enroll devices and issue engineer identities."""
+
+    def __init__(self, root: Path, *, proxy_host: str = "127.0.0.1", proxy_port: int | None = None,
+                 fleet: str = "acme-fleet", extra_ips: tuple[str, ...] = ()):
+        self.root = Path(root)
+        self.proxy_host = proxy_host
+        self.proxy_port = proxy_port or free_udp_port()
+        self.state = FleetState.create(
+            self.root / "state", fleet=fleet, proxy_name="proxy.test",
+            proxy_ips=[proxy_host, *extra_ips], proxy_port=self.proxy_port,
+        )
+        self.processes: list[subprocess.Popen] = []
+
+    @property
+    def address(self) -> str:
+        return f"{self.proxy_host}:{self.proxy_port}"
+
+    @property
+    def pin(self) -> str:
+        return certs.ca_pin(self.state.ca_cert)
+
+    def enroll_device(self, name: str, labels: dict[str, str], services: dict[str, str],
+                      proxies: list[dict] | None = None, **agent_settings) -> Path:
+        """Offline enrollment into root/devices/NAME; returns the agent config path."""
+        with self.state.registry() as reg:
+            token, _ = tokens.create(reg, self.state.fleet, labels=labels)
+        directory = self.root / "devices" / name
+        request = device.prepare(directory, name)
+        with self.state.registry() as reg:
+            bundle = enroll(self.state, reg, request, token)
+        device.install(directory, bundle, self.pin, services)
+        config_path = directory / "agent.yaml"
+        config = yaml.safe_load(config_path.read_text())
+        config["proxies"] = proxies or [{"address": self.address, "server_name": "proxy.test"}]
+        config.update(agent_settings)
+        config_path.write_text(yaml.safe_dump(config))
+        return config_path
+
+    def user(self, name: str, roles: list[str], ttl: str = "1h") -> Path:
+        from enroll.cli import main
+
+        directory = self.root / "users" / name
+        args = ["--state", str(self.state.root), "user", "issue", name, "--dir", str(directory),
+                "--ttl", ttl, "--proxy", self.address]
+        for role in roles:
+            args += ["--role", role]
+        assert main(args) == 0
+        return directory
+
+    # --- processes ----------------------------------------------------------------------------
+
+    def start(self, argv: list[str], log: Path, spawn=None, env=None) -> subprocess.Popen:
+        log_file = open(log, "ab")  # noqa: SIM115 - closed with the process
+        full_env = {**os.environ, **(env or {})}
+        if spawn:
+            proc = spawn(argv, stdout=log_file, stderr=subprocess.STDOUT, env=full_env)
+        else:
+            proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=full_env)
+        proc._log_file = log_file
+        self.processes.append(proc)
+        return proc
+
+    def start_proxy(self, spawn=None, listen: str | None = None) -> subprocess.Popen:
+        listen = listen or self.address
+        return self.start([PY, "-m", "tunnel.cli", "proxy", "--state", str(self.state.root),
+                           "--listen", listen, "--log-format", "json"],
+                          self.root / "proxy.log", spawn)
+
+    def start_agent(self, config: Path, spawn=None) -> subprocess.Popen:
+        return self.start([PY, "-m", "tunnel.cli", "agent", "--config", str(config),
+                           "--log-format", "json"], config.parent / "agent.log", spawn)
+
+    def tunnel(self, *args, identity: Path, input: bytes | None = None, timeout: float = 30,
+               check: bool = False, run=None) -> subprocess.CompletedProcess:
+        argv = [PY, "-m", "tunnel.cli", *map(str, args), "--identity", str(identity)]
+        runner = run or subprocess.run
+        return runner(argv, input=input, capture_output=True, timeout=timeout, check=check)
+
+    def online(self, identity: Path, device_id: str, run=None) -> bool:
+        out = self.tunnel("ls", "--format", "json", identity=identity, run=run)
+        if out.returncode != 0:
+            return False
+        return any(d["id"] == device_id and d["online"] for d in json.loads(out.stdout))
+
+    def wait_online(self, identity: Path, device_id: str, timeout: float = 15.0, run=None) -> None:
+        wait_until(lambda: self.online(identity, device_id, run), timeout, 0.2, f"{device_id} online")
+
+    def stop(self, proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        proc._log_file.close()
+
+    def close(self) -> None:
+        for proc in reversed(self.processes):
+            self.stop(proc)
+        self.processes.clear()
+
+    def audit(self) -> list[dict]:
+        from enroll import audit
+
+        with self.state.registry() as reg:
+            return audit.events(reg.db)
+
+
+class EchoServer:
+    """A TCP echo service on loopback (a stand-in for a device service in loopback tests)."""
+
+    def __init__(self, host: str = "127.0.0.1"):
+        self.sock = socket.create_server((host, 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.sock.close()

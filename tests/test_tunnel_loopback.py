@@ -1,0 +1,204 @@
+"""Proxy, agent and engineer commands as real processes on loopback (no namespaces needed).
+
+The lab tests repeat the important flows across NAT; these cover behaviour that does not depend
+on the network: sessions, refusals, audit records, restarts.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+
+import pytest
+from fleet import EchoServer, Fleet, wait_until
+
+from enroll import admin
+from enroll.cli import main as enroll_main
+
+
+@pytest.fixture
+def echo():
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    f = Fleet(tmp_path)
+    yield f
+    f.close()
+
+
+@pytest.fixture
+def running(fleet, echo):
+    """A proxy, one connected agent (robot-1, services echo + a closed port) and an admin."""
+    config = fleet.enroll_device(
+        "robot-1", {"customer": "acme"},
+        {"echo": f"127.0.0.1:{echo.port}", "closed": "127.0.0.1:1"},
+    )
+    fleet.start_proxy()
+    agent = fleet.start_agent(config)
+    ops = fleet.user("ops", ["admin"])
+    fleet.wait_online(ops, "robot-1")
+    return fleet, ops, agent, config
+
+
+def test_session_through_proxy_command(running):
+    fleet, ops, _, _ = running
+    out = fleet.tunnel("proxy-command", "robot-1", "echo", identity=ops, input=b"hello tunnel\n")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == b"hello tunnel\n"
+    types = [e["type"] for e in fleet.audit()]
+    assert "device.connect" in types and "session.start" in types
+    end = wait_until(lambda: [e for e in fleet.audit() if e["type"] == "session.end"], what="session.end")
+    assert end[0]["fields"]["bytes_to_device"] == 13 and end[0]["fields"]["bytes_from_device"] == 13
+    assert end[0]["labels"] == {"customer": "acme", "lifecycle": "active"}
+
+
+def test_forward_many_concurrent_connections_with_checksums(running):
+    fleet, ops, _, _ = running
+    proc = subprocess.Popen(
+        [*_tunnel(fleet), "forward", "robot-1", "echo", "--identity", str(ops)],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith("forwarding "), line
+        port = int(line.split()[1].rsplit(":", 1)[1])
+        results = {}
+
+        def client(i):
+            payload = os.urandom(300_000 + i)
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                sender = threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)))
+                sender.start()
+                got = bytearray()
+                while chunk := s.recv(65536):
+                    got += chunk
+                sender.join()
+            results[i] = hashlib.sha256(payload).digest() == hashlib.sha256(got).digest()
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == {i: True for i in range(10)}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+
+
+def _tunnel(fleet):
+    import sys
+
+    return [sys.executable, "-m", "tunnel.cli"]
+
+
+@pytest.mark.parametrize(
+    "device, service, code_fragment",
+    [
+        ("robot-1", "kube", "exposes no service 'kube' (listed: closed, echo)"),
+        ("robot-1", "5432", "exposes no service '5432'"),
+        ("robot-1", "closed", "is not accepting"),
+        ("robot-9", "ssh", "no device 'robot-9' that you may reach"),
+    ],
+)
+def test_refusals_are_clear_and_audited(running, device, service, code_fragment):
+    fleet, ops, _, _ = running
+    out = fleet.tunnel("proxy-command", device, service, identity=ops, input=b"")
+    assert out.returncode == 1
+    assert code_fragment in out.stderr.decode()
+    denied = [e for e in fleet.audit() if e["type"] == "access.denied"]
+    assert denied and code_fragment.split("'")[0] in denied[-1]["reason"]
+    # the proxy keeps serving everyone else
+    assert fleet.tunnel("proxy-command", "robot-1", "echo", identity=ops, input=b"x").stdout == b"x"
+
+
+def test_engineer_without_role_sees_nothing(running):
+    fleet, _, _, _ = running
+    nobody = fleet.user("nobody", [])
+    out = fleet.tunnel("ls", "--format", "json", identity=nobody)
+    assert out.returncode == 0 and json.loads(out.stdout) == []
+    out = fleet.tunnel("proxy-command", "robot-1", "echo", identity=nobody, input=b"")
+    assert out.returncode == 1 and b"no device 'robot-1'" in out.stderr
+
+
+def test_identities_cannot_stand_in_for_each_other(running, tmp_path):
+    fleet, ops, _, config = running
+    # a device certificate used as an engineer identity
+    dev_dir = config.parent
+    as_user = tmp_path / "as-user"
+    as_user.mkdir()
+    for src, dst in (("device.crt", "user.crt"), ("device.key", "user.key"), ("ca.crt", "ca.crt")):
+        (as_user / dst).write_bytes((dev_dir / src).read_bytes())
+    (as_user / "client.yaml").write_text(f"proxy: {fleet.address}\nserver_name: proxy.test\n")
+    out = fleet.tunnel("ls", identity=as_user)
+    assert out.returncode == 1 and b"wrong_kind" in out.stderr
+    # an engineer certificate used as an agent
+    agent_dir = tmp_path / "as-agent"
+    agent_dir.mkdir()
+    for src, dst in (("user.crt", "device.crt"), ("user.key", "device.key"), ("ca.crt", "ca.crt")):
+        (agent_dir / dst).write_bytes((ops / src).read_bytes())
+    (agent_dir / "agent.yaml").write_text(config.read_text())
+    fleet.start_agent(agent_dir / "agent.yaml")
+    wait_until(lambda: [e for e in fleet.audit() if e["type"] == "access.denied"
+                        and e["fields"].get("code") == "wrong_kind" and e["actor"] == "user:ops"],
+               what="wrong_kind denial for the user cert used as agent")
+
+
+def test_foreign_ca_is_refused(running, tmp_path):
+    fleet, _, _, _ = running
+    other = Fleet(tmp_path / "other", proxy_port=fleet.proxy_port)
+    foreign = other.user("mallory", ["admin"])
+    out = fleet.tunnel("ls", identity=foreign)
+    assert out.returncode != 0
+    assert b"certificate" in out.stderr.lower() or b"refused" in out.stderr.lower()
+
+
+def test_lock_and_decommission_cut_the_agent(running):
+    fleet, ops, _, _ = running
+    with fleet.state.registry() as reg:
+        admin.lock(reg, "robot-1", None, "incident 42")
+    wait_until(lambda: not fleet.online(ops, "robot-1"), 5, what="locked device offline")
+    out = fleet.tunnel("proxy-command", "robot-1", "echo", identity=ops, input=b"")
+    assert out.returncode == 1 and b"locked" in out.stderr
+    with fleet.state.registry() as reg:
+        admin.unlock(reg, "robot-1")
+    fleet.wait_online(ops, "robot-1", timeout=40)
+    with fleet.state.registry() as reg:
+        admin.decommission(reg, "robot-1")
+    wait_until(lambda: not fleet.online(ops, "robot-1"), 5, what="decommissioned device offline")
+    assert any(e["type"] == "access.denied" and e["fields"].get("code") == "revoked" for e in fleet.audit())
+
+
+def test_agent_and_proxy_restarts_come_back(running):
+    fleet, ops, agent, config = running
+    fleet.stop(agent, signal.SIGKILL)
+    new_agent = fleet.start_agent(config)
+    wait_until(lambda: fleet.tunnel("proxy-command", "robot-1", "echo", identity=ops,
+                                    input=b"again").stdout == b"again", 20, 0.3, "session after agent restart")
+    proxy = fleet.processes[0]
+    fleet.stop(proxy, signal.SIGKILL)
+    fleet.start_proxy()
+    fleet.wait_online(ops, "robot-1", timeout=40)
+    assert new_agent.poll() is None
+    connects = [e for e in fleet.audit() if e["type"] == "device.connect"]
+    assert len(connects) >= 3
+
+
+def test_expired_engineer_certificate(running):
+    fleet, _, _, _ = running
+    short = fleet.user("brief", ["admin"], ttl="1s")
+    wait_until(lambda: fleet.tunnel("ls", identity=short).returncode == 1, 5, 0.3, "expiry")
+    out = fleet.tunnel("ls", identity=short)
+    assert b"expired" in out.stderr
+
+
+def test_enroll_cli_user_issue_writes_private_key(fleet):
+    assert enroll_main(["--state", str(fleet.state.root), "user", "issue", "Bad_Name",
+                        "--dir", str(fleet.root / "x")]) == 1

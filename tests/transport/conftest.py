@@ -1,0 +1,3 @@
+"""Fixtures for the transport tests; helpers live in transport_helpers.py (on sys.path)."""
+
+from transport_helpers import pki  # noqa: F401  (re-exported fixture)

@@ -1,0 +1,225 @@
+"""``tunnel``: run the proxy or the agent, and reach devices through them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from pathlib import Path
+
+from enroll import output
+from enroll.labels import LabelError, parse_selector
+from enroll.state import FleetState, StateError, default_state_dir
+from tunnel import log as tlog
+from tunnel.agent_config import ConfigError, split_host_port
+from tunnel.client import Client, ClientError, UserIdentity
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+EPILOG = """\
+exit status:
+  0  success
+  1  refused: the message on stderr says what was wrong (a denied dial, an unknown
+     device or service, an expired certificate) and what to do
+  2  usage error
+  3  the proxy could not be reached
+
+Engineer commands read the identity directory --identity, else $FLEET_IDENTITY,
+else ~/.config/fleet-tunnel (user.crt, user.key, ca.crt, client.yaml).
+For OpenSSH:  ssh -o ProxyCommand='tunnel proxy-command %h %p' LOGIN@DEVICE
+"""
+
+LS_COLUMNS = ["id", "online", "lifecycle", "labels", "address", "last_seen"]
+STATUS_COLUMNS = ["device", "address", "transport", "connected_since", "sessions",
+                  "bytes_to_device", "bytes_from_device", "migrations"]
+
+
+def _run(coro) -> None:
+    """Run until done or SIGTERM/SIGINT, then cancel cleanly."""
+
+    async def main():
+        task = asyncio.create_task(coro)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+
+
+# --- ops: proxy and agent -------------------------------------------------------------------
+
+
+def cmd_proxy(args) -> int:
+    from tunnel.proxy import Proxy
+
+    tlog.setup(args.log_format, args.log_level)
+    state = FleetState(Path(args.state) if args.state else default_state_dir())
+    host, port = split_host_port(args.listen, "--listen")
+    state.config  # noqa: B018 — a missing state fails here with its clear message
+
+    async def serve():
+        proxy = Proxy(state)
+        await proxy.start(host, port)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await proxy.stop()
+
+    _run(serve())
+    return EXIT_OK
+
+
+def cmd_agent(args) -> int:
+    from tunnel import agent_config
+    from tunnel.agent import Agent
+
+    tlog.setup(args.log_format, args.log_level)
+    config = agent_config.load(args.config)
+    agent = Agent(config)
+
+    async def run():
+        try:
+            await agent.run()
+        finally:
+            agent.stop()
+
+    _run(run())
+    return EXIT_OK
+
+
+# --- engineers ------------------------------------------------------------------------------
+
+
+def _identity(args) -> UserIdentity:
+    return UserIdentity.load(Path(args.identity) if args.identity else None, args.proxy)
+
+
+async def _with_client(args, fn):
+    client = await Client.connect(_identity(args))
+    try:
+        return await fn(client)
+    finally:
+        client.close()
+        await asyncio.sleep(0.05)  # let the CONNECTION_CLOSE leave
+
+
+def cmd_proxy_command(args) -> int:
+    from tunnel.client import proxy_command
+
+    asyncio.run(proxy_command(_identity(args), args.device, args.target))
+    return EXIT_OK
+
+
+def cmd_forward(args) -> int:
+    from tunnel.client import forward
+
+    host, port = split_host_port(args.local, "--local", allow_zero=True)
+
+    def ready(addr):
+        print(f"forwarding {addr[0]}:{addr[1]} -> {args.device}/{args.service}", file=sys.stderr, flush=True)
+
+    _run(forward(_identity(args), args.device, args.service, host, port, ready))
+    return EXIT_OK
+
+
+def cmd_ls(args) -> int:
+    selector = parse_selector(args.selector)
+    body = asyncio.run(_with_client(args, lambda c: c.request("ls")))
+    rows = [d for d in body["devices"] if selector.matches(d["labels"])]
+    output.emit(rows, args.format, LS_COLUMNS)
+    if not rows and selector.terms and args.format == "table":
+        print(f"no device you may reach matches {selector}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_status(args) -> int:
+    body = asyncio.run(_with_client(args, lambda c: c.request("status")))
+    agents = body["agents"]
+    if args.device:
+        agents = [a for a in agents if a["device"] == args.device]
+        if not agents:
+            raise ClientError(f"device {args.device} is not connected (or not yours to see)")
+    output.emit(agents, args.format, STATUS_COLUMNS)
+    return EXIT_OK
+
+
+# --- parser ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tunnel", description=__doc__, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, func, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    def logging_args(p):
+        p.add_argument("--log-format", choices=("text", "json"), default="text",
+                       help="log lines on stderr as text or JSON lines (default: text)")
+        p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+    def engineer_args(p):
+        p.add_argument("--identity", metavar="DIR", help="engineer identity directory")
+        p.add_argument("--proxy", metavar="HOST:PORT", help="override the proxy in client.yaml")
+
+    p = add("proxy", cmd_proxy, "run the proxy: agents and engineers on one UDP port")
+    p.add_argument("--state", metavar="DIR", help="fleet state directory (default: $FLEET_STATE or XDG data dir)")
+    p.add_argument("--listen", default="0.0.0.0:443", metavar="HOST:PORT", help="UDP address (default: 0.0.0.0:443)")
+    logging_args(p)
+
+    p = add("agent", cmd_agent, "run the agent on a device (dials out; listens on nothing)")
+    p.add_argument("--config", required=True, metavar="FILE", help="agent.yaml written by 'enroll device'")
+    logging_args(p)
+
+    p = add("proxy-command", cmd_proxy_command,
+            "splice stdin/stdout to a device service (OpenSSH ProxyCommand)")
+    p.add_argument("device", help="device id (ssh's %%h)")
+    p.add_argument("target", nargs="?", default="ssh", help="service name or port; 22 means ssh (default: ssh)")
+    engineer_args(p)
+
+    p = add("forward", cmd_forward, "listen locally; each connection becomes a session to a device service")
+    p.add_argument("device")
+    p.add_argument("service", help="service name as listed in the agent config (e.g. postgres, kube)")
+    p.add_argument("--local", default="127.0.0.1:0", metavar="HOST:PORT",
+                   help="local listen address (default: 127.0.0.1 and a free port)")
+    engineer_args(p)
+
+    p = add("ls", cmd_ls, "list the devices you may reach, with labels and online state")
+    p.add_argument("selector", nargs="*", metavar="SELECTOR")
+    p.add_argument("--format", choices=output.FORMATS, default="table")
+    engineer_args(p)
+
+    p = add("status", cmd_status, "connected agents: address, transport, sessions, bytes, migrations")
+    p.add_argument("device", nargs="?", help="only this device")
+    p.add_argument("--format", choices=output.FORMATS, default="table")
+    engineer_args(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ClientError as exc:
+        print(f"tunnel: error: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE if exc.code == "error" and "cannot connect" in str(exc) else EXIT_REFUSED
+    except (ConfigError, StateError, LabelError, ValueError) as exc:
+        print(f"tunnel: error: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

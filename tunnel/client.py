@@ -1,0 +1,178 @@
+"""The engineer's side: one QUIC connection to the proxy, a stream per session.
+
+Used by ``tunnel proxy-command`` (ssh's ProxyCommand), ``tunnel forward`` (kubectl, psql, a
+browser), ``tunnel ls`` and ``tunnel status``. The engineer's identity lives in one directory
+(``--identity``, ``$FLEET_IDENTITY``, else ``~/.config/fleet-tunnel``)::
+
+    user.crt  user.key (0600)  ca.crt  client.yaml   (proxy: HOST:PORT, server_name: NAME)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from enroll import certs
+from tunnel import wire
+from tunnel.admission import NAMES
+from tunnel.agent_config import split_host_port
+from tunnel.proxy import ALPN_USER, read_header
+from tunnel.splice import SocketEnds, StdioEnds, StreamEnds, splice
+from tunnel.transport import Connection, Stream, TLSIdentity, TransportError, connect
+
+
+class ClientError(RuntimeError):
+    """Something the engineer must fix or know: printed as one line, exit status 1."""
+
+    def __init__(self, message: str, code: str = "error"):
+        super().__init__(message)
+        self.code = code
+
+
+def default_identity_dir() -> Path:
+    if env := os.environ.get("FLEET_IDENTITY"):
+        return Path(env)
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(config) / "fleet-tunnel"
+
+
+@dataclass(frozen=True)
+class UserIdentity:
+    directory: Path
+    proxy: tuple[str, int]
+    server_name: str
+
+    @classmethod
+    def load(cls, directory: Path | None = None, proxy: str | None = None) -> UserIdentity:
+        directory = Path(directory or default_identity_dir())
+        try:
+            config = yaml.safe_load((directory / "client.yaml").read_text()) or {}
+        except FileNotFoundError:
+            raise ClientError(
+                f"no engineer identity in {directory}: log in first, or pass --identity DIR "
+                "(or set FLEET_IDENTITY)"
+            ) from None
+        address = proxy or config.get("proxy")
+        if not address:
+            raise ClientError(f"{directory}/client.yaml names no proxy; pass --proxy HOST:PORT")
+        host, port = split_host_port(address, "proxy")
+        return cls(directory, (host, port), config.get("server_name") or host)
+
+    def tls(self) -> TLSIdentity:
+        d = self.directory
+        try:
+            cert = certs.load_cert((d / "user.crt").read_bytes())
+            key = certs.load_key((d / "user.key").read_bytes())
+            ca = certs.load_cert((d / "ca.crt").read_bytes())
+        except FileNotFoundError as exc:
+            raise ClientError(f"identity file missing: {exc.filename}") from None
+        if cert.not_valid_after_utc < dt.datetime.now(dt.UTC):
+            raise ClientError(
+                f"your certificate expired at {cert.not_valid_after_utc:%Y-%m-%d %H:%M}Z: log in again",
+                "expired",
+            )
+        return TLSIdentity([cert], key, ca)
+
+
+class Refusal(ClientError):
+    """The proxy or the device refused a dial or request."""
+
+
+class Client:
+    def __init__(self, conn: Connection):
+        self.conn = conn
+
+    @classmethod
+    async def connect(cls, identity: UserIdentity, timeout: float = 10.0) -> Client:
+        host, port = identity.proxy
+        try:
+            conn = await connect(
+                host, port, identity=identity.tls(), server_name=identity.server_name,
+                alpn=ALPN_USER, keepalive=15.0, handshake_timeout=timeout,
+            )
+        except TransportError as exc:
+            if exc.application and exc.code in NAMES:
+                raise ClientError(f"the proxy refused this identity: {exc.reason}", NAMES[exc.code]) from None
+            raise ClientError(f"cannot connect to the proxy {host}:{port}: {exc.reason or exc}") from None
+        except OSError as exc:
+            raise ClientError(f"cannot connect to the proxy {host}:{port}: {exc.strerror or exc}") from None
+        return cls(conn)
+
+    def close(self) -> None:
+        self.conn.close(0, "done")
+
+    async def dial(self, device: str, service: str, login: str | None = None) -> tuple[Stream, bytes]:
+        """Open a session to ``service`` on ``device``; raise Refusal with the reason if refused."""
+        stream = await self.conn.open_stream()
+        await stream.write(wire.encode("dial", device=device, service=service, login=login))
+        try:
+            reply, rest = await read_header(stream, timeout=20.0)
+        except (wire.HeaderError, TimeoutError) as exc:
+            raise ClientError(f"no answer from the proxy: {exc or 'timeout'}") from None
+        if not reply["ok"]:
+            raise Refusal(reply.get("reason", "refused"), reply.get("code", "refused"))
+        return stream, rest
+
+    async def request(self, op: str, **args) -> dict:
+        stream = await self.conn.open_stream()
+        await stream.write(wire.encode("request", op=op, args=args))
+        stream.write_eof()
+        reply, _ = await read_header(stream, timeout=20.0)
+        if not reply["ok"]:
+            raise Refusal(reply.get("reason", "refused"), reply.get("code", "refused"))
+        return reply.get("body", {})
+
+
+def service_from_port(target: str) -> str:
+    """ssh's ``%p`` is a port: 22 means the ssh service; other values pass through unchanged."""
+    return "ssh" if target == "22" else target
+
+
+async def proxy_command(identity: UserIdentity, device: str, target: str) -> None:
+    """Splice stdin/stdout to one session (for OpenSSH ``ProxyCommand``)."""
+    client = await Client.connect(identity)
+    try:
+        stream, rest = await client.dial(device, service_from_port(target))
+        result = await splice(StreamEnds(stream, rest), StdioEnds())
+        if result.error:
+            raise ClientError(f"session ended: {result.error}")
+    finally:
+        client.close()
+
+
+async def forward(identity: UserIdentity, device: str, service: str, host: str, port: int,
+                  ready=None) -> None:
+    """Listen on host:port; each accepted connection becomes one session over one QUIC connection."""
+    client = await Client.connect(identity)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            stream, rest = await client.dial(device, service)
+        except ClientError as exc:
+            print(f"tunnel: forward refused: {exc}", file=sys.stderr, flush=True)
+            writer.close()
+            return
+        await splice(StreamEnds(stream, rest), SocketEnds(reader, writer))
+        with contextlib.suppress(OSError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, host, port)
+    bound = server.sockets[0].getsockname()
+    if ready:
+        ready(bound)
+    try:
+        async with server:
+            closed = asyncio.create_task(client.conn.wait_closed())
+            serving = asyncio.create_task(server.serve_forever())
+            done, _ = await asyncio.wait({closed, serving}, return_when=asyncio.FIRST_COMPLETED)
+            if closed in done:
+                raise ClientError(f"connection to the proxy ended: {closed.result() or 'closed'}")
+    finally:
+        client.close()

@@ -1,0 +1,47 @@
+"""Logging for the long-running processes: readable lines, or JSON lines with --log-format json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+
+class JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", {})
+        extra = " ".join(f"{k}={v}" for k, v in fields.items())
+        line = f"{record.levelname.lower()} {record.name}: {record.getMessage()}"
+        return f"{line} {extra}".rstrip() + (
+            "\n" + self.formatException(record.exc_info) if record.exc_info else ""
+        )
+
+
+def setup(fmt: str = "text", level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("quic").setLevel(logging.WARNING)
+
+
+def event(logger: logging.Logger, msg: str, level: int = logging.INFO, **fields) -> None:
+    """Log ``msg`` with structured ``fields`` (kept as keys in JSON output)."""
+    logger.log(level, msg, extra={"fields": fields})

@@ -1,0 +1,473 @@
+"""The proxy: admits agents and engineers on one UDP port and routes each session to its device.
+
+Three kinds of peer, told apart by ALPN before any stream is accepted:
+
+- ``fleet-agent/1`` — a device certificate. The agent's connection is kept in ``agents`` (device
+  id → :class:`AgentLink`); a newer connection from the same device replaces the old one at once.
+- ``fleet-user/1`` — an engineer's user certificate. Each stream starts with a ``dial`` (then
+  the proxy opens a stream to the device's agent and splices the two) or a ``request`` (ls,
+  status).
+- ``fleet-enroll/1`` — no certificate yet: one enrollment request (token + CSR), size- and
+  rate-limited.
+
+Where is a session authorized? :meth:`Proxy._dial` asks :func:`tunnel.access.decide`; peers
+are admitted by :func:`tunnel.admission.admit`. Every refusal is audited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from enroll import audit
+from enroll.enrollment import EnrollError, enroll, parse_request, renew
+from enroll.registry import iso
+from enroll.state import FleetState
+from tunnel import access, wire
+from tunnel.admission import CODES, Denied, Peer, admit, check_device
+from tunnel.log import event
+from tunnel.ratelimit import RateLimiter
+from tunnel.splice import StreamEnds, splice
+from tunnel.transport import (
+    Connection,
+    PathChange,
+    Refused,
+    Stream,
+    TLSIdentity,
+    TransportError,
+    serve,
+)
+
+log = logging.getLogger("tunnel.proxy")
+
+ALPN_AGENT = "fleet-agent/1"
+ALPN_USER = "fleet-user/1"
+ALPN_ENROLL = "fleet-enroll/1"
+PEER_KIND = {ALPN_AGENT: "device", ALPN_USER: "user"}
+AGENT_REPLY_TIMEOUT = 10.0
+HEADER_TIMEOUT = 10.0
+
+
+@dataclass
+class AgentLink:
+    """One connected agent, as ``tunnel status`` shows it."""
+
+    device_id: str
+    conn: Connection
+    peer: Peer
+    connected_at: float = field(default_factory=time.time)
+    sessions: int = 0
+    sessions_total: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    migrations: int = 0
+    transport: str = "quic"
+
+    def as_dict(self) -> dict:
+        return {
+            "device": self.device_id,
+            "address": "{}:{}".format(*self.conn.remote_address[:2]),
+            "transport": self.transport,
+            "connected_since": dt.datetime.fromtimestamp(self.connected_at, dt.UTC).isoformat(timespec="seconds"),
+            "sessions": self.sessions,
+            "sessions_total": self.sessions_total,
+            "bytes_to_device": self.bytes_down,
+            "bytes_from_device": self.bytes_up,
+            "migrations": self.migrations,
+        }
+
+
+async def read_header(stream: Stream, timeout: float = HEADER_TIMEOUT) -> tuple[wire.Message, bytes]:
+    """Read one stream header; raises wire.HeaderError (or TimeoutError)."""
+    reader = wire.HeaderReader()
+    async with asyncio.timeout(timeout):
+        while True:
+            data = await stream.read(wire.MAX_PAYLOAD + 4)
+            if not data:
+                reader.eof()
+            if got := reader.feed(data):
+                return got
+
+
+class Proxy:
+    def __init__(self, state: FleetState, *, enroll_rate: float = 5.0, watch_interval: float = 1.0):
+        self.state = state
+        self.fleet = state.fleet
+        self.registry = state.registry()
+        self.agents: dict[str, AgentLink] = {}
+        self.peers: dict[Connection, Peer] = {}
+        self.enroll_limiter = RateLimiter(rate=enroll_rate, burst=max(1.0, enroll_rate * 2))
+        self.watch_interval = watch_interval
+        self.server = None
+        self._tasks: set[asyncio.Task] = set()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def tls_identity(self) -> TLSIdentity:
+        from enroll import certs
+
+        cert = certs.load_cert(self.state.path("proxy.crt").read_bytes())
+        key = certs.load_key(self.state.path("proxy.key").read_bytes())
+        # The CA travels in the chain so a new device can check it against its pin.
+        return TLSIdentity([cert, self.state.ca_cert], key, self.state.ca_cert)
+
+    async def start(self, host: str, port: int, *, idle_timeout: float = 60.0):
+        self.server = await serve(
+            host, port, identity=self.tls_identity(),
+            alpns=[ALPN_AGENT, ALPN_USER, ALPN_ENROLL], anonymous_alpns=[ALPN_ENROLL],
+            authorize=self._authorize, on_connection=self._on_connection,
+            idle_timeout=idle_timeout,
+        )
+        self._spawn(self._watch())
+        event(log, "listening", address=f"{host}:{port}", fleet=self.fleet)
+        return self.server
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self.server:
+            self.server.close()
+            await self.server.wait_closed()
+        self.registry.close()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _audit(self, type_: str, **kw) -> None:
+        with self.registry.write() as db:
+            audit.append(db, type_, **kw)
+
+    # --- admission ----------------------------------------------------------------------------
+
+    def _authorize(self, conn: Connection) -> None:
+        if conn.alpn == ALPN_ENROLL:
+            return
+        remote = "{}:{}".format(*conn.remote_address[:2])
+        try:
+            peer = admit(conn.peer_certificate, self.fleet, self.registry, want=PEER_KIND[conn.alpn])
+        except Denied as denied:
+            actor = _actor_of(conn.peer_certificate)
+            dev = self.registry.device(actor.split(":", 1)[1]) if actor.startswith("device:") else None
+            self._audit(
+                "access.denied", actor=actor, device=dev.id if dev else None,
+                labels=dev.labels if dev else None, result="denied", reason=denied.reason,
+                code=denied.code, remote=remote, stage="connect",
+            )
+            event(log, "refused", level=logging.WARNING, actor=actor, code=denied.code, remote=remote)
+            raise Refused(CODES[denied.code], f"{denied.code}: {denied.reason}") from None
+        self.peers[conn] = peer
+
+    async def _on_connection(self, conn: Connection) -> None:
+        try:
+            if conn.alpn == ALPN_ENROLL:
+                await self._serve_enroll(conn)
+            elif conn.alpn == ALPN_AGENT:
+                await self._serve_agent(conn, self.peers[conn])
+            else:
+                await self._serve_user(conn, self.peers[conn])
+        finally:
+            self.peers.pop(conn, None)
+
+    # --- agents -------------------------------------------------------------------------------
+
+    async def _serve_agent(self, conn: Connection, peer: Peer) -> None:
+        device_id = peer.name
+        link = AgentLink(device_id, conn, peer)
+        old = self.agents.get(device_id)
+        self.agents[device_id] = link
+        if old is not None:
+            old.conn.close(CODES["replaced"], "replaced: the device connected again")
+        remote = "{}:{}".format(*conn.remote_address[:2])
+        now = dt.datetime.now(dt.UTC)
+        with self.registry.write() as db:
+            db["devices"].update(device_id, {"last_seen": iso(now)})
+            audit.append(
+                db, "device.connect", actor=peer.actor, device=device_id, labels=peer.device.labels,
+                now=now, remote=remote, transport=link.transport, replaced=old is not None,
+            )
+        event(log, "agent connected", device=device_id, remote=remote)
+        conn.on_path_change = lambda change: self._on_path_change(link, change)
+        accept = self._spawn(self._agent_requests(link))
+        error = await conn.wait_closed()
+        accept.cancel()
+        if self.agents.get(device_id) is link:
+            del self.agents[device_id]
+        reason = error.reason if error else "closed by proxy"
+        dev = self.registry.device(device_id)
+        now = dt.datetime.now(dt.UTC)
+        with self.registry.write() as db:
+            db["devices"].update(device_id, {"last_seen": iso(now)})
+            audit.append(
+                db, "device.disconnect", actor=peer.actor, device=device_id,
+                labels=dev.labels if dev else None, now=now, reason=reason,
+                duration=round(time.time() - link.connected_at, 3),
+                bytes_to_device=link.bytes_down, bytes_from_device=link.bytes_up,
+            )
+        event(log, "agent disconnected", device=device_id, reason=reason)
+
+    def _on_path_change(self, link: AgentLink, change: PathChange) -> None:
+        link.migrations += 1
+        dev = self.registry.device(link.device_id)
+        self._audit(
+            "device.migrate", actor=link.peer.actor, device=link.device_id,
+            labels=dev.labels if dev else None,
+            old="{}:{}".format(*change.old[:2]), new="{}:{}".format(*change.new[:2]),
+        )
+        event(log, "agent path changed", device=link.device_id, old=change.old[:2], new=change.new[:2])
+
+    async def _agent_requests(self, link: AgentLink) -> None:
+        """Streams an agent opens: hello (reconnect reason, uplink) and certificate renewal."""
+        while True:
+            try:
+                stream = await link.conn.accept_stream()
+            except TransportError:
+                return
+            self._spawn(self._agent_request(link, stream))
+
+    async def _agent_request(self, link: AgentLink, stream: Stream) -> None:
+        try:
+            msg, _ = await read_header(stream)
+            if msg.kind != "request":
+                raise wire.HeaderError("bad_header", "agents may only send requests")
+            op, args = msg["op"], msg.get("args", {})
+            dev = self.registry.device(link.device_id)
+            if op == "hello":
+                if args.get("reconnect"):
+                    self._audit(
+                        "device.reconnect", actor=link.peer.actor, device=link.device_id,
+                        labels=dev.labels, reason=str(args.get("reconnect")),
+                        uplink=args.get("uplink"), remote="{}:{}".format(*link.conn.remote_address[:2]),
+                        outage=args.get("outage"),
+                    )
+                await stream.write(wire.reply_ok())
+            elif op == "renew":
+                cert = await asyncio.to_thread(
+                    _renew_in_thread, self.state, link.device_id, str(args.get("csr", ""))
+                )
+                await stream.write(wire.reply_ok(body={"cert": cert}))
+            else:
+                await stream.write(wire.reply_refused("unknown_op", f"unknown request {op!r}"))
+        except (wire.HeaderError, EnrollError, TimeoutError) as exc:
+            code = getattr(exc, "code", "refused")
+            self._audit("access.denied", actor=link.peer.actor, device=link.device_id,
+                        result="denied", reason=str(exc), code=code, stage="agent-request")
+            await _try_write(stream, wire.reply_refused(code, str(exc)))
+        except TransportError:
+            return
+        stream.write_eof()
+
+    # --- engineers ----------------------------------------------------------------------------
+
+    async def _serve_user(self, conn: Connection, peer: Peer) -> None:
+        event(log, "engineer connected", user=peer.name, remote="{}:{}".format(*conn.remote_address[:2]))
+        while True:
+            try:
+                stream = await conn.accept_stream()
+            except TransportError:
+                return
+            self._spawn(self._user_stream(conn, peer, stream))
+
+    async def _user_stream(self, conn: Connection, peer: Peer, stream: Stream) -> None:
+        remote = "{}:{}".format(*conn.remote_address[:2])
+        try:
+            msg, rest = await read_header(stream)
+        except (wire.HeaderError, TimeoutError) as exc:
+            code = getattr(exc, "code", "timeout")
+            self._audit("access.denied", actor=peer.actor, actor_roles=peer.identity.roles,
+                        result="denied", reason=str(exc) or "no header in time", code=code,
+                        remote=remote, stage="header")
+            await _try_write(stream, wire.reply_refused(code, str(exc) or "no header in time"))
+            _finish(stream)
+            return
+        except TransportError:
+            return
+        if msg.kind == "dial":
+            await self._dial(peer, stream, msg, rest, remote)
+        elif msg.kind == "request":
+            await self._user_request(peer, stream, msg)
+        else:
+            self._audit("access.denied", actor=peer.actor, result="denied", code="bad_header",
+                        reason=f"engineers cannot send {msg.kind!r} headers", remote=remote)
+            await _try_write(stream, wire.reply_refused("bad_header", f"unexpected {msg.kind!r} header"))
+            _finish(stream)
+
+    async def _dial(self, peer: Peer, stream: Stream, msg: wire.Message, rest: bytes, remote: str) -> None:
+        device_id, service, login = msg["device"], msg["service"], msg.get("login")
+        dev = self.registry.device(device_id)
+        link = self.agents.get(device_id)
+        decision = access.decide(peer, device_id, dev, service, login, online=link is not None)
+        session = secrets.token_hex(8)
+        common = dict(actor=peer.actor, actor_roles=peer.identity.roles, device=device_id,
+                      labels=dev.labels if dev else None, remote=remote, service=service,
+                      login=login, session=session)
+        if not decision.allowed:
+            self._audit("access.denied", result="denied", reason=decision.reason, code=decision.code,
+                        stage="dial", **common)
+            await _try_write(stream, wire.reply_refused(decision.code, decision.reason))
+            _finish(stream)
+            return
+        try:
+            agent_stream = await link.conn.open_stream()
+            await agent_stream.write(wire.encode("open", service=service, session=session,
+                                                 identity=peer.actor, login=login))
+            reply, agent_rest = await read_header(agent_stream, AGENT_REPLY_TIMEOUT)
+        except (TransportError, wire.HeaderError, TimeoutError) as exc:
+            reason = f"device {device_id} did not answer: {exc or 'timeout'}"
+            self._audit("access.denied", result="failed", reason=reason, code="device_unreachable",
+                        stage="open", **common)
+            await _try_write(stream, wire.reply_refused("device_unreachable", reason))
+            _finish(stream)
+            return
+        if not reply.get("ok"):
+            code, reason = reply.get("code", "refused"), reply.get("reason", "refused by the device")
+            self._audit("access.denied", result="denied", reason=reason, code=code,
+                        stage="device", **common)
+            await _try_write(stream, wire.reply_refused(code, reason))
+            _finish(stream)
+            return
+        try:
+            await stream.write(wire.reply_ok(session=session))
+        except TransportError:
+            agent_stream.reset(1)
+            return
+        self._audit("session.start", **common)
+        event(log, "session start", session=session, user=peer.name, device=device_id, service=service)
+        link.sessions += 1
+        link.sessions_total += 1
+        started = time.monotonic()
+        result = await splice(StreamEnds(stream, rest), StreamEnds(agent_stream, agent_rest))
+        link.sessions -= 1
+        link.bytes_down += result.a_to_b
+        link.bytes_up += result.b_to_a
+        dev = self.registry.device(device_id)
+        common["labels"] = dev.labels if dev else None
+        self._audit(
+            "session.end", result="error" if result.error else "ok", reason=result.error or "",
+            bytes_to_device=result.a_to_b, bytes_from_device=result.b_to_a,
+            duration=round(time.monotonic() - started, 3), **common,
+        )
+        event(log, "session end", session=session, up=result.b_to_a, down=result.a_to_b)
+
+    async def _user_request(self, peer: Peer, stream: Stream, msg: wire.Message) -> None:
+        op = msg["op"]
+        if op == "ls":
+            body = {"devices": self.listing(peer)}
+        elif op == "status":
+            body = {"agents": [a.as_dict() for a in self.agents.values()
+                               if access.may_see(peer, self.registry.device(a.device_id))]}
+        elif op == "whoami":
+            body = {"user": peer.name, "roles": list(peer.identity.roles),
+                    "expires": peer.identity.not_after.isoformat()}
+        else:
+            await _try_write(stream, wire.reply_refused("unknown_op", f"unknown request {op!r}"))
+            _finish(stream)
+            return
+        await _try_write(stream, wire.reply_ok(body=body))
+        _finish(stream)
+
+    def listing(self, peer: Peer) -> list[dict]:
+        rows = []
+        for dev in self.registry.devices():
+            if not access.may_see(peer, dev):
+                continue
+            link = self.agents.get(dev.id)
+            rows.append({
+                "id": dev.id, "labels": dev.labels, "lifecycle": dev.lifecycle,
+                "online": link is not None, "last_seen": dev.last_seen,
+                "address": "{}:{}".format(*link.conn.remote_address[:2]) if link else None,
+                "locked": dev.locked(dt.datetime.now(dt.UTC)),
+            })
+        return rows
+
+    # --- enrollment ---------------------------------------------------------------------------
+
+    async def _serve_enroll(self, conn: Connection) -> None:
+        remote = "{}:{}".format(*conn.remote_address[:2])
+        try:
+            stream = await asyncio.wait_for(conn.accept_stream(), HEADER_TIMEOUT)
+        except (TransportError, TimeoutError):
+            conn.close(0, "no enrollment request")
+            return
+        try:
+            if not self.enroll_limiter.allow(conn.remote_address[0]):
+                raise EnrollError("too many enrollment attempts from this address; wait and retry")
+            msg, _ = await read_header(stream)
+            if msg.kind != "request" or msg["op"] != "enroll":
+                raise EnrollError("this connection only accepts an enrollment request")
+            args = msg.get("args", {})
+            request = parse_request(str(args.get("request", "")).encode())
+            bundle = await asyncio.to_thread(
+                _enroll_in_thread, self.state, request, str(args.get("token", "")), remote
+            )
+            await stream.write(wire.reply_ok(body=bundle))
+        except (EnrollError, wire.HeaderError, TimeoutError) as exc:
+            await _try_write(stream, wire.reply_refused("enroll_refused", str(exc) or "timeout"))
+        except TransportError:
+            return
+        _finish(stream)
+        await asyncio.sleep(0.2)  # let the reply leave before the connection is closed
+        conn.close(0, "enrollment done")
+
+    # --- live policy ----------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        """Each interval, re-check connected devices: a lock or decommission cuts them at once."""
+        last_touch = time.monotonic()
+        while True:
+            await asyncio.sleep(self.watch_interval)
+            now = dt.datetime.now(dt.UTC)
+            for device_id, link in list(self.agents.items()):
+                dev = self.registry.device(device_id)
+                try:
+                    if dev is None:
+                        raise Denied("unknown_identity", f"device {device_id} was removed")
+                    check_device(dev, now)
+                except Denied as denied:
+                    event(log, "cutting agent", device=device_id, code=denied.code)
+                    link.conn.close(CODES[denied.code], f"{denied.code}: {denied.reason}")
+            if time.monotonic() - last_touch > 60 and self.agents:
+                last_touch = time.monotonic()
+                with self.registry.write() as db:
+                    for device_id in list(self.agents):
+                        db["devices"].update(device_id, {"last_seen": iso(now)})
+
+
+def _enroll_in_thread(state: FleetState, request: dict, token: str, remote: str) -> dict:
+    # SQLite connections belong to one thread: open a registry just for this enrollment.
+    with state.registry() as reg:
+        return enroll(state, reg, request, token, remote=remote)
+
+
+def _renew_in_thread(state: FleetState, device_id: str, csr: str) -> str:
+    with state.registry() as reg:
+        return renew(state, reg, device_id, csr)
+
+
+def _actor_of(cert) -> str:
+    from enroll import certs
+
+    if cert is None:
+        return "anonymous"
+    try:
+        ident = certs.identity_of(cert)
+        return f"{ident.kind}:{ident.name}"
+    except certs.CertError:
+        return "unknown:" + cert.subject.rfc4514_string()
+
+
+async def _try_write(stream: Stream, data: bytes) -> None:
+    with contextlib.suppress(TransportError):
+        await stream.write(data)
+
+
+def _finish(stream: Stream) -> None:
+    with contextlib.suppress(TransportError):
+        stream.write_eof()

@@ -1,0 +1,169 @@
+"""Transport-neutral interface types (no aioquic import here).
+
+A transport (QUIC today, TCP/TLS later) exposes *connections* that carry many bidirectional
+*streams*. Everything the rest of fleet-tunnel needs is declared here so that a second transport
+can implement the same surface.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+Address = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class TLSIdentity:
+    """Our own certificate chain + key, and the pinned fleet CA that peers must chain to.
+
+    ``cert_chain[0]`` is the leaf; further entries are intermediates (sent to the peer).
+    ``ca`` is the only trust root: no system store is ever consulted.
+    """
+
+    cert_chain: list[x509.Certificate]
+    key: PrivateKey
+    ca: x509.Certificate
+
+
+class ErrorCode(enum.IntEnum):
+    """Application error codes carried in CONNECTION_CLOSE / RESET_STREAM by fleet-tunnel.
+
+    Callers may use any other integer; these are the ones the transport itself emits.
+    """
+
+    NO_ERROR = 0
+    INTERNAL = 1
+    REFUSED = 2  # authorize() raised Refused without a specific code
+    AUTHORIZE_FAILED = 3  # authorize() crashed
+    SHUTDOWN = 4  # server shutting down
+    STREAM_ABORTED = 5  # stream dropped because its connection was refused/closed
+
+
+class TransportError(Exception):
+    """The connection (or an operation on it) failed.
+
+    ``code``/``reason`` are the values from the CONNECTION_CLOSE that ended the connection.
+    ``application`` is True for an application close (the peer's caller chose ``code``), False
+    for a transport/TLS level close (``code`` is a QUIC transport error code, e.g. 0x100 + TLS
+    alert). ``remote`` is True when the peer closed us.
+    """
+
+    def __init__(
+        self, code: int = 0, reason: str = "", *, application: bool = True, remote: bool = False
+    ) -> None:
+        self.code = int(code)
+        self.reason = reason
+        self.application = application
+        self.remote = remote
+        super().__init__(code, reason)
+
+    def __str__(self) -> str:
+        who = "peer" if self.remote else "local"
+        kind = "application" if self.application else "transport"
+        return f"{kind} close by {who}: code {self.code:#x}: {self.reason}"
+
+
+class StreamReset(TransportError):
+    """The stream was reset (RESET_STREAM / STOP_SENDING by the peer, or reset() locally)."""
+
+    def __str__(self) -> str:
+        who = "peer" if self.remote else "local"
+        return f"stream reset by {who}: code {self.code}: {self.reason}"
+
+
+class Refused(Exception):  # noqa: N818 - the name is the contract with callers of serve()
+    """Raise from ``authorize(conn)`` to refuse a peer; the peer sees TransportError(code, reason)."""
+
+    def __init__(self, code: int = ErrorCode.REFUSED, reason: str = "refused") -> None:
+        self.code = int(code)
+        self.reason = reason
+        super().__init__(code, reason)
+
+
+@dataclass(frozen=True)
+class PathChange:
+    """The peer address of a connection changed (migration or NAT rebinding)."""
+
+    old: Address
+    new: Address
+
+
+class Stream(abc.ABC):
+    """One bidirectional, flow-controlled byte stream."""
+
+    id: int
+    bytes_sent: int
+    bytes_received: int
+
+    @abc.abstractmethod
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        """Up to ``max_bytes``; b"" at FIN. Raises StreamReset / TransportError."""
+
+    @abc.abstractmethod
+    async def write(self, data: bytes) -> None:
+        """Queue ``data``; waits while the send buffer is above its high-water mark."""
+
+    @abc.abstractmethod
+    def write_eof(self) -> None:
+        """Half-close: send FIN after the queued data."""
+
+    @abc.abstractmethod
+    def reset(self, code: int = 0) -> None:
+        """Abort both directions of the stream with ``code``."""
+
+
+class Connection(abc.ABC):
+    peer_certificate: x509.Certificate | None
+    alpn: str
+    #: Called as ``on_path_change(PathChange)`` whenever the peer address changes.
+    on_path_change: Callable[[PathChange], None] | None
+
+    @property
+    @abc.abstractmethod
+    def remote_address(self) -> Address: ...
+
+    @property
+    @abc.abstractmethod
+    def local_address(self) -> Address: ...
+
+    @abc.abstractmethod
+    async def open_stream(self) -> Stream: ...
+
+    @abc.abstractmethod
+    async def accept_stream(self) -> Stream: ...
+
+    @abc.abstractmethod
+    def close(self, code: int = 0, reason: str = "") -> None: ...
+
+    @abc.abstractmethod
+    async def wait_closed(self) -> TransportError | None: ...
+
+    @abc.abstractmethod
+    async def ping(self, timeout: float) -> float: ...
+
+    @abc.abstractmethod
+    async def migrate(self, local_addr: tuple[str, int] | None) -> None: ...
+
+
+class Server(abc.ABC):
+    @property
+    @abc.abstractmethod
+    def address(self) -> Address: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def wait_closed(self) -> None: ...
+
+
+Authorize = Callable[[Connection], Awaitable[None] | None]
+OnConnection = Callable[[Connection], Awaitable[None]]

@@ -1,0 +1,1034 @@
+"""QUIC transport on aioquic 1.7.2 -- the only module of fleet-tunnel that imports aioquic.
+
+aioquic internals touched (all checked by ``_check_aioquic_internals()`` at import):
+
+* mutual TLS: each server connection's ``tls.Context`` gets ``_request_client_certificate = True``
+  and its class is switched to ``_FleetTLSContext``, a subclass that hooks
+  ``_server_handle_certificate`` (missing certificate on a non-anonymous ALPN -> alert 116),
+  ``_server_handle_certificate_verify`` (after aioquic checked the CertificateVerify signature,
+  the chain is verified against the pinned CA) and ``_client_handle_certificate_verify`` (the
+  server chain is verified against the pinned CA before aioquic's own cadata check). The switch
+  happens in ``_FleetQuicConnection._initialize``. Server connections are created by aioquic's
+  ``QuicServer`` as plain ``QuicConnection`` objects; ``create_protocol`` switches their class to
+  ``_FleetQuicConnection`` before any packet is processed.
+* credit on consumption: ``_FleetQuicConnection._write_stream_limits`` replaces aioquic's
+  "double the window when half of it *arrived*" with ``policy.next_receive_limit`` applied to the
+  bytes the application *read*.
+* send backpressure: the writer looks at ``QuicStreamSender._buffer_start/_buffer_stop``.
+* migration: ``QuicConnectionProtocol._transport`` is replaced through ``connection_made``; in
+  flight packets are declared lost with ``QuicPacketRecovery._on_packets_lost`` (as a
+  non-congestion event) on a rebind (client) or peer address change (server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import itertools
+import logging
+import socket
+from collections import deque
+from typing import Any
+
+import aioquic
+from aioquic import tls
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import (
+    MAX_STREAM_DATA_FRAME_CAPACITY,
+    QuicConnection,
+    QuicConnectionState,
+)
+from aioquic.quic.packet import QuicFrameType
+from aioquic.quic.recovery import QuicPacketRecovery
+from aioquic.quic.stream import QuicStream
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from .base import (
+    Address,
+    Authorize,
+    Connection,
+    ErrorCode,
+    OnConnection,
+    PathChange,
+    Refused,
+    Server,
+    Stream,
+    StreamReset,
+    TLSIdentity,
+    TransportError,
+)
+from .policy import (
+    DEFAULT_SEND_HIGH_WATER,
+    DEFAULT_STREAM_WINDOW,
+    CertificateRejected,
+    bind_address,
+    describe_close,
+    next_receive_limit,
+    normalize_address,
+    send_allowance,
+    socket_address,
+    verify_peer_chain,
+)
+
+log = logging.getLogger(__name__)
+
+AIOQUIC_VERSION = "1.7.2"
+#: RFC 9002 initial RTT; long enough that path validation survives a 600 ms satellite RTT.
+INITIAL_RTT = 0.333
+
+
+def _check_aioquic_internals() -> None:
+    """Fail loudly at import if the aioquic internals this module patches are not there."""
+    problems: list[str] = []
+    if aioquic.__version__ != AIOQUIC_VERSION:
+        problems.append(f"aioquic {aioquic.__version__} installed, {AIOQUIC_VERSION} required")
+    ctx = tls.Context(is_client=False)
+    for attr in ("_request_client_certificate", "_peer_certificate", "_peer_certificate_chain",
+                 "alpn_negotiated", "_server_name"):
+        if not hasattr(ctx, attr):
+            problems.append(f"tls.Context.{attr}")
+    for meth in ("_server_handle_certificate", "_server_handle_certificate_verify",
+                 "_client_handle_certificate_verify"):
+        if not callable(getattr(tls.Context, meth, None)):
+            problems.append(f"tls.Context.{meth}()")
+    for meth in ("_initialize", "_write_stream_limits", "_on_max_stream_data_delivery",
+                 "receive_datagram", "change_connection_id"):
+        if not callable(getattr(QuicConnection, meth, None)):
+            problems.append(f"QuicConnection.{meth}()")
+    write_limits = getattr(QuicConnection, "_write_stream_limits", None)
+    if callable(write_limits) and list(inspect.signature(write_limits).parameters) != [
+        "self", "builder", "space", "stream"
+    ]:
+        problems.append("QuicConnection._write_stream_limits(builder, space, stream)")
+    on_lost = getattr(QuicPacketRecovery, "_on_packets_lost", None)
+    if not callable(on_lost) or not {"congestion_event", "now", "packets", "space"} <= set(
+        inspect.signature(on_lost).parameters
+    ):
+        problems.append("QuicPacketRecovery._on_packets_lost(congestion_event, now, packets, space)")
+    qs = QuicStream(stream_id=0, max_stream_data_local=1)
+    for obj, attrs in (
+        (qs, ("max_stream_data_local", "max_stream_data_local_sent")),
+        (qs.sender, ("_buffer_start", "_buffer_stop", "is_finished")),
+        (qs.receiver, ("_buffer", "highest_offset", "is_finished")),
+    ):
+        problems += [f"{type(obj).__name__}.{a}" for a in attrs if not hasattr(obj, a)]
+    for meth in ("_process_events", "_transmit_soon", "_handle_timer", "connection_made"):
+        if not callable(getattr(QuicConnectionProtocol, meth, None)):
+            problems.append(f"QuicConnectionProtocol.{meth}()")
+    if problems:
+        raise ImportError(
+            "tunnel.transport.quic relies on aioquic==1.7.2 internals that are missing: "
+            + ", ".join(problems)
+        )
+
+
+_check_aioquic_internals()
+
+
+# ------------------------------------------------------------------------------------ TLS
+
+
+class _AlertCertificateRequired(tls.Alert):
+    description = tls.AlertDescription.certificate_required
+
+
+class _TLSPolicy:
+    def __init__(self, ca: x509.Certificate, anonymous_alpns: frozenset[str]) -> None:
+        self.ca = ca
+        self.anonymous_alpns = anonymous_alpns
+
+
+def _alert(exc: CertificateRejected) -> tls.Alert:
+    cls = tls.AlertCertificateExpired if exc.expired else tls.AlertBadCertificate
+    return cls(exc.reason)
+
+
+class _FleetTLSContext(tls.Context):
+    """aioquic's TLS context plus chain verification against the pinned fleet CA."""
+
+    _fleet: _TLSPolicy
+
+    def _fleet_verify(self, purpose: Any, server_name: str | None) -> None:
+        try:
+            verify_peer_chain(
+                self._peer_certificate,
+                list(self._peer_certificate_chain),
+                self._fleet.ca,
+                purpose=purpose,
+                server_name=server_name,
+            )
+        except CertificateRejected as exc:
+            raise _alert(exc) from exc
+
+    def _server_handle_certificate(self, input_buf: Any) -> None:
+        super()._server_handle_certificate(input_buf)
+        if (
+            self._peer_certificate is None
+            and self.alpn_negotiated not in self._fleet.anonymous_alpns
+        ):
+            raise _AlertCertificateRequired(
+                f"a client certificate is required for ALPN {self.alpn_negotiated!r}"
+            )
+
+    def _server_handle_certificate_verify(self, input_buf: Any) -> None:
+        # aioquic checks the CertificateVerify signature (possession of the key) ...
+        super()._server_handle_certificate_verify(input_buf)
+        # ... and we check the chain, validity and clientAuth EKU.
+        self._fleet_verify("client", None)
+
+    def _client_handle_certificate_verify(self, input_buf: Any) -> None:
+        # Ours first for a clear reason; aioquic then checks signature + cadata chain again.
+        self._fleet_verify("server", self._server_name)
+        super()._client_handle_certificate_verify(input_buf)
+
+
+# ------------------------------------------------------------------------- connection core
+
+
+class _FleetQuicConnection(QuicConnection):
+    """QuicConnection with mTLS hooks, credit on consumption and loss-on-migration."""
+
+    def _fleet_setup(self, policy: _TLSPolicy, window: int) -> None:
+        self._fleet_policy = policy
+        self._fleet_window = window
+        #: bytes the application has read, per stream id (credit is granted from these)
+        self._fleet_consumed: dict[int, int] = {}
+        #: server: how often the peer address changed (in-flight packets were declared lost)
+        self.fleet_peer_moves = 0
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        assert type(self.tls) is tls.Context, type(self.tls)
+        self.tls.__class__ = _FleetTLSContext
+        self.tls._fleet = self._fleet_policy
+        if not self._is_client:
+            self.tls._request_client_certificate = True
+
+    def _write_stream_limits(self, builder: Any, space: Any, stream: QuicStream) -> None:
+        # Replaces aioquic's credit-on-arrival (doubling) with credit on consumption.
+        if stream.max_stream_data_local and not stream.receiver.is_finished:
+            stream.max_stream_data_local = next_receive_limit(
+                self._fleet_consumed.get(stream.stream_id, 0),
+                stream.max_stream_data_local,
+                self._fleet_window,
+            )
+        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
+            buf = builder.start_frame(
+                QuicFrameType.MAX_STREAM_DATA,
+                capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
+                handler=self._on_max_stream_data_delivery,
+                handler_args=(stream,),
+            )
+            buf.push_uint_var(stream.stream_id)
+            buf.push_uint_var(stream.max_stream_data_local)
+            stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
+        before = self._network_paths[0].addr if self._network_paths else None
+        super().receive_datagram(data, addr, now)
+        if (
+            not self._is_client
+            and before is not None
+            and self._handshake_complete
+            and self._network_paths
+            and self._network_paths[0].addr != before
+        ):
+            # The peer moved: what is in flight went to the old address. Retransmit now
+            # rather than after PTO back-off (RESEARCH.md: 37-952 ms -> 1-11 ms).
+            self.fleet_declare_in_flight_lost(now)
+            self.fleet_peer_moves += 1
+
+    def fleet_declare_in_flight_lost(self, now: float) -> int:
+        count = 0
+        loss = self._loss
+        for space in loss.spaces:
+            packets = list(space.sent_packets.values())
+            if packets:
+                count += len(packets)
+                loss._on_packets_lost(
+                    congestion_event=False, now=now, packets=packets, space=space
+                )
+        loss._pto_count = 0
+        return count
+
+    def fleet_spare_peer_cids(self) -> int:
+        return len(self._peer_cid_available)
+
+
+class _Protocol(QuicConnectionProtocol):
+    owner: _QuicConnection
+
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        # Do not call super(): it builds asyncio StreamReaders we do not use.
+        self.owner._on_event(event)
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        super().datagram_received(data, addr)
+        self.owner._after_io()
+
+    def _handle_timer(self) -> None:
+        super()._handle_timer()
+        self.owner._after_io()
+
+    def connection_lost(self, exc: Exception | None) -> None:  # old socket after migrate()
+        pass
+
+
+def _wake(fut: asyncio.Future[None] | None) -> None:
+    if fut is not None and not fut.done():
+        fut.set_result(None)
+
+
+# ------------------------------------------------------------------------------- streams
+
+
+class _QuicStream(Stream):
+    """A bidirectional QUIC stream.
+
+    Memory bound per stream: the receiving side holds at most ``stream_window`` bytes that the
+    application has not read yet (aioquic's reorder buffer included), because credit is granted
+    only as ``read()`` consumes data (see ``policy.next_receive_limit``); the sending side holds
+    at most ``send_high_water`` bytes not yet acknowledged by the peer, because ``write()``
+    waits (see ``policy.send_allowance``). Defaults: 1 MiB each.
+    """
+
+    def __init__(self, conn: _QuicConnection, stream_id: int) -> None:
+        self.id = stream_id
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._conn = conn
+        self._rbuf: deque[bytes] = deque()
+        self._rbuf_len = 0
+        self._eof = False
+        self._read_error: TransportError | None = None
+        self._write_error: TransportError | None = None
+        self._fin_sent = False
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._write_waiter: asyncio.Future[None] | None = None
+        self._write_blocked = False
+
+    def __repr__(self) -> str:
+        return f"<QuicStream {self.id} sent={self.bytes_sent} received={self.bytes_received}>"
+
+    # -- measurements (used by tests and metrics)
+
+    @property
+    def receive_buffered(self) -> int:
+        """Bytes received but not yet read: our buffer + aioquic's reorder buffer."""
+        qs = self._conn._quic._streams.get(self.id)
+        return self._rbuf_len + (len(qs.receiver._buffer) if qs is not None else 0)
+
+    @property
+    def send_buffered(self) -> int:
+        """Bytes written but not yet acknowledged by the peer."""
+        qs = self._conn._quic._streams.get(self.id)
+        if qs is None:
+            return 0
+        return qs.sender._buffer_stop - qs.sender._buffer_start
+
+    # -- reading
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        while True:
+            if self._read_error is not None:
+                raise self._read_error
+            if self._rbuf:
+                return self._take(max_bytes)
+            if self._eof:
+                return b""
+            if self._conn._error is not None:
+                raise self._conn._error
+            self._read_waiter = self._conn._loop.create_future()
+            try:
+                await self._read_waiter
+            finally:
+                self._read_waiter = None
+
+    def _take(self, max_bytes: int) -> bytes:
+        parts = []
+        n = 0
+        while self._rbuf and n < max_bytes:
+            chunk = self._rbuf.popleft()
+            if n + len(chunk) > max_bytes:
+                cut = max_bytes - n
+                self._rbuf.appendleft(chunk[cut:])
+                chunk = chunk[:cut]
+            parts.append(chunk)
+            n += len(chunk)
+        self._rbuf_len -= n
+        self.bytes_received += n
+        self._conn._consumed(self, self.bytes_received)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _feed(self, data: bytes, end: bool) -> None:
+        if self._read_error is None:
+            if data:
+                self._rbuf.append(data)
+                self._rbuf_len += len(data)
+            if end:
+                self._eof = True
+        _wake(self._read_waiter)
+
+    # -- writing
+
+    def _check_writable(self) -> None:
+        if self._write_error is not None:
+            raise self._write_error
+        if self._conn._error is not None:
+            raise self._conn._error
+        if self._fin_sent:
+            raise TransportError(ErrorCode.INTERNAL, "write after write_eof()", remote=False)
+
+    async def write(self, data: bytes) -> None:
+        view = memoryview(bytes(data))
+        high_water = self._conn._send_high_water
+        while True:
+            self._check_writable()
+            allow = send_allowance(self.send_buffered, high_water, self._write_blocked)
+            if allow == 0:
+                self._write_blocked = True
+                self._conn._blocked_writers.add(self)
+                self._write_waiter = self._conn._loop.create_future()
+                try:
+                    await self._write_waiter
+                finally:
+                    self._write_waiter = None
+                    self._conn._blocked_writers.discard(self)
+                continue
+            self._write_blocked = False
+            if not view:
+                return
+            chunk, view = view[:allow], view[allow:]
+            self._conn._quic.send_stream_data(self.id, bytes(chunk))
+            self.bytes_sent += len(chunk)
+            self._conn._protocol._transmit_soon()
+            if not view:
+                return
+
+    def write_eof(self) -> None:
+        if self._fin_sent or self._write_error is not None or self._conn._error is not None:
+            return
+        self._fin_sent = True
+        self._conn._quic.send_stream_data(self.id, b"", end_stream=True)
+        self._conn._protocol._transmit_soon()
+        self._conn._maybe_forget(self)
+
+    def reset(self, code: int = 0) -> None:
+        err = StreamReset(code, "reset locally", remote=False)
+        quic = self._conn._quic
+        if self._conn._error is None:
+            if self._write_error is None:
+                quic.reset_stream(self.id, code)
+            if self._read_error is None and not self._eof:
+                with contextlib.suppress(ValueError):  # aioquic: unknown stream
+                    quic.stop_stream(self.id, code)
+            self._conn._protocol._transmit_soon()
+        self._write_error = self._write_error or err
+        self._read_error = self._read_error or err
+        self._rbuf.clear()
+        self._rbuf_len = 0
+        _wake(self._read_waiter)
+        _wake(self._write_waiter)
+        self._conn._maybe_forget(self)
+
+    # -- events
+
+    def _on_peer_reset(self, code: int) -> None:
+        self._read_error = StreamReset(code, "stream reset by peer", remote=True)
+        self._rbuf.clear()
+        self._rbuf_len = 0
+        _wake(self._read_waiter)
+        self._conn._maybe_forget(self)
+
+    def _on_stop_sending(self, code: int) -> None:
+        self._write_error = StreamReset(code, "peer stopped reading", remote=True)
+        _wake(self._write_waiter)
+        self._conn._maybe_forget(self)
+
+    def _done(self) -> bool:
+        read_done = self._read_error is not None or (self._eof and not self._rbuf)
+        write_done = self._write_error is not None or self._fin_sent
+        return read_done and write_done
+
+
+# --------------------------------------------------------------------------- connections
+
+
+class _QuicConnection(Connection):
+    def __init__(
+        self,
+        protocol: _Protocol,
+        *,
+        is_client: bool,
+        send_high_water: int,
+        family: int | None = None,
+    ) -> None:
+        self._protocol = protocol
+        protocol.owner = self
+        self._quic: _FleetQuicConnection = protocol._quic  # type: ignore[assignment]
+        self._loop = asyncio.get_running_loop()
+        self._is_client = is_client
+        self._family = family
+        self._send_high_water = send_high_water
+        self.peer_certificate: x509.Certificate | None = None
+        self.alpn = ""
+        self.on_path_change = None
+        self._streams: dict[int, _QuicStream] = {}
+        self._max_peer_stream = -1
+        self._accept: deque[_QuicStream] = deque()
+        self._accept_waiter: asyncio.Future[None] | None = None
+        self._pending: list[_QuicStream] = []  # server: peer streams before authorization
+        self._authorized = is_client
+        self._blocked_writers: set[_QuicStream] = set()
+        self._error: TransportError | None = None
+        self._closed_locally = False
+        self._terminated = asyncio.Event()
+        self._confirmed: asyncio.Future[None] = self._loop.create_future()
+        self._pings: dict[int, asyncio.Future[None]] = {}
+        self._ping_ids = itertools.count(1)
+        self._keepalive_task: asyncio.Task[None] | None = None
+        self._remote: Address | None = None
+        self._remote_raw: Any = None
+        self.migrations = 0
+        self.path_changes: list[PathChange] = []
+
+    def __repr__(self) -> str:
+        side = "client" if self._is_client else "server"
+        return f"<QuicConnection {side} alpn={self.alpn!r} remote={self.remote_address}>"
+
+    # -- properties
+
+    @property
+    def remote_address(self) -> Address:
+        paths = self._quic._network_paths
+        return normalize_address(paths[0].addr) if paths else ("", 0)
+
+    @property
+    def local_address(self) -> Address:
+        transport = self._protocol._transport
+        return normalize_address(transport.get_extra_info("sockname")) if transport else ("", 0)
+
+    @property
+    def is_closed(self) -> bool:
+        return self._error is not None
+
+    # -- streams
+
+    async def open_stream(self) -> Stream:
+        if self._error is not None:
+            raise self._error
+        if not self._authorized:
+            raise TransportError(ErrorCode.INTERNAL, "connection not authorized yet", remote=False)
+        sid = self._quic.get_next_available_stream_id()
+        stream = _QuicStream(self, sid)
+        self._streams[sid] = stream
+        return stream
+
+    async def accept_stream(self) -> Stream:
+        while True:
+            if self._accept:
+                return self._accept.popleft()
+            if self._error is not None:
+                raise self._error
+            self._accept_waiter = self._loop.create_future()
+            try:
+                await self._accept_waiter
+            finally:
+                self._accept_waiter = None
+
+    def _consumed(self, stream: _QuicStream, total: int) -> None:
+        self._quic._fleet_consumed[stream.id] = total
+        qs = self._quic._streams.get(stream.id)
+        if qs is not None and qs.max_stream_data_local and next_receive_limit(
+            total, qs.max_stream_data_local, self._quic._fleet_window
+        ) != qs.max_stream_data_local:
+            self._protocol._transmit_soon()
+        self._maybe_forget(stream)
+
+    def _maybe_forget(self, stream: _QuicStream) -> None:
+        if stream._done():
+            self._streams.pop(stream.id, None)
+            self._quic._fleet_consumed.pop(stream.id, None)
+
+    # -- close
+
+    def close(self, code: int = 0, reason: str = "") -> None:
+        if self._error is None:
+            self._closed_locally = True
+            self._fail(TransportError(code, reason or "closed locally", remote=False))
+        self._protocol.close(error_code=code, reason_phrase=reason)
+
+    async def wait_closed(self) -> TransportError | None:
+        """Wait until the connection is over. None if we closed it, else why it ended."""
+        await self._terminated.wait()
+        return None if self._closed_locally else self._error
+
+    # -- ping / keepalive
+
+    async def ping(self, timeout: float) -> float:
+        """Round-trip time of a PING (includes the peer's ACK delay, <= 25 ms with aioquic).
+
+        Raises TimeoutError if no acknowledgement arrives within ``timeout`` seconds, or the
+        TransportError that closed the connection.
+        """
+        if self._error is not None:
+            raise self._error
+        uid = next(self._ping_ids)
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._pings[uid] = fut
+        start = self._loop.time()
+        self._quic.send_ping(uid)
+        self._protocol.transmit()
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+        except TimeoutError:
+            raise TimeoutError(f"no PING acknowledgement within {timeout:g}s") from None
+        finally:
+            self._pings.pop(uid, None)
+        return self._loop.time() - start
+
+    async def _keepalive(self, interval: float) -> None:
+        while self._error is None:
+            await asyncio.sleep(interval)
+            if self._error is not None:
+                return
+            self._quic.send_ping(0)  # uid 0: nobody waits for it
+            self._protocol.transmit()
+
+    # -- migration
+
+    async def migrate(self, local_addr: tuple[str, int] | None) -> None:
+        """Move this client connection to a new local address (same QUIC connection).
+
+        Opens a UDP socket on ``local_addr`` (None: any address, new port) in the address family
+        of the connection, makes it the protocol's transport, closes the old one, switches to a
+        spare connection ID of the server (unlinkable on the wire), declares in-flight packets
+        lost and transmits at once. The server follows by connection ID and validates the path.
+        """
+        if not self._is_client:
+            raise RuntimeError("only the client side can migrate")
+        if self._error is not None:
+            raise self._error
+        family = self._family or socket.AF_INET
+        if local_addr is None:
+            bind = ("0.0.0.0", 0) if family == socket.AF_INET else ("::", 0, 0, 0)
+        else:
+            bind = bind_address(local_addr[0], local_addr[1], family)
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.bind(bind)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        old_local = self.local_address
+        old_transport = self._protocol._transport
+        await self._loop.create_datagram_endpoint(lambda: self._protocol, sock=sock)
+        if old_transport is not None:
+            old_transport.close()
+        if self._quic.fleet_spare_peer_cids():
+            self._quic.change_connection_id()
+        else:
+            log.warning("migrating without a spare server connection ID (linkable)")
+        self._quic.fleet_declare_in_flight_lost(self._loop.time())
+        self._protocol.transmit()
+        self.migrations += 1
+        self._report_path(PathChange(old_local, self.local_address))
+
+    def _report_path(self, change: PathChange) -> None:
+        self.path_changes.append(change)
+        del self.path_changes[:-16]
+        cb = self.on_path_change
+        if cb is not None:
+            try:
+                cb(change)
+            except Exception:
+                log.exception("on_path_change callback failed")
+
+    # -- event plumbing
+
+    def _stream_for_event(self, sid: int) -> _QuicStream | None:
+        stream = self._streams.get(sid)
+        if stream is not None:
+            return stream
+        peer_initiated = (sid & 1) == (0 if not self._is_client else 1)
+        if not peer_initiated or sid <= self._max_peer_stream:
+            return None  # already forgotten
+        if sid & 2:  # unidirectional: not part of the protocol
+            with contextlib.suppress(ValueError):
+                self._quic.stop_stream(sid, ErrorCode.STREAM_ABORTED)
+            return None
+        self._max_peer_stream = sid
+        stream = _QuicStream(self, sid)
+        self._streams[sid] = stream
+        if self._authorized:
+            self._accept.append(stream)
+            _wake(self._accept_waiter)
+        else:
+            self._pending.append(stream)
+        return stream
+
+    def _on_event(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.StreamDataReceived):
+            stream = self._stream_for_event(event.stream_id)
+            if stream is not None:
+                stream._feed(event.data, event.end_stream)
+        elif isinstance(event, events.StreamReset):
+            stream = self._stream_for_event(event.stream_id)
+            if stream is not None:
+                stream._on_peer_reset(event.error_code)
+        elif isinstance(event, events.StopSendingReceived):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream._on_stop_sending(event.error_code)
+        elif isinstance(event, events.PingAcknowledged):
+            _wake(self._pings.get(event.uid))
+        elif isinstance(event, events.HandshakeCompleted):
+            self.alpn = event.alpn_protocol or ""
+            self.peer_certificate = self._quic.tls._peer_certificate
+            self._remote = self.remote_address
+            self._remote_raw = self._quic._network_paths[0].addr
+            if not self._is_client:
+                self._server_conn_handshake_done()
+        elif isinstance(event, events.ConnectionTerminated):
+            self._check_close()
+            self._terminate()
+
+    def _after_io(self) -> None:
+        self._check_close()
+        if self._error is not None:
+            return
+        if (
+            self._is_client
+            and not self._confirmed.done()
+            and self._quic._handshake_confirmed
+        ):
+            self._confirmed.set_result(None)
+        paths = self._quic._network_paths
+        if self._remote is not None and paths and paths[0].addr != self._remote_raw:
+            # cheap raw comparison per datagram; normalise only on a change
+            self._remote_raw = paths[0].addr
+            old, self._remote = self._remote, self.remote_address
+            if old != self._remote:
+                self._report_path(PathChange(old, self._remote))
+        for stream in list(self._blocked_writers):
+            if stream._write_error is not None or send_allowance(
+                stream.send_buffered, self._send_high_water, True
+            ):
+                _wake(stream._write_waiter)
+
+    def _check_close(self) -> None:
+        ev = self._quic._close_event
+        if ev is None or self._error is not None:
+            return
+        application = ev.frame_type is None
+        remote = self._quic._state == QuicConnectionState.DRAINING
+        reason = ev.reason_phrase
+        if not application and not remote:
+            reason = describe_close(ev.error_code, reason, application=False)
+        self._fail(TransportError(ev.error_code, reason, application=application, remote=remote))
+
+    def _fail(self, error: TransportError) -> None:
+        if self._error is not None:
+            return
+        self._error = error
+        if not self._confirmed.done():
+            self._confirmed.set_exception(error)
+            self._confirmed.exception()  # mark retrieved
+        for fut in self._pings.values():
+            if not fut.done():
+                fut.set_exception(error)
+                fut.exception()
+        _wake(self._accept_waiter)
+        for stream in list(self._streams.values()):
+            _wake(stream._read_waiter)
+            _wake(stream._write_waiter)
+        if self._keepalive_task is not None:
+            self._keepalive_task.cancel()
+        self._pending.clear()
+
+    def _terminate(self) -> None:
+        if self._error is None:
+            self._fail(TransportError(0, "connection terminated", remote=False))
+        if self._terminated.is_set():
+            return
+        self._terminated.set()
+        if self._is_client and self._protocol._transport is not None:
+            self._loop.call_soon(self._protocol._transport.close)
+        if self._protocol._timer is not None:
+            self._protocol._timer.cancel()
+            self._protocol._timer = None
+        self._on_terminated()
+
+    # server hooks (overridden in _ServerConnection)
+    def _server_conn_handshake_done(self) -> None:  # pragma: no cover - server only
+        pass
+
+    def _on_terminated(self) -> None:
+        pass
+
+
+class _ServerConnection(_QuicConnection):
+    def __init__(self, protocol: _Protocol, server: _QuicServer) -> None:
+        super().__init__(protocol, is_client=False, send_high_water=server._send_high_water)
+        self._server = server
+
+    def _server_conn_handshake_done(self) -> None:
+        task = self._loop.create_task(self._authorize_and_run())
+        self._server._tasks.add(task)
+        task.add_done_callback(self._server._tasks.discard)
+
+    async def _authorize_and_run(self) -> None:
+        server = self._server
+        try:
+            result = server._authorize(self)
+            if inspect.isawaitable(result):
+                async with asyncio.timeout(server._authorize_timeout):
+                    await result
+        except Refused as exc:
+            log.info("refused %s: %s %s", self.remote_address, exc.code, exc.reason)
+            self.close(exc.code, exc.reason)
+            return
+        except Exception:
+            log.exception("authorize() failed for %s", self.remote_address)
+            self.close(ErrorCode.AUTHORIZE_FAILED, "authorization failed")
+            return
+        if self._error is not None:
+            return
+        self._authorized = True
+        self._accept.extend(self._pending)
+        self._pending.clear()
+        _wake(self._accept_waiter)
+        try:
+            await server._on_connection(self)
+        except TransportError as exc:
+            log.debug("connection handler ended: %s", exc)
+        except Exception:
+            log.exception("on_connection handler failed for %s", self.remote_address)
+            self.close(ErrorCode.INTERNAL, "internal error")
+
+    def _fail(self, error: TransportError) -> None:
+        super()._fail(error)
+        if not self._authorized:
+            # Never deliver streams of a peer that did not get through authorize().
+            self._streams.clear()
+
+    def _on_terminated(self) -> None:
+        self._server._connections.discard(self)
+
+
+# -------------------------------------------------------------------------------- server
+
+
+class _QuicServer(Server):
+    def __init__(
+        self,
+        *,
+        authorize: Authorize,
+        on_connection: OnConnection,
+        send_high_water: int,
+        authorize_timeout: float,
+    ) -> None:
+        self._authorize = authorize
+        self._on_connection = on_connection
+        self._send_high_water = send_high_water
+        self._authorize_timeout = authorize_timeout
+        self._connections: set[_ServerConnection] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._transport: asyncio.DatagramTransport | None = None
+        self._aioquic_server: QuicServer | None = None
+        self._closed = asyncio.Event()
+
+    @property
+    def address(self) -> Address:
+        assert self._transport is not None
+        return self._transport.get_extra_info("sockname")
+
+    @property
+    def connections(self) -> list[Connection]:
+        return list(self._connections)
+
+    def close(self) -> None:
+        """Close every connection (code SHUTDOWN) and stop listening."""
+        if self._closed.is_set():
+            return
+        conns = list(self._connections)
+        for conn in conns:
+            conn.close(ErrorCode.SHUTDOWN, "server shutting down")
+        if self._aioquic_server is not None:
+            self._aioquic_server.close()
+        for conn in conns:
+            conn._terminate()
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        """Wait for close(); handlers get 1 s to finish on their own, then are cancelled."""
+        await self._closed.wait()
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=1.0)
+            for t in still:
+                t.cancel()
+            if still:
+                await asyncio.gather(*still, return_exceptions=True)
+
+
+# ------------------------------------------------------------------------- entry points
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(Encoding.PEM)
+
+
+async def connect(
+    host: str,
+    port: int,
+    *,
+    identity: TLSIdentity | None,
+    server_name: str,
+    alpn: str,
+    ca: x509.Certificate | None = None,
+    local_addr: tuple[str, int] | None = None,
+    keepalive: float | None = 25.0,
+    idle_timeout: float = 60.0,
+    handshake_timeout: float = 10.0,
+    stream_window: int = DEFAULT_STREAM_WINDOW,
+    send_high_water: int = DEFAULT_SEND_HIGH_WATER,
+) -> Connection:
+    """Dial a QUIC server and return once the server confirmed the handshake.
+
+    The server certificate must chain to ``ca`` (default ``identity.ca``) and match
+    ``server_name``. ``identity=None`` connects without a client certificate (only accepted on
+    the server's anonymous ALPNs). The UDP socket uses the address family of ``host``.
+    Raises TransportError (TLS failure, refusal, timeout).
+    """
+    trust = ca if ca is not None else (identity.ca if identity is not None else None)
+    if trust is None:
+        raise ValueError("connect() needs identity or ca (the pinned fleet CA)")
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    family, addr = infos[0][0], infos[0][4]
+    family = socket.AF_INET6 if family == socket.AF_INET6 else socket.AF_INET
+    addr = socket_address(addr[0], addr[1], family)
+
+    config = QuicConfiguration(
+        is_client=True,
+        alpn_protocols=[alpn],
+        server_name=server_name,
+        idle_timeout=idle_timeout,
+        max_stream_data=stream_window,
+        max_data=stream_window * 16,
+    )
+    config.initial_rtt = INITIAL_RTT
+    config.load_verify_locations(cadata=_pem(trust))
+    if identity is not None:
+        config.certificate = identity.cert_chain[0]
+        config.certificate_chain = list(identity.cert_chain[1:])
+        config.private_key = identity.key
+    quic = _FleetQuicConnection(configuration=config)
+    quic._fleet_setup(_TLSPolicy(trust, frozenset()), stream_window)
+
+    if local_addr is None:
+        bind = ("0.0.0.0", 0) if family == socket.AF_INET else ("::", 0, 0, 0)
+    else:
+        bind = bind_address(local_addr[0], local_addr[1], family)
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.bind(bind)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    _, protocol = await loop.create_datagram_endpoint(lambda: _Protocol(quic), sock=sock)
+    conn = _QuicConnection(
+        protocol, is_client=True, send_high_water=send_high_water, family=family
+    )
+    protocol.connect(addr)
+    try:
+        async with asyncio.timeout(handshake_timeout):
+            await asyncio.shield(conn._confirmed)
+    except TimeoutError:
+        conn.close(ErrorCode.NO_ERROR, "handshake timeout")
+        conn._terminate()
+        raise TransportError(
+            0, f"handshake with {host}:{port} timed out", application=False, remote=False
+        ) from None
+    except TransportError:
+        # Keep the socket around for the closing period, then it is closed by _terminate().
+        raise
+    if keepalive:
+        conn._keepalive_task = loop.create_task(conn._keepalive(keepalive))
+    return conn
+
+
+async def serve(
+    host: str,
+    port: int,
+    *,
+    identity: TLSIdentity,
+    alpns: list[str],
+    authorize: Authorize,
+    on_connection: OnConnection,
+    anonymous_alpns: list[str] | frozenset[str] = frozenset(),
+    idle_timeout: float = 60.0,
+    authorize_timeout: float = 10.0,
+    stream_window: int = DEFAULT_STREAM_WINDOW,
+    send_high_water: int = DEFAULT_SEND_HIGH_WATER,
+) -> Server:
+    """Listen for QUIC connections with mutual TLS against ``identity.ca``.
+
+    Every connection must present a client certificate chaining to ``identity.ca`` with the
+    clientAuth EKU, except on an ALPN listed in ``anonymous_alpns`` (then a certificate is
+    optional, but verified if present). After the handshake ``authorize(conn)`` runs (may be
+    async, may raise Refused); only then are the peer's streams delivered and
+    ``on_connection(conn)`` is started as a task.
+    """
+    unknown = set(anonymous_alpns) - set(alpns)
+    if unknown:
+        raise ValueError(f"anonymous ALPNs not served: {sorted(unknown)}")
+    config = QuicConfiguration(
+        is_client=False,
+        alpn_protocols=list(alpns),
+        idle_timeout=idle_timeout,
+        max_stream_data=stream_window,
+        max_data=stream_window * 16,
+    )
+    config.initial_rtt = INITIAL_RTT
+    config.certificate = identity.cert_chain[0]
+    config.certificate_chain = list(identity.cert_chain[1:])
+    config.private_key = identity.key
+    policy = _TLSPolicy(identity.ca, frozenset(anonymous_alpns))
+
+    server = _QuicServer(
+        authorize=authorize,
+        on_connection=on_connection,
+        send_high_water=send_high_water,
+        authorize_timeout=authorize_timeout,
+    )
+    def create_protocol(connection: QuicConnection, stream_handler: Any = None) -> _Protocol:
+        # aioquic's QuicServer builds plain QuicConnections; adopt them before any packet.
+        assert type(connection) is QuicConnection, type(connection)
+        connection.__class__ = _FleetQuicConnection
+        assert isinstance(connection, _FleetQuicConnection)
+        connection._fleet_setup(policy, stream_window)
+        protocol = _Protocol(connection)
+        conn = _ServerConnection(protocol, server)
+        server._connections.add(conn)
+        return protocol
+
+    loop = asyncio.get_running_loop()
+    transport, aioquic_server = await loop.create_datagram_endpoint(
+        lambda: QuicServer(configuration=config, create_protocol=create_protocol),
+        local_addr=(host, port),
+    )
+    server._transport = transport
+    server._aioquic_server = aioquic_server
+    return server
