@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 from enroll import admin, certs, device, output, tokens
-from enroll.enrollment import EnrollError, enroll, parse_request
+from enroll.enrollment import enroll
 from enroll.labels import LabelError, parse_assignments, parse_selector
 from enroll.registry import RegistryError
+from enroll.request import EnrollError, parse_request
 from enroll.state import FleetState, StateError, default_state_dir, parse_duration
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
@@ -122,9 +123,22 @@ def cmd_device(args) -> int:
         print(f"wrote {directory / 'request.json'}: take it to the CA host and run "
               f"'enroll sign --csr request.json --token ...'", file=sys.stderr)
         return EXIT_OK
+    if args.proxy:
+        if not (args.token and args.ca_pin):
+            raise Refused("online enrollment needs --token and --ca-pin along with --proxy")
+        from enroll import online
+
+        print(f"enrolling through {args.proxy} ...", file=sys.stderr)
+        summary = online.run(
+            directory, args.proxy, args.token, args.ca_pin, name=args.name,
+            server_name=args.server_name, services=services,
+            ssh_host_key=Path(args.ssh_host_key) if args.ssh_host_key else None,
+        )
+        output.emit(summary, args.format)
+        return EXIT_OK
     raise Refused(
-        "choose how to enroll: --csr-only (write a request for 'enroll sign') "
-        "or --install BUNDLE --ca-pin PIN"
+        "choose how to enroll: --proxy HOST:PORT --token T --ca-pin PIN (online), "
+        "--csr-only (write a request for 'enroll sign'), or --install BUNDLE --ca-pin PIN"
     )
 
 
@@ -260,13 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = tadd("revoke", cmd_token_revoke, "revoke a token by id")
     p.add_argument("id")
 
-    p = add("device", cmd_device, "on the device: make keys, write a request, install a bundle")
+    p = add("device", cmd_device, "on the device: make keys locally and enroll (online or offline)")
     p.add_argument("--dir", required=True, help="identity directory on the device (made 0700)")
     mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--proxy", metavar="HOST:PORT",
+                      help="enroll online through the proxy (checks it against --ca-pin first)")
     mode.add_argument("--csr-only", action="store_true",
                       help="write DIR/request.json for the offline 'enroll sign'")
     mode.add_argument("--install", metavar="BUNDLE", help="install a bundle from 'enroll sign'")
     p.add_argument("--ca-pin", metavar="sha256:HEX", help="the fleet CA pin printed by 'enroll init'")
+    p.add_argument("--token", help="join token (online enrollment)")
+    p.add_argument("--server-name", help="name in the proxy certificate (default: the --proxy host)")
     p.add_argument("--name", help="ask for this device id (default: token prefix + random)")
     p.add_argument("--ssh-host-key", metavar="PUB",
                    help="existing sshd host public key to certify (default: make one in DIR)")

@@ -23,8 +23,8 @@ from pathlib import Path
 import yaml
 
 from enroll import certs
-from enroll.enrollment import BUNDLE_VERSION, make_request
 from enroll.files import make_private_dir, write_file, write_private
+from enroll.request import BUNDLE_VERSION, make_request
 
 HOST_KEY = "ssh_host_ed25519_key"
 

@@ -14,43 +14,12 @@ import secrets
 
 from enroll import audit, certs, tokens
 from enroll.registry import Registry, iso
+from enroll.request import BUNDLE_VERSION, EnrollError
 from enroll.state import FleetState
 
-REQUEST_VERSION = 1
-BUNDLE_VERSION = 1
-MAX_REQUEST_BYTES = 16 * 1024
-
-
-class EnrollError(ValueError):
-    """Enrollment refused; the message says why and what to do."""
-
-
-def make_request(csr_pem: bytes, ssh_host_key: str, name: str | None = None) -> dict:
-    return {
-        "version": REQUEST_VERSION,
-        "csr": csr_pem.decode(),
-        "ssh_host_key": ssh_host_key.strip(),
-        "name": name,
-    }
-
-
-def parse_request(data: bytes | str) -> dict:
-    """Decode and shape-check a request file or message (size-limited, versioned)."""
-    if len(data) > MAX_REQUEST_BYTES:
-        raise EnrollError(f"enrollment request is larger than {MAX_REQUEST_BYTES} bytes")
-    try:
-        req = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise EnrollError("malformed enrollment request: not JSON (make it with 'enroll device --csr-only')") from None
-    if not isinstance(req, dict) or req.get("version") != REQUEST_VERSION:
-        raise EnrollError(f"unsupported enrollment request version: expected {REQUEST_VERSION}")
-    for field in ("csr", "ssh_host_key"):
-        if not isinstance(req.get(field), str):
-            raise EnrollError(f"malformed enrollment request: missing {field!r}")
-    if req.get("name") is not None and not isinstance(req["name"], str):
-        raise EnrollError("malformed enrollment request: 'name' must be a string")
-    return req
-
+# Engineers may write `ssh LOGIN@DEVICE.fleet` (see `tunnel config`); the host certificate
+# names both forms so strict host checking works for either.
+SSH_HOST_SUFFIX = ".fleet"
 
 def _device_id(db, requested: str | None, prefix: str) -> str:
     if requested:
@@ -97,7 +66,8 @@ def enroll(
             )
             host_cert = certs.ssh_certificate(
                 state.ssh_host_ca_key, host_key, host=True, key_id=f"{fleet}/{device_id}",
-                principals=[device_id], lifetime=state.lifetime("ssh_host"), now=now,
+                principals=[device_id, f"{device_id}{SSH_HOST_SUFFIX}"],
+                lifetime=state.lifetime("ssh_host"), now=now,
             )
             serial = format(cert.serial_number, "x")
             db["devices"].insert(

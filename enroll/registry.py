@@ -94,7 +94,29 @@ def _v1(db: sqlite_utils.Database) -> None:
     db["audit"].create_index(["type", "time"])
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
+def _v2(db: sqlite_utils.Database) -> None:
+    """Engineers and label-based roles."""
+    db["users"].create(
+        {
+            "name": str,
+            "roles": str,
+            "password_hash": str,
+            "totp_secret": str,
+            "invite_hash": str,
+            "invite_expires": str,
+            "created_at": str,
+            "locked_until": str,
+            "lock_message": str,
+            "failed_logins": int,
+            "last_failed_at": str,
+        },
+        pk="name",
+        defaults={"failed_logins": 0},
+    )
+    db["roles"].create({"name": str, "spec": str, "source": str, "updated_at": str}, pk="name")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2]
 
 
 class RegistryError(RuntimeError):

@@ -106,10 +106,19 @@ class Fleet:
         return proc
 
     def start_proxy(self, spawn=None, listen: str | None = None) -> subprocess.Popen:
+        """Start the proxy and wait until it listens."""
         listen = listen or self.address
-        return self.start([PY, "-m", "tunnel.cli", "proxy", "--state", str(self.state.root),
-                           "--listen", listen, "--log-format", "json"],
-                          self.root / "proxy.log", spawn)
+        log = self.root / "proxy.log"
+        mark = log.stat().st_size if log.exists() else 0
+        proc = self.start([PY, "-m", "tunnel.cli", "proxy", "--state", str(self.state.root),
+                           "--listen", listen, "--log-format", "json"], log, spawn)
+
+        def listening():
+            assert proc.poll() is None, log.read_text()[mark:]
+            return '"listening"' in log.read_text()[mark:]
+
+        wait_until(listening, 15, 0.05, "proxy listening")
+        return proc
 
     def start_agent(self, config: Path, spawn=None) -> subprocess.Popen:
         return self.start([PY, "-m", "tunnel.cli", "agent", "--config", str(config),

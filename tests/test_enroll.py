@@ -14,7 +14,8 @@ from cryptography.x509.oid import NameOID
 
 from enroll import audit, certs, device, tokens
 from enroll.cli import main
-from enroll.enrollment import EnrollError, enroll, make_request
+from enroll.enrollment import enroll
+from enroll.request import EnrollError, make_request
 from enroll.state import FleetState
 
 

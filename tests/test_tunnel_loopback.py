@@ -202,3 +202,27 @@ def test_expired_engineer_certificate(running):
 def test_enroll_cli_user_issue_writes_private_key(fleet):
     assert enroll_main(["--state", str(fleet.state.root), "user", "issue", "Bad_Name",
                         "--dir", str(fleet.root / "x")]) == 1
+
+
+def test_online_enrollment_checks_the_pin_before_sending_the_token(fleet, tmp_path):
+    from enroll import tokens
+
+    fleet.start_proxy()
+    with fleet.state.registry() as reg:
+        token, _ = tokens.create(reg, fleet.state.fleet, labels={"customer": "acme"})
+    other = Fleet(tmp_path / "other")
+    base = ["device", "--proxy", fleet.address, "--server-name", "proxy.test", "--token", token]
+    status = enroll_main([*base, "--dir", str(tmp_path / "d1"), "--ca-pin", other.pin])
+    assert status == 1
+    with fleet.state.registry() as reg:
+        assert list(reg.db["tokens"].rows)[0]["uses_left"] == 1  # never sent, never used
+        assert not list(reg.db["devices"].rows)
+    status = enroll_main([*base, "--dir", str(tmp_path / "d2"), "--ca-pin", fleet.pin, "--name", "online-1"])
+    assert status == 0
+    assert (tmp_path / "d2" / "device.crt").exists() and (tmp_path / "d2" / "agent.yaml").exists()
+    types = [e["type"] for e in fleet.audit()]
+    assert "device.enroll" in types and "device.enroll.denied" not in types
+    # the same token again: refused by the CA step, with the reason
+    status = enroll_main([*base, "--dir", str(tmp_path / "d3"), "--ca-pin", fleet.pin])
+    assert status == 1
+    assert [e["type"] for e in fleet.audit()][-1] == "device.enroll.denied"

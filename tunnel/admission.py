@@ -13,22 +13,9 @@ from dataclasses import dataclass
 
 from enroll import certs
 from enroll.registry import Device, Registry
+from tunnel.protocol import CLOSE_CODES
 
-# Application close codes the proxy sends with a refusal. Stable: agents and clients map them
-# back to names for their error messages.
-CODES = {
-    "ok": 0x0,
-    "not_fleet_certificate": 0x10,
-    "unknown_identity": 0x11,
-    "revoked": 0x12,
-    "decommissioned": 0x13,
-    "locked": 0x14,
-    "wrong_kind": 0x15,
-    "replaced": 0x16,
-    "shutdown": 0x17,
-    "renewed": 0x18,
-}
-NAMES = {v: k for k, v in CODES.items()}
+CODES = CLOSE_CODES
 
 
 class Denied(Exception):  # noqa: N818 - reads as "raise Denied(...)"

@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from enroll import certs
 from enroll.files import write_file
 from tunnel import wire
-from tunnel.admission import NAMES
 from tunnel.agent_config import AgentConfig, Endpoint
 from tunnel.backoff import Backoff
 from tunnel.log import event
-from tunnel.proxy import ALPN_AGENT, read_header
+from tunnel.protocol import ALPN_AGENT, CLOSE_NAMES, read_header
 from tunnel.splice import SocketEnds, StreamEnds, splice
 from tunnel.transport import Connection, Stream, TLSIdentity, TransportError, connect
 
@@ -115,7 +114,7 @@ class Agent:
                     idle_timeout=max(60.0, self.config.keepalive * 3), handshake_timeout=3.0,
                 )
             except TransportError as exc:
-                code = NAMES.get(exc.code, exc.code) if exc.application else exc.code
+                code = CLOSE_NAMES.get(exc.code, exc.code) if exc.application else exc.code
                 event(log, "dial failed", level=logging.WARNING, endpoint=f"{ep.host}:{ep.port}",
                       code=code, reason=exc.reason)
                 continue
@@ -142,7 +141,7 @@ class Agent:
             stop.cancel()
             if closed in done and closed.result() is not None:
                 err = closed.result()
-                return NAMES.get(err.code, err.reason) if err.application else err.reason
+                return CLOSE_NAMES.get(err.code, err.reason) if err.application else err.reason
             for t in done:
                 if t in tasks and not t.cancelled() and isinstance(t.result(), str):
                     return t.result()

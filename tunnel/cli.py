@@ -12,6 +12,7 @@ from pathlib import Path
 from enroll import output
 from enroll.labels import LabelError, parse_selector
 from enroll.state import FleetState, StateError, default_state_dir
+from tunnel import audit_cmd
 from tunnel import log as tlog
 from tunnel.agent_config import ConfigError, split_host_port
 from tunnel.client import Client, ClientError, UserIdentity
@@ -199,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("selector", nargs="*", metavar="SELECTOR")
     p.add_argument("--format", choices=output.FORMATS, default="table")
     engineer_args(p)
+
+    audit_cmd.register(sub)
 
     p = add("status", cmd_status, "connected agents: address, transport, sessions, bytes, migrations")
     p.add_argument("device", nargs="?", help="only this device")

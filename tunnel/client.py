@@ -21,9 +21,8 @@ import yaml
 
 from enroll import certs
 from tunnel import wire
-from tunnel.admission import NAMES
 from tunnel.agent_config import split_host_port
-from tunnel.proxy import ALPN_USER, read_header
+from tunnel.protocol import ALPN_USER, CLOSE_NAMES, read_header
 from tunnel.splice import SocketEnds, StdioEnds, StreamEnds, splice
 from tunnel.transport import Connection, Stream, TLSIdentity, TransportError, connect
 
@@ -98,8 +97,8 @@ class Client:
                 alpn=ALPN_USER, keepalive=15.0, handshake_timeout=timeout,
             )
         except TransportError as exc:
-            if exc.application and exc.code in NAMES:
-                raise ClientError(f"the proxy refused this identity: {exc.reason}", NAMES[exc.code]) from None
+            if exc.application and exc.code in CLOSE_NAMES:
+                raise ClientError(f"the proxy refused this identity: {exc.reason}", CLOSE_NAMES[exc.code]) from None
             raise ClientError(f"cannot connect to the proxy {host}:{port}: {exc.reason or exc}") from None
         except OSError as exc:
             raise ClientError(f"cannot connect to the proxy {host}:{port}: {exc.strerror or exc}") from None

@@ -25,12 +25,14 @@ import time
 from dataclasses import dataclass, field
 
 from enroll import audit
-from enroll.enrollment import EnrollError, enroll, parse_request, renew
+from enroll.enrollment import enroll, renew
 from enroll.registry import iso
+from enroll.request import EnrollError, parse_request
 from enroll.state import FleetState
 from tunnel import access, wire
 from tunnel.admission import CODES, Denied, Peer, admit, check_device
 from tunnel.log import event
+from tunnel.protocol import ALPN_AGENT, ALPN_ENROLL, ALPN_USER, HEADER_TIMEOUT, read_header
 from tunnel.ratelimit import RateLimiter
 from tunnel.splice import StreamEnds, splice
 from tunnel.transport import (
@@ -45,12 +47,8 @@ from tunnel.transport import (
 
 log = logging.getLogger("tunnel.proxy")
 
-ALPN_AGENT = "fleet-agent/1"
-ALPN_USER = "fleet-user/1"
-ALPN_ENROLL = "fleet-enroll/1"
 PEER_KIND = {ALPN_AGENT: "device", ALPN_USER: "user"}
 AGENT_REPLY_TIMEOUT = 10.0
-HEADER_TIMEOUT = 10.0
 
 
 @dataclass
@@ -81,17 +79,6 @@ class AgentLink:
             "migrations": self.migrations,
         }
 
-
-async def read_header(stream: Stream, timeout: float = HEADER_TIMEOUT) -> tuple[wire.Message, bytes]:
-    """Read one stream header; raises wire.HeaderError (or TimeoutError)."""
-    reader = wire.HeaderReader()
-    async with asyncio.timeout(timeout):
-        while True:
-            data = await stream.read(wire.MAX_PAYLOAD + 4)
-            if not data:
-                reader.eof()
-            if got := reader.feed(data):
-                return got
 
 
 class Proxy:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import socket
 from typing import Any, Literal
@@ -37,6 +38,32 @@ class CertificateRejected(Exception):  # noqa: N818
 
 def _utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
+
+
+def spki_pin(cert: x509.Certificate) -> str:
+    """``sha256:<hex>`` of a certificate's SubjectPublicKeyInfo (how devices pin the fleet CA)."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return "sha256:" + hashlib.sha256(spki).hexdigest()
+
+
+def pinned_ca(
+    leaf: x509.Certificate | None, chain: list[x509.Certificate], pin: str
+) -> x509.Certificate:
+    """The CA certificate in a server's chain whose key matches ``pin``.
+
+    A device being enrolled knows only the pin; the proxy sends the CA in its chain. When no
+    certificate matches, the network is most likely intercepting TLS: say so, naming the issuer.
+    """
+    for cert in chain:
+        if spki_pin(cert) == pin.lower():
+            return cert
+    issuer = leaf.issuer.rfc4514_string() if leaf is not None else "none"
+    raise CertificateRejected(
+        f"the server's certificate does not chain to the pinned fleet CA ({pin}); presented "
+        f"issuer: {issuer}. If the network is intercepting TLS, exempt the proxy from inspection"
+    )
 
 
 def verify_peer_chain(

@@ -28,6 +28,7 @@ import inspect
 import itertools
 import logging
 import socket
+import ssl
 from collections import deque
 from typing import Any
 
@@ -70,6 +71,7 @@ from .policy import (
     describe_close,
     next_receive_limit,
     normalize_address,
+    pinned_ca,
     send_allowance,
     socket_address,
     verify_peer_chain,
@@ -138,9 +140,13 @@ class _AlertCertificateRequired(tls.Alert):
 
 
 class _TLSPolicy:
-    def __init__(self, ca: x509.Certificate, anonymous_alpns: frozenset[str]) -> None:
+    def __init__(
+        self, ca: x509.Certificate | None, anonymous_alpns: frozenset[str], pin: str | None = None
+    ) -> None:
         self.ca = ca
         self.anonymous_alpns = anonymous_alpns
+        #: client only: trust the CA in the server's chain whose key matches this pin
+        self.pin = pin
 
 
 def _alert(exc: CertificateRejected) -> tls.Alert:
@@ -155,10 +161,14 @@ class _FleetTLSContext(tls.Context):
 
     def _fleet_verify(self, purpose: Any, server_name: str | None) -> None:
         try:
+            chain = list(self._peer_certificate_chain)
+            ca = self._fleet.ca
+            if self._fleet.pin is not None:
+                ca = pinned_ca(self._peer_certificate, chain, self._fleet.pin)
             verify_peer_chain(
                 self._peer_certificate,
-                list(self._peer_certificate_chain),
-                self._fleet.ca,
+                chain,
+                ca,
                 purpose=purpose,
                 server_name=server_name,
             )
@@ -182,7 +192,8 @@ class _FleetTLSContext(tls.Context):
         self._fleet_verify("client", None)
 
     def _client_handle_certificate_verify(self, input_buf: Any) -> None:
-        # Ours first for a clear reason; aioquic then checks signature + cadata chain again.
+        # Ours first for a clear reason; aioquic then checks signature + cadata chain again
+        # (with a pin there is no cadata: aioquic checks the signature only, ours the chain).
         self._fleet_verify("server", self._server_name)
         super()._client_handle_certificate_verify(input_buf)
 
@@ -896,6 +907,7 @@ async def connect(
     server_name: str,
     alpn: str,
     ca: x509.Certificate | None = None,
+    ca_pin: str | None = None,
     local_addr: tuple[str, int] | None = None,
     keepalive: float | None = 25.0,
     idle_timeout: float = 60.0,
@@ -911,8 +923,8 @@ async def connect(
     Raises TransportError (TLS failure, refusal, timeout).
     """
     trust = ca if ca is not None else (identity.ca if identity is not None else None)
-    if trust is None:
-        raise ValueError("connect() needs identity or ca (the pinned fleet CA)")
+    if trust is None and ca_pin is None:
+        raise ValueError("connect() needs identity, ca (the pinned fleet CA) or ca_pin")
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     family, addr = infos[0][0], infos[0][4]
@@ -928,13 +940,16 @@ async def connect(
         max_data=stream_window * 16,
     )
     config.initial_rtt = INITIAL_RTT
-    config.load_verify_locations(cadata=_pem(trust))
+    if trust is not None:
+        config.load_verify_locations(cadata=_pem(trust))
+    else:  # ca_pin: the CA comes in the server's chain and must match the pin (see pinned_ca)
+        config.verify_mode = ssl.CERT_NONE
     if identity is not None:
         config.certificate = identity.cert_chain[0]
         config.certificate_chain = list(identity.cert_chain[1:])
         config.private_key = identity.key
     quic = _FleetQuicConnection(configuration=config)
-    quic._fleet_setup(_TLSPolicy(trust, frozenset()), stream_window)
+    quic._fleet_setup(_TLSPolicy(trust, frozenset(), ca_pin if trust is None else None), stream_window)
 
     if local_addr is None:
         bind = ("0.0.0.0", 0) if family == socket.AF_INET else ("::", 0, 0, 0)

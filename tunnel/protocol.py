@@ -1,0 +1,45 @@
+"""What proxy, agent and engineer client agree on: ALPNs, close codes, reading a header.
+
+Kept free of the registry and SQLite so the agent on a device imports only what it needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from tunnel import wire
+from tunnel.transport import Stream
+
+ALPN_AGENT = "fleet-agent/1"
+ALPN_USER = "fleet-user/1"
+ALPN_ENROLL = "fleet-enroll/1"
+HEADER_TIMEOUT = 10.0
+
+# Application close codes the proxy sends with a refusal. Stable: agents and clients map them
+# back to names for their error messages.
+CLOSE_CODES = {
+    "ok": 0x0,
+    "not_fleet_certificate": 0x10,
+    "unknown_identity": 0x11,
+    "revoked": 0x12,
+    "decommissioned": 0x13,
+    "locked": 0x14,
+    "wrong_kind": 0x15,
+    "replaced": 0x16,
+    "shutdown": 0x17,
+    "renewed": 0x18,
+    "expired": 0x19,
+}
+CLOSE_NAMES = {v: k for k, v in CLOSE_CODES.items()}
+
+
+async def read_header(stream: Stream, timeout: float = HEADER_TIMEOUT) -> tuple[wire.Message, bytes]:
+    """Read one stream header; raises wire.HeaderError (or TimeoutError)."""
+    reader = wire.HeaderReader()
+    async with asyncio.timeout(timeout):
+        while True:
+            data = await stream.read(wire.MAX_PAYLOAD + 4)
+            if not data:
+                reader.eof()
+            if got := reader.feed(data):
+                return got
