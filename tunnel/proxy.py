@@ -320,12 +320,14 @@ class Proxy:
             await _try_write(stream, wire.reply_refused(code, reason))
             _finish(stream)
             return
+        # Recorded (synchronously, durable) before the engineer is told the session is open.
+        self._audit("session.start", **common)
         try:
             await stream.write(wire.reply_ok(session=session))
         except TransportError:
             agent_stream.reset(1)
+            self._audit("session.end", result="error", reason="engineer went away", **common)
             return
-        self._audit("session.start", **common)
         event(log, "session start", session=session, user=peer.name, device=device_id, service=service)
         link.sessions += 1
         link.sessions_total += 1
