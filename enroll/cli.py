@@ -12,7 +12,9 @@ from enroll.enrollment import enroll
 from enroll.labels import LabelError, parse_assignments, parse_selector
 from enroll.registry import RegistryError
 from enroll.request import EnrollError, parse_request
+from enroll.roles import RoleError
 from enroll.state import FleetState, StateError, default_state_dir, parse_duration
+from enroll.users import UserError
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
@@ -169,11 +171,114 @@ def cmd_user_issue(args) -> int:
     write_private(directory / "user.key", certs.key_pem(key))
     write_file(directory / "user.crt", certs.cert_pem(cert))
     write_file(directory / "ca.crt", certs.cert_pem(state.ca_cert))
+    write_file(directory / "known_hosts", f"@cert-authority * {state.ssh_ca_public('host')}\n")
     proxy = args.proxy or state.proxy_address
     write_file(directory / "client.yaml",
                f"proxy: {proxy}\nserver_name: {state.config['proxy_name']}\n")
     print(f"user certificate for {args.name} (roles: {', '.join(args.role) or 'none'}) "
           f"valid until {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}, in {directory}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_role_apply(args) -> int:
+    from enroll import users
+
+    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+    state = _state(args)
+    with state.registry() as reg:
+        names = users.apply_roles(reg, text)
+    print(f"applied role(s): {', '.join(names)}")
+    return EXIT_OK
+
+
+def cmd_role_ls(args) -> int:
+    from enroll import users
+
+    with _state(args).registry() as reg:
+        rows = users.list_roles(reg)
+    output.emit(rows, args.format, ["name", "allow", "deny", "updated_at"])
+    return EXIT_OK
+
+
+def cmd_role_rm(args) -> int:
+    from enroll import users
+
+    with _state(args).registry() as reg:
+        users.remove_role(reg, args.name)
+    print(f"role {args.name} removed")
+    return EXIT_OK
+
+
+def cmd_user_add(args) -> int:
+    from enroll import users
+
+    state = _state(args)
+    with state.registry() as reg:
+        invite, totp_secret = users.add(reg, args.name, args.role, with_totp=args.totp)
+    info = {"user": args.name, "invite": invite, "ca_pin": certs.ca_pin(state.ca_cert),
+            "proxy": state.proxy_address, "expires_in": "24h"}
+    if totp_secret:
+        info["totp_uri"] = f"otpauth://totp/{state.fleet}:{args.name}?secret={totp_secret}&issuer={state.fleet}"
+    if args.format != "table":
+        output.emit(info, args.format)
+    else:
+        print(f"user {args.name} added; give them this one-time invite (valid 24h, shown once):")
+        print(f"  tunnel login --proxy {info['proxy']} --user {args.name} --ca-pin {info['ca_pin']} --invite {invite}")
+        if totp_secret:
+            print(f"TOTP (add to an authenticator app): {info['totp_uri']}")
+    return EXIT_OK
+
+
+def cmd_user_ls(args) -> int:
+    import datetime as dt
+
+    from enroll import users
+
+    with _state(args).registry() as reg:
+        rows = [{"name": u["name"], "roles": json.loads(u["roles"]),
+                 "status": "locked" if users.locked({**u}, dt.datetime.now(dt.UTC))
+                 else ("invited" if u["invite_hash"] and not u["password_hash"] else "active"),
+                 "totp": bool(u["totp_secret"]), "failed_logins": u["failed_logins"]}
+                for u in reg.db["users"].rows_where(order_by="name")]
+    output.emit(rows, args.format, ["name", "roles", "status", "totp", "failed_logins"])
+    return EXIT_OK
+
+
+def cmd_user_lock(args) -> int:
+    from enroll import users
+
+    with _state(args).registry() as reg:
+        users.lock(reg, args.name, parse_duration(args.ttl) if args.ttl else None, args.message)
+    print(f"user {args.name} locked; open sessions are cut within a second")
+    return EXIT_OK
+
+
+def cmd_user_unlock(args) -> int:
+    from enroll import users
+
+    with _state(args).registry() as reg:
+        users.unlock(reg, args.name)
+    print(f"user {args.name} unlocked")
+    return EXIT_OK
+
+
+def cmd_user_invite(args) -> int:
+    from enroll import users
+
+    state = _state(args)
+    with state.registry() as reg:
+        invite = users.new_invite(reg, args.name)
+    print(f"tunnel login --proxy {state.proxy_address} --user {args.name} "
+          f"--ca-pin {certs.ca_pin(state.ca_cert)} --invite {invite}")
+    return EXIT_OK
+
+
+def cmd_user_roles(args) -> int:
+    from enroll import users
+
+    with _state(args).registry() as reg:
+        users.set_roles(reg, args.name, args.role)
+    print(f"user {args.name} now holds: {', '.join(args.role) or 'no roles'} (acts at once)")
     return EXIT_OK
 
 
@@ -299,6 +404,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     user = add("user", None, "engineer and ops identities")
     usub = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
+    def uadd(name, func, help_text):
+        p = usub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    p = uadd("add", cmd_user_add, "add an engineer; prints a one-time invite for 'tunnel login'")
+    p.add_argument("name")
+    p.add_argument("--role", action="append", default=[], help="role to hold (repeatable)")
+    p.add_argument("--totp", action="store_true", help="also require a TOTP one-time code at login")
+    _format_arg(p)
+    p = uadd("ls", cmd_user_ls, "list engineers")
+    _format_arg(p)
+    p = uadd("lock", cmd_user_lock, "lock an engineer out; cuts their open sessions")
+    p.add_argument("name")
+    p.add_argument("--ttl", help="lock only for this long (e.g. 1h)")
+    p.add_argument("--message", default="")
+    p = uadd("unlock", cmd_user_unlock, "lift a user lock (and reset failed logins)")
+    p.add_argument("name")
+    p = uadd("invite", cmd_user_invite, "a new one-time invite (forgotten password)")
+    p.add_argument("name")
+    p = uadd("roles", cmd_user_roles, "replace the roles a user holds (acts at once)")
+    p.add_argument("name")
+    p.add_argument("--role", action="append", default=[])
+
     p = usub.add_parser("issue", parents=[common],
                         help="issue a short-lived user certificate into DIR (key made here)",
                         description="issue a short-lived user certificate into DIR (key made here)")
@@ -308,6 +437,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", required=True, help="identity directory to write (made 0700)")
     p.add_argument("--ttl", default="8h", help="certificate lifetime (default: 8h)")
     p.add_argument("--proxy", metavar="HOST:PORT", help="proxy address for client.yaml (default: from fleet.yaml)")
+
+    role = add("role", None, "label-based roles (Teleport-style YAML)")
+    rsub = role.add_subparsers(dest="role_command", required=True, metavar="ACTION")
+    p = rsub.add_parser("apply", parents=[common], help="create or replace roles from a YAML file",
+                        description="create or replace roles from a YAML file (several documents allowed)")
+    p.add_argument("-f", "--file", required=True, help="role YAML file, or - for stdin")
+    p.set_defaults(func=cmd_role_apply)
+    p = rsub.add_parser("ls", parents=[common], help="list roles")
+    _format_arg(p)
+    p.set_defaults(func=cmd_role_ls)
+    p = rsub.add_parser("rm", parents=[common], help="remove a role (its holders lose it at once)")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_role_rm)
 
     p = add("devices", cmd_devices, "list enrolled devices, optionally by label selector")
     p.add_argument("selector", nargs="*", metavar="SELECTOR")
@@ -333,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 USER_ERRORS = (
-    Refused, StateError, RegistryError, EnrollError, LabelError, certs.CertError,
+    RoleError, UserError, Refused, StateError, RegistryError, EnrollError, LabelError, certs.CertError,
     tokens.TokenError, admin.AdminError, device.InstallError, ValueError,
 )
 

@@ -165,8 +165,11 @@ class FleetState:
         write_file(root / "fleet.yaml", yaml.safe_dump(config, sort_keys=False))
         state = cls(root)
         from enroll.registry import Registry
+        from enroll.roles import ADMIN_ROLE_YAML
+        from enroll.users import apply_roles
 
-        Registry(state.registry_path).close()
+        with Registry(state.registry_path) as reg:
+            apply_roles(reg, ADMIN_ROLE_YAML, actor="init")
         os.chmod(state.registry_path, 0o600)
         return state
 

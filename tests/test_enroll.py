@@ -103,7 +103,7 @@ def test_offline_enrollment_end_to_end(fleet, cli, tmp_path):
     assert [d["id"] for d in json.loads(out)] == [ident.name]
     with fleet.registry() as reg:
         types = [e["type"] for e in audit.events(reg.db)]
-        assert types == ["token.create", "device.enroll", "cert.issue"]
+        assert types == ["role.apply", "token.create", "device.enroll", "cert.issue"]
         assert audit.verify(reg.db) is None
 
 

@@ -38,7 +38,7 @@ def running(fleet, echo):
     """A proxy, one connected agent (robot-1, services echo + a closed port) and an admin."""
     config = fleet.enroll_device(
         "robot-1", {"customer": "acme"},
-        {"echo": f"127.0.0.1:{echo.port}", "closed": "127.0.0.1:1"},
+        {"echo": f"127.0.0.1:{echo.port}", "closed": "127.0.0.1:1"}, keepalive="5s",
     )
     fleet.start_proxy()
     agent = fleet.start_agent(config)

@@ -1,9 +1,9 @@
 """Where a session gets authorized: may this engineer reach this device's service as this login?
 
-A pure function of the engineer's admitted identity and the device's *current* registry row,
-called by the proxy on every dial and every listing. Until label-based roles land, the ``admin``
-role may reach every device that is enrolled, not decommissioned and not locked; nothing is
-allowed by default.
+Called by the proxy on every dial, listing, SSH certificate request, and once a second for every
+open session (so a relabel, lock or decommission cuts sessions at once). It reads the *current*
+registry: the device's labels and lock, the user's lock and roles, the roles' definitions. The
+role semantics themselves are in :mod:`enroll.roles`.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from enroll.registry import Device
+from enroll import users
+from enroll.registry import Device, Registry
+from enroll.roles import Role, check, visible
 from tunnel.admission import Denied, Peer, check_device
-
-ADMIN_ROLE = "admin"
 
 
 @dataclass(frozen=True)
@@ -24,28 +24,52 @@ class Decision:
     reason: str = ""
 
 
-def may_see(peer: Peer, device: Device | None) -> bool:
-    return device is not None and ADMIN_ROLE in peer.identity.roles
+def peer_roles(registry: Registry, peer: Peer) -> list[Role]:
+    """A registered user's roles come from the registry (so changes act at once); an identity
+    issued with ``enroll user issue`` and no user record holds the roles in its certificate."""
+    user = users.get(registry, peer.name)
+    names = user["roles"] if user else list(peer.identity.roles)
+    return users.load_roles(registry, names)
+
+
+def user_denial(registry: Registry, peer: Peer, now: dt.datetime) -> Decision | None:
+    if now > peer.identity.not_after:
+        return Decision(False, "expired", f"your certificate expired at {peer.identity.not_after:%H:%M}Z: log in again")
+    user = users.get(registry, peer.name)
+    if user and users.locked(user, now):
+        message = f": {user['lock_message']}" if user["lock_message"] else ""
+        return Decision(False, "user_locked", f"user {peer.name} is locked{message}")
+    return None
+
+
+def may_see(registry: Registry, peer: Peer, device: Device | None) -> bool:
+    return device is not None and visible(peer_roles(registry, peer), device.labels)
 
 
 def decide(
+    registry: Registry,
     peer: Peer,
     device_id: str,
     device: Device | None,
     service: str,
     login: str | None,
     *,
-    online: bool,
+    online: bool = True,
     now: dt.datetime | None = None,
 ) -> Decision:
-    if device is None or not may_see(peer, device):
+    now = now or dt.datetime.now(dt.UTC)
+    if denial := user_denial(registry, peer, now):
+        return denial
+    roles = peer_roles(registry, peer)
+    if device is None or not visible(roles, device.labels):
         # The same answer for "does not exist" and "not yours": no probing for device ids.
-        return Decision(
-            False, "unknown_device",
-            f"no device {device_id!r} that you may reach: check the id with 'tunnel ls'",
-        )
+        return Decision(False, "unknown_device",
+                        f"no device {device_id!r} that you may reach: check the id with 'tunnel ls'")
+    verdict = check(roles, device.labels, service, login)
+    if not verdict.allowed:
+        return Decision(False, "forbidden", f"{device_id}: {verdict.reason}")
     try:
-        check_device(device, now or dt.datetime.now(dt.UTC))
+        check_device(device, now)
     except Denied as denied:
         return Decision(False, denied.code, denied.reason)
     if not online:

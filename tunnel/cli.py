@@ -149,6 +149,112 @@ def cmd_status(args) -> int:
     return EXIT_OK
 
 
+def cmd_login(args) -> int:
+    import getpass
+
+    from tunnel import engineer
+    from tunnel.client import default_identity_dir
+
+    directory = Path(args.identity) if args.identity else default_identity_dir()
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass("new password: " if args.invite else "password: ")
+        if args.invite and getpass.getpass("again: ") != password:
+            raise ClientError("the passwords differ")
+    info = asyncio.run(engineer.login(
+        directory, args.proxy, args.user, password, invite=args.invite, totp=args.totp,
+        ca_pin=args.ca_pin, ttl=args.ttl, server_name=args.server_name,
+    ))
+    if args.format != "table":
+        output.emit(info, args.format)
+    else:
+        print(f"logged in as {info['user']} (roles: {', '.join(info['roles']) or 'none'}) "
+              f"until {info['expires']}")
+    return EXIT_OK
+
+
+def cmd_logout(args) -> int:
+    from tunnel import engineer
+    from tunnel.client import default_identity_dir
+
+    removed = engineer.logout(Path(args.identity) if args.identity else default_identity_dir())
+    print("logged out" + (f" (removed {', '.join(removed)})" if removed else " (nothing to remove)"))
+    return EXIT_OK
+
+
+def cmd_whoami(args) -> int:
+    body = asyncio.run(_with_client(args, lambda c: c.request("whoami")))
+    output.emit(body, args.format)
+    return EXIT_OK
+
+
+def cmd_ssh_cert(args) -> int:
+    from tunnel import engineer
+
+    path = asyncio.run(engineer.fetch_ssh_cert(_identity(args), args.device, args.login))
+    if args.print_path:
+        print(path)
+    return EXIT_OK
+
+
+def cmd_config(args) -> int:
+    from tunnel import engineer
+
+    identity = _identity(args)
+    engineer.ensure_ssh_key(identity)
+    text = engineer.ssh_config(identity, args.hosts)
+    if args.write:
+        path = engineer.write_ssh_config(identity, args.hosts)
+        print(f"wrote {path}; use it with: ssh -F {path} LOGIN@DEVICE  (or Include it)", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def cmd_ssh(args) -> int:
+    import os
+
+    from tunnel import engineer
+
+    argv = engineer.ssh_argv(_identity(args), args.target, args.command, args.ssh_option)
+    os.execvp(argv[0], argv)
+
+
+def cmd_kube(args) -> int:
+    from tunnel import engineer
+    from tunnel.client import forward
+
+    identity = _identity(args)
+    host, port = split_host_port(args.local, "--local", allow_zero=True)
+    kubeconfig = Path(args.kubeconfig or Path.home() / ".kube" / "config")
+
+    def ready(addr):
+        entry = engineer.kubeconfig_entry(args.device, addr[1], Path(args.certificate_authority)
+                                          if args.certificate_authority else None, args.tls_server_name)
+        kubeconfig.parent.mkdir(parents=True, exist_ok=True)
+        engineer.merge_kubeconfig(kubeconfig, args.device, entry)
+        print(f"kubeconfig context fleet-{args.device} -> 127.0.0.1:{addr[1]} in {kubeconfig}; "
+              "keep this running while you use kubectl", file=sys.stderr, flush=True)
+
+    _run(forward(identity, args.device, args.service, host, port, ready))
+    return EXIT_OK
+
+
+def cmd_db(args) -> int:
+    from tunnel.client import forward
+
+    host, port = split_host_port(args.local, "--local", allow_zero=True)
+
+    def ready(addr):
+        user = f"{args.db_user}@" if args.db_user else ""
+        print(f"postgresql://{user}{addr[0]}:{addr[1]}/{args.database or ''}", flush=True)
+        print(f"forwarding to {args.device}/{args.service}; Ctrl-C to stop", file=sys.stderr, flush=True)
+
+    _run(forward(_identity(args), args.device, args.service, host, port, ready))
+    return EXIT_OK
+
+
 # --- parser ---------------------------------------------------------------------------------
 
 
@@ -202,6 +308,61 @@ def build_parser() -> argparse.ArgumentParser:
     engineer_args(p)
 
     audit_cmd.register(sub)
+
+    p = add("login", cmd_login, "log in to the proxy: a short-lived certificate for a key made here")
+    p.add_argument("--proxy", required=True, metavar="HOST:PORT")
+    p.add_argument("--user", required=True)
+    p.add_argument("--invite", help="the one-time invite from 'enroll user add' (first login)")
+    p.add_argument("--ca-pin", metavar="sha256:HEX", help="fleet CA pin (first login)")
+    p.add_argument("--totp", metavar="CODE", help="one-time code, if your account needs one")
+    p.add_argument("--ttl", help="ask for a shorter certificate (roles cap it with max_session_ttl)")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    p.add_argument("--server-name", help="name in the proxy certificate (default: the --proxy host)")
+    p.add_argument("--identity", metavar="DIR", help="where to store the identity")
+    p.add_argument("--format", choices=output.FORMATS, default="table")
+
+    p = add("logout", cmd_logout, "remove your certificate and SSH certificates")
+    p.add_argument("--identity", metavar="DIR")
+
+    p = add("whoami", cmd_whoami, "your roles, certificate expiry and what you can reach")
+    p.add_argument("--format", choices=output.FORMATS, default="table")
+    engineer_args(p)
+
+    p = add("ssh-cert", cmd_ssh_cert, "fetch the SSH certificate for LOGIN on DEVICE (used by ssh_config)")
+    p.add_argument("device")
+    p.add_argument("login")
+    p.add_argument("--print-path", action="store_true")
+    engineer_args(p)
+
+    p = add("config", cmd_config, "print an ssh_config block for 'ssh LOGIN@DEVICE.fleet'")
+    p.add_argument("--hosts", default="*.fleet", help="Host pattern (default: *.fleet; '*' for use with -F)")
+    p.add_argument("--write", action="store_true", help="write it into the identity directory instead")
+    engineer_args(p)
+
+    p = add("ssh", cmd_ssh, "OpenSSH to LOGIN@DEVICE through the tunnel, with a per-session certificate")
+    p.add_argument("target", metavar="LOGIN@DEVICE")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    p.add_argument("-o", dest="ssh_option", action="append", default=[], type=lambda o: f"-o{o}",
+                   help="extra ssh option (repeatable)")
+    engineer_args(p)
+
+    p = add("kube", cmd_kube, "forward to a device's Kubernetes API and add a kubeconfig context")
+    p.add_argument("device")
+    p.add_argument("--service", default="kube")
+    p.add_argument("--local", default="127.0.0.1:0", metavar="HOST:PORT")
+    p.add_argument("--kubeconfig", help="file to update (default: ~/.kube/config)")
+    p.add_argument("--certificate-authority", metavar="FILE",
+                   help="the device cluster's CA certificate, so kubectl verifies TLS")
+    p.add_argument("--tls-server-name", help="name in the API server certificate (e.g. kubernetes)")
+    engineer_args(p)
+
+    p = add("db", cmd_db, "forward to a device's database and print the connection string")
+    p.add_argument("device")
+    p.add_argument("--service", default="postgres")
+    p.add_argument("--local", default="127.0.0.1:0", metavar="HOST:PORT")
+    p.add_argument("--db-user", help="user name to put in the connection string")
+    p.add_argument("--database", help="database name to put in the connection string")
+    engineer_args(p)
 
     p = add("status", cmd_status, "connected agents: address, transport, sessions, bytes, migrations")
     p.add_argument("device", nargs="?", help="only this device")

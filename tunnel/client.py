@@ -134,11 +134,16 @@ def service_from_port(target: str) -> str:
     return "ssh" if target == "22" else target
 
 
+def device_from_host(host: str) -> str:
+    """ssh's ``%h``/``%n`` may carry the ``.fleet`` suffix of ``tunnel config``."""
+    return host[: -len(".fleet")] if host.endswith(".fleet") else host
+
+
 async def proxy_command(identity: UserIdentity, device: str, target: str) -> None:
     """Splice stdin/stdout to one session (for OpenSSH ``ProxyCommand``)."""
     client = await Client.connect(identity)
     try:
-        stream, rest = await client.dial(device, service_from_port(target))
+        stream, rest = await client.dial(device_from_host(device), service_from_port(target))
         result = await splice(StreamEnds(stream, rest), StdioEnds())
         if result.error:
             raise ClientError(f"session ended: {result.error}")

@@ -23,6 +23,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from enroll import audit
 from enroll.enrollment import enroll, renew
@@ -49,6 +50,8 @@ log = logging.getLogger("tunnel.proxy")
 
 PEER_KIND = {ALPN_AGENT: "device", ALPN_USER: "user"}
 AGENT_REPLY_TIMEOUT = 10.0
+# Long enough for ssh to authenticate with it; sessions outlive it (sshd checks it once).
+SSH_CERT_TTL = dt.timedelta(minutes=5)
 
 
 @dataclass
@@ -65,11 +68,30 @@ class AgentLink:
     bytes_down: int = 0
     migrations: int = 0
     transport: str = "quic"
+    #: the uplink the agent reports (hello ``uplink``); None until it says
+    uplink: str | None = None
+    path_since: float = field(default_factory=time.time)
+    #: per device, for the life of this proxy process: connections and path changes
+    totals: ClassVar[dict[str, dict[str, int]]] = {}
+
+    def __post_init__(self) -> None:
+        t = AgentLink.totals.setdefault(self.device_id, {"connections": 0, "migrations": 0})
+        t["connections"] += 1
+
+    def note_hello(self, args: dict) -> None:
+        """Record what an agent's hello says about its path (call from the hello handler)."""
+        if args.get("uplink"):
+            self.uplink = str(args["uplink"])
 
     def as_dict(self) -> dict:
+        address = "{}:{}".format(*self.conn.remote_address[:2])
+        t = AgentLink.totals.get(self.device_id, {"connections": 1, "migrations": 0})
         return {
             "device": self.device_id,
-            "address": "{}:{}".format(*self.conn.remote_address[:2]),
+            "address": address,
+            "uplink": self.uplink,
+            "path": f"{address} via {self.uplink}" if self.uplink else address,
+            "path_since": dt.datetime.fromtimestamp(self.path_since, dt.UTC).isoformat(timespec="seconds"),
             "transport": self.transport,
             "connected_since": dt.datetime.fromtimestamp(self.connected_at, dt.UTC).isoformat(timespec="seconds"),
             "sessions": self.sessions,
@@ -77,8 +99,9 @@ class AgentLink:
             "bytes_to_device": self.bytes_down,
             "bytes_from_device": self.bytes_up,
             "migrations": self.migrations,
+            "migrations_total": t["migrations"],
+            "reconnects": t["connections"] - 1,
         }
-
 
 
 class Proxy:
@@ -88,6 +111,7 @@ class Proxy:
         self.registry = state.registry()
         self.agents: dict[str, AgentLink] = {}
         self.peers: dict[Connection, Peer] = {}
+        self.sessions: dict[str, Session] = {}
         self.enroll_limiter = RateLimiter(rate=enroll_rate, burst=max(1.0, enroll_rate * 2))
         self.watch_interval = watch_interval
         self.server = None
@@ -140,6 +164,8 @@ class Proxy:
         remote = "{}:{}".format(*conn.remote_address[:2])
         try:
             peer = admit(conn.peer_certificate, self.fleet, self.registry, want=PEER_KIND[conn.alpn])
+            if peer.kind == "user" and (denial := access.user_denial(self.registry, peer, dt.datetime.now(dt.UTC))):
+                raise Denied(denial.code if denial.code in CODES else "locked", denial.reason)
         except Denied as denied:
             actor = _actor_of(conn.peer_certificate)
             dev = self.registry.device(actor.split(":", 1)[1]) if actor.startswith("device:") else None
@@ -201,14 +227,34 @@ class Proxy:
         event(log, "agent disconnected", device=device_id, reason=reason)
 
     def _on_path_change(self, link: AgentLink, change: PathChange) -> None:
+        """The agent's observed address changed (migration or NAT rebinding): count and audit.
+
+        The audit waits 0.5 s so the hello the agent sends right after migrating (with its new
+        uplink, see ``AgentLink.note_hello``) is in; a NAT rebinding keeps the uplink it had.
+        """
         link.migrations += 1
-        dev = self.registry.device(link.device_id)
-        self._audit(
-            "device.migrate", actor=link.peer.actor, device=link.device_id,
-            labels=dev.labels if dev else None,
-            old="{}:{}".format(*change.old[:2]), new="{}:{}".format(*change.new[:2]),
-        )
-        event(log, "agent path changed", device=link.device_id, old=change.old[:2], new=change.new[:2])
+        link.path_since = time.time()
+        AgentLink.totals.setdefault(link.device_id, {"connections": 1, "migrations": 0})["migrations"] += 1
+        old, new = "{}:{}".format(*change.old[:2]), "{}:{}".format(*change.new[:2])
+        event(log, "agent path changed", device=link.device_id, old=old, new=new)
+
+        def record() -> None:
+            dev = self.registry.device(link.device_id)
+            self._audit(
+                "device.migrate", actor=link.peer.actor, device=link.device_id,
+                labels=dev.labels if dev else None, old=old, new=new, uplink=link.uplink,
+            )
+
+        def record_later() -> None:
+            try:
+                record()
+            except Exception:  # the proxy may be stopping; never crash the event loop
+                log.exception("could not audit device.migrate")
+
+        try:
+            asyncio.get_running_loop().call_later(0.5, record_later)
+        except RuntimeError:  # no running loop (tests calling this directly)
+            record()
 
     async def _agent_requests(self, link: AgentLink) -> None:
         """Streams an agent opens: hello (reconnect reason, uplink) and certificate renewal."""
@@ -290,7 +336,8 @@ class Proxy:
         device_id, service, login = msg["device"], msg["service"], msg.get("login")
         dev = self.registry.device(device_id)
         link = self.agents.get(device_id)
-        decision = access.decide(peer, device_id, dev, service, login, online=link is not None)
+        decision = access.decide(self.registry, peer, device_id, dev, service, login,
+                                 online=link is not None)
         session = secrets.token_hex(8)
         common = dict(actor=peer.actor, actor_roles=peer.identity.roles, device=device_id,
                       labels=dev.labels if dev else None, remote=remote, service=service,
@@ -332,12 +379,19 @@ class Proxy:
         link.sessions += 1
         link.sessions_total += 1
         started = time.monotonic()
-        result = await splice(StreamEnds(stream, rest), StreamEnds(agent_stream, agent_rest))
-        link.sessions -= 1
+        tracked = Session(session, peer, device_id, service, login, (stream, agent_stream))
+        self.sessions[session] = tracked
+        try:
+            result = await splice(StreamEnds(stream, rest), StreamEnds(agent_stream, agent_rest))
+        finally:
+            self.sessions.pop(session, None)
+            link.sessions -= 1
         link.bytes_down += result.a_to_b
         link.bytes_up += result.b_to_a
         dev = self.registry.device(device_id)
         common["labels"] = dev.labels if dev else None
+        if tracked.cut_reason:
+            result.error = f"cut: {tracked.cut_reason}"
         self._audit(
             "session.end", result="error" if result.error else "ok", reason=result.error or "",
             bytes_to_device=result.a_to_b, bytes_from_device=result.b_to_a,
@@ -347,14 +401,22 @@ class Proxy:
 
     async def _user_request(self, peer: Peer, stream: Stream, msg: wire.Message) -> None:
         op = msg["op"]
+        args = msg.get("args", {})
         if op == "ls":
             body = {"devices": self.listing(peer)}
         elif op == "status":
             body = {"agents": [a.as_dict() for a in self.agents.values()
-                               if access.may_see(peer, self.registry.device(a.device_id))]}
+                               if access.may_see(self.registry, peer, self.registry.device(a.device_id))]}
         elif op == "whoami":
-            body = {"user": peer.name, "roles": list(peer.identity.roles),
-                    "expires": peer.identity.not_after.isoformat()}
+            roles = access.peer_roles(self.registry, peer)
+            body = {"user": peer.name, "roles": [r.name for r in roles],
+                    "expires": peer.identity.not_after.isoformat(),
+                    "reachable_devices": len(self.listing(peer)),
+                    "logins": sorted({lg for r in roles for lg in (r.allow.logins or ())}),
+                    "services": sorted({sv for r in roles for sv in r.allowed_services})}
+        elif op == "ssh-cert":
+            await self._ssh_cert(peer, stream, args)
+            return
         else:
             await _try_write(stream, wire.reply_refused("unknown_op", f"unknown request {op!r}"))
             _finish(stream)
@@ -362,10 +424,46 @@ class Proxy:
         await _try_write(stream, wire.reply_ok(body=body))
         _finish(stream)
 
+    async def _ssh_cert(self, peer: Peer, stream: Stream, args: dict) -> None:
+        """A short-lived SSH user certificate valid for one login on one device only.
+
+        Its single principal is ``LOGIN@DEVICE``; each device's sshd accepts, for login L, only
+        the principal ``L@<its own id>`` (AuthorizedPrincipalsFile), so the certificate works
+        nowhere else.
+        """
+        from enroll import certs
+
+        device_id, login = str(args.get("device", "")), str(args.get("login", ""))
+        dev = self.registry.device(device_id)
+        decision = access.decide(self.registry, peer, device_id, dev, "ssh", login)
+        common = dict(actor=peer.actor, actor_roles=peer.identity.roles, device=device_id,
+                      labels=dev.labels if dev else None, login=login, service="ssh")
+        if not decision.allowed:
+            self._audit("access.denied", result="denied", reason=decision.reason,
+                        code=decision.code, stage="ssh-cert", **common)
+            await _try_write(stream, wire.reply_refused(decision.code, decision.reason))
+            _finish(stream)
+            return
+        try:
+            key = certs.load_ssh_public(str(args.get("public_key", "")))
+        except certs.CertError as exc:
+            await _try_write(stream, wire.reply_refused("bad_key", str(exc)))
+            _finish(stream)
+            return
+        now = dt.datetime.now(dt.UTC)
+        lifetime = min(SSH_CERT_TTL, peer.identity.not_after - now)
+        line = certs.ssh_certificate(
+            self.state.ssh_user_ca_key, key, host=False, key_id=f"{peer.name}@{self.fleet}",
+            principals=[f"{login}@{device_id}"], lifetime=lifetime, now=now,
+        )
+        self._audit("cert.issue", kind="ssh-user", not_after=(now + lifetime).isoformat(), **common)
+        await _try_write(stream, wire.reply_ok(body={"certificate": line}))
+        _finish(stream)
+
     def listing(self, peer: Peer) -> list[dict]:
         rows = []
         for dev in self.registry.devices():
-            if not access.may_see(peer, dev):
+            if not access.may_see(self.registry, peer, dev):
                 continue
             link = self.agents.get(dev.id)
             rows.append({
@@ -389,14 +487,17 @@ class Proxy:
             if not self.enroll_limiter.allow(conn.remote_address[0]):
                 raise EnrollError("too many enrollment attempts from this address; wait and retry")
             msg, _ = await read_header(stream)
-            if msg.kind != "request" or msg["op"] != "enroll":
-                raise EnrollError("this connection only accepts an enrollment request")
-            args = msg.get("args", {})
-            request = parse_request(str(args.get("request", "")).encode())
-            bundle = await asyncio.to_thread(
-                _enroll_in_thread, self.state, request, str(args.get("token", "")), remote
-            )
-            await stream.write(wire.reply_ok(body=bundle))
+            if msg.kind == "request" and msg["op"] == "login":
+                await self._login(stream, msg.get("args", {}), remote)
+            elif msg.kind != "request" or msg["op"] != "enroll":
+                raise EnrollError("this connection only accepts an enrollment or login request")
+            else:
+                args = msg.get("args", {})
+                request = parse_request(str(args.get("request", "")).encode())
+                bundle = await asyncio.to_thread(
+                    _enroll_in_thread, self.state, request, str(args.get("token", "")), remote
+                )
+                await stream.write(wire.reply_ok(body=bundle))
         except (EnrollError, wire.HeaderError, TimeoutError) as exc:
             await _try_write(stream, wire.reply_refused("enroll_refused", str(exc) or "timeout"))
         except TransportError:
@@ -405,14 +506,60 @@ class Proxy:
         await asyncio.sleep(0.2)  # let the reply leave before the connection is closed
         conn.close(0, "enrollment done")
 
+    async def _login(self, stream: Stream, args: dict, remote: str) -> None:
+        """Password (+TOTP) or one-time invite → a short-lived user certificate for a local key."""
+        from enroll import certs, users
+        from enroll.enrollment import issue_user
+        from enroll.roles import session_ttl
+        from enroll.state import parse_duration
+
+        name = str(args.get("user", ""))
+        try:
+            public_key = certs.check_csr(str(args.get("csr", "")))
+            user = await asyncio.to_thread(
+                _authenticate_in_thread, self.state, name, str(args.get("password", "")),
+                args.get("invite"), args.get("totp"),
+            )
+            roles = users.load_roles(self.registry, user["roles"])
+            requested = parse_duration(str(args.get("ttl") or self.state.config["lifetimes"]["user"]))
+            ttl = session_ttl(roles, requested)
+            cert = issue_user(self.state, self.registry, name, public_key, user["roles"], ttl,
+                              actor=f"user:{name}")
+        except (users.LoginError, certs.CertError, ValueError) as exc:
+            self._audit("user.login.failed", actor=f"user:{name or '?'}", result="denied",
+                        reason=str(exc), remote=remote)
+            await _try_write(stream, wire.reply_refused("login_failed", str(exc)))
+            _finish(stream)
+            return
+        self._audit("user.login", actor=f"user:{name}", actor_roles=user["roles"], remote=remote,
+                    not_after=cert.not_valid_after_utc.isoformat(), invite=args.get("invite") is not None)
+        await _try_write(stream, wire.reply_ok(body={
+            "cert": certs.cert_pem(cert).decode(), "ca": certs.cert_pem(self.state.ca_cert).decode(),
+            "ssh_host_ca": self.state.ssh_ca_public("host"), "roles": user["roles"],
+            "server_name": self.state.config["proxy_name"],
+        }))
+        _finish(stream)
+
     # --- live policy ----------------------------------------------------------------------------
 
     async def _watch(self) -> None:
-        """Each interval, re-check connected devices: a lock or decommission cuts them at once."""
+        """Each interval, re-check connected devices and open sessions against the registry.
+
+        A lock or decommission cuts the device's connection; a relabel, role change, user lock
+        or certificate expiry cuts each session that is no longer allowed. Within one interval.
+        """
         last_touch = time.monotonic()
         while True:
             await asyncio.sleep(self.watch_interval)
             now = dt.datetime.now(dt.UTC)
+            for session in list(self.sessions.values()):
+                dev = self.registry.device(session.device_id)
+                decision = access.decide(self.registry, session.peer, session.device_id, dev,
+                                         session.service, session.login, now=now)
+                if not decision.allowed:
+                    event(log, "cutting session", session=session.id, code=decision.code)
+                    session.cut(decision.reason)
+                    self.sessions.pop(session.id, None)
             for device_id, link in list(self.agents.items()):
                 dev = self.registry.device(device_id)
                 try:
@@ -435,6 +582,13 @@ def _enroll_in_thread(state: FleetState, request: dict, token: str, remote: str)
         return enroll(state, reg, request, token, remote=remote)
 
 
+def _authenticate_in_thread(state, name, password, invite, totp_code) -> dict:
+    from enroll import users
+
+    with state.registry() as reg:  # scrypt takes ~50 ms: keep it off the event loop
+        return users.authenticate(reg, name, password=password, invite=invite, totp_code=totp_code)
+
+
 def _renew_in_thread(state: FleetState, device_id: str, csr: str) -> str:
     with state.registry() as reg:
         return renew(state, reg, device_id, csr)
@@ -450,6 +604,25 @@ def _actor_of(cert) -> str:
         return f"{ident.kind}:{ident.name}"
     except certs.CertError:
         return "unknown:" + cert.subject.rfc4514_string()
+
+
+@dataclass
+class Session:
+    """An open engineer session, re-authorized every watch interval."""
+
+    id: str
+    peer: Peer
+    device_id: str
+    service: str
+    login: str | None
+    streams: tuple[Stream, Stream]
+    cut_reason: str | None = None
+
+    def cut(self, reason: str) -> None:
+        self.cut_reason = reason
+        for s in self.streams:
+            with contextlib.suppress(TransportError):
+                s.reset(CODES["revoked"])
 
 
 async def _try_write(stream: Stream, data: bytes) -> None:

@@ -1,0 +1,222 @@
+"""Engineer workflows on top of the client: login, SSH certificates, ssh_config, kube and db.
+
+SSH without static keys: the engineer's SSH key is made locally (``ssh/id_ed25519``); for each
+``LOGIN@DEVICE`` the proxy signs a five-minute certificate whose only principal is
+``LOGIN@DEVICE`` — sshd on that device accepts it for that login only. ``tunnel config`` writes
+an ssh_config whose ``Match exec`` line fetches that certificate before ssh loads it, so plain
+``ssh``, ``scp`` and Ansible need nothing per device. Host keys are checked against the fleet's
+host CA (one ``@cert-authority`` line), so there is no trust-on-first-use prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+from enroll import certs
+from enroll.files import make_private_dir, write_file, write_private
+from tunnel import wire
+from tunnel.agent_config import split_host_port
+from tunnel.client import Client, ClientError, UserIdentity, device_from_host
+from tunnel.protocol import ALPN_ENROLL, read_header
+from tunnel.transport import TransportError, connect
+
+SUFFIX = ".fleet"
+CERT_MIN_LEFT = dt.timedelta(seconds=60)
+strip_suffix = device_from_host
+
+
+# --- login ------------------------------------------------------------------------------------
+
+
+async def login(directory: Path, proxy: str, user: str, password: str, *, invite: str | None = None,
+                totp: str | None = None, ca_pin: str | None = None, ttl: str | None = None,
+                server_name: str | None = None) -> dict:
+    """Authenticate to the proxy and store a fresh user certificate for a key made here."""
+    directory = make_private_dir(directory)
+    host, port = split_host_port(proxy, "--proxy")
+    ca_path = directory / "ca.crt"
+    ca = certs.load_cert(ca_path.read_bytes()) if ca_path.exists() else None
+    if ca is None and not ca_pin:
+        raise ClientError("first login: pass --ca-pin sha256:... (printed with your invite)")
+    key = certs.new_key()
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    csr = certs.make_csr(key).public_bytes(Encoding.PEM).decode()
+    try:
+        conn = await connect(host, port, identity=None, ca=ca, ca_pin=None if ca else ca_pin,
+                             server_name=server_name or host, alpn=ALPN_ENROLL, keepalive=None)
+    except TransportError as exc:
+        raise ClientError(f"cannot reach the proxy at {proxy} safely: {exc.reason or exc}") from None
+    except OSError as exc:
+        raise ClientError(f"cannot connect to the proxy {proxy}: {exc.strerror or exc}") from None
+    try:
+        stream = await conn.open_stream()
+        args = {"user": user, "password": password, "csr": csr, "invite": invite, "totp": totp, "ttl": ttl}
+        await stream.write(wire.encode("request", op="login", args={k: v for k, v in args.items() if v}))
+        stream.write_eof()
+        reply, _ = await read_header(stream, timeout=30)
+    finally:
+        conn.close(0, "done")
+    if not reply["ok"]:
+        raise ClientError(f"login refused: {reply.get('reason')}", "login_failed")
+    body = reply["body"]
+    cert = certs.load_cert(body["cert"].encode())
+    write_private(directory / "user.key", certs.key_pem(key))
+    write_file(directory / "user.crt", body["cert"])
+    write_file(ca_path, body["ca"])
+    write_file(directory / "known_hosts", f"@cert-authority * {body['ssh_host_ca']}\n")
+    write_file(directory / "client.yaml", f"proxy: {proxy}\nserver_name: {body['server_name']}\n")
+    return {"user": user, "roles": body["roles"], "expires": cert.not_valid_after_utc.isoformat(),
+            "identity": str(directory)}
+
+
+def logout(directory: Path) -> list[str]:
+    removed = []
+    for name in ("user.crt", "user.key"):
+        path = directory / name
+        if path.exists():
+            path.unlink()
+            removed.append(name)
+    ssh_dir = directory / "ssh"
+    if ssh_dir.exists():
+        for cert in ssh_dir.glob("*-cert.pub"):
+            cert.unlink()
+            removed.append(f"ssh/{cert.name}")
+    return removed
+
+
+# --- SSH certificates and config ------------------------------------------------------------
+
+
+def ssh_key_path(identity: UserIdentity) -> Path:
+    return identity.directory / "ssh" / "id_ed25519"
+
+
+def ensure_ssh_key(identity: UserIdentity) -> Path:
+    path = ssh_key_path(identity)
+    if not path.exists():
+        make_private_dir(path.parent)
+        key = certs.new_ssh_ca_key()  # an Ed25519 key
+        write_private(path, certs.ssh_private_pem(key))
+        write_file(path.with_suffix(".pub"), certs.ssh_public_line(key) + "\n")
+    return path
+
+
+def ssh_cert_path(identity: UserIdentity, device: str, login: str) -> Path:
+    return identity.directory / "ssh" / f"{login}@{device}-cert.pub"
+
+
+def _cert_valid_for(path: Path, margin: dt.timedelta) -> bool:
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_identity
+
+    try:
+        cert = load_ssh_public_identity(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    left = dt.datetime.fromtimestamp(cert.valid_before, dt.UTC) - dt.datetime.now(dt.UTC)
+    return left > margin
+
+
+async def fetch_ssh_cert(identity: UserIdentity, device: str, login: str) -> Path:
+    """Get (or reuse, while it has a minute left) the certificate for LOGIN@DEVICE."""
+    device = strip_suffix(device)
+    key = ensure_ssh_key(identity)
+    path = ssh_cert_path(identity, device, login)
+    if _cert_valid_for(path, CERT_MIN_LEFT):
+        return path
+    client = await Client.connect(identity)
+    try:
+        body = await client.request("ssh-cert", device=device, login=login,
+                                    public_key=key.with_suffix(".pub").read_text().strip())
+    finally:
+        client.close()
+        await asyncio.sleep(0.02)
+    write_file(path, body["certificate"] + "\n")
+    # ssh also looks for ``CertificateFile`` tokens expanded with the typed host name.
+    alias = ssh_cert_path(identity, device + SUFFIX, login)
+    if alias != path:
+        write_file(alias, body["certificate"] + "\n")
+    return path
+
+
+def tunnel_command() -> str:
+    """How ssh should call us back: the installed script, else this interpreter."""
+    exe = shutil.which("tunnel")
+    if exe and Path(exe).resolve().parent == Path(sys.executable).resolve().parent:
+        return shlex.quote(exe)
+    return f"{shlex.quote(sys.executable)} -m tunnel.cli"
+
+
+def ssh_config(identity: UserIdentity, hosts: str = f"*{SUFFIX}") -> str:
+    """An ssh_config block for plain ``ssh LOGIN@DEVICE.fleet`` (or ``hosts='*'`` with -F)."""
+    d = identity.directory
+    cmd = tunnel_command()
+    ident = f"--identity {shlex.quote(str(d))}"
+    return f"""\
+# fleet-tunnel: ssh/scp/ansible to devices through the proxy {identity.proxy[0]}:{identity.proxy[1]}
+# Certificates are per login and device, fetched on demand; host keys are checked against the
+# fleet host CA. Generated by 'tunnel config'.
+Match host {hosts} exec "{cmd} ssh-cert %n %r {ident}"
+Host {hosts}
+    ProxyCommand {cmd} proxy-command %n %p {ident}
+    IdentityFile {d}/ssh/id_ed25519
+    CertificateFile {d}/ssh/%r@%n-cert.pub
+    IdentitiesOnly yes
+    UserKnownHostsFile {d}/known_hosts
+    StrictHostKeyChecking yes
+    ControlMaster auto
+    ControlPath {d}/ssh/cm-%r@%n
+    ControlPersist 60s
+    ServerAliveInterval 15
+"""
+
+
+def write_ssh_config(identity: UserIdentity, hosts: str) -> Path:
+    ensure_ssh_key(identity)
+    path = identity.directory / ("ssh_config" if hosts == f"*{SUFFIX}" else "ssh_config.all")
+    write_file(path, ssh_config(identity, hosts))
+    return path
+
+
+def ssh_argv(identity: UserIdentity, target: str, command: list[str], extra: list[str] = ()) -> list[str]:
+    login, sep, device = target.rpartition("@")
+    if not sep:
+        raise ClientError("give the target as LOGIN@DEVICE")
+    config = write_ssh_config(identity, "*")
+    return ["ssh", "-F", str(config), *extra, f"{login}@{strip_suffix(device)}", *command]
+
+
+# --- kube and db --------------------------------------------------------------------------------
+
+
+def kubeconfig_entry(device: str, port: int, ca_file: Path | None, server_name: str | None) -> dict:
+    cluster: dict = {"server": f"https://127.0.0.1:{port}"}
+    if ca_file:
+        cluster["certificate-authority-data"] = base64.b64encode(ca_file.read_bytes()).decode()
+    if server_name:
+        cluster["tls-server-name"] = server_name
+    name = f"fleet-{device}"
+    return {"cluster": {"name": name, "cluster": cluster},
+            "context": {"name": name, "context": {"cluster": name, "user": name}}}
+
+
+def merge_kubeconfig(path: Path, device: str, entry: dict) -> None:
+    """Add or replace the device's cluster and context; keep everything else in the file."""
+    import yaml
+
+    config = yaml.safe_load(path.read_text()) if path.exists() else None
+    config = config or {"apiVersion": "v1", "kind": "Config", "clusters": [], "contexts": [], "users": []}
+    name = entry["cluster"]["name"]
+    for key, item in (("clusters", entry["cluster"]), ("contexts", entry["context"])):
+        config[key] = [x for x in config.get(key) or [] if x.get("name") != name] + [item]
+    config.setdefault("users", [])
+    config["current-context"] = name
+    write_file(path, yaml.safe_dump(config, sort_keys=False), 0o600)
+
+
