@@ -46,13 +46,15 @@ class Fleet:
     """A fleet state directory plus helpers to enroll devices and issue engineer identities."""
 
     def __init__(self, root: Path, *, proxy_host: str = "127.0.0.1", proxy_port: int | None = None,
-                 fleet: str = "acme-fleet", extra_ips: tuple[str, ...] = ()):
+                 fleet: str = "acme-fleet", extra_ips: tuple[str, ...] = (),
+                 device_lifetime: str = "30d"):
         self.root = Path(root)
         self.proxy_host = proxy_host
         self.proxy_port = proxy_port or free_udp_port()
         self.state = FleetState.create(
             self.root / "state", fleet=fleet, proxy_name="proxy.test",
             proxy_ips=[proxy_host, *extra_ips], proxy_port=self.proxy_port,
+            device_lifetime=device_lifetime,
         )
         self.processes: list[subprocess.Popen] = []
 

@@ -328,7 +328,8 @@ class Proxy:
             await self._user_request(peer, stream, msg)
         else:
             self._audit("access.denied", actor=peer.actor, result="denied", code="bad_header",
-                        reason=f"engineers cannot send {msg.kind!r} headers", remote=remote)
+                        reason=f"engineers cannot send {msg.kind!r} headers", remote=remote,
+                        stage="header")
             await _try_write(stream, wire.reply_refused("bad_header", f"unexpected {msg.kind!r} header"))
             _finish(stream)
 
