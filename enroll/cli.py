@@ -7,14 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from enroll import admin, certs, device, output, tokens
-from enroll.enrollment import enroll
-from enroll.labels import LabelError, parse_assignments, parse_selector
-from enroll.registry import RegistryError
-from enroll.request import EnrollError, parse_request
-from enroll.roles import RoleError
+# Only what `enroll device` needs is imported here: a device has no sqlite-utils. Commands for
+# the CA host import the registry-backed modules when they run.
+from enroll import certs, device, output
+from enroll.errors import RegistryError
+from enroll.labels import parse_assignments, parse_selector
+from enroll.request import parse_request
 from enroll.state import FleetState, StateError, default_state_dir, parse_duration
-from enroll.users import UserError
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
@@ -76,6 +75,8 @@ def cmd_init(args) -> int:
 
 
 def cmd_token_create(args) -> int:
+    from enroll import tokens
+
     state = _state(args)
     labels = parse_assignments(args.label)
     if args.name_prefix and not certs.NAME_RE.match(args.name_prefix + "x"):
@@ -96,6 +97,8 @@ def cmd_token_create(args) -> int:
 
 
 def cmd_token_ls(args) -> int:
+    from enroll import tokens
+
     state = _state(args)
     with state.registry() as reg:
         output.emit(tokens.listing(reg), args.format, TOKEN_COLUMNS)
@@ -103,6 +106,8 @@ def cmd_token_ls(args) -> int:
 
 
 def cmd_token_revoke(args) -> int:
+    from enroll import tokens
+
     state = _state(args)
     with state.registry() as reg:
         tokens.revoke(reg, args.id)
@@ -145,6 +150,8 @@ def cmd_device(args) -> int:
 
 
 def cmd_sign(args) -> int:
+    from enroll.enrollment import enroll
+
     state = _state(args)
     request = parse_request(Path(args.csr).read_bytes())
     with state.registry() as reg:
@@ -297,6 +304,8 @@ def cmd_devices(args) -> int:
 
 
 def cmd_relabel(args) -> int:
+    from enroll import admin
+
     state = _state(args)
     with state.registry() as reg:
         dev = admin.relabel(reg, args.device, parse_assignments(args.labels), args.remove)
@@ -305,6 +314,8 @@ def cmd_relabel(args) -> int:
 
 
 def cmd_decommission(args) -> int:
+    from enroll import admin
+
     state = _state(args)
     with state.registry() as reg:
         dev = admin.decommission(reg, args.device)
@@ -313,6 +324,8 @@ def cmd_decommission(args) -> int:
 
 
 def cmd_lock(args) -> int:
+    from enroll import admin
+
     state = _state(args)
     ttl = parse_duration(args.ttl) if args.ttl else None
     with state.registry() as reg:
@@ -322,6 +335,8 @@ def cmd_lock(args) -> int:
 
 
 def cmd_unlock(args) -> int:
+    from enroll import admin
+
     state = _state(args)
     with state.registry() as reg:
         dev = admin.unlock(reg, args.device)
@@ -474,10 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-USER_ERRORS = (
-    RoleError, UserError, Refused, StateError, RegistryError, EnrollError, LabelError, certs.CertError,
-    tokens.TokenError, admin.AdminError, device.InstallError, ValueError,
-)
+# Every user-facing error is one of these (labels, certificates, tokens, roles, users, admin
+# actions and enrollment raise ValueError subclasses).
+USER_ERRORS = (Refused, StateError, RegistryError, ValueError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import sqlite_utils
 
+from enroll.errors import RegistryError
 from enroll.labels import LIFECYCLE
 
 
@@ -116,11 +117,33 @@ def _v2(db: sqlite_utils.Database) -> None:
     db["roles"].create({"name": str, "spec": str, "source": str, "updated_at": str}, pk="name")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2]
+def _v3(db: sqlite_utils.Database) -> None:
+    """Audit: the label sets events had (indexed with time), an actor index, append-only triggers.
+
+    ``audit_labelsets`` holds each distinct labels text once; ``audit.labelset`` points at the
+    one the event recorded, so a selector is evaluated per label set, not per event. Triggers
+    refuse UPDATE and DELETE on both tables and any INSERT that is not the next sequence number;
+    there is no switch to allow them (see enroll/audit.py).
+    """
+    db.execute("CREATE TABLE audit_labelsets (id INTEGER PRIMARY KEY, labels TEXT NOT NULL UNIQUE)")
+    db.execute("ALTER TABLE audit ADD COLUMN labelset INTEGER")  # audit_labelsets.id; verify checks it
+    db.execute("INSERT OR IGNORE INTO audit_labelsets (labels) "
+               "SELECT DISTINCT labels FROM audit WHERE labels IS NOT NULL")
+    db.execute("UPDATE audit SET labelset = (SELECT id FROM audit_labelsets l WHERE l.labels = audit.labels) "
+               "WHERE labels IS NOT NULL")
+    db.execute("CREATE INDEX idx_audit_labelset_time ON audit (labelset, time)")
+    db.execute("CREATE INDEX idx_audit_actor_time ON audit (actor, time)")
+    refuse = "SELECT RAISE(ABORT, 'the audit log is append-only: {what}')"
+    for table in ("audit", "audit_labelsets"):
+        for op in ("UPDATE", "DELETE"):
+            db.execute(f"CREATE TRIGGER {table}_no_{op.lower()} BEFORE {op} ON {table} "
+                       f"BEGIN {refuse.format(what=f'{op} refused')}; END")
+    db.execute("CREATE TRIGGER audit_next_seq BEFORE INSERT ON audit "
+               "WHEN NEW.seq IS NOT (SELECT coalesce(max(seq), 0) + 1 FROM audit) "
+               f"BEGIN {refuse.format(what='events take the next sequence number')}; END")
 
 
-class RegistryError(RuntimeError):
-    """The registry cannot be opened or used; the message says what to do."""
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3]
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from pathlib import Path
 from enroll import output
 from enroll.labels import LabelError, parse_selector
 from enroll.state import FleetState, StateError, default_state_dir
-from tunnel import audit_cmd
 from tunnel import log as tlog
 from tunnel.agent_config import ConfigError, split_host_port
 from tunnel.client import Client, ClientError, UserIdentity
@@ -307,7 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=output.FORMATS, default="table")
     engineer_args(p)
 
-    audit_cmd.register(sub)
+    try:  # ops' audit commands need the [server] extra (sqlite-utils); a device has none
+        from tunnel import audit_cmd
+    except ImportError:
+        audit_cmd = None
+    if audit_cmd:
+        audit_cmd.register(sub)
 
     p = add("login", cmd_login, "log in to the proxy: a short-lived certificate for a key made here")
     p.add_argument("--proxy", required=True, metavar="HOST:PORT")
