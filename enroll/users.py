@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import json
@@ -100,7 +101,13 @@ def load_roles(registry: Registry, names: list[str] | tuple[str, ...]) -> list[R
     if not names:
         return []
     rows = registry.db["roles"].rows_where(f"name IN ({','.join('?' * len(names))})", list(names))
-    return [role_from_spec(json.loads(r["spec"])) for r in rows]
+    return [_parsed(r["spec"]) for r in rows]
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed(spec_json: str) -> Role:
+    """Roles are re-read on every dial and every second per session: parse each version once."""
+    return role_from_spec(json.loads(spec_json))
 
 
 def list_roles(registry: Registry) -> list[dict]:

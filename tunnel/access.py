@@ -42,8 +42,9 @@ def user_denial(registry: Registry, peer: Peer, now: dt.datetime) -> Decision | 
     return None
 
 
-def may_see(registry: Registry, peer: Peer, device: Device | None) -> bool:
-    return device is not None and visible(peer_roles(registry, peer), device.labels)
+def may_see(roles: list[Role], device: Device | None) -> bool:
+    """Listed for the holder of ``roles`` (compute the roles once per listing)."""
+    return device is not None and visible(roles, device.labels)
 
 
 def decide(
