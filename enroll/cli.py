@@ -37,6 +37,13 @@ class Refused(Exception):
     """A user-facing refusal: printed as one line, exit status 1."""
 
 
+def _actor(args) -> str:
+    """Who did it, for the audit log: the operator's login on the CA host."""
+    import getpass
+
+    return args.creator if getattr(args, "creator", None) else f"admin:{getpass.getuser()}"
+
+
 def _state(args) -> FleetState:
     return FleetState(Path(args.state) if args.state else default_state_dir())
 
@@ -84,7 +91,7 @@ def cmd_token_create(args) -> int:
     with state.registry() as reg:
         secret, row = tokens.create(
             reg, state.fleet, labels=labels, ttl=parse_duration(args.ttl), uses=args.uses,
-            name_prefix=args.name_prefix, creator=args.creator,
+            name_prefix=args.name_prefix, creator=_actor(args),
         )
     if args.format != "table":
         output.emit({"token": secret, "id": row["id"], "expires_at": row["expires_at"],
@@ -110,7 +117,7 @@ def cmd_token_revoke(args) -> int:
 
     state = _state(args)
     with state.registry() as reg:
-        tokens.revoke(reg, args.id)
+        tokens.revoke(reg, args.id, actor=_actor(args))
     print(f"token {args.id} revoked")
     return EXIT_OK
 
@@ -174,7 +181,8 @@ def cmd_user_issue(args) -> int:
     directory = make_private_dir(Path(args.dir))
     key = certs.new_key()
     with state.registry() as reg:
-        cert = issue_user(state, reg, args.name, key.public_key(), args.role, parse_duration(args.ttl))
+        cert = issue_user(state, reg, args.name, key.public_key(), args.role, parse_duration(args.ttl),
+                          actor=_actor(args))
     write_private(directory / "user.key", certs.key_pem(key))
     write_file(directory / "user.crt", certs.cert_pem(cert))
     write_file(directory / "ca.crt", certs.cert_pem(state.ca_cert))
@@ -193,7 +201,7 @@ def cmd_role_apply(args) -> int:
     text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
     state = _state(args)
     with state.registry() as reg:
-        names = users.apply_roles(reg, text)
+        names = users.apply_roles(reg, text, actor=_actor(args))
     print(f"applied role(s): {', '.join(names)}")
     return EXIT_OK
 
@@ -211,7 +219,7 @@ def cmd_role_rm(args) -> int:
     from enroll import users
 
     with _state(args).registry() as reg:
-        users.remove_role(reg, args.name)
+        users.remove_role(reg, args.name, actor=_actor(args))
     print(f"role {args.name} removed")
     return EXIT_OK
 
@@ -221,7 +229,7 @@ def cmd_user_add(args) -> int:
 
     state = _state(args)
     with state.registry() as reg:
-        invite, totp_secret = users.add(reg, args.name, args.role, with_totp=args.totp)
+        invite, totp_secret = users.add(reg, args.name, args.role, with_totp=args.totp, actor=_actor(args))
     info = {"user": args.name, "invite": invite, "ca_pin": certs.ca_pin(state.ca_cert),
             "proxy": state.proxy_address, "expires_in": "24h"}
     if totp_secret:
@@ -255,7 +263,8 @@ def cmd_user_lock(args) -> int:
     from enroll import users
 
     with _state(args).registry() as reg:
-        users.lock(reg, args.name, parse_duration(args.ttl) if args.ttl else None, args.message)
+        users.lock(reg, args.name, parse_duration(args.ttl) if args.ttl else None, args.message,
+                   actor=_actor(args))
     print(f"user {args.name} locked; open sessions are cut within a second")
     return EXIT_OK
 
@@ -264,7 +273,7 @@ def cmd_user_unlock(args) -> int:
     from enroll import users
 
     with _state(args).registry() as reg:
-        users.unlock(reg, args.name)
+        users.unlock(reg, args.name, actor=_actor(args))
     print(f"user {args.name} unlocked")
     return EXIT_OK
 
@@ -274,7 +283,7 @@ def cmd_user_invite(args) -> int:
 
     state = _state(args)
     with state.registry() as reg:
-        invite = users.new_invite(reg, args.name)
+        invite = users.new_invite(reg, args.name, actor=_actor(args))
     print(f"tunnel login --proxy {state.proxy_address} --user {args.name} "
           f"--ca-pin {certs.ca_pin(state.ca_cert)} --invite {invite}")
     return EXIT_OK
@@ -284,7 +293,7 @@ def cmd_user_roles(args) -> int:
     from enroll import users
 
     with _state(args).registry() as reg:
-        users.set_roles(reg, args.name, args.role)
+        users.set_roles(reg, args.name, args.role, actor=_actor(args))
     print(f"user {args.name} now holds: {', '.join(args.role) or 'no roles'} (acts at once)")
     return EXIT_OK
 
@@ -308,7 +317,8 @@ def cmd_relabel(args) -> int:
 
     state = _state(args)
     with state.registry() as reg:
-        dev = admin.relabel(reg, args.device, parse_assignments(args.labels), args.remove)
+        dev = admin.relabel(reg, args.device, parse_assignments(args.labels), args.remove,
+                            actor=_actor(args))
     output.emit(dev.as_dict(), args.format)
     return EXIT_OK
 
@@ -318,7 +328,7 @@ def cmd_decommission(args) -> int:
 
     state = _state(args)
     with state.registry() as reg:
-        dev = admin.decommission(reg, args.device)
+        dev = admin.decommission(reg, args.device, actor=_actor(args))
     print(f"{dev.id} decommissioned; certificate {dev.cert_serial} revoked")
     return EXIT_OK
 
@@ -329,7 +339,7 @@ def cmd_lock(args) -> int:
     state = _state(args)
     ttl = parse_duration(args.ttl) if args.ttl else None
     with state.registry() as reg:
-        dev = admin.lock(reg, args.device, ttl, args.message)
+        dev = admin.lock(reg, args.device, ttl, args.message, actor=_actor(args))
     print(f"{dev.id} locked until {dev.locked_until}")
     return EXIT_OK
 
@@ -339,7 +349,7 @@ def cmd_unlock(args) -> int:
 
     state = _state(args)
     with state.registry() as reg:
-        dev = admin.unlock(reg, args.device)
+        dev = admin.unlock(reg, args.device, actor=_actor(args))
     print(f"{dev.id} unlocked")
     return EXIT_OK
 
@@ -387,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uses", type=int, default=1, help="how many devices may use it (default: 1)")
     p.add_argument("--name-prefix", default="", metavar="PREFIX",
                    help="device ids become PREFIX + random, unless the device asks for --name")
-    p.add_argument("--creator", default="admin", help=argparse.SUPPRESS)
+    p.add_argument("--creator", help=argparse.SUPPRESS)
     _format_arg(p)
     p = tadd("ls", cmd_token_ls, "list tokens (never their secrets)")
     _format_arg(p)

@@ -220,6 +220,7 @@ class Proxy:
             db["devices"].update(device_id, {"last_seen": iso(now)})
             audit.append(
                 db, "device.disconnect", actor=peer.actor, device=device_id,
+                remote="{}:{}".format(*conn.remote_address[:2]),
                 labels=dev.labels if dev else None, now=now, reason=reason,
                 duration=round(time.time() - link.connected_at, 3),
                 bytes_to_device=link.bytes_down, bytes_from_device=link.bytes_up,
@@ -290,7 +291,9 @@ class Proxy:
                 await stream.write(wire.reply_refused("unknown_op", f"unknown request {op!r}"))
         except (wire.HeaderError, EnrollError, TimeoutError) as exc:
             code = getattr(exc, "code", "refused")
+            dev = self.registry.device(link.device_id)
             self._audit("access.denied", actor=link.peer.actor, device=link.device_id,
+                        labels=dev.labels if dev else None,
                         result="denied", reason=str(exc), code=code, stage="agent-request")
             await _try_write(stream, wire.reply_refused(code, str(exc)))
         except TransportError:
@@ -327,7 +330,8 @@ class Proxy:
         elif msg.kind == "request":
             await self._user_request(peer, stream, msg)
         else:
-            self._audit("access.denied", actor=peer.actor, result="denied", code="bad_header",
+            self._audit("access.denied", actor=peer.actor, actor_roles=peer.identity.roles,
+                        result="denied", code="bad_header",
                         reason=f"engineers cannot send {msg.kind!r} headers", remote=remote,
                         stage="header")
             await _try_write(stream, wire.reply_refused("bad_header", f"unexpected {msg.kind!r} header"))
@@ -406,8 +410,9 @@ class Proxy:
         if op == "ls":
             body = {"devices": self.listing(peer)}
         elif op == "status":
+            roles = access.peer_roles(self.registry, peer)
             body = {"agents": [a.as_dict() for a in self.agents.values()
-                               if access.may_see(self.registry, peer, self.registry.device(a.device_id))]}
+                               if access.may_see(roles, self.registry.device(a.device_id))]}
         elif op == "whoami":
             roles = access.peer_roles(self.registry, peer)
             body = {"user": peer.name, "roles": [r.name for r in roles],
@@ -463,8 +468,9 @@ class Proxy:
 
     def listing(self, peer: Peer) -> list[dict]:
         rows = []
+        roles = access.peer_roles(self.registry, peer)
         for dev in self.registry.devices():
-            if not access.may_see(self.registry, peer, dev):
+            if not access.may_see(roles, dev):
                 continue
             link = self.agents.get(dev.id)
             rows.append({
