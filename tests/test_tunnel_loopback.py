@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 
 import pytest
 from fleet import EchoServer, Fleet, wait_until
@@ -226,3 +227,79 @@ def test_online_enrollment_checks_the_pin_before_sending_the_token(fleet, tmp_pa
     status = enroll_main([*base, "--dir", str(tmp_path / "d3"), "--ca-pin", fleet.pin])
     assert status == 1
     assert [e["type"] for e in fleet.audit()][-1] == "device.enroll.denied"
+
+
+def test_login_with_invite_then_password_and_failures_are_audited(fleet, tmp_path):
+    from enroll import users
+
+    fleet.start_proxy()
+    with fleet.state.registry() as reg:
+        invite, _ = users.add(reg, "alice", ["admin"])
+    identity = tmp_path / "alice"
+    base = ["login", "--proxy", fleet.address, "--user", "alice", "--server-name", "proxy.test",
+            "--password-stdin"]
+    out = fleet.tunnel(*base, "--invite", invite, "--ca-pin", fleet.pin, identity=identity,
+                       input=b"a long password\n")
+    assert out.returncode == 0, out.stderr
+    assert (identity / "user.key").stat().st_mode & 0o777 == 0o600
+    out = fleet.tunnel(*base, identity=identity, input=b"wrong password\n")
+    assert out.returncode == 1 and b"unknown user or wrong password" in out.stderr
+    out = fleet.tunnel(*base, identity=identity, input=b"a long password\n")
+    assert out.returncode == 0, out.stderr
+    out = fleet.tunnel("whoami", "--format", "json", identity=identity)
+    assert json.loads(out.stdout)["roles"] == ["admin"]
+    types = [e["type"] for e in fleet.audit() if e["type"].startswith("user.login")]
+    assert types == ["user.login", "user.login.failed", "user.login"]
+    assert fleet.tunnel("logout", identity=identity).returncode == 0
+    assert fleet.tunnel("ls", identity=identity).returncode == 1
+
+
+def test_session_is_cut_when_its_certificate_expires(running):
+    import asyncio
+
+    from tunnel.client import Client, UserIdentity
+    from tunnel.transport import TransportError
+
+    fleet, _, _, _ = running
+    brief = fleet.user("brief", ["admin"], ttl="4s")
+
+    async def hold():
+        client = await Client.connect(UserIdentity.load(brief))
+        stream, _ = await client.dial("robot-1", "echo")
+        started = time.monotonic()
+        try:
+            while True:
+                await stream.write(b"x")
+                if not await stream.read(10):
+                    break
+                await asyncio.sleep(0.2)
+        except TransportError:
+            pass
+        client.close()
+        return time.monotonic() - started
+
+    held = asyncio.run(hold())
+    assert 1.0 < held < 8.0, held
+
+
+def test_kubeconfig_merge_keeps_other_contexts(tmp_path):
+    import yaml
+
+    from tunnel.engineer import kubeconfig_entry, merge_kubeconfig
+
+    path = tmp_path / "config"
+    path.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "Config",
+                                    "clusters": [{"name": "prod", "cluster": {"server": "https://x"}}],
+                                    "contexts": [{"name": "prod", "context": {"cluster": "prod"}}],
+                                    "users": [], "current-context": "prod"}))
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    merge_kubeconfig(path, "robot-1", kubeconfig_entry("robot-1", 4567, ca, "kubernetes"))
+    merge_kubeconfig(path, "robot-1", kubeconfig_entry("robot-1", 4568, ca, "kubernetes"))
+    config = yaml.safe_load(path.read_text())
+    assert [c["name"] for c in config["clusters"]] == ["prod", "fleet-robot-1"]
+    assert config["clusters"][1]["cluster"]["server"] == "https://127.0.0.1:4568"
+    assert config["clusters"][1]["cluster"]["tls-server-name"] == "kubernetes"
+    assert "certificate-authority-data" in config["clusters"][1]["cluster"]
+    assert config["current-context"] == "fleet-robot-1"
+    assert path.stat().st_mode & 0o777 == 0o600
