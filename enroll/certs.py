@@ -284,6 +284,10 @@ def make_csr(key) -> x509.CertificateSigningRequest:
     )
 
 
+def csr_pem(key) -> str:
+    return make_csr(key).public_bytes(serialization.Encoding.PEM).decode()
+
+
 def check_csr(pem: bytes | str):
     """Return the CSR's public key if it is acceptable; raise CertError saying why not."""
     if isinstance(pem, str):

@@ -59,10 +59,7 @@ def prepare(directory: Path, name: str | None = None, ssh_host_key: Path | None 
             write_file(ssh_host_key, certs.ssh_public_line(host) + "\n")
     host_line = Path(ssh_host_key).read_text().strip()
     certs.load_ssh_public(host_line)
-    csr = certs.make_csr(key)
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    request = make_request(csr.public_bytes(Encoding.PEM), host_line, name)
+    request = make_request(certs.csr_pem(key).encode(), host_line, name)
     write_file(directory / "request.json", json.dumps(request, indent=2) + "\n")
     return request
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 
 def write_file(path: Path, data: bytes | str, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` via a temp file + rename, so readers never see half a key."""
+    """Write ``data`` to ``path`` via a temp file + rename, so readers never see half a file,
+    and fsync both, so a crash leaves the old or the new content."""
     if isinstance(data, str):
         data = data.encode()
     path = Path(path)
@@ -23,6 +24,11 @@ def write_file(path: Path, data: bytes | str, mode: int = 0o644) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def write_private(path: Path, data: bytes | str) -> None:

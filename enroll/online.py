@@ -14,10 +14,7 @@ from pathlib import Path
 
 from enroll import device
 from enroll.request import EnrollError
-from tunnel import wire
-from tunnel.agent_config import split_host_port
-from tunnel.protocol import ALPN_ENROLL, read_header
-from tunnel.transport import TransportError, connect
+from tunnel.client import ClientError, anonymous_request
 
 
 async def enroll_online(
@@ -27,28 +24,13 @@ async def enroll_online(
 ) -> dict:
     """Enroll this device through the proxy and install the bundle. Returns a summary."""
     pin = device.check_pin(ca_pin)
-    host, port = split_host_port(proxy, "--proxy")
     request = device.prepare(directory, name, ssh_host_key)
     try:
-        conn = await connect(host, port, identity=None, ca_pin=pin, server_name=server_name or host,
-                             alpn=ALPN_ENROLL, keepalive=None, handshake_timeout=timeout)
-    except TransportError as exc:
-        raise EnrollError(f"cannot reach the proxy at {proxy} safely: {exc.reason or exc}") from None
-    except OSError as exc:
-        raise EnrollError(f"cannot reach the proxy at {proxy}: {exc.strerror or exc}") from None
-    try:
-        stream = await conn.open_stream()
-        await stream.write(wire.encode("request", op="enroll",
-                                       args={"request": json.dumps(request), "token": token}))
-        stream.write_eof()
-        reply, _ = await read_header(stream, timeout)
-    except (TransportError, wire.HeaderError, TimeoutError) as exc:
-        raise EnrollError(f"enrollment over {proxy} failed: {exc or 'timeout'}") from None
-    finally:
-        conn.close(0, "done")
-    if not reply["ok"]:
-        raise EnrollError(reply.get("reason", "refused by the proxy"))
-    return device.install(directory, reply["body"], pin, services)
+        bundle = await anonymous_request(proxy, "enroll", {"request": json.dumps(request), "token": token},
+                                         ca_pin=pin, server_name=server_name, timeout=timeout)
+    except ClientError as exc:
+        raise EnrollError(str(exc)) from None
+    return device.install(directory, bundle, pin, services)
 
 
 def run(directory: Path, proxy: str, token: str, ca_pin: str, **kw) -> dict:

@@ -11,10 +11,10 @@ import datetime as dt
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from enroll import audit, output
+from enroll.files import write_file
 from enroll.labels import parse_selector
 from enroll.registry import iso
 from enroll.state import FleetState, default_state_dir, parse_duration
@@ -201,23 +201,8 @@ def _read_cursor(path: Path) -> tuple[int, str | None]:
 
 
 def _write_cursor(path: Path, seq: int, digest: str) -> None:
-    body = json.dumps({"seq": seq, "hash": digest,
-                       "updated": iso(dt.datetime.now(dt.UTC))}) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    body = json.dumps({"seq": seq, "hash": digest, "updated": iso(dt.datetime.now(dt.UTC))}) + "\n"
+    write_file(path, body)
 
 
 def _recover_output(path: Path) -> tuple[int, str] | None:

@@ -129,6 +129,41 @@ class Client:
         return reply.get("body", {})
 
 
+async def anonymous_request(
+    proxy: str, op: str, args: dict, *, ca=None, ca_pin: str | None = None,
+    server_name: str | None = None, timeout: float = 15.0,
+) -> dict:
+    """One request on the proxy's anonymous ALPN (enrollment, login), before we have a certificate.
+
+    The proxy is checked against ``ca`` or, for a first contact, the CA ``ca_pin`` before any
+    secret is sent. Returns the reply body; raises Refusal or ClientError.
+    """
+    from tunnel.agent_config import split_host_port
+    from tunnel.protocol import ALPN_ENROLL
+
+    host, port = split_host_port(proxy, "--proxy")
+    try:
+        conn = await connect(host, port, identity=None, ca=ca, ca_pin=None if ca else ca_pin,
+                             server_name=server_name or host, alpn=ALPN_ENROLL, keepalive=None,
+                             handshake_timeout=timeout)
+    except TransportError as exc:
+        raise ClientError(f"cannot reach the proxy at {proxy} safely: {exc.reason or exc}") from None
+    except OSError as exc:
+        raise ClientError(f"cannot connect to the proxy {proxy}: {exc.strerror or exc}") from None
+    try:
+        stream = await conn.open_stream()
+        await stream.write(wire.encode("request", op=op, args={k: v for k, v in args.items() if v}))
+        stream.write_eof()
+        reply, _ = await read_header(stream, timeout=timeout)
+    except (TransportError, wire.HeaderError, TimeoutError) as exc:
+        raise ClientError(f"{op} through {proxy} failed: {exc or 'timeout'}") from None
+    finally:
+        conn.close(0, "done")
+    if not reply["ok"]:
+        raise Refusal(reply.get("reason", "refused by the proxy"), reply.get("code", "refused"))
+    return reply.get("body", {})
+
+
 def service_from_port(target: str) -> str:
     """ssh's ``%p`` is a port: 22 means the ssh service; other values pass through unchanged."""
     return "ssh" if target == "22" else target

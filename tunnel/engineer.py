@@ -20,11 +20,14 @@ from pathlib import Path
 
 from enroll import certs
 from enroll.files import make_private_dir, write_file, write_private
-from tunnel import wire
-from tunnel.agent_config import split_host_port
-from tunnel.client import Client, ClientError, UserIdentity, device_from_host
-from tunnel.protocol import ALPN_ENROLL, read_header
-from tunnel.transport import TransportError, connect
+from tunnel.client import (
+    Client,
+    ClientError,
+    Refusal,
+    UserIdentity,
+    anonymous_request,
+    device_from_host,
+)
 
 SUFFIX = ".fleet"
 CERT_MIN_LEFT = dt.timedelta(seconds=60)
@@ -39,33 +42,17 @@ async def login(directory: Path, proxy: str, user: str, password: str, *, invite
                 server_name: str | None = None) -> dict:
     """Authenticate to the proxy and store a fresh user certificate for a key made here."""
     directory = make_private_dir(directory)
-    host, port = split_host_port(proxy, "--proxy")
     ca_path = directory / "ca.crt"
     ca = certs.load_cert(ca_path.read_bytes()) if ca_path.exists() else None
     if ca is None and not ca_pin:
         raise ClientError("first login: pass --ca-pin sha256:... (printed with your invite)")
     key = certs.new_key()
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    csr = certs.make_csr(key).public_bytes(Encoding.PEM).decode()
+    args = {"user": user, "password": password, "csr": certs.csr_pem(key), "invite": invite, "totp": totp, "ttl": ttl}
     try:
-        conn = await connect(host, port, identity=None, ca=ca, ca_pin=None if ca else ca_pin,
-                             server_name=server_name or host, alpn=ALPN_ENROLL, keepalive=None)
-    except TransportError as exc:
-        raise ClientError(f"cannot reach the proxy at {proxy} safely: {exc.reason or exc}") from None
-    except OSError as exc:
-        raise ClientError(f"cannot connect to the proxy {proxy}: {exc.strerror or exc}") from None
-    try:
-        stream = await conn.open_stream()
-        args = {"user": user, "password": password, "csr": csr, "invite": invite, "totp": totp, "ttl": ttl}
-        await stream.write(wire.encode("request", op="login", args={k: v for k, v in args.items() if v}))
-        stream.write_eof()
-        reply, _ = await read_header(stream, timeout=30)
-    finally:
-        conn.close(0, "done")
-    if not reply["ok"]:
-        raise ClientError(f"login refused: {reply.get('reason')}", "login_failed")
-    body = reply["body"]
+        body = await anonymous_request(proxy, "login", args, ca=ca, ca_pin=ca_pin,
+                                       server_name=server_name, timeout=30)
+    except Refusal as exc:
+        raise ClientError(f"login refused: {exc}", "login_failed") from None
     cert = certs.load_cert(body["cert"].encode())
     write_private(directory / "user.key", certs.key_pem(key))
     write_file(directory / "user.crt", body["cert"])
