@@ -1,11 +1,25 @@
 """The agent on the device: one outbound QUIC connection, a local TCP connection per session.
 
-It listens on no network port. The loop is: dial the first proxy endpoint that answers
-(jittered exponential backoff when none does), say hello (with why it reconnected), then serve
-streams the proxy opens — each names a service from the config, which the agent connects to on
-the device and splices. Meanwhile :class:`PathWatch` follows the kernel's choice of source
-address toward the proxy: when it changes (Wi-Fi → cellular) the live connection migrates;
-when keepalives go unanswered the path is declared dead and the agent migrates or reconnects.
+It listens on no network port. The loop is: dial the first proxy endpoint the current uplink
+may use (jittered exponential backoff when none answers; a change of network retries at once),
+say hello (with why it reconnected), then serve streams the proxy opens — each names a service
+from the config, which the agent connects to on the device and splices.
+
+Path logic (:meth:`Agent._watch_routes` and :meth:`Agent._probe`):
+
+* The route toward the proxy endpoint is re-checked on every netlink route/address/link event,
+  on every failed send and every ``probe_interval`` (1 s): which local address and which
+  interface (uplink) the kernel would use now. No packet is sent for that.
+* The source address changed (Wi-Fi → cellular), or the route came back after an outage: the
+  live connection migrates — new UDP socket on the new address, new connection ID, in-flight
+  packets retransmitted at once — and a probe goes out immediately. Sessions continue.
+* The uplink the route now uses may not reach this endpoint (the satellite network only reaches
+  the ground-station address), or the connection ended (proxy restarted, idle timeout): the
+  agent reconnects to an endpoint the current uplink may use and says why in its hello, which
+  the proxy audits as ``device.reconnect``.
+* Liveness: a PING every ``keepalive`` (25 s) when idle, every ``probe_interval`` while sessions
+  are open or once a probe went unanswered. Nothing heard from the proxy for ``dead_after``
+  probe timeouts (3 s by default) means the path is dead: the agent reconnects.
 """
 
 from __future__ import annotations
@@ -13,8 +27,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import fcntl
 import logging
 import socket
+import struct
 import time
 from dataclasses import dataclass
 
@@ -26,18 +42,33 @@ from tunnel.backoff import Backoff
 from tunnel.log import event
 from tunnel.protocol import ALPN_AGENT, CLOSE_NAMES, read_header
 from tunnel.splice import SocketEnds, StreamEnds, splice
-from tunnel.transport import Connection, Stream, TLSIdentity, TransportError, connect
+from tunnel.transport import Connection, ErrorCode, Stream, TLSIdentity, TransportError, connect
 
 log = logging.getLogger("tunnel.agent")
 
 LOCAL_CONNECT_TIMEOUT = 5.0
 MAX_SESSIONS = 64
 RENEW_AT = 2 / 3  # renew when this fraction of the certificate's life is gone
+HANDSHAKE_TIMEOUT = 3.0
+STABLE_AFTER = 10.0  # a connection that lasted this long resets the reconnect backoff
+SETTLE = 0.01  # coalesce a burst of netlink events (link up + route replace) into one check
+
+# rtnetlink multicast groups (linux/rtnetlink.h)
+_RTMGRP = 0x1 | 0x10 | 0x40 | 0x100 | 0x400  # LINK, IPV4_IFADDR, IPV4_ROUTE, IPV6_IFADDR, IPV6_ROUTE
+_SIOCGIFADDR = 0x8915
 
 
 def load_identity(config: AgentConfig) -> TLSIdentity:
     cert = certs.load_cert(config.cert.read_bytes())
     return TLSIdentity([cert], certs.load_key(config.key.read_bytes()), certs.load_cert(config.ca.read_bytes()))
+
+
+@dataclass(frozen=True)
+class Route:
+    """What the kernel would use toward one endpoint now."""
+
+    source: str  # local address
+    uplink: str | None  # interface name (None when it cannot be told, e.g. IPv6)
 
 
 def source_address_toward(host: str, port: int) -> str | None:
@@ -51,6 +82,43 @@ def source_address_toward(host: str, port: int) -> str | None:
         return s.getsockname()[0]
 
 
+def interface_addresses() -> dict[str, str]:
+    """IPv4 address -> interface name, for every interface that has one (one ioctl each)."""
+    out: dict[str, str] = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue  # no IPv4 address
+            out[socket.inet_ntoa(raw[20:24])] = name
+    return out
+
+
+def route_toward(host: str, port: int, ifaddrs: dict[str, str] | None = None) -> Route | None:
+    source = source_address_toward(host, port)
+    if source is None:
+        return None
+    if ifaddrs is None:
+        ifaddrs = interface_addresses() if ":" not in host else {}
+    return Route(source, ifaddrs.get(source))
+
+
+def open_netlink() -> socket.socket | None:
+    """A socket that becomes readable on any route, address or link change (Linux)."""
+    try:
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    except (AttributeError, OSError):
+        return None
+    try:
+        s.bind((0, _RTMGRP))
+        s.setblocking(False)
+    except OSError:
+        s.close()
+        return None
+    return s
+
+
 @dataclass
 class Counters:
     migrations: int = 0
@@ -59,92 +127,198 @@ class Counters:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, *, probe_interval: float = 1.0, probe_timeout: float = 1.0):
+    def __init__(self, config: AgentConfig, *, probe_interval: float | None = None,
+                 probe_timeout: float | None = None):
         self.config = config
-        self.probe_interval = probe_interval
-        self.probe_timeout = probe_timeout
+        self.probe_interval = probe_interval or config.probe_interval
+        self.probe_timeout = probe_timeout or config.probe_timeout
         self.counters = Counters()
         self.active_sessions = 0
         self.conn: Connection | None = None
         self.endpoint: Endpoint | None = None
+        self.route: Route | None = None  # current path of the live connection
         self._stop = asyncio.Event()
+        self._net_changed = asyncio.Event()  # netlink event or failed send: re-check routes
+        self._probe_now = asyncio.Event()
+        self._netlink: socket.socket | None = None
+        self._outage_since: float | None = None  # loop.time() the route went away, if it did
+        self._network_moved = False  # the last connection ended because the network changed
+        self._closed_code: int | None = None  # application code the proxy closed us with
+        self._accepted = False  # the proxy answered our hello on the last connection
 
     def stop(self) -> None:
         self._stop.set()
         if self.conn:
             self.conn.close(0, "agent stopping")
 
+    # --- network change notifications -----------------------------------------------------------
+
+    def _start_netlink(self) -> None:
+        self._netlink = open_netlink()
+        if self._netlink is None:
+            event(log, "no netlink: route changes are noticed by polling", level=logging.WARNING,
+                  interval=self.probe_interval)
+            return
+        asyncio.get_running_loop().add_reader(self._netlink, self._on_netlink)
+
+    def _stop_netlink(self) -> None:
+        if self._netlink is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._netlink)
+            self._netlink.close()
+            self._netlink = None
+
+    def _on_netlink(self) -> None:
+        with contextlib.suppress(OSError):
+            while self._netlink.recv(65536):
+                pass
+        self._net_changed.set()
+
+    def _on_send_error(self, exc: Exception) -> None:
+        self._net_changed.set()
+
+    async def _wait_change(self, timeout: float) -> bool:
+        """Wait for a network change (True) or ``timeout`` / stop (False)."""
+        waits = [asyncio.ensure_future(self._net_changed.wait()), asyncio.ensure_future(self._stop.wait())]
+        try:
+            done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        changed = self._net_changed.is_set()
+        if changed:
+            await asyncio.sleep(SETTLE)
+            self._net_changed.clear()
+        return changed
+
+    # --- endpoint choice ------------------------------------------------------------------------
+
+    def candidates(self) -> list[tuple[Endpoint, Route]]:
+        """Endpoints the device may use now, each with the route toward it, in preference order.
+
+        An endpoint is usable when the kernel has a route toward it and the interface of that
+        route is one the endpoint serves (``via``; endpoints without ``via`` serve every uplink
+        that has no endpoint of its own). Per-uplink endpoints come first.
+        """
+        ifaddrs = interface_addresses()
+        out = []
+        for ep in self.config.proxies:
+            route = route_toward(ep.host, ep.port, ifaddrs if ":" not in ep.host else {})
+            if route is not None and ep.serves(route.uplink, self.config.proxies):
+                out.append((ep, route))
+        out.sort(key=lambda pair: not pair[0].via)
+        return out
+
     # --- connection loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        backoff = Backoff(base=1.0, cap=30.0)
+        self._start_netlink()
+        try:
+            await self._run()
+        finally:
+            self._stop_netlink()
+
+    async def _run(self) -> None:
+        backoff = Backoff(base=self.config.reconnect_backoff, cap=self.config.reconnect_backoff_max)
+        loop = asyncio.get_running_loop()
         reason: str | None = None
-        outage_started: float | None = None
+        outage_started: float | None = None  # loop.time() the device was last known reachable
         while not self._stop.is_set():
-            conn = await self._dial_any()
+            offered = self.candidates()
+            conn = await self._dial_any(offered) if offered else None
             if conn is None:
-                delay = backoff.next_delay()
-                event(log, "no proxy endpoint answered; retrying", delay=round(delay, 2))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), delay)
-                outage_started = outage_started or time.monotonic()
+                outage_started = outage_started or loop.time()
+                if offered:
+                    delay = backoff.next_delay()
+                    event(log, "no proxy endpoint answered; retrying", delay=round(delay, 2),
+                          tried=",".join(ep.address for ep, _ in offered))
+                else:
+                    delay = self.probe_interval
+                    event(log, "no route toward any proxy endpoint; waiting for a network",
+                          level=logging.DEBUG)
+                # A new network (route or address change) is worth trying at once.
+                deadline = time.monotonic() + delay
+                while not self._stop.is_set() and time.monotonic() < deadline:
+                    changed = await self._wait_change(deadline - time.monotonic())
+                    if changed and self.candidates() != offered:
+                        backoff.reset()
+                        break
                 continue
-            backoff.reset()
-            outage = round(time.monotonic() - outage_started, 3) if outage_started else None
+            outage = round(loop.time() - outage_started, 3) if outage_started else None
             if reason:
                 self.counters.reconnects += 1
+            self._outage_since = None
+            self._network_moved = False
+            self._closed_code = None
+            self._accepted = False
+            started = loop.time()
             reason = await self._serve(conn, reason, outage)
-            outage_started = time.monotonic()
+            # offline since the route went away, or since the proxy was last heard from
+            outage_started = min(self._outage_since or loop.time(), conn.last_received, loop.time())
             if self._stop.is_set():
                 return
             event(log, "connection ended; reconnecting", reason=reason)
+            if self._accepted or loop.time() - started >= STABLE_AFTER:
+                backoff.reset()  # the proxy took us: the first retry is immediate
+            shutdown = self._closed_code == ErrorCode.SHUTDOWN
+            if not self._network_moved and (shutdown or not self._accepted):
+                # Closed before the proxy took us (refused, locked), or a proxy shutting down:
+                # back off with jitter so a fleet does not reconnect in lockstep (a new network
+                # retries at once). After a working connection the first retry is immediate.
+                delay = backoff.next_delay()
+                changed = await self._wait_change(delay)
+                if changed:
+                    backoff.reset()
 
-    async def _dial_any(self) -> Connection | None:
-        """Try each endpoint the device can route to now, in config order."""
+    async def _dial_any(self, offered: list[tuple[Endpoint, Route]]) -> Connection | None:
+        """Try each usable endpoint in order; the first that completes a handshake wins."""
         identity = load_identity(self.config)
-        for ep in self.config.proxies:
-            source = source_address_toward(ep.host, ep.port)
-            if source is None:
-                continue
+        for ep, route in offered:
             try:
                 conn = await connect(
                     ep.host, ep.port, identity=identity, server_name=ep.server_name,
-                    local_addr=(source, 0),
-                    alpn=ALPN_AGENT, keepalive=self.config.keepalive,
-                    idle_timeout=max(60.0, self.config.keepalive * 3), handshake_timeout=3.0,
+                    local_addr=(route.source, 0),
+                    alpn=ALPN_AGENT, keepalive=None,  # _probe sends the keepalives
+                    idle_timeout=max(60.0, self.config.keepalive * 3),
+                    handshake_timeout=HANDSHAKE_TIMEOUT,
                 )
             except TransportError as exc:
                 code = CLOSE_NAMES.get(exc.code, exc.code) if exc.application else exc.code
-                event(log, "dial failed", level=logging.WARNING, endpoint=f"{ep.host}:{ep.port}",
-                      code=code, reason=exc.reason)
+                event(log, "dial failed", level=logging.WARNING, endpoint=ep.address,
+                      uplink=route.uplink, code=code, reason=exc.reason)
                 continue
             except OSError as exc:
-                event(log, "dial failed", level=logging.WARNING, endpoint=f"{ep.host}:{ep.port}",
-                      error=str(exc))
+                event(log, "dial failed", level=logging.WARNING, endpoint=ep.address,
+                      uplink=route.uplink, error=str(exc))
                 continue
-            self.endpoint = ep
+            self.endpoint, self.route = ep, route
             return conn
         return None
 
     async def _serve(self, conn: Connection, reconnect: str | None, outage: float | None) -> str:
         """Run one connection until it ends; return why it ended."""
         self.conn = conn
-        event(log, "connected", endpoint=f"{self.endpoint.host}:{self.endpoint.port}",
-              local="{}:{}".format(*conn.local_address[:2]))
-        tasks = [asyncio.create_task(self._accept(conn)), asyncio.create_task(self._watch_path(conn))]
+        conn.on_send_error = self._on_send_error
+        event(log, "connected", endpoint=self.endpoint.address, uplink=self.route.uplink,
+              local="{}:{}".format(*conn.local_address[:2]), reconnect=reconnect, outage=outage)
+        tasks = [asyncio.create_task(self._accept(conn)),
+                 asyncio.create_task(self._watch_routes(conn)),
+                 asyncio.create_task(self._probe(conn))]
         try:
             await self._hello(conn, reconnect, outage)
+            self._accepted = True
             await self._maybe_renew(conn)
             closed = asyncio.create_task(conn.wait_closed())
             stop = asyncio.create_task(self._stop.wait())
             done, _ = await asyncio.wait({closed, stop, *tasks}, return_when=asyncio.FIRST_COMPLETED)
             stop.cancel()
-            if closed in done and closed.result() is not None:
-                err = closed.result()
-                return CLOSE_NAMES.get(err.code, err.reason) if err.application else err.reason
             for t in done:
                 if t in tasks and not t.cancelled() and isinstance(t.result(), str):
                     return t.result()
+            if closed in done and closed.result() is not None:
+                err = closed.result()
+                self._closed_code = err.code if err.application else None
+                return CLOSE_NAMES.get(err.code, err.reason) if err.application else err.reason
             return "closed"
         except TransportError as exc:
             return exc.reason or "transport error"
@@ -161,8 +335,12 @@ class Agent:
         reply, _ = await read_header(stream)
         return reply
 
-    async def _hello(self, conn: Connection, reconnect: str | None, outage: float | None) -> None:
-        args = {"uplink": self.endpoint.via} if self.endpoint.via else {}
+    async def _hello(self, conn: Connection, reconnect: str | None, outage: float | None,
+                     **extra) -> None:
+        args = {"uplink": self.route.uplink if self.route else None,
+                "endpoint": self.endpoint.address,
+                "migrations": self.counters.migrations, "reconnects": self.counters.reconnects,
+                **extra}
         if reconnect:
             args.update(reconnect=reconnect, outage=outage)
         await self._request(conn, "hello", **args)
@@ -187,38 +365,86 @@ class Agent:
 
     # --- path watching ------------------------------------------------------------------------
 
-    async def _watch_path(self, conn: Connection) -> str:
-        """Migrate when the kernel's source address changes; give up when the path stays dead."""
+    async def _watch_routes(self, conn: Connection) -> str:
+        """Follow the kernel's route toward the endpoint: migrate, or ask for a reconnect."""
         ep = self.endpoint
-        misses = 0
-        last_ping = time.monotonic()
+        outage_since: float | None = None
         while True:
-            await asyncio.sleep(self.probe_interval)
-            source = source_address_toward(ep.host, ep.port)
-            if source is None:
-                continue  # no uplink at all: wait for one (the QUIC idle timeout is the backstop)
-            if source != conn.local_address[0]:
-                old = conn.local_address[0]
-                try:
-                    await conn.migrate((source, 0))
-                except OSError as exc:
-                    event(log, "migration failed", level=logging.WARNING, error=str(exc))
-                    continue
-                self.counters.migrations += 1
-                event(log, "migrated", old=old, new=source)
-                misses, last_ping = 0, 0.0  # probe the new path at once
-            due = misses > 0 or time.monotonic() - last_ping >= self.config.keepalive
-            if not due:
+            await self._wait_change(self.probe_interval)
+            route = route_toward(ep.host, ep.port)
+            if route is None:
+                if outage_since is None:
+                    outage_since = time.monotonic()
+                    self._outage_since = asyncio.get_running_loop().time()
+                    self.route = None
+                    event(log, "no route toward the proxy", endpoint=ep.address)
                 continue
-            last_ping = time.monotonic()
+            if not ep.serves(route.uplink, self.config.proxies):
+                self._network_moved = True
+                return (f"uplink {route.uplink} does not reach {ep.address}"
+                        f" (per-uplink endpoints: {', '.join(e.address for e in self.config.endpoints_for(route.uplink)) or 'none'})")
+            after_outage = outage_since is not None
+            if route.source == conn.local_address[0] and not after_outage:
+                if route != self.route:
+                    self.route = route
+                continue
+            outage = round(time.monotonic() - outage_since, 3) if after_outage else None
+            outage_since = self._outage_since = None
+            silent = asyncio.get_running_loop().time() - getattr(conn, "last_received", 0.0)
+            if after_outage and silent >= conn.idle_timeout - self.probe_timeout:
+                # the proxy has forgotten this connection by now: a migration cannot work
+                self._network_moved = True
+                return f"outage of {outage}s outlived the connection's {conn.idle_timeout:g}s idle timeout"
+            old = self.route
+            old_local = conn.local_address[0]
             try:
-                await conn.ping(self.probe_timeout)
-                misses = 0
-            except TimeoutError:
-                misses += 1
-                event(log, "keepalive unanswered", level=logging.WARNING, misses=misses)
-                if misses >= self.config.dead_after:
-                    return "path dead: keepalives unanswered"
+                await conn.migrate((route.source, 0))
+            except (OSError, TransportError) as exc:
+                event(log, "migration failed", level=logging.WARNING, error=str(exc))
+                continue
+            self.route = route
+            self.counters.migrations += 1
+            self._probe_now.set()  # the proxy learns the new path from the next packet
+            event(log, "migrated", old=old_local, new=route.source,
+                  old_uplink=old.uplink if old else None, uplink=route.uplink, outage=outage)
+            if old is None or old.uplink != route.uplink:
+                asyncio.create_task(self._tell_uplink(conn))
+
+    async def _tell_uplink(self, conn: Connection) -> None:
+        with contextlib.suppress(TransportError, wire.HeaderError, TimeoutError):
+            await self._hello(conn, None, None, migrated=True)
+
+    async def _probe(self, conn: Connection) -> str:
+        """Keepalives and liveness probes; return when the path has been silent too long."""
+        loop = asyncio.get_running_loop()
+        last_probe = loop.time()
+        pending: float | None = None  # time of the oldest probe nothing was heard after
+        while True:
+            fast = self.active_sessions > 0 or pending is not None
+            interval = self.probe_interval if fast else self.config.keepalive
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._probe_now.wait(), max(0.0, last_probe + interval - loop.time()))
+            forced = self._probe_now.is_set()
+            self._probe_now.clear()
+            now = loop.time()
+            if pending is not None and conn.last_received >= pending:
+                pending = None
+            if self.route is None:  # no route at all: nothing to probe, nothing to conclude
+                pending, last_probe = None, now
+                continue
+            answer_within = max(self.probe_timeout, 2 * (conn.rtt or 0.0))
+            if pending is not None and now - pending >= self.config.dead_after * answer_within:
+                silent = round(now - conn.last_received, 1)
+                event(log, "path dead: nothing heard from the proxy", level=logging.WARNING,
+                      silent=silent, uplink=self.route.uplink)
+                return f"path dead: nothing heard for {silent}s"
+            fast = self.active_sessions > 0 or pending is not None
+            interval = self.probe_interval if fast else self.config.keepalive
+            if forced or now - last_probe >= interval - 0.005:
+                conn.send_ping()
+                last_probe = now
+                if pending is None:
+                    pending = now
 
     # --- sessions -----------------------------------------------------------------------------
 

@@ -10,11 +10,19 @@ Example::
         server_name: proxy.example.com
       - address: 192.0.2.1:443     # e.g. a ground-station endpoint only satellite reaches
         server_name: proxy.example.com
+        via: [satellite]           # per-uplink endpoint: used (only) while the route goes
+                                   # out of one of these interfaces; endpoints without 'via'
+                                   # serve every uplink that has no endpoint of its own
     services:                      # the only things reachable through the tunnel
       ssh: 127.0.0.1:22
       postgres: 127.0.0.1:5432
     keepalive: 25s                 # below the 30 s UDP NAT timeout many carriers use
-    dead_after: 3                  # unanswered keepalives before the path counts as dead
+    probe_interval: 1s             # route re-check (besides netlink) and probe cadence while
+                                   # sessions are open or a keepalive went unanswered
+    probe_timeout: 1s              # a probe unanswered this long (or 2 RTT) counts as a miss
+    dead_after: 3                  # misses before the path counts as dead (~3 s by default)
+    reconnect_backoff: 0.5s        # first reconnect delay (full jitter, doubling ...)
+    reconnect_backoff_max: 30s     # ... up to this; a change of network retries at once
 
 Every problem is reported as one ConfigError naming the field.
 """
@@ -47,7 +55,19 @@ class Endpoint:
     host: str
     port: int
     server_name: str
-    via: str | None = None  # an uplink interface name this endpoint is reached through
+    #: uplink interface names this endpoint is reached through (empty: any uplink that has no
+    #: endpoint of its own)
+    via: tuple[str, ...] = ()
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def serves(self, uplink: str | None, others: tuple[Endpoint, ...]) -> bool:
+        """May this endpoint be used while the route toward it leaves through ``uplink``?"""
+        if self.via:
+            return uplink in self.via
+        return not any(uplink is not None and uplink in e.via for e in others)
 
 
 @dataclass(frozen=True)
@@ -62,6 +82,15 @@ class AgentConfig:
     services: dict[str, tuple[str, int]] = field(default_factory=dict)
     keepalive: float = 25.0
     dead_after: int = 3
+    probe_interval: float = 1.0
+    probe_timeout: float = 1.0
+    reconnect_backoff: float = 0.5
+    reconnect_backoff_max: float = 30.0
+
+    def endpoints_for(self, uplink: str | None) -> tuple[Endpoint, ...]:
+        """The endpoints to use over ``uplink``, per-uplink ones first, in config order."""
+        own = tuple(e for e in self.proxies if e.via and uplink in e.via)
+        return own + tuple(e for e in self.proxies if not e.via and e.serves(uplink, self.proxies))
 
     def service_for(self, requested: str) -> tuple[str, tuple[str, int]] | None:
         """A service by name, or by port number (``ssh`` for 22 when ssh listens on 22)."""
@@ -75,12 +104,24 @@ class AgentConfig:
 
 
 def _seconds(value, what: str) -> float:
-    if isinstance(value, int | float) and value > 0:
+    """A positive number of seconds, or a duration: ``500ms``, ``1.5s``, ``25s``, ``2m``."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
         return float(value)
+    text = str(value).strip()
+    for unit, scale in (("ms", 0.001), ("s", 1.0)):
+        number = text[: -len(unit)]
+        if text.endswith(unit) and number.replace(".", "", 1).isdigit() and float(number) > 0:
+            return float(number) * scale
     try:
-        return parse_duration(str(value)) / dt.timedelta(seconds=1)
+        return parse_duration(text) / dt.timedelta(seconds=1)
     except ValueError as exc:
         raise ConfigError(f"{what}: {exc}") from None
+
+
+def _count(value, what: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ConfigError(f"{what}: expected a whole number >= 1, got {value!r}")
 
 
 def load(path: Path | str) -> AgentConfig:
@@ -111,7 +152,11 @@ def load(path: Path | str) -> AgentConfig:
         if not isinstance(p, dict) or "address" not in p:
             raise ConfigError(f"{path}: proxies[{i}] needs an 'address: HOST:PORT'")
         host, port = split_host_port(p["address"], f"proxies[{i}].address")
-        proxies.append(Endpoint(host, port, p.get("server_name") or host, p.get("via")))
+        via = p.get("via") or ()
+        via = (via,) if isinstance(via, str) else via
+        if not isinstance(via, list | tuple) or not all(isinstance(v, str) and v for v in via):
+            raise ConfigError(f"{path}: proxies[{i}].via: expected an interface name or a list of them")
+        proxies.append(Endpoint(host, port, p.get("server_name") or host, tuple(via)))
     if not proxies:
         raise ConfigError(f"{path}: list at least one proxy endpoint under 'proxies'")
     services = {
@@ -125,6 +170,10 @@ def load(path: Path | str) -> AgentConfig:
         proxies=tuple(proxies),
         services=services,
         keepalive=_seconds(raw.get("keepalive", "25s"), "keepalive"),
-        dead_after=int(raw.get("dead_after", 3)),
+        dead_after=_count(raw.get("dead_after", 3), "dead_after"),
+        probe_interval=_seconds(raw.get("probe_interval", "1s"), "probe_interval"),
+        probe_timeout=_seconds(raw.get("probe_timeout", "1s"), "probe_timeout"),
+        reconnect_backoff=_seconds(raw.get("reconnect_backoff", "0.5s"), "reconnect_backoff"),
+        reconnect_backoff_max=_seconds(raw.get("reconnect_backoff_max", "30s"), "reconnect_backoff_max"),
         **files,
     )

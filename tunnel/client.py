@@ -24,7 +24,7 @@ from tunnel import wire
 from tunnel.agent_config import split_host_port
 from tunnel.protocol import ALPN_USER, CLOSE_NAMES, read_header
 from tunnel.splice import SocketEnds, StdioEnds, StreamEnds, splice
-from tunnel.transport import Connection, Stream, TLSIdentity, TransportError, connect
+from tunnel.transport import Connection, Stream, TLSIdentity, TransportError, dial
 
 
 class ClientError(RuntimeError):
@@ -92,7 +92,7 @@ class Client:
     async def connect(cls, identity: UserIdentity, timeout: float = 10.0) -> Client:
         host, port = identity.proxy
         try:
-            conn = await connect(
+            conn = await dial(
                 host, port, identity=identity.tls(), server_name=identity.server_name,
                 alpn=ALPN_USER, keepalive=15.0, handshake_timeout=timeout,
             )
@@ -143,7 +143,7 @@ async def anonymous_request(
 
     host, port = split_host_port(proxy, "--proxy")
     try:
-        conn = await connect(host, port, identity=None, ca=ca, ca_pin=None if ca else ca_pin,
+        conn = await dial(host, port, identity=None, ca=ca, ca_pin=None if ca else ca_pin,
                              server_name=server_name or host, alpn=ALPN_ENROLL, keepalive=None,
                              handshake_timeout=timeout)
     except TransportError as exc:

@@ -44,6 +44,7 @@ from tunnel.transport import (
     TLSIdentity,
     TransportError,
     serve,
+    tcp_serve,
 )
 
 log = logging.getLogger("tunnel.proxy")
@@ -114,7 +115,7 @@ class Proxy:
         self.sessions: dict[str, Session] = {}
         self.enroll_limiter = RateLimiter(rate=enroll_rate, burst=max(1.0, enroll_rate * 2))
         self.watch_interval = watch_interval
-        self.server = None
+        self.server = self.tcp_server = None
         self._tasks: set[asyncio.Task] = set()
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -127,23 +128,27 @@ class Proxy:
         # The CA travels in the chain so a new device can check it against its pin.
         return TLSIdentity([cert, self.state.ca_cert], key, self.state.ca_cert)
 
-    async def start(self, host: str, port: int, *, idle_timeout: float = 60.0):
-        self.server = await serve(
-            host, port, identity=self.tls_identity(),
-            alpns=[ALPN_AGENT, ALPN_USER, ALPN_ENROLL], anonymous_alpns=[ALPN_ENROLL],
-            authorize=self._authorize, on_connection=self._on_connection,
-            idle_timeout=idle_timeout,
+    async def start(self, host: str, port: int, *, idle_timeout: float = 60.0, tcp: bool = True):
+        """Listen on UDP (QUIC) and, for networks that block UDP, TCP (TLS + HTTP/2), same port."""
+        common = dict(
+            identity=self.tls_identity(), alpns=[ALPN_AGENT, ALPN_USER, ALPN_ENROLL],
+            anonymous_alpns=[ALPN_ENROLL], authorize=self._authorize,
+            on_connection=self._on_connection, idle_timeout=idle_timeout,
         )
+        self.server = await serve(host, port, **common)
+        self.tcp_server = await tcp_serve(host, port, **common) if tcp else None
         self._spawn(self._watch())
-        event(log, "listening", address=f"{host}:{port}", fleet=self.fleet)
+        event(log, "listening", address=f"{host}:{port}", fleet=self.fleet,
+              transports="quic+tcp" if tcp else "quic")
         return self.server
 
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        if self.server:
-            self.server.close()
-            await self.server.wait_closed()
+        for server in (self.server, self.tcp_server):
+            if server:
+                server.close()
+                await server.wait_closed()
         self.registry.close()
 
     def _spawn(self, coro) -> asyncio.Task:
@@ -193,7 +198,7 @@ class Proxy:
 
     async def _serve_agent(self, conn: Connection, peer: Peer) -> None:
         device_id = peer.name
-        link = AgentLink(device_id, conn, peer)
+        link = AgentLink(device_id, conn, peer, transport=conn.transport_name)
         old = self.agents.get(device_id)
         self.agents[device_id] = link
         if old is not None:
@@ -274,6 +279,7 @@ class Proxy:
             op, args = msg["op"], msg.get("args", {})
             dev = self.registry.device(link.device_id)
             if op == "hello":
+                link.note_hello(args)
                 if args.get("reconnect"):
                     self._audit(
                         "device.reconnect", actor=link.peer.actor, device=link.device_id,

@@ -76,13 +76,27 @@ class Lab:
             if n.nft:
                 netns.nft(n.name, n.nft)
 
-    def add_device(self, name: str, uplinks=plan.UPLINKS, active: str | None = None) -> Device:
-        """Create a device namespace with its uplinks; default route via ``active`` (first)."""
+    def add_device(
+        self,
+        name: str,
+        uplinks=plan.UPLINKS,
+        active: str | None = None,
+        satellite_public: bool = False,
+    ) -> Device:
+        """Create a device namespace with its uplinks; default route via ``active`` (first).
+
+        ``satellite_public``: its satellite uplink reaches the public proxy address instead of
+        the ground address (see ``plan.device_plan``).
+        """
         with self._lock:
             if name in self.devices:
                 raise ValueError(f"device {name!r} exists")
-            p = plan.device_plan(self.run_id, name, len(self.devices) + 1, uplinks, active)
+            p = plan.device_plan(
+                self.run_id, name, len(self.devices) + 1, uplinks, active, satellite_public
+            )
             self._build(p.namespaces, p.veths, {self.internet: p.internet_ip_batch})
+            if p.internet_nft:
+                netns.nft(self.internet, p.internet_nft)
             dev = Device(self, p)
             self.devices[name] = dev
             return dev

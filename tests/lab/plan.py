@@ -180,6 +180,7 @@ class DevicePlan:
     namespaces: tuple[NsPlan, ...] = ()  # namespaces to create (device first)
     veths: tuple[Veth, ...] = ()
     internet_ip_batch: tuple[str, ...] = ()  # lines for the (existing) internet namespace
+    internet_nft: str = ""  # extra rules for the internet namespace (``nft -f``)
 
 
 # Set before the veths exist: new links get no IPv6 (no ND/RS noise in counters), while the
@@ -307,9 +308,21 @@ def router_nft(nat: bool = True) -> str:
 
 
 def device_plan(
-    run_id: str, name: str, index: int, uplinks=UPLINKS, active: str | None = None
+    run_id: str,
+    name: str,
+    index: int,
+    uplinks=UPLINKS,
+    active: str | None = None,
+    satellite_public: bool = False,
 ) -> DevicePlan:
-    """Plan one device with its own router namespaces for each requested uplink."""
+    """Plan one device with its own router namespaces for each requested uplink.
+
+    ``satellite_public=True``: this device's satellite network also carries the proxy's public
+    address (a ground station with an internet breakout), instead of the ground address.  The
+    internet end of its ground link then answers from the public address, so the satellite
+    uplink reaches 198.18.0.1 (and no longer the ground address): a device can migrate one
+    QUIC connection between cellular and satellite.
+    """
     check_device_name(name)
     if not 1 <= index <= MAX_DEVICES:
         raise ValueError(f"device index must be 1..{MAX_DEVICES}")
@@ -327,6 +340,7 @@ def device_plan(
     plans: dict[str, UplinkPlan] = {}
     router_routes: dict[str, list[str]] = {}
     inet_ifs: list[str] = []
+    internet_nft: list[str] = []
 
     if "wifi" in uplinks:
         home = ns_name(run_id, name, "home")
@@ -375,15 +389,21 @@ def device_plan(
                 inet,
                 f"g{i}",
                 f"192.0.2.{4 * i + 1}/30",
-                PROXY_GROUND,
+                PROXY_PUBLIC if satellite_public else PROXY_GROUND,
             ),
         ]
         # Only the ground network: the public internet is unreachable over satellite.
         router_routes[sat] = [f"route add {GROUND_NET} via 192.0.2.{4 * i + 1}"]
+        if satellite_public:
+            router_routes[sat].append(f"route add {PROXY_PUBLIC}/32 via 192.0.2.{4 * i + 1}")
+            internet_nft.append(
+                f'insert rule ip {TABLE} input iifname "g{i}" ip daddr {PROXY_PUBLIC} accept'
+            )
         inet_ifs.append(f"g{i}")
         plans["satellite"] = UplinkPlan(
             "satellite", f"100.96.{i}.2", f"100.96.{i}.1", sat,
-            f"100.96.{i}.1", sat, f"192.0.2.{4 * i + 2}", PROXY_GROUND, (sat,),
+            f"100.96.{i}.1", sat, f"192.0.2.{4 * i + 2}",
+            PROXY_PUBLIC if satellite_public else PROXY_GROUND, (sat,),
         )  # fmt: skip
 
     for u in uplinks:
@@ -415,6 +435,7 @@ def device_plan(
         namespaces=(device, *routers),
         veths=tuple(veths),
         internet_ip_batch=tuple(_ip_lines_for(inet, veths)),
+        internet_nft="".join(line + "\n" for line in internet_nft),
     )
 
 

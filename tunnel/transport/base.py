@@ -121,6 +121,8 @@ class Stream(abc.ABC):
 
 
 class Connection(abc.ABC):
+    #: which transport carries it: "quic" or "tcp" (shown by ``tunnel status``, audited)
+    transport_name: str = "?"
     peer_certificate: x509.Certificate | None
     alpn: str
     #: Called as ``on_path_change(PathChange)`` whenever the peer address changes.

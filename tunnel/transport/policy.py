@@ -288,3 +288,90 @@ def bind_address(host: str, port: int, family: int) -> tuple[Any, ...]:
     ):
         raise ValueError(f"{host} is IPv4, the connection is IPv6")
     return socket_address(host, port, family)
+
+
+# --------------------------------------------------------------------------- TLS over TCP
+# (used by tcp.py; Python's ssl reports peer alerts as SSLError.reason strings and cannot hand
+# out the peer's chain, so the server certificate checks are phrased here, without sockets)
+
+
+def interception_message(leaf: x509.Certificate | None, host: str) -> str:
+    """The plain statement shown when the server's certificate is not from the fleet CA."""
+    issuer = leaf.issuer.rfc4514_string() if leaf is not None else "none"
+    return (
+        f"the network is intercepting TLS: presented issuer {issuer}; "
+        f"exempt {host} from inspection"
+    )
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except Exception:  # ValueError (names), TypeError (key type), InvalidSignature
+        return False
+    return True
+
+
+def chains_to(
+    leaf: x509.Certificate, intermediates: list[x509.Certificate], ca: x509.Certificate
+) -> bool:
+    """Whether ``leaf`` was signed by ``ca``, directly or through one of ``intermediates``.
+
+    Signatures only (no validity, names or usages): it tells "a certificate of our PKI that
+    is wrong for another reason" apart from "somebody else's certificate".
+    """
+    if _issued_by(leaf, ca):
+        return True
+    return any(_issued_by(leaf, i) and _issued_by(i, ca) for i in intermediates)
+
+
+def verify_server_leaf(
+    leaf: x509.Certificate | None,
+    intermediates: list[x509.Certificate],
+    ca: x509.Certificate,
+    *,
+    server_name: str,
+    host: str,
+) -> None:
+    """``verify_peer_chain`` for a server, worded for people behind a TLS-inspecting network.
+
+    A leaf that is not signed by ``ca`` at all is reported as interception (naming its issuer
+    and the ``host`` to exempt); a leaf of our PKI that fails for another reason (name, expiry,
+    usage) keeps the precise reason. Raises CertificateRejected.
+    """
+    try:
+        verify_peer_chain(leaf, intermediates, ca, purpose="server", server_name=server_name)
+    except CertificateRejected as exc:
+        if leaf is None or chains_to(leaf, intermediates, ca):
+            raise
+        raise CertificateRejected(
+            f"{interception_message(leaf, host)} ({exc.reason})", expired=exc.expired
+        ) from exc
+
+
+def ca_for_pin(
+    leaf: x509.Certificate | None, offered: list[x509.Certificate], pin: str, *, host: str
+) -> x509.Certificate:
+    """The certificate among ``offered`` (sent by the server) whose key matches ``pin``.
+
+    Like ``pinned_ca`` but with the interception wording: no match means that whoever answered
+    is not the fleet proxy -- in practice a TLS-inspecting middlebox.
+    """
+    for cert in offered:
+        if spki_pin(cert) == pin.lower():
+            return cert
+    raise CertificateRejected(
+        f"{interception_message(leaf, host)} (no certificate offered by the server matches the "
+        f"pinned fleet CA {pin})"
+    )
+
+
+def tls_alert_from_ssl_reason(reason: str | None) -> int | None:
+    """The TLS alert number in an OpenSSL reason such as ``TLSV1_ALERT_UNKNOWN_CA`` (48)."""
+    if not reason or "ALERT_" not in reason:
+        return None
+    name = reason.rsplit("ALERT_", 1)[1].lower()
+    for number, alert in _TLS_ALERTS.items():
+        if alert == name:
+            return number
+    return None

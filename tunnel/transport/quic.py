@@ -279,8 +279,14 @@ class _Protocol(QuicConnectionProtocol):
         self.owner._on_event(event)
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        self.owner.last_received = self._loop.time()
         super().datagram_received(data, addr)
         self.owner._after_io()
+
+    def error_received(self, exc: Exception) -> None:
+        # A send failed locally (ENETUNREACH, EADDRNOTAVAIL after an uplink went away...):
+        # tell the owner at once instead of waiting for keepalives to go unanswered.
+        self.owner._on_send_error(exc)
 
     def _handle_timer(self) -> None:
         super()._handle_timer()
@@ -473,6 +479,8 @@ class _QuicStream(Stream):
 
 
 class _QuicConnection(Connection):
+    transport_name = "quic"
+
     def __init__(
         self,
         protocol: _Protocol,
@@ -509,6 +517,11 @@ class _QuicConnection(Connection):
         self._remote_raw: Any = None
         self.migrations = 0
         self.path_changes: list[PathChange] = []
+        #: loop.time() of the last datagram received from the peer (liveness of the path)
+        self.last_received = self._loop.time()
+        #: called as ``on_send_error(exc)`` when the socket reports a failed send
+        self.on_send_error: Any = None
+        self.send_errors = 0
 
     def __repr__(self) -> str:
         side = "client" if self._is_client else "server"
@@ -529,6 +542,34 @@ class _QuicConnection(Connection):
     @property
     def is_closed(self) -> bool:
         return self._error is not None
+
+    @property
+    def rtt(self) -> float | None:
+        """Smoothed round-trip time of the current path in seconds (None before a sample)."""
+        loss = self._quic._loss
+        return loss._rtt_smoothed if getattr(loss, "_rtt_initialized", False) else None
+
+    @property
+    def idle_timeout(self) -> float:
+        """The negotiated idle timeout: nothing heard for this long ends the connection."""
+        local = self._quic._configuration.idle_timeout
+        remote = getattr(self._quic, "_remote_max_idle_timeout", None)
+        return min(local, remote) if remote else local
+
+    def _on_send_error(self, exc: Exception) -> None:
+        self.send_errors += 1
+        cb = self.on_send_error
+        if cb is not None:
+            try:
+                cb(exc)
+            except Exception:
+                log.exception("on_send_error callback failed")
+
+    def send_ping(self) -> None:
+        """Send one PING now without waiting for its acknowledgement (a liveness probe)."""
+        if self._error is None:
+            self._quic.send_ping(0)
+            self._protocol.transmit()
 
     # -- streams
 

@@ -1,0 +1,193 @@
+"""happy_eyeballs: fake dialers for the timing logic, plus real loopback QUIC vs TLS/TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+from test_tcp_helpers import running_tcp_server
+from transport_helpers import ALPN, SERVER_NAME, run, running_server
+
+from tunnel.transport import TransportError, connect, happy_eyeballs, tcp
+from tunnel.transport.race import error_rank
+
+
+class FakeConn:
+    def __init__(self, name):
+        self.name = name
+        self.closed = False
+
+    def close(self, code=0, reason=""):
+        self.closed = True
+
+
+def dialer(name, delay, *, fail=None, log=None):
+    state = {"started": None, "cancelled": False, "conn": None}
+
+    async def dial():
+        state["started"] = time.monotonic()
+        try:
+            await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            state["cancelled"] = True
+            raise
+        if fail is not None:
+            raise fail
+        state["conn"] = FakeConn(name)
+        return state["conn"]
+
+    return dial, state
+
+
+def test_first_wins_within_head_start_second_never_started():
+    async def main():
+        d1, s1 = dialer("quic", 0.01)
+        d2, s2 = dialer("tcp", 0.0)
+        conn, label = await happy_eyeballs(d1, d2, head_start=0.5)
+        assert (conn.name, label) == ("quic", "quic") and s2["started"] is None
+
+    run(main())
+
+
+def test_second_starts_after_head_start_and_wins_first_cancelled():
+    async def main():
+        d1, s1 = dialer("quic", 5.0)
+        d2, s2 = dialer("tcp", 0.01)
+        t0 = time.monotonic()
+        conn, label = await happy_eyeballs(d1, d2, head_start=0.1)
+        assert label == "tcp" and conn.name == "tcp"
+        assert s2["started"] - t0 >= 0.09
+        await asyncio.sleep(0)
+        assert s1["cancelled"]
+
+    run(main())
+
+
+def test_first_failing_early_starts_second_at_once():
+    async def main():
+        d1, _ = dialer("quic", 0.0, fail=TransportError(0, "udp unreachable", application=False))
+        d2, s2 = dialer("tcp", 0.0)
+        t0 = time.monotonic()
+        conn, label = await happy_eyeballs(d1, d2, head_start=5.0)
+        assert label == "tcp" and s2["started"] - t0 < 1.0
+
+    run(main())
+
+
+def test_first_still_wins_if_it_completes_before_second():
+    async def main():
+        d1, _ = dialer("quic", 0.15)
+        d2, s2 = dialer("tcp", 5.0)
+        conn, label = await happy_eyeballs(d1, d2, head_start=0.05)
+        assert label == "quic"
+        await asyncio.sleep(0)
+        assert s2["cancelled"]
+
+    run(main())
+
+
+def test_loser_that_connects_anyway_is_closed():
+    async def main():
+        d1, s1 = dialer("quic", 0.0)
+        d2, s2 = dialer("tcp", 0.0)
+
+        async def slow_first():
+            await asyncio.sleep(0.1)
+            return await d1()
+
+        # both finish in the same wait round: first wins, second is closed
+        async def second():
+            await asyncio.sleep(0.1)
+            return await d2()
+
+        conn, label = await happy_eyeballs(slow_first, second, head_start=0.0)
+        if label == "quic":
+            assert s2["conn"] is None or s2["conn"].closed
+        else:
+            assert s1["conn"] is None or s1["conn"].closed
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("e1", "e2", "expect"),
+    [
+        (TransportError(0, "handshake with x timed out", application=False),
+         TransportError(4001, "device revoked", application=True, remote=True), "device revoked"),
+        (TransportError(0x12A, "the network is intercepting TLS: presented issuer CN=X; exempt h "
+                        "from inspection", application=False),
+         TransportError(0, "TLS handshake with x timed out", application=False), "intercepting"),
+        (TransportError(0, "a timed out", application=False),
+         TransportError(0, "b timed out", application=False), "a timed out"),
+    ],
+)
+def test_both_fail_most_informative_error_wins(e1, e2, expect):
+    async def main():
+        d1, _ = dialer("quic", 0.0, fail=e1)
+        d2, _ = dialer("tcp", 0.01, fail=e2)
+        with pytest.raises(TransportError) as info:
+            await happy_eyeballs(d1, d2, head_start=0.05)
+        assert expect in info.value.reason
+        assert any("attempt failed too" in n for n in info.value.__notes__)
+
+    run(main())
+
+
+def test_error_rank_order():
+    refusal = TransportError(2, "no", application=True, remote=True)
+    tls = TransportError(0x100 + 48, "unknown ca", application=False, remote=True)
+    lost = TransportError(0, "connection lost", application=False, remote=True)
+    timeout = TransportError(0, "handshake with h timed out", application=False)
+    assert error_rank(refusal) > error_rank(tls) > error_rank(lost) > error_rank(timeout)
+    assert error_rank(ValueError("x")) == 0
+
+
+def _dialers(pki, quic_port, tcp_port):
+    def quic():
+        return connect("127.0.0.1", quic_port, identity=pki.device, server_name=SERVER_NAME,
+                       alpn=ALPN, keepalive=None, handshake_timeout=3.0)
+
+    def over_tcp():
+        return tcp.connect("127.0.0.1", tcp_port, identity=pki.device, server_name=SERVER_NAME,
+                           alpn=ALPN, keepalive=None, handshake_timeout=3.0)
+
+    return quic, over_tcp
+
+
+def test_real_udp_blackholed_tcp_wins_quickly(pki):
+    async def main():
+        # a bound UDP socket that never answers: QUIC's handshake hangs as on a UDP-blocking net
+        hole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        hole.bind(("127.0.0.1", 0))
+        try:
+            async with running_tcp_server(pki) as h:
+                quic, over_tcp = _dialers(pki, hole.getsockname()[1], h.server.address[1])
+                t0 = time.monotonic()
+                conn, label = await happy_eyeballs(quic, over_tcp, head_start=0.1)
+                elapsed = time.monotonic() - t0
+                assert label == "tcp" and elapsed < 2.0
+                server_conn = await h.connections.get()
+                s = await conn.open_stream()
+                await s.write(b"over tcp")
+                s.write_eof()
+                assert await (await server_conn.accept_stream()).read() == b"over tcp"
+                conn.close()
+        finally:
+            hole.close()
+
+    run(main())
+
+
+def test_real_both_present_quic_wins(pki):
+    async def main():
+        async with running_server(pki) as hq, running_tcp_server(pki) as ht:
+            quic, over_tcp = _dialers(pki, hq.server.address[1], ht.server.address[1])
+            conn, label = await happy_eyeballs(quic, over_tcp, head_start=1.0)
+            assert label == "quic"
+            await hq.connections.get()
+            assert ht.connections.empty()
+            conn.close()
+
+    run(main())

@@ -1,0 +1,117 @@
+"""Happy eyeballs between the two transports: QUIC first, TLS/TCP after a short head start.
+
+Networks that block UDP make a QUIC handshake hang until its timeout; racing TLS/TCP after
+``head_start`` seconds bounds the cost of that to the TCP handshake. Whichever connects first
+is used; the other attempt is cancelled, and closed if it completed anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+from .base import Connection, TransportError
+from .policy import CRYPTO_ERROR_BASE
+
+Dial = Callable[[], Awaitable[Connection]]
+
+
+def error_rank(exc: BaseException) -> int:
+    """How much an attempt's failure tells the user (higher: show this one).
+
+    3: the server (or a middlebox) answered and said no -- an application refusal, or the TLS
+       interception diagnosis; 2: a TLS / certificate failure; 1: another transport error
+       (unreachable, closed); 0: a timeout or anything else.
+    """
+    if isinstance(exc, TransportError):
+        if "intercepting TLS" in exc.reason or (exc.application and exc.remote):
+            return 3
+        if CRYPTO_ERROR_BASE <= exc.code <= CRYPTO_ERROR_BASE + 0xFF:
+            return 2
+        if "timed out" in exc.reason or "within" in exc.reason:
+            return 0
+        return 1
+    return 0
+
+
+def _close_quietly(task: asyncio.Task[Connection]) -> None:
+    if task.cancelled() or task.exception() is not None:
+        return
+    with contextlib.suppress(Exception):
+        task.result().close(0, "lost the transport race")
+
+
+async def happy_eyeballs(
+    first: Dial,
+    second: Dial,
+    head_start: float = 0.25,
+    *,
+    labels: tuple[str, str] = ("quic", "tcp"),
+) -> tuple[Connection, str]:
+    """Start ``first``; start ``second`` too once ``first`` failed or ``head_start`` passed.
+
+    Returns ``(connection, label)`` of the first attempt to succeed (``first`` wins a tie).
+    The loser is cancelled, or closed if it connected anyway. If both fail, raises the more
+    informative error (``error_rank``; a tie goes to ``first``) with the other one attached as
+    a note.
+    """
+    tasks: list[asyncio.Task[Connection]] = [asyncio.ensure_future(first())]
+    winner: asyncio.Task[Connection] | None = None
+    try:
+        await asyncio.wait(tasks, timeout=head_start)
+        if tasks[0].done() and not tasks[0].cancelled() and tasks[0].exception() is None:
+            winner = tasks[0]
+            return tasks[0].result(), labels[0]
+        tasks.append(asyncio.ensure_future(second()))
+        while True:
+            pending = [t for t in tasks if not t.done()]
+            for i, t in enumerate(tasks):
+                if t.done() and not t.cancelled() and t.exception() is None:
+                    winner = t
+                    return t.result(), labels[i]
+            if not pending:
+                break
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        errors = [t.exception() for t in tasks]
+        best = max(range(2), key=lambda i: (error_rank(errors[i]), -i))  # type: ignore[arg-type]
+        exc = errors[best]
+        other = errors[1 - best]
+        assert exc is not None and other is not None
+        exc.add_note(f"{labels[1 - best]} attempt failed too: {other}")
+        raise exc
+    finally:
+        for t in tasks:
+            if t is winner:
+                continue
+            if not t.done():
+                t.cancel()
+                t.add_done_callback(_close_quietly)
+            else:
+                _close_quietly(t)
+                if not t.cancelled():
+                    t.exception()  # retrieved: no "never retrieved" warning
+
+
+async def dial(
+    host: str, port: int, *, transports: tuple[str, ...] = ("quic", "tcp"), head_start: float = 0.25,
+    **kwargs,
+) -> Connection:
+    """Connect with QUIC, racing TLS/TCP after ``head_start`` (or with just one of them).
+
+    ``kwargs`` are the common ``connect()`` arguments of both transports. The connection's
+    ``transport_name`` says which one won.
+    """
+    from . import quic, tcp
+
+    makers = {"quic": quic.connect, "tcp": tcp.connect}
+    if len(transports) == 1:
+        return await makers[transports[0]](host, port, **kwargs)
+    first, second = transports
+    conn, _ = await happy_eyeballs(
+        lambda: makers[first](host, port, **kwargs),
+        lambda: makers[second](host, port, **kwargs),
+        head_start,
+        labels=(first, second),
+    )
+    return conn

@@ -1,0 +1,1547 @@
+"""TLS 1.3 over TCP with HTTP/2 framing (the h2 library) -- the transport for UDP-blocking networks.
+
+Same surface as ``quic.py`` (``connect``/``serve`` keyword names and meaning, ``Connection``,
+``Stream``, ``TransportError``/``StreamReset``/``Refused`` semantics), so the proxy, the agent and
+the engineer client do not know which transport they hold.
+
+Why HTTP/2 through h2 rather than a home-made framing
+------------------------------------------------------
+* h2 is a small, pure-Python, well-kept sans-IO implementation (python-hyper; the HTTP/2 stack
+  of httpx/hypercorn), fuzzed and conformance-tested; a home-made multiplexer would have to
+  re-invent and re-debug all of the below.
+* Per-stream *and* per-connection flow control (WINDOW_UPDATE) are built in; credit is returned
+  only through ``acknowledge_received_data()``, which we call when the application ``read()``s,
+  exactly like the QUIC transport's credit-on-consumption.
+* Stream semantics map 1:1 to QUIC bidirectional streams: DATA with END_STREAM is the FIN of a
+  half-close, RST_STREAM(code) is RESET_STREAM + STOP_SENDING (both directions abort with the
+  application's code), GOAWAY carries the connection close (code and reason, see below),
+  PING/PING-ACK measures the round trip.
+* The stream payload is opaque bytes: the session headers inside the streams use the same codec
+  (``tunnel.wire``) on both transports. The HTTP/2 header block of a stream is a fixed,
+  minimal pseudo-header set that only names the stream's role (below).
+
+Wire protocol inside the TLS connection (ALPN is ours -- fleet-agent/1, fleet-user/1,
+fleet-enroll/1 -- and the bytes inside are always HTTP/2):
+
+* The dialer is the HTTP/2 client. Right after TLS it sends the connection preface and a
+  ``GET /fleet/hello`` request (END_STREAM). The server answers ``200`` with
+  ``fleet-reverse-pool: N`` and ``fleet-idle-timeout: S`` headers and a body holding the fleet
+  CA certificate (and intermediates) as PEM. ``connect()`` returns only after this answer, so a
+  client holding only a CA *pin* (enrollment) checks ``spki_pin(CA) == pin`` and that the TLS
+  leaf verifies against that CA before any application byte is sent. The server answers only
+  after its own client-certificate checks passed (it runs ``authorize()`` meanwhile, as QUIC
+  does after the handshake).
+* Streams opened by the client: ``POST /fleet/stream``; the server answers ``200`` at once.
+* Streams opened by the server (HTTP/2 only lets the client open streams): the client keeps a
+  pool of N idle ``POST /fleet/reverse`` requests open (N from the hello, default 8). The
+  server's ``open_stream()`` claims one by sending its ``200`` response headers -- no round
+  trip, like QUIC -- and the client, seeing the response, delivers the stream to its
+  ``accept_stream()`` and opens a replacement. Only when more than N streams are opened within
+  one round trip does ``open_stream()`` on the server wait (about one RTT) for replacements.
+  Idle pool streams are invisible to both applications.
+* Connection close: GOAWAY whose additional data is the UTF-8 JSON object
+  ``{"code": int, "reason": str, "application": bool}``; the peer raises
+  ``TransportError(code, reason, application=..., remote=True)``. ``Refused(code, reason)``
+  from ``authorize()`` therefore reaches the client as an application close with that code and
+  reason. Certificate problems found by the server after the TLS handshake (no certificate on a
+  non-anonymous ALPN, ``verify_peer_chain`` failures) close with ``application=False`` and code
+  ``0x100 + TLS alert`` (116, 42, 45), like QUIC's CRYPTO_ERROR codes; problems OpenSSL finds
+  during the handshake reach the client as a real TLS alert, mapped to the same codes. The
+  GOAWAY error code itself is the 32-bit HTTP/2 field: ``code`` when it fits, else
+  INTERNAL_ERROR.
+
+TLS: TLS 1.3 only, no system trust store. The server requests a client certificate
+(CERT_OPTIONAL, so anonymous ALPNs work) and OpenSSL checks it against ``identity.ca``; after the
+handshake ``policy.verify_peer_chain(leaf, [], identity.ca, purpose="client")`` checks it again
+(Python 3.11's ssl cannot hand out the peer's intermediates). The client verifies the server with
+OpenSSL against ``ca`` + ``server_name`` (so our certificate is never sent to an interceptor) and
+then with ``verify_peer_chain``; when OpenSSL rejects the server, a second, certificate-less
+handshake fetches the presented leaf only to word the error ("the network is intercepting TLS:
+presented issuer X; exempt HOST from inspection").
+
+Differences from QUIC, all documented on the methods: ``migrate()`` raises (a TCP connection
+cannot move; reconnect), ``on_path_change`` never fires, stream reset codes must fit 32 bits,
+and the send high-water mark bounds the bytes buffered for the whole TCP connection (one
+ordered byte pipe) rather than per stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import os
+import secrets
+import socket
+import ssl
+import tempfile
+from collections import deque
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import (
+    BestAvailableEncryption,
+    Encoding,
+    PrivateFormat,
+)
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    PingAckReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    ResponseReceived,
+    StreamEnded,
+    WindowUpdated,
+)
+from h2.events import (
+    StreamReset as H2StreamReset,
+)
+from h2.exceptions import H2Error, StreamClosedError
+from h2.settings import SettingCodes, Settings
+
+from .base import (
+    Address,
+    Authorize,
+    Connection,
+    ErrorCode,
+    OnConnection,
+    Refused,
+    Server,
+    Stream,
+    StreamReset,
+    TLSIdentity,
+    TransportError,
+)
+from .policy import (
+    CRYPTO_ERROR_BASE,
+    DEFAULT_SEND_HIGH_WATER,
+    DEFAULT_STREAM_WINDOW,
+    CertificateRejected,
+    ca_for_pin,
+    describe_close,
+    normalize_address,
+    tls_alert_from_ssl_reason,
+    verify_peer_chain,
+    verify_server_leaf,
+)
+
+log = logging.getLogger(__name__)
+
+#: Idle server-openable streams the client keeps ready (sent to the client in the hello).
+REVERSE_POOL = 8
+#: HTTP/2 MAX_CONCURRENT_STREAMS each side allows (client-opened + pool, both directions).
+MAX_CONCURRENT_STREAMS = 512
+#: HTTP/2 MAX_FRAME_SIZE we accept: fewer, larger DATA frames (fewer Python calls per MB).
+MAX_FRAME_SIZE = 64 * 1024
+#: Largest reset / close code HTTP/2 can carry in RST_STREAM.
+MAX_H2_CODE = 0xFFFFFFFF
+#: How long close() waits for the TLS close_notify exchange before aborting the socket.
+CLOSE_GRACE = 1.0
+
+HELLO_PATH = "/fleet/hello"
+STREAM_PATH = "/fleet/stream"
+REVERSE_PATH = "/fleet/reverse"
+
+_ALERT_BAD_CERTIFICATE = 42
+_ALERT_CERTIFICATE_EXPIRED = 45
+_ALERT_CERTIFICATE_REQUIRED = 116
+_ALERT_NO_APPLICATION_PROTOCOL = 120
+
+
+def _crypto(alert: int) -> int:
+    return CRYPTO_ERROR_BASE + alert
+
+
+def _wake(fut: asyncio.Future[None] | None) -> None:
+    if fut is not None and not fut.done():
+        fut.set_result(None)
+
+
+# ------------------------------------------------------------------------------------ TLS
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(Encoding.PEM)
+
+
+def _load_identity(ctx: ssl.SSLContext, identity: TLSIdentity) -> None:
+    """``load_cert_chain`` needs files: write them to a private temp dir, key encrypted."""
+    password = secrets.token_urlsafe(32).encode()
+    key_pem = identity.key.private_bytes(
+        Encoding.PEM, PrivateFormat.PKCS8, BestAvailableEncryption(password)
+    )
+    with tempfile.TemporaryDirectory(prefix="fleet-tls-") as tmp:
+        cert_path = os.path.join(tmp, "chain.pem")
+        key_path = os.path.join(tmp, "key.pem")
+        for path, data in ((cert_path, b"".join(_pem(c) for c in identity.cert_chain)),
+                           (key_path, key_pem)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        ctx.load_cert_chain(cert_path, key_path, password=password)
+
+
+def _server_context(identity: TLSIdentity, alpns: list[str]) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_OPTIONAL  # anonymous ALPNs; required-ness is checked per ALPN
+    ctx.load_verify_locations(cadata=_pem(identity.ca).decode())
+    _load_identity(ctx, identity)
+    ctx.set_alpn_protocols(list(alpns))
+    ctx.num_tickets = 0  # no resumption: every connection proves its certificate
+    return ctx
+
+
+def _client_context(
+    identity: TLSIdentity | None, alpn: str, trust: x509.Certificate | None
+) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    if trust is not None:
+        ctx.load_verify_locations(cadata=_pem(trust).decode())  # check_hostname stays on
+    else:  # ca_pin: the CA comes in the hello and is checked against the pin before any data
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if identity is not None:
+        _load_identity(ctx, identity)
+    ctx.set_alpn_protocols([alpn])
+    return ctx
+
+
+def _peer_leaf(transport: asyncio.BaseTransport) -> x509.Certificate | None:
+    sslobj = transport.get_extra_info("ssl_object")
+    der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+    return x509.load_der_x509_certificate(der) if der else None
+
+
+def _ssl_error(exc: BaseException, *, host: str) -> TransportError:
+    """A TLS alert from the peer (or a TLS failure here) as a QUIC-like transport error."""
+    reason = getattr(exc, "reason", None)
+    alert = tls_alert_from_ssl_reason(reason)
+    if alert is not None:
+        code = _crypto(alert)
+        what = f"{host} refused our TLS handshake"
+        if alert in (43, 45, 46, 48, 42, 116):
+            what = f"{host} rejected our client certificate"
+        return TransportError(
+            code,
+            describe_close(code, f"{what} ({reason})", application=False),
+            application=False,
+            remote=True,
+        )
+    return TransportError(0, f"TLS failure with {host}: {exc}", application=False, remote=False)
+
+
+def _close_payload(code: int, reason: str, application: bool) -> bytes:
+    return json.dumps(
+        {"code": int(code), "reason": reason[:1000], "application": bool(application)}
+    ).encode()
+
+
+def _parse_goaway(event: ConnectionTerminated) -> TransportError:
+    try:
+        msg = json.loads(event.additional_data or b"")
+        return TransportError(
+            int(msg["code"]), str(msg["reason"]), application=bool(msg["application"]),
+            remote=True,
+        )
+    except (ValueError, KeyError, TypeError):
+        code = int(event.error_code or 0)
+        try:
+            name = ErrorCodes(code).name
+        except ValueError:
+            name = f"error {code:#x}"
+        return TransportError(code, f"HTTP/2 GOAWAY {name}", application=False, remote=True)
+
+
+# ------------------------------------------------------------------------------- protocol
+
+
+class _Protocol(asyncio.Protocol):
+    """TLS over a plain TCP transport through ``ssl.MemoryBIO`` (not asyncio's sslproto).
+
+    Doing TLS ourselves means a handshake failure still *sends* its alert (asyncio drops it),
+    so a client whose certificate OpenSSL rejected learns why; a rejected handshake is logged
+    by the server; and a TLS alert after the handshake (TLS 1.3 clients finish before the server
+    judged their certificate) is reported to the owner with its reason.
+
+    It also acts as the owner's transport (write/close/abort/get_extra_info/buffer limits).
+    ``on_ready(protocol, exc)`` is called once, when the handshake succeeded (exc None) or
+    failed. Decrypted bytes and the loss are buffered until ``attach(owner)``.
+    """
+
+    def __init__(
+        self,
+        ctx: ssl.SSLContext,
+        *,
+        server_side: bool,
+        on_ready: Any,
+        handshake_timeout: float,
+        server_hostname: str | None = None,
+    ) -> None:
+        self._ctx = ctx
+        self._server_side = server_side
+        self._server_hostname = server_hostname
+        self._on_ready = on_ready
+        self._handshake_timeout = handshake_timeout
+        self.owner: _TcpConnection | None = None
+        self.tcp: asyncio.Transport | None = None
+        self.sslobj: ssl.SSLObject | None = None
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self._state = "handshake"  # -> "open" -> "closed"
+        self._timer: asyncio.TimerHandle | None = None
+        self._early: list[bytes] = []
+        self._lost: tuple[Exception | None] | None = None
+        self.paused = False
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.tcp = transport  # type: ignore[assignment]
+        self.sslobj = self._ctx.wrap_bio(
+            self._in, self._out, server_side=self._server_side,
+            server_hostname=self._server_hostname,
+        )
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._handshake_timeout, self._on_handshake_timeout)
+        self._handshake()
+
+    def data_received(self, data: bytes) -> None:
+        self._in.write(data)
+        if self._state == "handshake":
+            self._handshake()
+        elif self._state == "open":
+            self._read()
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._state == "handshake":
+            self._ready(exc or ConnectionResetError("connection closed during the TLS handshake"))
+        self._state = "closed"
+        self._lost_with(exc)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.owner is not None:
+            self.owner._wake_writers()
+
+    # -- TLS
+
+    def _flush_tls(self) -> None:
+        data = self._out.read()
+        if data and self.tcp is not None and not self.tcp.is_closing():
+            self.tcp.write(data)
+
+    def _handshake(self) -> None:
+        assert self.sslobj is not None and self.tcp is not None
+        try:
+            self.sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush_tls()
+            return
+        except (ssl.SSLError, ValueError) as exc:  # ValueError: bad server_hostname
+            self._flush_tls()  # the alert telling the peer why
+            self._state = "closed"
+            self.tcp.close()
+            self._ready(exc)
+            return
+        self._flush_tls()
+        self._state = "open"
+        self._ready(None)
+        if self._state == "open" and self._in.pending:
+            self._read()
+
+    def _on_handshake_timeout(self) -> None:
+        if self._state == "handshake" and self.tcp is not None:
+            self._state = "closed"
+            self.tcp.abort()
+            self._ready(TimeoutError("TLS handshake timed out"))
+
+    def _ready(self, exc: BaseException | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        cb, self._on_ready = self._on_ready, None
+        if cb is not None:
+            cb(self, exc)
+
+    def _read(self) -> None:
+        assert self.sslobj is not None and self.tcp is not None
+        chunks: list[bytes] = []
+        end: tuple[Exception | None] | None = None
+        while True:
+            try:
+                chunk = self.sslobj.read(1 << 18)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:  # close_notify
+                end = (None,)
+                break
+            except ssl.SSLError as exc:  # an alert, or garbage
+                end = (exc,)
+                break
+            if not chunk:
+                end = (None,)
+                break
+            chunks.append(chunk)
+        self._flush_tls()  # post-handshake messages (key update) may need an answer
+        if chunks:
+            data = b"".join(chunks) if len(chunks) > 1 else chunks[0]
+            if self.owner is None:
+                self._early.append(data)
+            else:
+                self.owner._on_data(data)
+        if end is not None:
+            self._state = "closed"
+            self.tcp.close()
+            self._lost_with(end[0])
+
+    def _lost_with(self, exc: Exception | None) -> None:
+        if self.owner is None:
+            if self._lost is None:
+                self._lost = (exc,)
+        else:
+            self.owner._on_lost(exc)
+
+    def attach(self, owner: _TcpConnection) -> None:
+        self.owner = owner
+        for data in self._early:
+            owner._on_data(data)
+        self._early.clear()
+        if self._lost is not None:
+            owner._on_lost(self._lost[0])
+
+    # -- transport surface for the owner
+
+    def write(self, data: bytes) -> None:
+        if self._state != "open" or self.sslobj is None:
+            return
+        self.sslobj.write(data)
+        self._flush_tls()
+
+    def close(self) -> None:
+        if self.tcp is None or self.tcp.is_closing():
+            return
+        if self._state == "open" and self.sslobj is not None:
+            with contextlib.suppress(ssl.SSLError):
+                self.sslobj.unwrap()  # queues close_notify; WantRead: we do not wait for theirs
+            self._flush_tls()
+        self._state = "closed"
+        self.tcp.close()
+
+    def abort(self) -> None:
+        self._state = "closed"
+        if self.tcp is not None:
+            self.tcp.abort()
+
+    def is_closing(self) -> bool:
+        return self.tcp is None or self.tcp.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "ssl_object":
+            return self.sslobj
+        return self.tcp.get_extra_info(name, default) if self.tcp is not None else default
+
+    def set_write_buffer_limits(self, high: int, low: int) -> None:
+        assert self.tcp is not None
+        self.tcp.set_write_buffer_limits(high=high, low=low)
+
+    def get_write_buffer_size(self) -> int:
+        return self.tcp.get_write_buffer_size() if self.tcp is not None else 0
+
+
+# ------------------------------------------------------------------------------- streams
+
+
+class _TcpStream(Stream):
+    """A bidirectional HTTP/2 stream with the QUIC stream's contract.
+
+    Memory bound: the receiving side holds at most ``stream_window`` unread bytes (HTTP/2 flow
+    control; credit is returned via ``acknowledge_received_data`` only as ``read()`` consumes).
+    ``write()`` hands data to HTTP/2 only within the peer's window and while the connection's
+    TLS write buffer is below the send high-water mark, else it waits.
+    """
+
+    def __init__(self, conn: _TcpConnection, stream_id: int) -> None:
+        self.id = stream_id
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._conn = conn
+        self._rbuf: deque[bytes] = deque()
+        self._rbuf_len = 0
+        self._eof = False
+        self._read_error: TransportError | None = None
+        self._write_error: TransportError | None = None
+        self._fin_sent = False
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._write_waiter: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<TcpStream {self.id} sent={self.bytes_sent} received={self.bytes_received}>"
+
+    @property
+    def receive_buffered(self) -> int:
+        """Bytes received but not yet read (never above the stream window)."""
+        return self._rbuf_len
+
+    @property
+    def send_buffered(self) -> int:
+        """Bytes written on this *connection* not yet handed to the kernel (shared by streams)."""
+        return self._conn.send_buffered
+
+    # -- reading
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        while True:
+            if self._read_error is not None:
+                raise self._read_error
+            if self._rbuf:
+                return self._take(max_bytes)
+            if self._eof:
+                return b""
+            if self._conn._error is not None:
+                raise self._conn._error
+            self._read_waiter = self._conn._loop.create_future()
+            try:
+                await self._read_waiter
+            finally:
+                self._read_waiter = None
+
+    def _take(self, max_bytes: int) -> bytes:
+        parts = []
+        n = 0
+        while self._rbuf and n < max_bytes:
+            chunk = self._rbuf.popleft()
+            if n + len(chunk) > max_bytes:
+                cut = max_bytes - n
+                self._rbuf.appendleft(chunk[cut:])
+                chunk = chunk[:cut]
+            parts.append(chunk)
+            n += len(chunk)
+        self._rbuf_len -= n
+        self.bytes_received += n
+        self._conn._ack(self.id, n)
+        self._conn._maybe_forget(self)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _feed(self, data: bytes, flow_len: int) -> None:
+        if flow_len > len(data):  # padding: nothing to hold, credit it back now
+            self._conn._ack(self.id, flow_len - len(data))
+        if self._read_error is not None or self._eof:
+            self._conn._ack(self.id, len(data))
+        elif data:
+            self._rbuf.append(data)
+            self._rbuf_len += len(data)
+        _wake(self._read_waiter)
+
+    def _feed_eof(self) -> None:
+        if self._read_error is None:
+            self._eof = True
+        _wake(self._read_waiter)
+        self._conn._maybe_forget(self)
+
+    def _drop_unread(self) -> None:
+        if self._rbuf_len:
+            self._conn._ack(self.id, self._rbuf_len)
+        self._rbuf.clear()
+        self._rbuf_len = 0
+
+    # -- writing
+
+    def _check_writable(self) -> None:
+        if self._write_error is not None:
+            raise self._write_error
+        if self._conn._error is not None:
+            raise self._conn._error
+        if self._fin_sent:
+            raise TransportError(ErrorCode.INTERNAL, "write after write_eof()", remote=False)
+
+    async def write(self, data: bytes) -> None:
+        view = memoryview(bytes(data))
+        conn = self._conn
+        h2 = conn._h2
+        while True:
+            self._check_writable()
+            window = 0
+            if not conn._protocol.paused:
+                try:
+                    window = h2.local_flow_control_window(self.id)
+                except StreamClosedError:  # the peer reset it and h2 already forgot it
+                    self._write_error = self._write_error or StreamReset(
+                        ErrorCode.STREAM_ABORTED, "stream closed by peer", remote=True
+                    )
+                    continue
+            if not view:
+                return
+            n = min(len(view), window, h2.max_outbound_frame_size)
+            if n <= 0:
+                conn._blocked_writers.add(self)
+                self._write_waiter = conn._loop.create_future()
+                try:
+                    await self._write_waiter
+                finally:
+                    self._write_waiter = None
+                    conn._blocked_writers.discard(self)
+                continue
+            chunk, view = view[:n], view[n:]
+            h2.send_data(self.id, bytes(chunk))
+            self.bytes_sent += n
+            conn._flush()
+
+    def write_eof(self) -> None:
+        if self._fin_sent or self._write_error is not None or self._conn._error is not None:
+            return
+        self._fin_sent = True
+        with contextlib.suppress(StreamClosedError):
+            self._conn._h2.end_stream(self.id)
+        self._conn._flush()
+        self._conn._maybe_forget(self)
+
+    def reset(self, code: int = 0) -> None:
+        """Abort both directions (RST_STREAM ``code``; HTTP/2 codes are 32 bits)."""
+        if not 0 <= code <= MAX_H2_CODE:
+            raise ValueError(f"reset code {code} does not fit HTTP/2's 32 bits")
+        err = StreamReset(code, "reset locally", remote=False)
+        conn = self._conn
+        if conn._error is None and not (self._write_error and self._read_error):
+            with contextlib.suppress(StreamClosedError, H2Error):
+                conn._h2.reset_stream(self.id, code)
+            conn._flush()
+        self._write_error = self._write_error or err
+        self._read_error = self._read_error or err
+        self._drop_unread()
+        _wake(self._read_waiter)
+        _wake(self._write_waiter)
+        conn._maybe_forget(self)
+
+    # -- events
+
+    def _on_peer_reset(self, code: int) -> None:
+        err = StreamReset(code, "stream reset by peer", remote=True)
+        self._read_error = self._read_error or err
+        self._write_error = self._write_error or StreamReset(
+            code, "peer stopped reading", remote=True
+        )
+        self._drop_unread()
+        _wake(self._read_waiter)
+        _wake(self._write_waiter)
+        self._conn._maybe_forget(self)
+
+    def _done(self) -> bool:
+        read_done = self._read_error is not None or (self._eof and not self._rbuf)
+        write_done = self._write_error is not None or self._fin_sent
+        return read_done and write_done
+
+
+# --------------------------------------------------------------------------- connections
+
+
+class _TcpConnection(Connection):
+    transport_name = "tcp"
+
+    def __init__(
+        self,
+        protocol: _Protocol,
+        *,
+        is_client: bool,
+        stream_window: int,
+        send_high_water: int,
+        idle_timeout: float,
+        server_name: str = "",
+    ) -> None:
+        self._protocol = protocol
+        self._transport = protocol
+        self._loop = asyncio.get_running_loop()
+        self._is_client = is_client
+        self._stream_window = stream_window
+        self._send_high_water = send_high_water
+        self._server_name = server_name
+        self._transport.set_write_buffer_limits(
+            high=send_high_water, low=send_high_water // 2
+        )
+        self.peer_certificate: x509.Certificate | None = _peer_leaf(self._transport)
+        sslobj = self._transport.get_extra_info("ssl_object")
+        self.alpn: str = (sslobj.selected_alpn_protocol() if sslobj else None) or ""
+        self.on_path_change = None
+        #: the fleet CA the server sent in the hello (client side)
+        self.peer_ca: x509.Certificate | None = None
+        config = H2Configuration(client_side=is_client, header_encoding="utf-8")
+        self._h2 = H2Connection(config=config)
+        # Our settings from the first SETTINGS frame on (h2 sends ``local_settings`` in the
+        # preface); until the peer read them it assumes the smaller HTTP/2 defaults.
+        self._h2.local_settings = Settings(client=is_client, initial_values={
+            SettingCodes.INITIAL_WINDOW_SIZE: stream_window,
+            SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+            SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+            SettingCodes.MAX_HEADER_LIST_SIZE: 16384,
+        })
+        self._h2.max_inbound_frame_size = MAX_FRAME_SIZE
+        self._h2_started = False
+        self._streams: dict[int, _TcpStream] = {}
+        self._accept: deque[_TcpStream] = deque()
+        self._accept_waiter: asyncio.Future[None] | None = None
+        self._pending: list[_TcpStream] = []  # server: peer streams before authorization
+        self._authorized = is_client
+        self._blocked_writers: set[_TcpStream] = set()
+        self._stream_slot_waiter: asyncio.Future[None] | None = None
+        self._error: TransportError | None = None
+        self._closed_locally = False
+        self._terminated = asyncio.Event()
+        self._pings: dict[bytes, asyncio.Future[None]] = {}
+        self._ping_seq = 0
+        self._keepalive_task: asyncio.Task[None] | None = None
+        self._idle_timeout = idle_timeout
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._close_handle: asyncio.TimerHandle | None = None
+        # hello (client: the answer; server: nothing)
+        self._hello_sid: int | None = None
+        self._hello_headers: dict[str, str] = {}
+        self._hello_body = bytearray()
+        self._hello_done: asyncio.Future[None] = self._loop.create_future()
+        # reverse streams: client = its idle pool requests; server = claimable ones
+        self._reverse_pool: deque[int] = deque()
+        self._reverse_target = 0
+        self._pool_waiter: asyncio.Future[None] | None = None
+        #: streams the peer opened (delivered or held), for tests and metrics
+        self.peer_streams = 0
+        self.rtt: float | None = None
+        #: loop.time() of the last bytes received from the peer
+        self.last_received = self._loop.time()
+        #: present for parity with QUIC (a TCP socket reports send errors as connection loss)
+        self.on_send_error: Any = None
+        self.send_errors = 0
+        self.migrations = 0
+        self.path_changes: list[Any] = []
+        protocol.attach(self)
+
+    def __repr__(self) -> str:
+        side = "client" if self._is_client else "server"
+        return f"<TcpConnection {side} alpn={self.alpn!r} remote={self.remote_address}>"
+
+    # -- properties
+
+    @property
+    def remote_address(self) -> Address:
+        peer = self._transport.get_extra_info("peername")
+        return normalize_address(peer) if peer else ("", 0)
+
+    @property
+    def local_address(self) -> Address:
+        sock = self._transport.get_extra_info("sockname")
+        return normalize_address(sock) if sock else ("", 0)
+
+    @property
+    def is_closed(self) -> bool:
+        return self._error is not None
+
+    @property
+    def idle_timeout(self) -> float:
+        """Nothing heard for this long ends the connection (min of both sides' settings)."""
+        return self._idle_timeout
+
+    @property
+    def send_buffered(self) -> int:
+        """Bytes handed to TLS but not yet to the kernel (bounded by the send high-water)."""
+        return self._transport.get_write_buffer_size()
+
+    # -- h2 plumbing
+
+    def _start_h2(self) -> None:
+        self._h2.initiate_connection()
+        # Connection window = sum of all stream windows: it never binds before the per-stream
+        # windows do, so one stalled stream cannot starve the others (as with QUIC).
+        target = min(MAX_CONCURRENT_STREAMS * self._stream_window, 2**31 - 1)
+        grow = target - self._h2.inbound_flow_control_window
+        if grow > 0:
+            self._h2.increment_flow_control_window(grow)
+        self._h2_started = True
+        self._flush()
+        self._arm_idle()
+
+    def _flush(self) -> None:
+        data = self._h2.data_to_send()
+        if data and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def _ack(self, sid: int, n: int) -> None:
+        if n <= 0 or self._error is not None:
+            return
+        with contextlib.suppress(H2Error):
+            self._h2.acknowledge_received_data(n, sid)
+        self._flush()
+
+    def _wake_writers(self) -> None:
+        for stream in list(self._blocked_writers):
+            _wake(stream._write_waiter)
+
+    def _maybe_forget(self, stream: _TcpStream) -> None:
+        if stream._done():
+            self._streams.pop(stream.id, None)
+            _wake(self._stream_slot_waiter)
+
+    # -- streams
+
+    async def open_stream(self) -> Stream:
+        """Open a stream: a ``POST /fleet/stream`` request on the client side (no round trip);
+        on the server side claim one of the client's idle reverse streams (no round trip while
+        the pool lasts; see the module docstring)."""
+        if self._error is not None:
+            raise self._error
+        if not self._authorized:
+            raise TransportError(ErrorCode.INTERNAL, "connection not authorized yet", remote=False)
+        if self._is_client:
+            return await self._open_client_stream(STREAM_PATH)
+        while True:
+            if self._error is not None:
+                raise self._error
+            if not self._reverse_pool:
+                self._pool_waiter = self._loop.create_future()
+                try:
+                    await self._pool_waiter
+                finally:
+                    self._pool_waiter = None
+                continue
+            sid = self._reverse_pool.popleft()
+            try:
+                self._h2.send_headers(sid, [(":status", "200")])
+            except StreamClosedError:  # the client withdrew it meanwhile: take the next
+                continue
+            stream = _TcpStream(self, sid)
+            self._streams[sid] = stream
+            self._flush()
+            return stream
+
+    async def _open_client_stream(self, path: str) -> _TcpStream:
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._h2.open_outbound_streams < self._h2.remote_settings.max_concurrent_streams:
+                break
+            self._stream_slot_waiter = self._loop.create_future()
+            try:
+                await self._stream_slot_waiter
+            finally:
+                self._stream_slot_waiter = None
+        sid = self._h2.get_next_available_stream_id()
+        stream = _TcpStream(self, sid)
+        if path == STREAM_PATH:
+            self._streams[sid] = stream
+        self._h2.send_headers(sid, self._request_headers(path))
+        self._flush()
+        return stream
+
+    def _request_headers(self, path: str, end: bool = False) -> list[tuple[str, str]]:
+        headers = [
+            (":method", "GET" if end else "POST"),
+            (":scheme", "https"),
+            (":authority", self._server_name or "fleet"),
+            (":path", path),
+        ]
+        if path == HELLO_PATH:
+            headers.append(("fleet-idle-timeout", f"{self._idle_timeout:g}"))
+        return headers
+
+    async def accept_stream(self) -> Stream:
+        while True:
+            if self._accept:
+                return self._accept.popleft()
+            if self._error is not None:
+                raise self._error
+            self._accept_waiter = self._loop.create_future()
+            try:
+                await self._accept_waiter
+            finally:
+                self._accept_waiter = None
+
+    def _deliver(self, stream: _TcpStream) -> None:
+        self.peer_streams += 1
+        self._streams[stream.id] = stream
+        if self._authorized:
+            self._accept.append(stream)
+            _wake(self._accept_waiter)
+        else:
+            self._pending.append(stream)
+
+    def _replenish_pool(self) -> None:
+        """Client: keep ``_reverse_target`` idle reverse requests open at the server."""
+        h2 = self._h2
+        while (
+            self._error is None
+            and len(self._reverse_pool) < self._reverse_target
+            and h2.open_outbound_streams < h2.remote_settings.max_concurrent_streams
+        ):
+            sid = h2.get_next_available_stream_id()
+            h2.send_headers(sid, self._request_headers(REVERSE_PATH))
+            self._reverse_pool.append(sid)
+        self._flush()
+
+    # -- incoming
+
+    def _on_data(self, data: bytes) -> None:
+        self.last_received = self._loop.time()
+        if self._error is not None or not self._h2_started:
+            return
+        try:
+            events = self._h2.receive_data(data)
+        except H2Error as exc:
+            log.info("HTTP/2 protocol error from %s: %s", self.remote_address, exc)
+            self._flush()  # h2 queued a GOAWAY
+            self._fail(TransportError(
+                ErrorCodes.PROTOCOL_ERROR, f"HTTP/2 protocol error: {exc}",
+                application=False, remote=False,
+            ))
+            self._transport.close()
+            return
+        for event in events:
+            try:
+                self._on_event(event)
+            except H2Error as exc:  # e.g. a stream the peer closed meanwhile
+                log.debug("ignored h2 error on %s: %s", event, exc)
+        self._flush()
+
+    def _on_event(self, event: Any) -> None:
+        if isinstance(event, DataReceived):
+            sid = event.stream_id
+            if sid == self._hello_sid:
+                self._hello_body += event.data
+                self._ack(sid, event.flow_controlled_length)
+                return
+            stream = self._streams.get(sid)
+            if stream is None:
+                self._ack(sid, event.flow_controlled_length)  # forgotten or unknown stream
+            else:
+                stream._feed(event.data, event.flow_controlled_length)
+        elif isinstance(event, StreamEnded):
+            sid = event.stream_id
+            if sid == self._hello_sid:
+                _wake(self._hello_done)
+            elif (stream := self._streams.get(sid)) is not None:
+                stream._feed_eof()
+            elif sid in self._reverse_pool and not self._is_client:
+                # the client withdrew a pool request: it is of no use any more
+                self._reverse_pool.remove(sid)
+        elif isinstance(event, H2StreamReset):
+            sid = event.stream_id
+            if sid in self._reverse_pool:
+                self._reverse_pool.remove(sid)
+                if self._is_client:
+                    self._replenish_pool()
+            stream = self._streams.get(sid)
+            if stream is not None:
+                stream._on_peer_reset(int(event.error_code))
+            _wake(self._stream_slot_waiter)
+        elif isinstance(event, RequestReceived):
+            self._on_request(event)
+        elif isinstance(event, ResponseReceived):
+            self._on_response(event)
+        elif isinstance(event, WindowUpdated | RemoteSettingsChanged):
+            self._wake_writers()
+            _wake(self._stream_slot_waiter)
+        elif isinstance(event, PingAckReceived):
+            _wake(self._pings.get(bytes(event.ping_data)))
+        elif isinstance(event, ConnectionTerminated):
+            self._fail(_parse_goaway(event))
+            self._transport.close()
+
+    def _on_request(self, event: RequestReceived) -> None:  # server side
+        headers = dict(event.headers or [])
+        path = headers.get(":path", "")
+        sid = event.stream_id
+        if path == STREAM_PATH:
+            self._h2.send_headers(sid, [(":status", "200")])
+            self._deliver(_TcpStream(self, sid))
+        elif path == REVERSE_PATH:
+            self._reverse_pool.append(sid)
+            _wake(self._pool_waiter)
+        elif path == HELLO_PATH and self._hello_sid is None:
+            self._hello_sid = sid
+            self._on_hello_request(headers)
+        else:
+            self._h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+
+    def _on_hello_request(self, headers: dict[str, str]) -> None:  # pragma: no cover
+        raise NotImplementedError  # server only
+
+    def _on_response(self, event: ResponseReceived) -> None:  # client side
+        sid = event.stream_id
+        if sid == self._hello_sid:
+            self._hello_headers = dict(event.headers or [])
+        elif sid in self._reverse_pool:
+            # the server claimed an idle reverse stream: it is a server-opened stream now
+            self._reverse_pool.remove(sid)
+            self._deliver(_TcpStream(self, sid))
+            self._replenish_pool()
+
+    # -- close
+
+    def close(self, code: int = 0, reason: str = "") -> None:
+        """Close with ``code``/``reason`` (a GOAWAY, see the module docstring)."""
+        if self._error is None:
+            self._closed_locally = True
+            self._fail(TransportError(code, reason or "closed locally", remote=False))
+            self._send_goaway(code, reason, application=True)
+        self._close_transport()
+
+    def _send_goaway(self, code: int, reason: str, *, application: bool) -> None:
+        if not self._h2_started:
+            self._start_h2()
+        h2_code = code if 0 <= code <= MAX_H2_CODE else ErrorCodes.INTERNAL_ERROR
+        with contextlib.suppress(H2Error):
+            self._h2.close_connection(
+                error_code=h2_code, additional_data=_close_payload(code, reason, application)
+            )
+        self._flush()
+
+    def _close_transport(self) -> None:
+        if not self._transport.is_closing():
+            self._transport.close()  # flushes, TLS close_notify, FIN
+        if self._close_handle is None and not self._terminated.is_set():
+            self._close_handle = self._loop.call_later(CLOSE_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        self._transport.abort()
+        self._on_lost(None)
+
+    def _abort_soon(self) -> None:
+        # let the GOAWAY leave, then drop the socket without waiting for the TLS shutdown
+        self._loop.call_soon(self._abort)
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        if self._error is None:
+            if isinstance(exc, ssl.SSLError):
+                self._fail(_ssl_error(exc, host=self._peer_label()))
+            else:
+                detail = f": {exc}" if exc else ""
+                self._fail(TransportError(
+                    0, f"connection lost{detail}", application=False, remote=True
+                ))
+        self._terminate()
+
+    def _peer_label(self) -> str:
+        return self._server_name or "the peer"
+
+    async def wait_closed(self) -> TransportError | None:
+        """Wait until the connection is over. None if we closed it, else why it ended."""
+        await self._terminated.wait()
+        return None if self._closed_locally else self._error
+
+    def _fail(self, error: TransportError) -> None:
+        if self._error is not None:
+            return
+        self._error = error
+        if not self._hello_done.done():
+            self._hello_done.set_exception(error)
+            self._hello_done.exception()
+        for fut in self._pings.values():
+            if not fut.done():
+                fut.set_exception(error)
+                fut.exception()
+        _wake(self._accept_waiter)
+        _wake(self._pool_waiter)
+        _wake(self._stream_slot_waiter)
+        for stream in list(self._streams.values()):
+            _wake(stream._read_waiter)
+            _wake(stream._write_waiter)
+        if self._keepalive_task is not None:
+            self._keepalive_task.cancel()
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+        self._pending.clear()
+
+    def _terminate(self) -> None:
+        if self._error is None:
+            self._fail(TransportError(0, "connection terminated", remote=False))
+        if self._terminated.is_set():
+            return
+        self._terminated.set()
+        if self._close_handle is not None:
+            self._close_handle.cancel()
+        self._on_terminated()
+
+    def _on_terminated(self) -> None:
+        pass
+
+    # -- ping / keepalive / idle
+
+    def _send_ping(self, payload: bytes) -> None:
+        self._h2.ping(payload)
+        self._flush()
+
+    def send_ping(self) -> None:
+        """Send one PING now without waiting for its acknowledgement (a liveness probe)."""
+        if self._error is None:
+            self._send_ping(b"\0" * 8)
+
+    async def ping(self, timeout: float) -> float:
+        """Round-trip time of an HTTP/2 PING (through the TCP send queue: a full send buffer
+        delays it). Raises TimeoutError, or the TransportError that closed the connection."""
+        if self._error is not None:
+            raise self._error
+        self._ping_seq += 1
+        payload = self._ping_seq.to_bytes(8, "big")
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._pings[payload] = fut
+        start = self._loop.time()
+        self._send_ping(payload)
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+        except TimeoutError:
+            raise TimeoutError(f"no PING acknowledgement within {timeout:g}s") from None
+        finally:
+            self._pings.pop(payload, None)
+        self.rtt = self._loop.time() - start
+        return self.rtt
+
+    async def _keepalive(self, interval: float) -> None:
+        while self._error is None:
+            await asyncio.sleep(interval)
+            if self._error is not None:
+                return
+            self._send_ping(b"\0" * 8)
+
+    def _arm_idle(self) -> None:
+        if self._idle_timeout and self._idle_timeout > 0 and self._error is None:
+            if self._idle_handle is not None:
+                self._idle_handle.cancel()
+            self._idle_handle = self._loop.call_at(
+                self.last_received + self._idle_timeout, self._check_idle
+            )
+
+    def _check_idle(self) -> None:
+        self._idle_handle = None
+        if self._error is not None:
+            return
+        if self._loop.time() - self.last_received >= self._idle_timeout:
+            reason = f"Idle timeout: nothing heard for {self._idle_timeout:g}s"
+            self._fail(TransportError(0, reason, application=False, remote=False))
+            self._send_goaway(0, reason, application=False)
+            self._close_transport()
+        else:
+            self._arm_idle()
+
+    # -- migration
+
+    async def migrate(self, local_addr: tuple[str, int] | None) -> None:
+        """A TCP connection is bound to its 4-tuple: always raises TransportError."""
+        raise TransportError(
+            ErrorCode.INTERNAL, "TCP connections cannot migrate; reconnect",
+            application=False, remote=False,
+        )
+
+
+class _ServerConnection(_TcpConnection):
+    def __init__(self, protocol: _Protocol, server: _TcpServer) -> None:
+        super().__init__(
+            protocol,
+            is_client=False,
+            stream_window=server._stream_window,
+            send_high_water=server._send_high_water,
+            idle_timeout=server._idle_timeout,
+        )
+        self._server = server
+        self._authorize_task: asyncio.Task[None] | None = None
+
+    def _begin(self) -> None:
+        """After the TLS handshake: certificate policy, then hello/authorize."""
+        server = self._server
+        if self.alpn not in server._alpns:
+            self._refuse(_crypto(_ALERT_NO_APPLICATION_PROTOCOL),
+                         f"no application protocol in common (offered none of {server._alpns})")
+            return
+        if self.peer_certificate is None and self.alpn not in server._anonymous:
+            self._refuse(_crypto(_ALERT_CERTIFICATE_REQUIRED),
+                         f"a client certificate is required for ALPN {self.alpn!r}")
+            return
+        if self.peer_certificate is not None:
+            try:
+                verify_peer_chain(self.peer_certificate, [], server._ca, purpose="client")
+            except CertificateRejected as exc:
+                alert = _ALERT_CERTIFICATE_EXPIRED if exc.expired else _ALERT_BAD_CERTIFICATE
+                self._refuse(_crypto(alert), exc.reason)
+                return
+        self._start_h2()
+        self._authorize_task = self._loop.create_task(self._authorize_and_run())
+        server._tasks.add(self._authorize_task)
+        self._authorize_task.add_done_callback(server._tasks.discard)
+
+    def _refuse(self, code: int, reason: str) -> None:
+        log.info("TLS refused %s: %s", self.remote_address, reason)
+        self._fail(TransportError(code, reason, application=False, remote=False))
+        self._closed_locally = True
+        self._send_goaway(code, reason, application=False)
+        self._close_transport()
+
+    def _on_hello_request(self, headers: dict[str, str]) -> None:
+        server = self._server
+        with contextlib.suppress(ValueError):
+            theirs = float(headers.get("fleet-idle-timeout", ""))
+            if 0 < theirs < self._idle_timeout:
+                self._idle_timeout = theirs
+                self._arm_idle()
+        sid = self._hello_sid
+        assert sid is not None
+        self._h2.send_headers(sid, [
+            (":status", "200"),
+            ("fleet-reverse-pool", str(server._reverse_pool)),
+            ("fleet-idle-timeout", f"{self._idle_timeout:g}"),
+        ])
+        self._h2.send_data(sid, server._hello_pem, end_stream=True)
+
+    async def _authorize_and_run(self) -> None:
+        server = self._server
+        try:
+            result = server._authorize(self)
+            if inspect.isawaitable(result):
+                async with asyncio.timeout(server._authorize_timeout):
+                    await result
+        except Refused as exc:
+            log.info("refused %s: %s %s", self.remote_address, exc.code, exc.reason)
+            self.close(exc.code, exc.reason)
+            return
+        except Exception:
+            log.exception("authorize() failed for %s", self.remote_address)
+            self.close(ErrorCode.AUTHORIZE_FAILED, "authorization failed")
+            return
+        if self._error is not None:
+            return
+        self._authorized = True
+        self._accept.extend(self._pending)
+        self._pending.clear()
+        _wake(self._accept_waiter)
+        try:
+            await server._on_connection(self)
+        except TransportError as exc:
+            log.debug("connection handler ended: %s", exc)
+        except Exception:
+            log.exception("on_connection handler failed for %s", self.remote_address)
+            self.close(ErrorCode.INTERNAL, "internal error")
+
+    def _fail(self, error: TransportError) -> None:
+        super()._fail(error)
+        if not self._authorized:
+            # Never deliver streams of a peer that did not get through authorize().
+            self._streams.clear()
+
+    def _on_terminated(self) -> None:
+        self._server._connections.discard(self)
+
+
+# -------------------------------------------------------------------------------- server
+
+
+class _TcpServer(Server):
+    def __init__(
+        self,
+        *,
+        identity: TLSIdentity,
+        alpns: list[str],
+        anonymous: frozenset[str],
+        authorize: Authorize,
+        on_connection: OnConnection,
+        idle_timeout: float,
+        authorize_timeout: float,
+        stream_window: int,
+        send_high_water: int,
+        reverse_pool: int,
+    ) -> None:
+        self._ca = identity.ca
+        self._alpns = list(alpns)
+        self._anonymous = anonymous
+        self._authorize = authorize
+        self._on_connection = on_connection
+        self._idle_timeout = idle_timeout
+        self._authorize_timeout = authorize_timeout
+        self._stream_window = stream_window
+        self._send_high_water = send_high_water
+        self._reverse_pool = reverse_pool
+        chain = [identity.ca] + [
+            c for c in identity.cert_chain[1:] if c != identity.ca
+        ]
+        self._hello_pem = b"".join(_pem(c) for c in chain)
+        self._connections: set[_ServerConnection] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._aserver: asyncio.Server | None = None
+        self._closed = asyncio.Event()
+
+    def _made(self, protocol: _Protocol, exc: BaseException | None) -> None:
+        if exc is not None:
+            log.info("TLS handshake from %s failed: %s",
+                     protocol.get_extra_info("peername"), exc)
+            return
+        if self._closed.is_set():
+            protocol.abort()
+            return
+        conn = _ServerConnection(protocol, self)
+        self._connections.add(conn)
+        conn._begin()
+
+    @property
+    def address(self) -> Address:
+        assert self._aserver is not None
+        return self._aserver.sockets[0].getsockname()
+
+    @property
+    def connections(self) -> list[Connection]:
+        return list(self._connections)
+
+    def close(self) -> None:
+        """Close every connection (code SHUTDOWN) and stop listening."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        if self._aserver is not None:
+            self._aserver.close()
+        for conn in list(self._connections):
+            conn.close(ErrorCode.SHUTDOWN, "server shutting down")
+            conn._abort_soon()
+
+    async def wait_closed(self) -> None:
+        """Wait for close(); handlers get 1 s to finish on their own, then are cancelled."""
+        await self._closed.wait()
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=1.0)
+            for t in still:
+                t.cancel()
+            if still:
+                await asyncio.gather(*still, return_exceptions=True)
+
+
+# ------------------------------------------------------------------------- entry points
+
+
+async def _probe_leaf(
+    host: str, port: int, server_name: str, alpn: str, local_addr: Any, timeout: float
+) -> x509.Certificate | None:
+    """The certificate a server presents, fetched without verifying it and without sending
+    ours -- only to word the error when verification failed."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols([alpn])
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            transport, _ = await loop.create_connection(
+                asyncio.Protocol, host, port, ssl=ctx, server_hostname=server_name,
+                local_addr=local_addr, ssl_handshake_timeout=timeout,
+            )
+    except (OSError, TimeoutError):
+        return None
+    try:
+        return _peer_leaf(transport)
+    finally:
+        transport.abort()
+
+
+def _host_label(host: str, port: int, server_name: str) -> str:
+    return server_name if server_name == host else f"{server_name} ({host}:{port})"
+
+
+async def connect(
+    host: str,
+    port: int,
+    *,
+    identity: TLSIdentity | None,
+    server_name: str,
+    alpn: str,
+    ca: x509.Certificate | None = None,
+    ca_pin: str | None = None,
+    local_addr: tuple[str, int] | None = None,
+    keepalive: float | None = 25.0,
+    idle_timeout: float = 60.0,
+    handshake_timeout: float = 10.0,
+    stream_window: int = DEFAULT_STREAM_WINDOW,
+    send_high_water: int = DEFAULT_SEND_HIGH_WATER,
+) -> Connection:
+    """Dial a fleet proxy over TLS/TCP; return once the server answered the hello.
+
+    Same arguments and meaning as ``quic.connect``. The server certificate must chain to ``ca``
+    (default ``identity.ca``) and match ``server_name``; with only ``ca_pin``, the CA the server
+    sends in the hello must match the pin and the leaf must verify against it -- checked before
+    any application stream exists. ``identity=None`` connects without a client certificate
+    (only accepted on the server's anonymous ALPNs). Raises TransportError (TLS failure, refusal
+    by the server's certificate policy, interception, timeout, unreachable).
+    """
+    trust = ca if ca is not None else (identity.ca if identity is not None else None)
+    if trust is None and ca_pin is None:
+        raise ValueError("connect() needs identity, ca (the pinned fleet CA) or ca_pin")
+    loop = asyncio.get_running_loop()
+    label = _host_label(host, port, server_name)
+    ctx = _client_context(identity, alpn, trust)
+    deadline = loop.time() + handshake_timeout
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def on_ready(_: _Protocol, exc: BaseException | None) -> None:
+        if ready.done():
+            return
+        if exc is None:
+            ready.set_result(None)
+        else:
+            ready.set_exception(exc)
+
+    protocol = _Protocol(
+        ctx, server_side=False, on_ready=on_ready, handshake_timeout=handshake_timeout,
+        server_hostname=server_name,
+    )
+    try:
+        async with asyncio.timeout(handshake_timeout):
+            await loop.create_connection(lambda: protocol, host, port, local_addr=local_addr)
+            await ready
+    except ssl.SSLCertVerificationError as exc:
+        assert trust is not None
+        leaf = await _probe_leaf(
+            host, port, server_name, alpn, local_addr, max(1.0, deadline - loop.time())
+        )
+        reason = f"server certificate not accepted by the pinned fleet CA: {exc.verify_message}"
+        if leaf is not None:
+            try:
+                verify_server_leaf(leaf, [], trust, server_name=server_name, host=label)
+            except CertificateRejected as rej:
+                reason = rej.reason
+        raise TransportError(
+            _crypto(_ALERT_BAD_CERTIFICATE), reason, application=False, remote=False
+        ) from None
+    except ssl.SSLError as exc:
+        raise _ssl_error(exc, host=label) from None
+    except TimeoutError:
+        protocol.abort()
+        raise TransportError(
+            0, f"TLS handshake with {host}:{port} timed out", application=False, remote=False
+        ) from None
+    except OSError as exc:
+        protocol.abort()
+        raise TransportError(
+            0, f"cannot reach {host}:{port} over TCP: {exc}", application=False, remote=False
+        ) from None
+    except BaseException:
+        protocol.abort()  # cancelled (e.g. lost a race): drop the half-open connection
+        raise
+
+    conn = _TcpConnection(
+        protocol, is_client=True, stream_window=stream_window, send_high_water=send_high_water,
+        idle_timeout=idle_timeout, server_name=server_name,
+    )
+
+    def fail(code: int, reason: str, *, remote: bool = False) -> TransportError:
+        err = TransportError(code, reason, application=False, remote=remote)
+        conn._fail(err)
+        conn._closed_locally = True
+        conn._transport.abort()
+        conn._terminate()
+        return err
+
+    if conn.alpn != alpn:
+        raise fail(_crypto(_ALERT_NO_APPLICATION_PROTOCOL),
+                   f"{label} did not agree on ALPN {alpn!r} over TLS/TCP")
+    try:
+        conn._start_h2()
+        sid = conn._h2.get_next_available_stream_id()
+        conn._hello_sid = sid
+        conn._h2.send_headers(sid, conn._request_headers(HELLO_PATH, end=True), end_stream=True)
+        conn._flush()
+        async with asyncio.timeout(max(0.0, deadline - loop.time())):
+            await asyncio.shield(conn._hello_done)
+    except TimeoutError:
+        raise fail(0, f"no fleet hello from {host}:{port} within {handshake_timeout:g}s "
+                      "(not a fleet proxy, or the network interferes)") from None
+    except TransportError:
+        conn._close_transport()
+        raise
+    except BaseException:  # cancelled (e.g. lost a race)
+        fail(0, "connect() cancelled")
+        raise
+    if conn._hello_headers.get(":status") != "200":
+        raise fail(0, f"{label} answered the fleet hello with {conn._hello_headers}")
+    try:
+        offered = x509.load_pem_x509_certificates(bytes(conn._hello_body))
+    except ValueError:
+        offered = []
+    leaf = conn.peer_certificate
+    try:
+        if trust is None:
+            assert ca_pin is not None
+            trust = ca_for_pin(leaf, offered, ca_pin, host=label)
+        intermediates = [c for c in offered if c != trust]
+        verify_server_leaf(leaf, intermediates, trust, server_name=server_name, host=label)
+    except CertificateRejected as exc:
+        raise fail(_crypto(_ALERT_BAD_CERTIFICATE), exc.reason) from None
+    conn.peer_ca = trust
+    with contextlib.suppress(ValueError):
+        theirs = float(conn._hello_headers.get("fleet-idle-timeout", ""))
+        if 0 < theirs < conn._idle_timeout:
+            conn._idle_timeout = theirs
+            conn._arm_idle()
+    with contextlib.suppress(ValueError):
+        conn._reverse_target = max(0, min(64, int(conn._hello_headers["fleet-reverse-pool"])))
+    conn._replenish_pool()
+    if keepalive:
+        conn._keepalive_task = loop.create_task(conn._keepalive(keepalive))
+    return conn
+
+
+async def serve(
+    host: str,
+    port: int,
+    *,
+    identity: TLSIdentity,
+    alpns: list[str],
+    authorize: Authorize,
+    on_connection: OnConnection,
+    anonymous_alpns: list[str] | frozenset[str] = frozenset(),
+    idle_timeout: float = 60.0,
+    authorize_timeout: float = 10.0,
+    stream_window: int = DEFAULT_STREAM_WINDOW,
+    send_high_water: int = DEFAULT_SEND_HIGH_WATER,
+    handshake_timeout: float = 10.0,
+    reverse_pool: int = REVERSE_POOL,
+) -> Server:
+    """Listen for TLS/TCP connections with mutual TLS against ``identity.ca``.
+
+    Same arguments and meaning as ``quic.serve``: a client certificate chaining to
+    ``identity.ca`` with the clientAuth EKU is required except on ``anonymous_alpns`` (optional
+    there, verified if present); then ``authorize(conn)`` runs (may be async, may raise
+    Refused); only then are the peer's streams delivered and ``on_connection(conn)`` started.
+    """
+    unknown = set(anonymous_alpns) - set(alpns)
+    if unknown:
+        raise ValueError(f"anonymous ALPNs not served: {sorted(unknown)}")
+    server = _TcpServer(
+        identity=identity,
+        alpns=list(alpns),
+        anonymous=frozenset(anonymous_alpns),
+        authorize=authorize,
+        on_connection=on_connection,
+        idle_timeout=idle_timeout,
+        authorize_timeout=authorize_timeout,
+        stream_window=stream_window,
+        send_high_water=send_high_water,
+        reverse_pool=reverse_pool,
+    )
+    ctx = _server_context(identity, list(alpns))
+    loop = asyncio.get_running_loop()
+    server._aserver = await loop.create_server(
+        lambda: _Protocol(
+            ctx, server_side=True, on_ready=server._made, handshake_timeout=handshake_timeout
+        ),
+        host,
+        port,
+        family=socket.AF_UNSPEC,
+        reuse_address=True,
+    )
+    return server
