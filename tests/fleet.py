@@ -57,6 +57,8 @@ class Fleet:
             device_lifetime=device_lifetime,
         )
         self.processes: list[subprocess.Popen] = []
+        #: environment for every process started (e.g. FLEET_TRANSPORT=tcp)
+        self.env: dict[str, str] = {}
 
     @property
     def address(self) -> str:
@@ -98,7 +100,7 @@ class Fleet:
 
     def start(self, argv: list[str], log: Path, spawn=None, env=None) -> subprocess.Popen:
         log_file = open(log, "ab")  # noqa: SIM115 - closed with the process
-        full_env = {**os.environ, **(env or {})}
+        full_env = {**os.environ, **self.env, **(env or {})}
         if spawn:
             proc = spawn(argv, stdout=log_file, stderr=subprocess.STDOUT, env=full_env)
         else:
@@ -130,7 +132,8 @@ class Fleet:
                check: bool = False, run=None) -> subprocess.CompletedProcess:
         argv = [PY, "-m", "tunnel.cli", *map(str, args), "--identity", str(identity)]
         runner = run or subprocess.run
-        return runner(argv, input=input, capture_output=True, timeout=timeout, check=check)
+        return runner(argv, input=input, capture_output=True, timeout=timeout, check=check,
+                      env={**os.environ, **self.env})
 
     def online(self, identity: Path, device_id: str, run=None) -> bool:
         out = self.tunnel("ls", "--format", "json", identity=identity, run=run)

@@ -18,7 +18,7 @@ from enroll import admin, certs
 from tunnel import wire
 from tunnel.client import UserIdentity
 from tunnel.protocol import ALPN_AGENT, ALPN_USER, read_header
-from tunnel.transport import TLSIdentity, TransportError, connect
+from tunnel.transport import TLSIdentity, TransportError, connect, dial
 
 
 @pytest.fixture
@@ -96,9 +96,9 @@ def _user_tls(identity_dir) -> TLSIdentity:
     return UserIdentity.load(identity_dir).tls()
 
 
-async def _raw_stream_exchange(fleet, ops, payload: bytes) -> bytes:
-    conn = await connect("127.0.0.1", fleet.proxy_port, identity=_user_tls(ops), server_name="proxy.test",
-                         alpn=ALPN_USER, keepalive=None)
+async def _raw_stream_exchange(fleet, ops, payload: bytes, transport: str) -> bytes:
+    conn = await dial("127.0.0.1", fleet.proxy_port, transports=(transport,), identity=_user_tls(ops),
+                      server_name="proxy.test", alpn=ALPN_USER, keepalive=None)
     try:
         stream = await conn.open_stream()
         await stream.write(payload)
@@ -122,11 +122,12 @@ BAD_HEADERS = {
 }
 
 
-def test_bad_stream_headers_are_refused_audited_and_harmless(fleet):
+@pytest.mark.parametrize("transport", ["quic", "tcp"])
+def test_bad_stream_headers_are_refused_audited_and_harmless(fleet, transport):
     fleet.start_proxy()
     ops = fleet.user("ops", ["admin"])
     for name, payload in BAD_HEADERS.items():
-        reply = asyncio.run(_raw_stream_exchange(fleet, ops, payload))
+        reply = asyncio.run(_raw_stream_exchange(fleet, ops, payload, transport))
         message, _ = wire.HeaderReader().feed(reply)
         assert message["ok"] is False, name
         assert message["code"] in {"bad_header", "truncated_header", "header_too_large",

@@ -34,12 +34,15 @@ def fleet(tmp_path):
     f.close()
 
 
-@pytest.fixture
-def running(fleet, echo):
-    """A proxy, one connected agent (robot-1, services echo + a closed port) and an admin."""
+@pytest.fixture(params=["quic", "tcp"])
+def running(request, fleet, echo):
+    """A proxy, one connected agent (robot-1, services echo + a closed port) and an admin —
+    on each transport: everything above the transport must behave the same."""
+    fleet.env["FLEET_TRANSPORT"] = request.param
     config = fleet.enroll_device(
         "robot-1", {"customer": "acme"},
         {"echo": f"127.0.0.1:{echo.port}", "closed": "127.0.0.1:1"}, keepalive="5s",
+        transport=request.param,
     )
     fleet.start_proxy()
     agent = fleet.start_agent(config)
@@ -64,7 +67,7 @@ def test_forward_many_concurrent_connections_with_checksums(running):
     fleet, ops, _, _ = running
     proc = subprocess.Popen(
         [*_tunnel(fleet), "forward", "robot-1", "echo", "--identity", str(ops)],
-        stderr=subprocess.PIPE, text=True,
+        stderr=subprocess.PIPE, text=True, env={**os.environ, **fleet.env},
     )
     try:
         line = proc.stderr.readline()

@@ -29,6 +29,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import logging
+import random
 import socket
 import struct
 import time
@@ -42,7 +43,7 @@ from tunnel.backoff import Backoff
 from tunnel.log import event
 from tunnel.protocol import ALPN_AGENT, CLOSE_NAMES, read_header
 from tunnel.splice import SocketEnds, StreamEnds, splice
-from tunnel.transport import Connection, ErrorCode, Stream, TLSIdentity, TransportError, connect
+from tunnel.transport import Connection, ErrorCode, Stream, TLSIdentity, TransportError, dial
 
 log = logging.getLogger("tunnel.agent")
 
@@ -50,6 +51,7 @@ LOCAL_CONNECT_TIMEOUT = 5.0
 MAX_SESSIONS = 64
 RENEW_AT = 2 / 3  # renew when this fraction of the certificate's life is gone
 HANDSHAKE_TIMEOUT = 3.0
+HEAD_START = 0.3  # QUIC's head start before TLS over TCP joins the race
 STABLE_AFTER = 10.0  # a connection that lasted this long resets the reconnect backoff
 SETTLE = 0.01  # coalesce a burst of netlink events (link up + route replace) into one check
 
@@ -145,6 +147,9 @@ class Agent:
         self._network_moved = False  # the last connection ended because the network changed
         self._closed_code: int | None = None  # application code the proxy closed us with
         self._accepted = False  # the proxy answered our hello on the last connection
+        self._next_conn: Connection | None = None  # a QUIC connection found while on TCP
+        self._conn_sessions: dict[Connection, int] = {}  # open sessions per connection
+        self._interception: str | None = None  # a TLS-interception error to report once through
 
     def stop(self) -> None:
         self._stop.set()
@@ -225,7 +230,9 @@ class Agent:
         outage_started: float | None = None  # loop.time() the device was last known reachable
         while not self._stop.is_set():
             offered = self.candidates()
-            conn = await self._dial_any(offered) if offered else None
+            conn, self._next_conn = self._next_conn, None
+            if conn is None:
+                conn = await self._dial_any(offered) if offered else None
             if conn is None:
                 outage_started = outage_started or loop.time()
                 if offered:
@@ -275,14 +282,10 @@ class Agent:
         identity = load_identity(self.config)
         for ep, route in offered:
             try:
-                conn = await connect(
-                    ep.host, ep.port, identity=identity, server_name=ep.server_name,
-                    local_addr=(route.source, 0),
-                    alpn=ALPN_AGENT, keepalive=None,  # _probe sends the keepalives
-                    idle_timeout=max(60.0, self.config.keepalive * 3),
-                    handshake_timeout=HANDSHAKE_TIMEOUT,
-                )
+                conn = await self._dial(ep, route, identity, self.config.transports)
             except TransportError as exc:
+                if "intercepting TLS" in exc.reason:
+                    self._interception = exc.reason  # told to the proxy once we get through
                 code = CLOSE_NAMES.get(exc.code, exc.code) if exc.application else exc.code
                 event(log, "dial failed", level=logging.WARNING, endpoint=ep.address,
                       uplink=route.uplink, code=code, reason=exc.reason)
@@ -295,6 +298,28 @@ class Agent:
             return conn
         return None
 
+    async def _dial(self, ep: Endpoint, route: Route, identity: TLSIdentity,
+                    transports: tuple[str, ...]) -> Connection:
+        return await dial(
+            ep.host, ep.port, transports=transports, head_start=HEAD_START,
+            identity=identity, server_name=ep.server_name, local_addr=(route.source, 0),
+            alpn=ALPN_AGENT, keepalive=None,  # _probe sends the keepalives
+            idle_timeout=max(60.0, self.config.keepalive * 3), handshake_timeout=HANDSHAKE_TIMEOUT,
+        )
+
+    async def _back_to_quic(self, conn: Connection) -> str:
+        """On TCP, keep trying QUIC (every ``quic_retry`` s, and on a network change)."""
+        while True:
+            await self._wait_change(self.config.quic_retry * (0.75 + random.random() / 2))
+            if self.route is None:
+                continue
+            try:
+                self._next_conn = await self._dial(self.endpoint, self.route, load_identity(self.config),
+                                                   ("quic",))
+            except (TransportError, OSError):
+                continue
+            return "back on QUIC"
+
     async def _serve(self, conn: Connection, reconnect: str | None, outage: float | None) -> str:
         """Run one connection until it ends; return why it ended."""
         self.conn = conn
@@ -304,6 +329,8 @@ class Agent:
         tasks = [asyncio.create_task(self._accept(conn)),
                  asyncio.create_task(self._watch_routes(conn)),
                  asyncio.create_task(self._probe(conn))]
+        if conn.transport_name == "tcp" and "quic" in self.config.transports:
+            tasks.append(asyncio.create_task(self._back_to_quic(conn)))
         try:
             await self._hello(conn, reconnect, outage)
             self._accepted = True
@@ -325,8 +352,18 @@ class Agent:
         finally:
             for t in tasks:
                 t.cancel()
-            conn.close(0, "agent reconnecting")
+            if self._next_conn is not None and self._conn_sessions.get(conn):
+                # moving to QUIC: open sessions finish on the old connection, new ones go to QUIC
+                asyncio.create_task(self._drain(conn))
+            else:
+                conn.close(0, "agent reconnecting")
             self.conn = None
+
+    async def _drain(self, conn: Connection) -> None:
+        while self._conn_sessions.get(conn) and not conn.is_closed:
+            await asyncio.sleep(0.5)
+        self._conn_sessions.pop(conn, None)
+        conn.close(0, "drained")
 
     async def _request(self, conn: Connection, op: str, **args) -> wire.Message:
         stream = await conn.open_stream()
@@ -338,11 +375,13 @@ class Agent:
     async def _hello(self, conn: Connection, reconnect: str | None, outage: float | None,
                      **extra) -> None:
         args = {"uplink": self.route.uplink if self.route else None,
-                "endpoint": self.endpoint.address,
+                "endpoint": self.endpoint.address, "transport": conn.transport_name,
                 "migrations": self.counters.migrations, "reconnects": self.counters.reconnects,
                 **extra}
         if reconnect:
             args.update(reconnect=reconnect, outage=outage)
+        if self._interception:
+            args["tls_interception"], self._interception = self._interception, None
         await self._request(conn, "hello", **args)
 
     async def _maybe_renew(self, conn: Connection) -> None:
@@ -384,6 +423,9 @@ class Agent:
                 return (f"uplink {route.uplink} does not reach {ep.address}"
                         f" (per-uplink endpoints: {', '.join(e.address for e in self.config.endpoints_for(route.uplink)) or 'none'})")
             after_outage = outage_since is not None
+            if conn.transport_name == "tcp" and (after_outage or route.source != conn.local_address[0]):
+                self._network_moved = True
+                return "network changed; a TCP connection cannot migrate"
             if route.source == conn.local_address[0] and not after_outage:
                 if route != self.route:
                     self.route = route
@@ -451,9 +493,9 @@ class Agent:
     async def _accept(self, conn: Connection) -> None:
         while True:
             stream = await conn.accept_stream()
-            asyncio.create_task(self._session(stream))
+            asyncio.create_task(self._session(stream, conn))
 
-    async def _session(self, stream: Stream) -> None:
+    async def _session(self, stream: Stream, conn: Connection) -> None:
         try:
             msg, rest = await read_header(stream)
         except (wire.HeaderError, TimeoutError, TransportError) as exc:
@@ -486,12 +528,14 @@ class Agent:
             writer.close()
             return
         self.active_sessions += 1
+        self._conn_sessions[conn] = self._conn_sessions.get(conn, 0) + 1
         self.counters.sessions += 1
         event(log, "session", session=msg["session"], service=name, identity=msg["identity"])
         try:
             await splice(StreamEnds(stream, rest), SocketEnds(reader, writer))
         finally:
             self.active_sessions -= 1
+            self._conn_sessions[conn] -= 1
             writer.close()
 
     async def _refuse(self, stream: Stream, code: str, reason: str) -> None:

@@ -23,6 +23,8 @@ Example::
     dead_after: 3                  # misses before the path counts as dead (~3 s by default)
     reconnect_backoff: 0.5s        # first reconnect delay (full jitter, doubling ...)
     reconnect_backoff_max: 30s     # ... up to this; a change of network retries at once
+    transport: auto                # QUIC, racing TLS over TCP 443 when UDP is blocked; or quic/tcp
+    quic_retry: 30s                # while on TCP, try to get back onto QUIC this often
 
 Every problem is reported as one ConfigError naming the field.
 """
@@ -86,6 +88,15 @@ class AgentConfig:
     probe_timeout: float = 1.0
     reconnect_backoff: float = 0.5
     reconnect_backoff_max: float = 30.0
+    #: "auto": QUIC, with TLS over TCP raced after a short head start (networks that block
+    #: UDP); "quic" or "tcp" to force one
+    transport: str = "auto"
+    #: while on TCP, how often to try getting back onto QUIC
+    quic_retry: float = 30.0
+
+    @property
+    def transports(self) -> tuple[str, ...]:
+        return ("quic", "tcp") if self.transport == "auto" else (self.transport,)
 
     def endpoints_for(self, uplink: str | None) -> tuple[Endpoint, ...]:
         """The endpoints to use over ``uplink``, per-uplink ones first, in config order."""
@@ -122,6 +133,12 @@ def _count(value, what: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
     raise ConfigError(f"{what}: expected a whole number >= 1, got {value!r}")
+
+
+def _choice(value, what: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{what}: expected one of {', '.join(allowed)}, got {value!r}")
+    return value
 
 
 def load(path: Path | str) -> AgentConfig:
@@ -175,5 +192,7 @@ def load(path: Path | str) -> AgentConfig:
         probe_timeout=_seconds(raw.get("probe_timeout", "1s"), "probe_timeout"),
         reconnect_backoff=_seconds(raw.get("reconnect_backoff", "0.5s"), "reconnect_backoff"),
         reconnect_backoff_max=_seconds(raw.get("reconnect_backoff_max", "30s"), "reconnect_backoff_max"),
+        transport=_choice(raw.get("transport", "auto"), "transport", ("auto", "quic", "tcp")),
+        quic_retry=_seconds(raw.get("quic_retry", "30s"), "quic_retry"),
         **files,
     )

@@ -80,6 +80,14 @@ class UserIdentity:
         return TLSIdentity([cert], key, ca)
 
 
+def preferred_transports() -> tuple[str, ...]:
+    """QUIC raced with TLS over TCP, unless ``FLEET_TRANSPORT`` says quic or tcp."""
+    choice = os.environ.get("FLEET_TRANSPORT", "auto")
+    if choice not in ("auto", "quic", "tcp"):
+        raise ClientError(f"FLEET_TRANSPORT={choice!r}: use auto, quic or tcp")
+    return ("quic", "tcp") if choice == "auto" else (choice,)
+
+
 class Refusal(ClientError):
     """The proxy or the device refused a dial or request."""
 
@@ -93,7 +101,7 @@ class Client:
         host, port = identity.proxy
         try:
             conn = await dial(
-                host, port, identity=identity.tls(), server_name=identity.server_name,
+                host, port, transports=preferred_transports(), identity=identity.tls(), server_name=identity.server_name,
                 alpn=ALPN_USER, keepalive=15.0, handshake_timeout=timeout,
             )
         except TransportError as exc:
@@ -143,7 +151,7 @@ async def anonymous_request(
 
     host, port = split_host_port(proxy, "--proxy")
     try:
-        conn = await dial(host, port, identity=None, ca=ca, ca_pin=None if ca else ca_pin,
+        conn = await dial(host, port, transports=preferred_transports(), identity=None, ca=ca, ca_pin=None if ca else ca_pin,
                              server_name=server_name or host, alpn=ALPN_ENROLL, keepalive=None,
                              handshake_timeout=timeout)
     except TransportError as exc:

@@ -201,7 +201,11 @@ class Proxy:
         link = AgentLink(device_id, conn, peer, transport=conn.transport_name)
         old = self.agents.get(device_id)
         self.agents[device_id] = link
-        if old is not None:
+        if old is not None and old.sessions and old.transport != link.transport:
+            # The agent moved to another transport (TCP → QUIC) while sessions were open: those
+            # finish on the old connection; new sessions go to the new one.
+            self._spawn(self._drain(old))
+        elif old is not None:
             old.conn.close(CODES["replaced"], "replaced: the device connected again")
         remote = "{}:{}".format(*conn.remote_address[:2])
         now = dt.datetime.now(dt.UTC)
@@ -231,6 +235,11 @@ class Proxy:
                 bytes_to_device=link.bytes_down, bytes_from_device=link.bytes_up,
             )
         event(log, "agent disconnected", device=device_id, reason=reason)
+
+    async def _drain(self, link: AgentLink) -> None:
+        while link.sessions and not link.conn.is_closed:
+            await asyncio.sleep(0.5)
+        link.conn.close(CODES["replaced"], "replaced: the device moved to another transport")
 
     def _on_path_change(self, link: AgentLink, change: PathChange) -> None:
         """The agent's observed address changed (migration or NAT rebinding): count and audit.
@@ -280,6 +289,11 @@ class Proxy:
             dev = self.registry.device(link.device_id)
             if op == "hello":
                 link.note_hello(args)
+                if args.get("tls_interception"):
+                    self._audit("device.tls_intercepted", actor=link.peer.actor, device=link.device_id,
+                                labels=dev.labels, result="warning", reason=str(args["tls_interception"]),
+                                remote="{}:{}".format(*link.conn.remote_address[:2]),
+                                transport=link.transport)
                 if args.get("reconnect"):
                     self._audit(
                         "device.reconnect", actor=link.peer.actor, device=link.device_id,
