@@ -23,7 +23,6 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 from enroll import audit
 from enroll.enrollment import enroll, renew
@@ -72,12 +71,8 @@ class AgentLink:
     #: the uplink the agent reports (hello ``uplink``); None until it says
     uplink: str | None = None
     path_since: float = field(default_factory=time.time)
-    #: per device, for the life of this proxy process: connections and path changes
-    totals: ClassVar[dict[str, dict[str, int]]] = {}
-
-    def __post_init__(self) -> None:
-        t = AgentLink.totals.setdefault(self.device_id, {"connections": 0, "migrations": 0})
-        t["connections"] += 1
+    #: this device's counts for the life of the proxy process (shared by its successive links)
+    totals: dict[str, int] = field(default_factory=lambda: {"connections": 1, "migrations": 0})
 
     def note_hello(self, args: dict) -> None:
         """Record what an agent's hello says about its path (call from the hello handler)."""
@@ -86,7 +81,7 @@ class AgentLink:
 
     def as_dict(self) -> dict:
         address = "{}:{}".format(*self.conn.remote_address[:2])
-        t = AgentLink.totals.get(self.device_id, {"connections": 1, "migrations": 0})
+        t = self.totals
         return {
             "device": self.device_id,
             "address": address,
@@ -113,6 +108,7 @@ class Proxy:
         self.agents: dict[str, AgentLink] = {}
         self.peers: dict[Connection, Peer] = {}
         self.sessions: dict[str, Session] = {}
+        self.device_totals: dict[str, dict[str, int]] = {}  # connections and migrations per device
         self.enroll_limiter = RateLimiter(rate=enroll_rate, burst=max(1.0, enroll_rate * 2))
         self.watch_interval = watch_interval
         self.server = self.tcp_server = None
@@ -198,7 +194,9 @@ class Proxy:
 
     async def _serve_agent(self, conn: Connection, peer: Peer) -> None:
         device_id = peer.name
-        link = AgentLink(device_id, conn, peer, transport=conn.transport_name)
+        totals = self.device_totals.setdefault(device_id, {"connections": 0, "migrations": 0})
+        totals["connections"] += 1
+        link = AgentLink(device_id, conn, peer, transport=conn.transport_name, totals=totals)
         old = self.agents.get(device_id)
         self.agents[device_id] = link
         if old is not None and old.sessions and old.transport != link.transport:
@@ -249,7 +247,7 @@ class Proxy:
         """
         link.migrations += 1
         link.path_since = time.time()
-        AgentLink.totals.setdefault(link.device_id, {"connections": 1, "migrations": 0})["migrations"] += 1
+        link.totals["migrations"] += 1
         old, new = "{}:{}".format(*change.old[:2]), "{}:{}".format(*change.new[:2])
         event(log, "agent path changed", device=link.device_id, old=old, new=new)
 
