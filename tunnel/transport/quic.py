@@ -669,18 +669,7 @@ class _QuicConnection(Connection):
             raise RuntimeError("only the client side can migrate")
         if self._error is not None:
             raise self._error
-        family = self._family or socket.AF_INET
-        if local_addr is None:
-            bind = ("0.0.0.0", 0) if family == socket.AF_INET else ("::", 0, 0, 0)
-        else:
-            bind = bind_address(local_addr[0], local_addr[1], family)
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.bind(bind)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
+        sock = _udp_socket(local_addr, self._family or socket.AF_INET)
         old_local = self.local_address
         old_transport = self._protocol._transport
         await self._loop.create_datagram_endpoint(lambda: self._protocol, sock=sock)
@@ -936,6 +925,22 @@ class _QuicServer(Server):
 # ------------------------------------------------------------------------- entry points
 
 
+def _udp_socket(local_addr: tuple[str, int] | None, family: int) -> socket.socket:
+    """A non-blocking UDP socket bound to ``local_addr`` (None: any address, a new port)."""
+    if local_addr is None:
+        bind = ("0.0.0.0", 0) if family == socket.AF_INET else ("::", 0, 0, 0)
+    else:
+        bind = bind_address(local_addr[0], local_addr[1], family)
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.bind(bind)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(Encoding.PEM)
 
@@ -992,17 +997,7 @@ async def connect(
     quic = _FleetQuicConnection(configuration=config)
     quic._fleet_setup(_TLSPolicy(trust, frozenset(), ca_pin if trust is None else None), stream_window)
 
-    if local_addr is None:
-        bind = ("0.0.0.0", 0) if family == socket.AF_INET else ("::", 0, 0, 0)
-    else:
-        bind = bind_address(local_addr[0], local_addr[1], family)
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        sock.bind(bind)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
+    sock = _udp_socket(local_addr, family)
     _, protocol = await loop.create_datagram_endpoint(lambda: _Protocol(quic), sock=sock)
     conn = _QuicConnection(
         protocol, is_client=True, send_high_water=send_high_water, family=family
