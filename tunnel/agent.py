@@ -1,9 +1,13 @@
-"""The agent on the device: one outbound QUIC connection, a local TCP connection per session.
+"""The agent on the device: one outbound connection (QUIC), a local TCP connection per session.
 
 It listens on no network port. The loop is: dial the first proxy endpoint the current uplink
 may use (jittered exponential backoff when none answers; a change of network retries at once),
 say hello (with why it reconnected), then serve streams the proxy opens — each names a service
 from the config, which the agent connects to on the device and splices.
+
+Where UDP is blocked, TLS over TCP joins the race after a 0.3 s head start; while on TCP the
+agent keeps trying QUIC (:meth:`Agent._back_to_quic`) and moves over, letting open sessions
+finish on the TCP connection (:meth:`Agent._drain`).
 
 Path logic (:meth:`Agent._watch_routes` and :meth:`Agent._probe`):
 

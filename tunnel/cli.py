@@ -32,8 +32,8 @@ For OpenSSH:  ssh -o ProxyCommand='tunnel proxy-command %h %p' LOGIN@DEVICE
 """
 
 LS_COLUMNS = ["id", "online", "lifecycle", "labels", "address", "last_seen"]
-STATUS_COLUMNS = ["device", "address", "transport", "connected_since", "sessions",
-                  "bytes_to_device", "bytes_from_device", "migrations"]
+STATUS_COLUMNS = ["device", "path", "transport", "connected_since", "sessions",
+                  "bytes_to_device", "bytes_from_device", "migrations_total", "reconnects"]
 
 
 def _run(coro) -> None:
