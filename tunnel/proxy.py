@@ -34,6 +34,7 @@ from tunnel.admission import CODES, Denied, Peer, admit, check_device
 from tunnel.log import event
 from tunnel.protocol import ALPN_AGENT, ALPN_ENROLL, ALPN_USER, HEADER_TIMEOUT, read_header
 from tunnel.ratelimit import RateLimiter
+from tunnel.registry_writer import RegistryWriter
 from tunnel.splice import StreamEnds, splice
 from tunnel.transport import (
     Connection,
@@ -112,6 +113,7 @@ class Proxy:
         self.enroll_limiter = RateLimiter(rate=enroll_rate, burst=max(1.0, enroll_rate * 2))
         self.watch_interval = watch_interval
         self.server = self.tcp_server = None
+        self.writer: RegistryWriter | None = None
         self._tasks: set[asyncio.Task] = set()
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -124,13 +126,19 @@ class Proxy:
         # The CA travels in the chain so a new device can check it against its pin.
         return TLSIdentity([cert, self.state.ca_cert], key, self.state.ca_cert)
 
-    async def start(self, host: str, port: int, *, idle_timeout: float = 60.0, tcp: bool = True):
-        """Listen on UDP (QUIC) and, for networks that block UDP, TCP (TLS + HTTP/2), same port."""
+    async def start(self, host: str, port: int, *, idle_timeout: float = 300.0, tcp: bool = True):
+        """Listen on UDP (QUIC) and, for networks that block UDP, TCP (TLS + HTTP/2), same port.
+
+        QUIC uses the smaller of the two sides' idle timeouts, so the proxy's is generous and
+        each agent's own (three keepalive intervals, at least 60 s) decides: an agent that
+        keeps alive every 120 s is not dropped after 60 s.
+        """
         common = dict(
             identity=self.tls_identity(), alpns=[ALPN_AGENT, ALPN_USER, ALPN_ENROLL],
             anonymous_alpns=[ALPN_ENROLL], authorize=self._authorize,
             on_connection=self._on_connection, idle_timeout=idle_timeout,
         )
+        self.writer = RegistryWriter(self.state)
         self.server = await serve(host, port, **common)
         self.tcp_server = await tcp_serve(host, port, **common) if tcp else None
         self._spawn(self._watch())
@@ -145,6 +153,8 @@ class Proxy:
             if server:
                 server.close()
                 await server.wait_closed()
+        if self.writer:
+            await self.writer.close()
         self.registry.close()
 
     def _spawn(self, coro) -> asyncio.Task:
@@ -153,13 +163,13 @@ class Proxy:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _audit(self, type_: str, **kw) -> None:
-        with self.registry.write() as db:
-            audit.append(db, type_, **kw)
+    def _audit(self, type_: str, **kw) -> asyncio.Future:
+        """Queue an audit event; await the result where the caller must know it is durable."""
+        return self.writer.submit(lambda db: audit.append(db, type_, **kw))
 
     # --- admission ----------------------------------------------------------------------------
 
-    def _authorize(self, conn: Connection) -> None:
+    async def _authorize(self, conn: Connection) -> None:
         if conn.alpn == ALPN_ENROLL:
             return
         remote = "{}:{}".format(*conn.remote_address[:2])
@@ -170,7 +180,7 @@ class Proxy:
         except Denied as denied:
             actor = _actor_of(conn.peer_certificate)
             dev = self.registry.device(actor.split(":", 1)[1]) if actor.startswith("device:") else None
-            self._audit(
+            await self._audit(
                 "access.denied", actor=actor, device=dev.id if dev else None,
                 labels=dev.labels if dev else None, result="denied", reason=denied.reason,
                 code=denied.code, remote=remote, stage="connect",
@@ -207,12 +217,14 @@ class Proxy:
             old.conn.close(CODES["replaced"], "replaced: the device connected again")
         remote = "{}:{}".format(*conn.remote_address[:2])
         now = dt.datetime.now(dt.UTC)
-        with self.registry.write() as db:
+        def connected(db):
             db["devices"].update(device_id, {"last_seen": iso(now)})
             audit.append(
                 db, "device.connect", actor=peer.actor, device=device_id, labels=peer.device.labels,
                 now=now, remote=remote, transport=link.transport, replaced=old is not None,
             )
+
+        await self.writer.submit(connected)
         event(log, "agent connected", device=device_id, remote=remote)
         conn.on_path_change = lambda change: self._on_path_change(link, change)
         accept = self._spawn(self._agent_requests(link))
@@ -223,15 +235,18 @@ class Proxy:
         reason = error.reason if error else "closed by proxy"
         dev = self.registry.device(device_id)
         now = dt.datetime.now(dt.UTC)
-        with self.registry.write() as db:
+        remote = "{}:{}".format(*conn.remote_address[:2])
+
+        def disconnected(db):
             db["devices"].update(device_id, {"last_seen": iso(now)})
             audit.append(
-                db, "device.disconnect", actor=peer.actor, device=device_id,
-                remote="{}:{}".format(*conn.remote_address[:2]),
+                db, "device.disconnect", actor=peer.actor, device=device_id, remote=remote,
                 labels=dev.labels if dev else None, now=now, reason=reason,
                 duration=round(time.time() - link.connected_at, 3),
                 bytes_to_device=link.bytes_down, bytes_from_device=link.bytes_up,
             )
+
+        await self.writer.submit(disconnected)
         event(log, "agent disconnected", device=device_id, reason=reason)
 
     async def _drain(self, link: AgentLink) -> None:
@@ -288,12 +303,12 @@ class Proxy:
             if op == "hello":
                 link.note_hello(args)
                 if args.get("tls_interception"):
-                    self._audit("device.tls_intercepted", actor=link.peer.actor, device=link.device_id,
+                    await self._audit("device.tls_intercepted", actor=link.peer.actor, device=link.device_id,
                                 labels=dev.labels, result="warning", reason=str(args["tls_interception"]),
                                 remote="{}:{}".format(*link.conn.remote_address[:2]),
                                 transport=link.transport)
                 if args.get("reconnect"):
-                    self._audit(
+                    await self._audit(
                         "device.reconnect", actor=link.peer.actor, device=link.device_id,
                         labels=dev.labels, reason=str(args.get("reconnect")),
                         uplink=args.get("uplink"), remote="{}:{}".format(*link.conn.remote_address[:2]),
@@ -310,7 +325,7 @@ class Proxy:
         except (wire.HeaderError, EnrollError, TimeoutError) as exc:
             code = getattr(exc, "code", "refused")
             dev = self.registry.device(link.device_id)
-            self._audit("access.denied", actor=link.peer.actor, device=link.device_id,
+            await self._audit("access.denied", actor=link.peer.actor, device=link.device_id,
                         labels=dev.labels if dev else None,
                         result="denied", reason=str(exc), code=code, stage="agent-request")
             await _try_write(stream, wire.reply_refused(code, str(exc)))
@@ -335,7 +350,7 @@ class Proxy:
             msg, rest = await read_header(stream)
         except (wire.HeaderError, TimeoutError) as exc:
             code = getattr(exc, "code", "timeout")
-            self._audit("access.denied", actor=peer.actor, actor_roles=peer.identity.roles,
+            await self._audit("access.denied", actor=peer.actor, actor_roles=peer.identity.roles,
                         result="denied", reason=str(exc) or "no header in time", code=code,
                         remote=remote, stage="header")
             await _try_write(stream, wire.reply_refused(code, str(exc) or "no header in time"))
@@ -348,7 +363,7 @@ class Proxy:
         elif msg.kind == "request":
             await self._user_request(peer, stream, msg)
         else:
-            self._audit("access.denied", actor=peer.actor, actor_roles=peer.identity.roles,
+            await self._audit("access.denied", actor=peer.actor, actor_roles=peer.identity.roles,
                         result="denied", code="bad_header",
                         reason=f"engineers cannot send {msg.kind!r} headers", remote=remote,
                         stage="header")
@@ -366,7 +381,7 @@ class Proxy:
                       labels=dev.labels if dev else None, remote=remote, service=service,
                       login=login, session=session)
         if not decision.allowed:
-            self._audit("access.denied", result="denied", reason=decision.reason, code=decision.code,
+            await self._audit("access.denied", result="denied", reason=decision.reason, code=decision.code,
                         stage="dial", **common)
             await _try_write(stream, wire.reply_refused(decision.code, decision.reason))
             _finish(stream)
@@ -378,25 +393,25 @@ class Proxy:
             reply, agent_rest = await read_header(agent_stream, AGENT_REPLY_TIMEOUT)
         except (TransportError, wire.HeaderError, TimeoutError) as exc:
             reason = f"device {device_id} did not answer: {exc or 'timeout'}"
-            self._audit("access.denied", result="failed", reason=reason, code="device_unreachable",
+            await self._audit("access.denied", result="failed", reason=reason, code="device_unreachable",
                         stage="open", **common)
             await _try_write(stream, wire.reply_refused("device_unreachable", reason))
             _finish(stream)
             return
         if not reply.get("ok"):
             code, reason = reply.get("code", "refused"), reply.get("reason", "refused by the device")
-            self._audit("access.denied", result="denied", reason=reason, code=code,
+            await self._audit("access.denied", result="denied", reason=reason, code=code,
                         stage="device", **common)
             await _try_write(stream, wire.reply_refused(code, reason))
             _finish(stream)
             return
         # Recorded (synchronously, durable) before the engineer is told the session is open.
-        self._audit("session.start", **common)
+        await self._audit("session.start", **common)
         try:
             await stream.write(wire.reply_ok(session=session))
         except TransportError:
             agent_stream.reset(1)
-            self._audit("session.end", result="error", reason="engineer went away", **common)
+            await self._audit("session.end", result="error", reason="engineer went away", **common)
             return
         event(log, "session start", session=session, user=peer.name, device=device_id, service=service)
         link.sessions += 1
@@ -415,7 +430,7 @@ class Proxy:
         common["labels"] = dev.labels if dev else None
         if tracked.cut_reason:
             result.error = f"cut: {tracked.cut_reason}"
-        self._audit(
+        await self._audit(
             "session.end", result="error" if result.error else "ok", reason=result.error or "",
             bytes_to_device=result.a_to_b, bytes_from_device=result.b_to_a,
             duration=round(time.monotonic() - started, 3), **common,
@@ -463,7 +478,7 @@ class Proxy:
         common = dict(actor=peer.actor, actor_roles=peer.identity.roles, device=device_id,
                       labels=dev.labels if dev else None, login=login, service="ssh")
         if not decision.allowed:
-            self._audit("access.denied", result="denied", reason=decision.reason,
+            await self._audit("access.denied", result="denied", reason=decision.reason,
                         code=decision.code, stage="ssh-cert", **common)
             await _try_write(stream, wire.reply_refused(decision.code, decision.reason))
             _finish(stream)
@@ -480,7 +495,7 @@ class Proxy:
             self.state.ssh_user_ca_key, key, host=False, key_id=f"{peer.name}@{self.fleet}",
             principals=[f"{login}@{device_id}"], lifetime=lifetime, now=now,
         )
-        self._audit("cert.issue", kind="ssh-user", not_after=(now + lifetime).isoformat(), **common)
+        await self._audit("cert.issue", kind="ssh-user", not_after=(now + lifetime).isoformat(), **common)
         await _try_write(stream, wire.reply_ok(body={"certificate": line}))
         _finish(stream)
 
@@ -551,12 +566,12 @@ class Proxy:
             cert = issue_user(self.state, self.registry, name, public_key, user["roles"], ttl,
                               actor=f"user:{name}")
         except (users.LoginError, certs.CertError, ValueError) as exc:
-            self._audit("user.login.failed", actor=f"user:{name or '?'}", result="denied",
+            await self._audit("user.login.failed", actor=f"user:{name or '?'}", result="denied",
                         reason=str(exc), remote=remote)
             await _try_write(stream, wire.reply_refused("login_failed", str(exc)))
             _finish(stream)
             return
-        self._audit("user.login", actor=f"user:{name}", actor_roles=user["roles"], remote=remote,
+        await self._audit("user.login", actor=f"user:{name}", actor_roles=user["roles"], remote=remote,
                     not_after=cert.not_valid_after_utc.isoformat(), invite=args.get("invite") is not None)
         await _try_write(stream, wire.reply_ok(body={
             "cert": certs.cert_pem(cert).decode(), "ca": certs.cert_pem(self.state.ca_cert).decode(),
@@ -596,9 +611,13 @@ class Proxy:
                     link.conn.close(CODES[denied.code], f"{denied.code}: {denied.reason}")
             if time.monotonic() - last_touch > 60 and self.agents:
                 last_touch = time.monotonic()
-                with self.registry.write() as db:
-                    for device_id in list(self.agents):
-                        db["devices"].update(device_id, {"last_seen": iso(now)})
+                online, seen = list(self.agents), iso(now)
+
+                def touch(db, online=online, seen=seen):
+                    for device_id in online:
+                        db["devices"].update(device_id, {"last_seen": seen})
+
+                self.writer.submit(touch)
 
 
 def _enroll_in_thread(state: FleetState, request: dict, token: str, remote: str) -> dict:
