@@ -64,7 +64,7 @@ def cmd_proxy(args) -> int:
 
     async def serve():
         proxy = Proxy(state)
-        await proxy.start(host, port)
+        await proxy.start(host, port, idle_timeout=args.idle_timeout)
         try:
             await asyncio.Event().wait()
         finally:
@@ -281,7 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("proxy", cmd_proxy, "run the proxy: agents and engineers on one UDP port")
     p.add_argument("--state", metavar="DIR", help="fleet state directory (default: $FLEET_STATE or XDG data dir)")
-    p.add_argument("--listen", default="0.0.0.0:443", metavar="HOST:PORT", help="UDP address (default: 0.0.0.0:443)")
+    p.add_argument("--listen", default="0.0.0.0:443", metavar="HOST:PORT",
+                   help="address for QUIC (UDP) and the TLS-over-TCP fallback (default: 0.0.0.0:443)")
+    p.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="drop a silent connection after this long; keep it above the agents' "
+                        "keepalive (default: 60, for the default 25 s keepalive)")
     logging_args(p)
 
     p = add("agent", cmd_agent, "run the agent on a device (dials out; listens on nothing)")

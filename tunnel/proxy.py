@@ -126,12 +126,11 @@ class Proxy:
         # The CA travels in the chain so a new device can check it against its pin.
         return TLSIdentity([cert, self.state.ca_cert], key, self.state.ca_cert)
 
-    async def start(self, host: str, port: int, *, idle_timeout: float = 300.0, tcp: bool = True):
+    async def start(self, host: str, port: int, *, idle_timeout: float = 60.0, tcp: bool = True):
         """Listen on UDP (QUIC) and, for networks that block UDP, TCP (TLS + HTTP/2), same port.
 
-        QUIC uses the smaller of the two sides' idle timeouts, so the proxy's is generous and
-        each agent's own (three keepalive intervals, at least 60 s) decides: an agent that
-        keeps alive every 120 s is not dropped after 60 s.
+        QUIC uses the smaller of the two sides' idle timeouts: agents whose keepalive is longer
+        than ``idle_timeout`` are dropped between keepalives (``tunnel proxy --idle-timeout``).
         """
         common = dict(
             identity=self.tls_identity(), alpns=[ALPN_AGENT, ALPN_USER, ALPN_ENROLL],
