@@ -92,20 +92,26 @@ def verify_bundle(directory: Path, bundle: dict, ca_pin: str):
     return cert, ca, ident
 
 
-def install(directory: Path, bundle: dict, ca_pin: str, services: dict[str, str] | None = None) -> dict:
-    """Verify the bundle, then write the identity files and agent config. Returns a summary."""
+def install(directory: Path, bundle: dict, ca_pin: str, services: dict[str, str] | None = None,
+            proxy: str | None = None) -> dict:
+    """Verify the bundle, then write the identity files and agent config. Returns a summary.
+
+    ``proxy`` is the address the device reached the proxy at (online enrollment), which the
+    agent then uses too; else the fleet's configured proxy name.
+    """
     directory = Path(directory)
     cert, ca, ident = verify_bundle(directory, bundle, ca_pin)
     write_file(directory / "device.crt", certs.cert_pem(cert))
     write_file(directory / "ca.crt", certs.cert_pem(ca))
     write_file(directory / f"{HOST_KEY}-cert.pub", bundle["ssh_host_cert"].strip() + "\n")
     write_file(directory / "user_ca.pub", bundle["ssh_user_ca"].strip() + "\n")
-    proxy = bundle["proxy"]
+    bundle_proxy, proxy_address = bundle["proxy"], proxy
     config = {
         "device_id": ident.name,
         "fleet": ident.fleet,
         "identity": {"cert": "device.crt", "key": "device.key", "ca": "ca.crt"},
-        "proxies": [{"address": proxy["address"], "server_name": proxy["server_name"]}],
+        "proxies": [{"address": proxy_address or bundle_proxy["address"],
+                     "server_name": bundle_proxy["server_name"]}],
         "services": services or {"ssh": "127.0.0.1:22"},
         "keepalive": "25s",
     }

@@ -30,7 +30,7 @@ async def enroll_online(
                                          ca_pin=pin, server_name=server_name, timeout=timeout)
     except ClientError as exc:
         raise EnrollError(str(exc)) from None
-    return device.install(directory, bundle, pin, services)
+    return device.install(directory, bundle, pin, services, proxy=proxy)
 
 
 def run(directory: Path, proxy: str, token: str, ca_pin: str, **kw) -> dict:

@@ -104,7 +104,9 @@ class World:
                           f"HostCertificate {d}/ssh_host_ed25519_key-cert.pub\n"),
             host_key_dir=d,
         )
-        dev.spawn(["socat", "TCP-LISTEN:7,bind=127.0.0.1,reuseaddr,fork", "EXEC:cat"])
+        # -t 60: after the client's half-close, socat must wait for cat's output to drain
+        # through the tunnel (its default 0.5 s truncates the echo on a busy machine)
+        dev.spawn(["socat", "-t", "60", "TCP-LISTEN:7,bind=127.0.0.1,reuseaddr,fork", "EXEC:cat"])
         self.fleet.start_agent(config, spawn=lambda argv, **kw: dev.spawn(argv, **kw))
         self.devices[name] = dev
 

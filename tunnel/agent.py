@@ -45,7 +45,7 @@ from tunnel import wire
 from tunnel.agent_config import AgentConfig, Endpoint
 from tunnel.backoff import Backoff
 from tunnel.log import event
-from tunnel.protocol import ALPN_AGENT, CLOSE_NAMES, read_header
+from tunnel.protocol import ALPN_AGENT, CLOSE_NAMES, read_header, read_reply
 from tunnel.splice import SocketEnds, StreamEnds, splice
 from tunnel.transport import Connection, ErrorCode, Stream, TLSIdentity, TransportError, dial
 
@@ -369,12 +369,11 @@ class Agent:
         self._conn_sessions.pop(conn, None)
         conn.close(0, "drained")
 
-    async def _request(self, conn: Connection, op: str, **args) -> wire.Message:
+    async def _request(self, conn: Connection, op: str, **args) -> tuple[wire.Message, dict]:
         stream = await conn.open_stream()
         await stream.write(wire.encode("request", op=op, args=args))
         stream.write_eof()
-        reply, _ = await read_header(stream)
-        return reply
+        return await read_reply(stream)
 
     async def _hello(self, conn: Connection, reconnect: str | None, outage: float | None,
                      **extra) -> None:
@@ -393,15 +392,12 @@ class Agent:
         life = cert.not_valid_after_utc - cert.not_valid_before_utc
         if dt.datetime.now(dt.UTC) < cert.not_valid_before_utc + life * RENEW_AT:
             return
-        key = certs.load_key(self.config.key.read_bytes())
-        from cryptography.hazmat.primitives.serialization import Encoding
-
-        csr = certs.make_csr(key).public_bytes(Encoding.PEM).decode()
-        reply = await self._request(conn, "renew", csr=csr)
+        csr = certs.csr_pem(certs.load_key(self.config.key.read_bytes()))
+        reply, body = await self._request(conn, "renew", csr=csr)
         if not reply.get("ok"):
             event(log, "renewal refused", level=logging.WARNING, reason=reply.get("reason"))
             return
-        new = certs.load_cert(reply["body"]["cert"].encode())
+        new = certs.load_cert(body["cert"].encode())
         certs.verify_issued_by(new, certs.load_cert(self.config.ca.read_bytes()))
         write_file(self.config.cert, certs.cert_pem(new))
         event(log, "certificate renewed", not_after=new.not_valid_after_utc.isoformat())

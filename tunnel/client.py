@@ -22,7 +22,7 @@ import yaml
 from enroll import certs
 from tunnel import wire
 from tunnel.agent_config import split_host_port
-from tunnel.protocol import ALPN_USER, CLOSE_NAMES, read_header
+from tunnel.protocol import ALPN_USER, CLOSE_NAMES, read_header, read_reply
 from tunnel.splice import SocketEnds, StdioEnds, StreamEnds, splice
 from tunnel.transport import Connection, Stream, TLSIdentity, TransportError, dial
 
@@ -128,13 +128,21 @@ class Client:
         return stream, rest
 
     async def request(self, op: str, **args) -> dict:
-        stream = await self.conn.open_stream()
-        await stream.write(wire.encode("request", op=op, args=args))
-        stream.write_eof()
-        reply, _ = await read_header(stream, timeout=20.0)
-        if not reply["ok"]:
-            raise Refusal(reply.get("reason", "refused"), reply.get("code", "refused"))
-        return reply.get("body", {})
+        try:
+            return await exchange(self.conn, op, args, timeout=20.0)
+        except (wire.HeaderError, TimeoutError) as exc:
+            raise ClientError(f"no answer from the proxy: {exc or 'timeout'}") from None
+
+
+async def exchange(conn: Connection, op: str, args: dict, timeout: float) -> dict:
+    """Send one request on a new stream; return the reply body or raise Refusal."""
+    stream = await conn.open_stream()
+    await stream.write(wire.encode("request", op=op, args={k: v for k, v in args.items() if v is not None}))
+    stream.write_eof()
+    reply, body = await read_reply(stream, timeout)
+    if not reply["ok"]:
+        raise Refusal(reply.get("reason", "refused by the proxy"), reply.get("code", "refused"))
+    return body
 
 
 async def anonymous_request(
@@ -159,17 +167,11 @@ async def anonymous_request(
     except OSError as exc:
         raise ClientError(f"cannot connect to the proxy {proxy}: {exc.strerror or exc}") from None
     try:
-        stream = await conn.open_stream()
-        await stream.write(wire.encode("request", op=op, args={k: v for k, v in args.items() if v}))
-        stream.write_eof()
-        reply, _ = await read_header(stream, timeout=timeout)
+        return await exchange(conn, op, args, timeout)
     except (TransportError, wire.HeaderError, TimeoutError) as exc:
         raise ClientError(f"{op} through {proxy} failed: {exc or 'timeout'}") from None
     finally:
         conn.close(0, "done")
-    if not reply["ok"]:
-        raise Refusal(reply.get("reason", "refused by the proxy"), reply.get("code", "refused"))
-    return reply.get("body", {})
 
 
 def service_from_port(target: str) -> str:

@@ -6,6 +6,7 @@ Kept free of the registry and SQLite so the agent on a device imports only what 
 from __future__ import annotations
 
 import asyncio
+import json
 
 from tunnel import wire
 from tunnel.transport import Stream
@@ -14,6 +15,7 @@ ALPN_AGENT = "fleet-agent/1"
 ALPN_USER = "fleet-user/1"
 ALPN_ENROLL = "fleet-enroll/1"
 HEADER_TIMEOUT = 10.0
+MAX_BODY = 64 * 1024 * 1024  # a device listing of a large fleet, an enrollment bundle
 
 # Application close codes the proxy sends with a refusal. Stable: agents and clients map them
 # back to names for their error messages.
@@ -43,3 +45,29 @@ async def read_header(stream: Stream, timeout: float = HEADER_TIMEOUT) -> tuple[
                 reader.eof()
             if got := reader.feed(data):
                 return got
+
+
+def reply_with_body(body: dict) -> bytes:
+    """An ok reply whose JSON body follows the header (headers stay small; bodies may not)."""
+    data = json.dumps(body, separators=(",", ":")).encode()
+    return wire.reply_ok(body_length=len(data)) + data
+
+
+async def read_reply(stream: Stream, timeout: float = HEADER_TIMEOUT) -> tuple[wire.Message, dict]:
+    """Read a reply header and the body that follows it, if any."""
+    reply, rest = await read_header(stream, timeout)
+    length = reply.get("body_length", 0)
+    if not 0 <= length <= MAX_BODY:
+        raise wire.HeaderError("body_too_large", f"reply body of {length} bytes exceeds {MAX_BODY}")
+    data = bytearray(rest)
+    async with asyncio.timeout(timeout):
+        while len(data) < length:
+            chunk = await stream.read(min(1 << 20, length - len(data)))
+            if not chunk:
+                raise wire.HeaderError("truncated_body", "the stream ended inside the reply body")
+            data += chunk
+    try:
+        body = json.loads(data[:length]) if length else {}
+    except ValueError:
+        raise wire.HeaderError("bad_body", "the reply body is not JSON") from None
+    return reply, body

@@ -32,7 +32,14 @@ from enroll.state import FleetState
 from tunnel import access, wire
 from tunnel.admission import CODES, Denied, Peer, admit, check_device
 from tunnel.log import event
-from tunnel.protocol import ALPN_AGENT, ALPN_ENROLL, ALPN_USER, HEADER_TIMEOUT, read_header
+from tunnel.protocol import (
+    ALPN_AGENT,
+    ALPN_ENROLL,
+    ALPN_USER,
+    HEADER_TIMEOUT,
+    read_header,
+    reply_with_body,
+)
 from tunnel.ratelimit import RateLimiter
 from tunnel.registry_writer import RegistryWriter
 from tunnel.splice import StreamEnds, splice
@@ -318,7 +325,7 @@ class Proxy:
                 cert = await asyncio.to_thread(
                     _renew_in_thread, self.state, link.device_id, str(args.get("csr", ""))
                 )
-                await stream.write(wire.reply_ok(body={"cert": cert}))
+                await stream.write(reply_with_body({"cert": cert}))
             else:
                 await stream.write(wire.reply_refused("unknown_op", f"unknown request {op!r}"))
         except (wire.HeaderError, EnrollError, TimeoutError) as exc:
@@ -459,7 +466,7 @@ class Proxy:
             await _try_write(stream, wire.reply_refused("unknown_op", f"unknown request {op!r}"))
             _finish(stream)
             return
-        await _try_write(stream, wire.reply_ok(body=body))
+        await _try_write(stream, reply_with_body(body))
         _finish(stream)
 
     async def _ssh_cert(self, peer: Peer, stream: Stream, args: dict) -> None:
@@ -495,7 +502,7 @@ class Proxy:
             principals=[f"{login}@{device_id}"], lifetime=lifetime, now=now,
         )
         await self._audit("cert.issue", kind="ssh-user", not_after=(now + lifetime).isoformat(), **common)
-        await _try_write(stream, wire.reply_ok(body={"certificate": line}))
+        await _try_write(stream, reply_with_body({"certificate": line}))
         _finish(stream)
 
     def listing(self, peer: Peer) -> list[dict]:
@@ -536,7 +543,7 @@ class Proxy:
                 bundle = await asyncio.to_thread(
                     _enroll_in_thread, self.state, request, str(args.get("token", "")), remote
                 )
-                await stream.write(wire.reply_ok(body=bundle))
+                await stream.write(reply_with_body(bundle))
         except (EnrollError, wire.HeaderError, TimeoutError) as exc:
             await _try_write(stream, wire.reply_refused("enroll_refused", str(exc) or "timeout"))
         except TransportError:
@@ -572,7 +579,7 @@ class Proxy:
             return
         await self._audit("user.login", actor=f"user:{name}", actor_roles=user["roles"], remote=remote,
                     not_after=cert.not_valid_after_utc.isoformat(), invite=args.get("invite") is not None)
-        await _try_write(stream, wire.reply_ok(body={
+        await _try_write(stream, reply_with_body({
             "cert": certs.cert_pem(cert).decode(), "ca": certs.cert_pem(self.state.ca_cert).decode(),
             "ssh_host_ca": self.state.ssh_ca_public("host"), "roles": user["roles"],
             "server_name": self.state.config["proxy_name"],

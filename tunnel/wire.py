@@ -32,7 +32,7 @@ KINDS: dict[int, tuple[str, dict[str, tuple[type, bool]]]] = {
                  "login": (str, False)}),
     # any -> any: answer to dial/open/request: ok, or a refusal with code and reason
     3: ("reply", {"ok": (bool, True), "code": (str, False), "reason": (str, False),
-                  "session": (str, False), "body": (dict, False)}),
+                  "session": (str, False), "body_length": (int, False)}),
     # engineer/agent/enroller -> proxy: a control request (ls, status, renew, enroll, …)
     4: ("request", {"op": (str, True), "args": (dict, False)}),
 }

@@ -185,7 +185,8 @@ def _inventory_rows(quick: bool) -> list[dict]:
 import json, sys, time
 from ansible.parsing.dataloader import DataLoader
 from ansible.inventory.manager import InventoryManager
-from ansible.plugins.loader import inventory_loader
+from ansible.plugins.loader import init_plugin_loader, inventory_loader
+init_plugin_loader()
 listing = json.load(open(sys.argv[1]))
 plugin = inventory_loader.get("fleet.tunnel.fleet")
 sys.modules[type(plugin).__module__].fetch_devices = lambda *a, **k: listing
