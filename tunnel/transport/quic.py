@@ -56,7 +56,6 @@ from .base import (
     ErrorCode,
     OnConnection,
     PathChange,
-    Refused,
     Server,
     Stream,
     StreamReset,
@@ -76,6 +75,7 @@ from .policy import (
     socket_address,
     verify_peer_chain,
 )
+from .serving import AuthorizedServerConnection, wake
 
 log = logging.getLogger(__name__)
 
@@ -296,9 +296,6 @@ class _Protocol(QuicConnectionProtocol):
         pass
 
 
-def _wake(fut: asyncio.Future[None] | None) -> None:
-    if fut is not None and not fut.done():
-        fut.set_result(None)
 
 
 # ------------------------------------------------------------------------------- streams
@@ -391,7 +388,7 @@ class _QuicStream(Stream):
                 self._rbuf_len += len(data)
             if end:
                 self._eof = True
-        _wake(self._read_waiter)
+        wake(self._read_waiter)
 
     # -- writing
 
@@ -451,8 +448,8 @@ class _QuicStream(Stream):
         self._read_error = self._read_error or err
         self._rbuf.clear()
         self._rbuf_len = 0
-        _wake(self._read_waiter)
-        _wake(self._write_waiter)
+        wake(self._read_waiter)
+        wake(self._write_waiter)
         self._conn._maybe_forget(self)
 
     # -- events
@@ -461,12 +458,12 @@ class _QuicStream(Stream):
         self._read_error = StreamReset(code, "stream reset by peer", remote=True)
         self._rbuf.clear()
         self._rbuf_len = 0
-        _wake(self._read_waiter)
+        wake(self._read_waiter)
         self._conn._maybe_forget(self)
 
     def _on_stop_sending(self, code: int) -> None:
         self._write_error = StreamReset(code, "peer stopped reading", remote=True)
-        _wake(self._write_waiter)
+        wake(self._write_waiter)
         self._conn._maybe_forget(self)
 
     def _done(self) -> bool:
@@ -712,7 +709,7 @@ class _QuicConnection(Connection):
         self._streams[sid] = stream
         if self._authorized:
             self._accept.append(stream)
-            _wake(self._accept_waiter)
+            wake(self._accept_waiter)
         else:
             self._pending.append(stream)
         return stream
@@ -731,7 +728,7 @@ class _QuicConnection(Connection):
             if stream is not None:
                 stream._on_stop_sending(event.error_code)
         elif isinstance(event, events.PingAcknowledged):
-            _wake(self._pings.get(event.uid))
+            wake(self._pings.get(event.uid))
         elif isinstance(event, events.HandshakeCompleted):
             self.alpn = event.alpn_protocol or ""
             self.peer_certificate = self._quic.tls._peer_certificate
@@ -764,7 +761,7 @@ class _QuicConnection(Connection):
             if stream._write_error is not None or send_allowance(
                 stream.send_buffered, self._send_high_water, True
             ):
-                _wake(stream._write_waiter)
+                wake(stream._write_waiter)
 
     def _check_close(self) -> None:
         ev = self._quic._close_event
@@ -788,10 +785,10 @@ class _QuicConnection(Connection):
             if not fut.done():
                 fut.set_exception(error)
                 fut.exception()
-        _wake(self._accept_waiter)
+        wake(self._accept_waiter)
         for stream in list(self._streams.values()):
-            _wake(stream._read_waiter)
-            _wake(stream._write_waiter)
+            wake(stream._read_waiter)
+            wake(stream._write_waiter)
         if self._keepalive_task is not None:
             self._keepalive_task.cancel()
         self._pending.clear()
@@ -817,7 +814,7 @@ class _QuicConnection(Connection):
         pass
 
 
-class _ServerConnection(_QuicConnection):
+class _ServerConnection(AuthorizedServerConnection, _QuicConnection):
     def __init__(self, protocol: _Protocol, server: _QuicServer) -> None:
         super().__init__(protocol, is_client=False, send_high_water=server._send_high_water)
         self._server = server
@@ -827,43 +824,6 @@ class _ServerConnection(_QuicConnection):
         self._server._tasks.add(task)
         task.add_done_callback(self._server._tasks.discard)
 
-    async def _authorize_and_run(self) -> None:
-        server = self._server
-        try:
-            result = server._authorize(self)
-            if inspect.isawaitable(result):
-                async with asyncio.timeout(server._authorize_timeout):
-                    await result
-        except Refused as exc:
-            log.info("refused %s: %s %s", self.remote_address, exc.code, exc.reason)
-            self.close(exc.code, exc.reason)
-            return
-        except Exception:
-            log.exception("authorize() failed for %s", self.remote_address)
-            self.close(ErrorCode.AUTHORIZE_FAILED, "authorization failed")
-            return
-        if self._error is not None:
-            return
-        self._authorized = True
-        self._accept.extend(self._pending)
-        self._pending.clear()
-        _wake(self._accept_waiter)
-        try:
-            await server._on_connection(self)
-        except TransportError as exc:
-            log.debug("connection handler ended: %s", exc)
-        except Exception:
-            log.exception("on_connection handler failed for %s", self.remote_address)
-            self.close(ErrorCode.INTERNAL, "internal error")
-
-    def _fail(self, error: TransportError) -> None:
-        super()._fail(error)
-        if not self._authorized:
-            # Never deliver streams of a peer that did not get through authorize().
-            self._streams.clear()
-
-    def _on_terminated(self) -> None:
-        self._server._connections.discard(self)
 
 
 # -------------------------------------------------------------------------------- server

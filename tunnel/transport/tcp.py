@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import logging
 import os
@@ -111,7 +110,6 @@ from .base import (
     Connection,
     ErrorCode,
     OnConnection,
-    Refused,
     Server,
     Stream,
     StreamReset,
@@ -130,6 +128,7 @@ from .policy import (
     verify_peer_chain,
     verify_server_leaf,
 )
+from .serving import AuthorizedServerConnection, wake
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +157,6 @@ def _crypto(alert: int) -> int:
     return CRYPTO_ERROR_BASE + alert
 
 
-def _wake(fut: asyncio.Future[None] | None) -> None:
-    if fut is not None and not fut.done():
-        fut.set_result(None)
 
 
 # ------------------------------------------------------------------------------------ TLS
@@ -546,12 +542,12 @@ class _TcpStream(Stream):
         elif data:
             self._rbuf.append(data)
             self._rbuf_len += len(data)
-        _wake(self._read_waiter)
+        wake(self._read_waiter)
 
     def _feed_eof(self) -> None:
         if self._read_error is None:
             self._eof = True
-        _wake(self._read_waiter)
+        wake(self._read_waiter)
         self._conn._maybe_forget(self)
 
     def _drop_unread(self) -> None:
@@ -624,8 +620,8 @@ class _TcpStream(Stream):
         self._write_error = self._write_error or err
         self._read_error = self._read_error or err
         self._drop_unread()
-        _wake(self._read_waiter)
-        _wake(self._write_waiter)
+        wake(self._read_waiter)
+        wake(self._write_waiter)
         conn._maybe_forget(self)
 
     # -- events
@@ -637,8 +633,8 @@ class _TcpStream(Stream):
             code, "peer stopped reading", remote=True
         )
         self._drop_unread()
-        _wake(self._read_waiter)
-        _wake(self._write_waiter)
+        wake(self._read_waiter)
+        wake(self._write_waiter)
         self._conn._maybe_forget(self)
 
     def _done(self) -> bool:
@@ -786,12 +782,12 @@ class _TcpConnection(Connection):
 
     def _wake_writers(self) -> None:
         for stream in list(self._blocked_writers):
-            _wake(stream._write_waiter)
+            wake(stream._write_waiter)
 
     def _maybe_forget(self, stream: _TcpStream) -> None:
         if stream._done():
             self._streams.pop(stream.id, None)
-            _wake(self._stream_slot_waiter)
+            wake(self._stream_slot_waiter)
 
     # -- streams
 
@@ -872,7 +868,7 @@ class _TcpConnection(Connection):
         self._streams[stream.id] = stream
         if self._authorized:
             self._accept.append(stream)
-            _wake(self._accept_waiter)
+            wake(self._accept_waiter)
         else:
             self._pending.append(stream)
 
@@ -928,7 +924,7 @@ class _TcpConnection(Connection):
         elif isinstance(event, StreamEnded):
             sid = event.stream_id
             if sid == self._hello_sid:
-                _wake(self._hello_done)
+                wake(self._hello_done)
             elif (stream := self._streams.get(sid)) is not None:
                 stream._feed_eof()
             elif sid in self._reverse_pool and not self._is_client:
@@ -943,16 +939,16 @@ class _TcpConnection(Connection):
             stream = self._streams.get(sid)
             if stream is not None:
                 stream._on_peer_reset(int(event.error_code))
-            _wake(self._stream_slot_waiter)
+            wake(self._stream_slot_waiter)
         elif isinstance(event, RequestReceived):
             self._on_request(event)
         elif isinstance(event, ResponseReceived):
             self._on_response(event)
         elif isinstance(event, WindowUpdated | RemoteSettingsChanged):
             self._wake_writers()
-            _wake(self._stream_slot_waiter)
+            wake(self._stream_slot_waiter)
         elif isinstance(event, PingAckReceived):
-            _wake(self._pings.get(bytes(event.ping_data)))
+            wake(self._pings.get(bytes(event.ping_data)))
         elif isinstance(event, ConnectionTerminated):
             self._fail(_parse_goaway(event))
             self._transport.close()
@@ -966,7 +962,7 @@ class _TcpConnection(Connection):
             self._deliver(_TcpStream(self, sid))
         elif path == REVERSE_PATH:
             self._reverse_pool.append(sid)
-            _wake(self._pool_waiter)
+            wake(self._pool_waiter)
         elif path == HELLO_PATH and self._hello_sid is None:
             self._hello_sid = sid
             self._on_hello_request(headers)
@@ -1050,12 +1046,12 @@ class _TcpConnection(Connection):
             if not fut.done():
                 fut.set_exception(error)
                 fut.exception()
-        _wake(self._accept_waiter)
-        _wake(self._pool_waiter)
-        _wake(self._stream_slot_waiter)
+        wake(self._accept_waiter)
+        wake(self._pool_waiter)
+        wake(self._stream_slot_waiter)
         for stream in list(self._streams.values()):
-            _wake(stream._read_waiter)
-            _wake(stream._write_waiter)
+            wake(stream._read_waiter)
+            wake(stream._write_waiter)
         if self._keepalive_task is not None:
             self._keepalive_task.cancel()
         if self._idle_handle is not None:
@@ -1144,7 +1140,7 @@ class _TcpConnection(Connection):
         )
 
 
-class _ServerConnection(_TcpConnection):
+class _ServerConnection(AuthorizedServerConnection, _TcpConnection):
     def __init__(self, protocol: _Protocol, server: _TcpServer) -> None:
         super().__init__(
             protocol,
@@ -1202,43 +1198,6 @@ class _ServerConnection(_TcpConnection):
         ])
         self._h2.send_data(sid, server._hello_pem, end_stream=True)
 
-    async def _authorize_and_run(self) -> None:
-        server = self._server
-        try:
-            result = server._authorize(self)
-            if inspect.isawaitable(result):
-                async with asyncio.timeout(server._authorize_timeout):
-                    await result
-        except Refused as exc:
-            log.info("refused %s: %s %s", self.remote_address, exc.code, exc.reason)
-            self.close(exc.code, exc.reason)
-            return
-        except Exception:
-            log.exception("authorize() failed for %s", self.remote_address)
-            self.close(ErrorCode.AUTHORIZE_FAILED, "authorization failed")
-            return
-        if self._error is not None:
-            return
-        self._authorized = True
-        self._accept.extend(self._pending)
-        self._pending.clear()
-        _wake(self._accept_waiter)
-        try:
-            await server._on_connection(self)
-        except TransportError as exc:
-            log.debug("connection handler ended: %s", exc)
-        except Exception:
-            log.exception("on_connection handler failed for %s", self.remote_address)
-            self.close(ErrorCode.INTERNAL, "internal error")
-
-    def _fail(self, error: TransportError) -> None:
-        super()._fail(error)
-        if not self._authorized:
-            # Never deliver streams of a peer that did not get through authorize().
-            self._streams.clear()
-
-    def _on_terminated(self) -> None:
-        self._server._connections.discard(self)
 
 
 # -------------------------------------------------------------------------------- server

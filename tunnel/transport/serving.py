@@ -1,0 +1,68 @@
+"""What both transports' server-side connections share: authorize first, then deliver streams.
+
+A peer's streams are held back until ``authorize(conn)`` (the proxy's admission) returned; a
+refusal closes the connection with the caller's code and reason, and streams of a peer that
+never got through are dropped, not delivered. No aioquic or h2 here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+
+from .base import ErrorCode, Refused, TransportError
+
+log = logging.getLogger("tunnel.transport")
+
+
+def wake(fut: asyncio.Future[None] | None) -> None:
+    if fut is not None and not fut.done():
+        fut.set_result(None)
+
+
+class AuthorizedServerConnection:
+    """Mixin for a transport's server-side connection class (put it first in the bases).
+
+    Expects ``_server`` (with ``_authorize``, ``_authorize_timeout``, ``_on_connection``,
+    ``_connections``), ``_authorized``, ``_accept``, ``_pending``, ``_accept_waiter``,
+    ``_streams``, ``_error`` and ``close``.
+    """
+
+    async def _authorize_and_run(self) -> None:
+        server = self._server
+        try:
+            result = server._authorize(self)
+            if inspect.isawaitable(result):
+                async with asyncio.timeout(server._authorize_timeout):
+                    await result
+        except Refused as exc:
+            log.info("refused %s: %s %s", self.remote_address, exc.code, exc.reason)
+            self.close(exc.code, exc.reason)
+            return
+        except Exception:
+            log.exception("authorize() failed for %s", self.remote_address)
+            self.close(ErrorCode.AUTHORIZE_FAILED, "authorization failed")
+            return
+        if self._error is not None:
+            return
+        self._authorized = True
+        self._accept.extend(self._pending)
+        self._pending.clear()
+        wake(self._accept_waiter)
+        try:
+            await server._on_connection(self)
+        except TransportError as exc:
+            log.debug("connection handler ended: %s", exc)
+        except Exception:
+            log.exception("on_connection handler failed for %s", self.remote_address)
+            self.close(ErrorCode.INTERNAL, "internal error")
+
+    def _fail(self, error: TransportError) -> None:
+        super()._fail(error)
+        if not self._authorized:
+            # Never deliver streams of a peer that did not get through authorize().
+            self._streams.clear()
+
+    def _on_terminated(self) -> None:
+        self._server._connections.discard(self)
