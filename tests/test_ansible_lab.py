@@ -9,7 +9,6 @@ host by proxy.yml; second runs change nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -43,13 +42,11 @@ def wheelhouse() -> Path:
 
     Dependencies are cached per pyproject.toml; the fleet-tunnel wheel is rebuilt from this tree.
     """
-    digest = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()[:12]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fleet-tunnel" / f"wheelhouse-{digest}"
-    if not (cache / ".complete").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", f"{REPO}[server]", "-w", str(cache)],
-                       check=True, capture_output=True, timeout=600)
-        (cache / ".complete").write_text("")
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fleet-tunnel" / "wheelhouse"
+    cache.mkdir(parents=True, exist_ok=True)
+    # pip resolves the current requirements every time and only fetches wheels not yet cached
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", f"{REPO}[server]", "-w", str(cache)],
+                   check=True, capture_output=True, timeout=600)
     house = shared_dir("ft-wheelhouse-")
     for wheel in cache.glob("*.whl"):
         if not wheel.name.startswith("fleet_tunnel-"):

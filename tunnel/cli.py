@@ -15,6 +15,7 @@ from enroll.state import FleetState, StateError, default_state_dir
 from tunnel import log as tlog
 from tunnel.agent_config import ConfigError, split_host_port
 from tunnel.client import Client, ClientError, UserIdentity
+from tunnel.transport import TransportError
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
@@ -386,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     except ClientError as exc:
         print(f"tunnel: error: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE if exc.code == "error" and "cannot connect" in str(exc) else EXIT_REFUSED
+    except TransportError as exc:
+        print(f"tunnel: error: the connection to the proxy ended: {exc.reason or exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except (ConfigError, StateError, LabelError, ValueError) as exc:
         print(f"tunnel: error: {exc}", file=sys.stderr)
         return EXIT_REFUSED

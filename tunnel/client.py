@@ -92,6 +92,13 @@ class Refusal(ClientError):
     """The proxy or the device refused a dial or request."""
 
 
+def closed_error(exc: TransportError) -> ClientError:
+    """Why the proxy closed the connection, as the engineer should read it."""
+    if exc.application and exc.code in CLOSE_NAMES:
+        return ClientError(f"the proxy refused this identity: {exc.reason}", CLOSE_NAMES[exc.code])
+    return ClientError(f"the connection to the proxy ended: {exc.reason or exc}")
+
+
 class Client:
     def __init__(self, conn: Connection):
         self.conn = conn
@@ -106,7 +113,7 @@ class Client:
             )
         except TransportError as exc:
             if exc.application and exc.code in CLOSE_NAMES:
-                raise ClientError(f"the proxy refused this identity: {exc.reason}", CLOSE_NAMES[exc.code]) from None
+                raise closed_error(exc) from None
             raise ClientError(f"cannot connect to the proxy {host}:{port}: {exc.reason or exc}") from None
         except OSError as exc:
             raise ClientError(f"cannot connect to the proxy {host}:{port}: {exc.strerror or exc}") from None
@@ -132,6 +139,8 @@ class Client:
             return await exchange(self.conn, op, args, timeout=20.0)
         except (wire.HeaderError, TimeoutError) as exc:
             raise ClientError(f"no answer from the proxy: {exc or 'timeout'}") from None
+        except TransportError as exc:
+            raise closed_error(exc) from None
 
 
 async def exchange(conn: Connection, op: str, args: dict, timeout: float) -> dict:

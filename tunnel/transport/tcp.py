@@ -435,7 +435,13 @@ class _Protocol(asyncio.Protocol):
                 self.sslobj.unwrap()  # queues close_notify; WantRead: we do not wait for theirs
             self._flush_tls()
         self._state = "closed"
-        self.tcp.close()
+        if self.tcp.can_write_eof():
+            # Half-close: a peer that is writing right now still reads our last frames (the
+            # GOAWAY with a refusal's reason); a full close would answer its data with a reset
+            # that destroys them. The owner aborts the socket after CLOSE_GRACE.
+            self.tcp.write_eof()
+        else:
+            self.tcp.close()
 
     def abort(self) -> None:
         self._state = "closed"
