@@ -177,7 +177,9 @@ def test_lock_and_decommission_cut_the_agent(running):
     with fleet.state.registry() as reg:
         admin.decommission(reg, "robot-1")
     wait_until(lambda: not fleet.online(ops, "robot-1"), 5, what="decommissioned device offline")
-    assert any(e["type"] == "access.denied" and e["fields"].get("code") == "revoked" for e in fleet.audit())
+    # the agent keeps trying (with backoff) and each attempt is refused and audited
+    wait_until(lambda: any(e["type"] == "access.denied" and e["fields"].get("code") == "revoked"
+                           for e in fleet.audit()), 40, 0.3, "a refused reconnect of the revoked device")
 
 
 def test_agent_and_proxy_restarts_come_back(running):
