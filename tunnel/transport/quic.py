@@ -75,7 +75,7 @@ from .policy import (
     socket_address,
     verify_peer_chain,
 )
-from .serving import AuthorizedServerConnection, wake
+from .serving import AuthorizedServerConnection, BufferedReads, wake
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ class _Protocol(QuicConnectionProtocol):
 # ------------------------------------------------------------------------------- streams
 
 
-class _QuicStream(Stream):
+class _QuicStream(BufferedReads, Stream):
     """A bidirectional QUIC stream.
 
     Memory bound per stream: the receiving side holds at most ``stream_window`` bytes that the
@@ -347,39 +347,8 @@ class _QuicStream(Stream):
 
     # -- reading
 
-    async def read(self, max_bytes: int = 65536) -> bytes:
-        if max_bytes <= 0:
-            raise ValueError("max_bytes must be positive")
-        while True:
-            if self._read_error is not None:
-                raise self._read_error
-            if self._rbuf:
-                return self._take(max_bytes)
-            if self._eof:
-                return b""
-            if self._conn._error is not None:
-                raise self._conn._error
-            self._read_waiter = self._conn._loop.create_future()
-            try:
-                await self._read_waiter
-            finally:
-                self._read_waiter = None
-
-    def _take(self, max_bytes: int) -> bytes:
-        parts = []
-        n = 0
-        while self._rbuf and n < max_bytes:
-            chunk = self._rbuf.popleft()
-            if n + len(chunk) > max_bytes:
-                cut = max_bytes - n
-                self._rbuf.appendleft(chunk[cut:])
-                chunk = chunk[:cut]
-            parts.append(chunk)
-            n += len(chunk)
-        self._rbuf_len -= n
-        self.bytes_received += n
+    def _consumed(self, n: int) -> None:
         self._conn._consumed(self, self.bytes_received)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _feed(self, data: bytes, end: bool) -> None:
         if self._read_error is None:

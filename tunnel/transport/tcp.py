@@ -128,7 +128,7 @@ from .policy import (
     verify_peer_chain,
     verify_server_leaf,
 )
-from .serving import AuthorizedServerConnection, wake
+from .serving import AuthorizedServerConnection, BufferedReads, wake
 
 log = logging.getLogger(__name__)
 
@@ -467,7 +467,7 @@ class _Protocol(asyncio.Protocol):
 # ------------------------------------------------------------------------------- streams
 
 
-class _TcpStream(Stream):
+class _TcpStream(BufferedReads, Stream):
     """A bidirectional HTTP/2 stream with the QUIC stream's contract.
 
     Memory bound: the receiving side holds at most ``stream_window`` unread bytes (HTTP/2 flow
@@ -505,40 +505,9 @@ class _TcpStream(Stream):
 
     # -- reading
 
-    async def read(self, max_bytes: int = 65536) -> bytes:
-        if max_bytes <= 0:
-            raise ValueError("max_bytes must be positive")
-        while True:
-            if self._read_error is not None:
-                raise self._read_error
-            if self._rbuf:
-                return self._take(max_bytes)
-            if self._eof:
-                return b""
-            if self._conn._error is not None:
-                raise self._conn._error
-            self._read_waiter = self._conn._loop.create_future()
-            try:
-                await self._read_waiter
-            finally:
-                self._read_waiter = None
-
-    def _take(self, max_bytes: int) -> bytes:
-        parts = []
-        n = 0
-        while self._rbuf and n < max_bytes:
-            chunk = self._rbuf.popleft()
-            if n + len(chunk) > max_bytes:
-                cut = max_bytes - n
-                self._rbuf.appendleft(chunk[cut:])
-                chunk = chunk[:cut]
-            parts.append(chunk)
-            n += len(chunk)
-        self._rbuf_len -= n
-        self.bytes_received += n
+    def _consumed(self, n: int) -> None:
         self._conn._ack(self.id, n)
         self._conn._maybe_forget(self)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _feed(self, data: bytes, flow_len: int) -> None:
         if flow_len > len(data):  # padding: nothing to hold, credit it back now
