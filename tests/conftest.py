@@ -6,3 +6,23 @@ as ``lab`` (``from lab import Lab``; ``from lab.echo import UdpEcho``).
 """
 
 pytest_plugins = ["lab.fixtures"]
+
+
+import pytest  # noqa: E402
+from fleet import EchoServer, Fleet  # noqa: E402
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    """A fleet state directory on loopback; its proxy/agent processes stop on teardown."""
+    f = Fleet(tmp_path)
+    yield f
+    f.close()
+
+
+@pytest.fixture
+def echo():
+    """A TCP echo service on loopback, standing in for a device service."""
+    server = EchoServer()
+    yield server
+    server.close()

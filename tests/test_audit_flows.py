@@ -14,7 +14,7 @@ import subprocess
 import threading
 
 import pytest
-from fleet import PY, EchoServer, Fleet, wait_until
+from fleet import PY, wait_until
 
 from enroll import audit
 from enroll.cli import main as enroll_main
@@ -30,22 +30,8 @@ ISSUE_TYPES = {
     "device.decommission", "device.lock", "device.unlock", "user.login", "user.login.failed",
     "session.start", "session.end", "access.denied",
 }
-# Produced by engineer login (RBAC work); not covered here until that flow exists.
+# Produced by engineer login: covered by test_tunnel_loopback.py::test_login_with_invite_*.
 PENDING = {"user.login", "user.login.failed"}
-
-
-@pytest.fixture
-def echo():
-    server = EchoServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def fleet(tmp_path):
-    f = Fleet(tmp_path)
-    yield f
-    f.close()
 
 
 def ecli(fleet, *args):

@@ -21,13 +21,6 @@ from tunnel.protocol import ALPN_AGENT, ALPN_USER, read_header
 from tunnel.transport import TLSIdentity, TransportError, connect, dial
 
 
-@pytest.fixture
-def fleet(tmp_path):
-    f = Fleet(tmp_path)
-    yield f
-    f.close()
-
-
 def _rss_kb(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:

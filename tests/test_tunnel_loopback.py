@@ -14,24 +14,10 @@ import threading
 import time
 
 import pytest
-from fleet import EchoServer, Fleet, wait_until
+from fleet import Fleet, wait_until
 
 from enroll import admin
 from enroll.cli import main as enroll_main
-
-
-@pytest.fixture
-def echo():
-    server = EchoServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def fleet(tmp_path):
-    f = Fleet(tmp_path)
-    yield f
-    f.close()
 
 
 @pytest.fixture(params=["quic", "tcp"])
