@@ -16,9 +16,12 @@ to turn that off: maintenance that really must rewrite the log has to ``DROP TRI
 
 Verifying. :func:`verify` walks the chain and names the first event that was edited, deleted,
 inserted or reordered, and checks the label index against each event's own labels. The chain
-is a plain hash, not a signature: someone with write access who recomputes every later hash is
-caught only against a copy kept elsewhere — the SIEM export (:func:`export_rows`) or an anchor
-(``seq:hash``) written down after ``tunnel audit verify``; pass it as ``anchor``.
+is a plain hash, not a signature: someone with write access who recomputes every later hash, or
+cuts events off the end, is caught only against a copy kept elsewhere — the SIEM export
+(:func:`export_rows`) or an anchor (``seq:hash`` of the last event); pass it as ``anchor``.
+Anchors are written routinely (:func:`append_anchor`): ``tunnel audit verify`` prints one, the
+export appends one beside its output and the proxy one every ``--anchor-every`` to
+``--anchor-dir``; :func:`anchor_from_text` reads any of them back.
 
 Querying. ``labels`` on an event are the device's labels *at that moment*. Each distinct label
 set is stored once in ``audit_labelsets`` and events point at it (``audit.labelset``, indexed
