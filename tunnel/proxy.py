@@ -115,7 +115,8 @@ class Proxy:
     #: (``tunnel proxy --anchor-dir DIR --anchor-every 5m``); None: no anchors
     anchor_dir: Path | None = None
     anchor_every: float = 300.0
-    _anchored = 0
+    _anchored = 0  # seq of the last anchor written
+
     def __init__(self, state: FleetState, *, enroll_rate: float = 5.0, watch_interval: float = 1.0,
                  anonymous_rate: float = 20.0, refusal_window: float = 60.0):
         self.state = state
