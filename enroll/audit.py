@@ -16,9 +16,12 @@ to turn that off: maintenance that really must rewrite the log has to ``DROP TRI
 
 Verifying. :func:`verify` walks the chain and names the first event that was edited, deleted,
 inserted or reordered, and checks the label index against each event's own labels. The chain
-is a plain hash, not a signature: someone with write access who recomputes every later hash is
-caught only against a copy kept elsewhere — the SIEM export (:func:`export_rows`) or an anchor
-(``seq:hash``) written down after ``tunnel audit verify``; pass it as ``anchor``.
+is a plain hash, not a signature: someone with write access who recomputes every later hash, or
+cuts events off the end, is caught only against a copy kept elsewhere — the SIEM export
+(:func:`export_rows`) or an anchor (``seq:hash`` of the last event); pass it as ``anchor``.
+Anchors are written routinely (:func:`append_anchor`): ``tunnel audit verify`` prints one, the
+export appends one beside its output and the proxy one every ``--anchor-every`` to
+``--anchor-dir``; :func:`anchor_from_text` reads any of them back.
 
 Querying. ``labels`` on an event are the device's labels *at that moment*. Each distinct label
 set is stored once in ``audit_labelsets`` and events point at it (``audit.labelset``, indexed
@@ -47,7 +50,8 @@ GENESIS = "0" * 64
 _CHAINED = ("seq", "time", "type", "actor", "actor_roles", "device", "labels", "result", "reason", "fields")
 
 #: Stable event type names. Producers: enroll/ (tokens, enrollment, admin), the proxy, and user
-#: login (user.login, user.login.failed).
+#: login (user.login, user.login.failed). ``anonymous.refused`` sums up the refused requests of
+#: one source of certificate-less peers over one window (fields count, codes, first, last).
 EVENT_TYPES = (
     "token.create",
     "token.revoke",
@@ -67,6 +71,7 @@ EVENT_TYPES = (
     "session.start",
     "session.end",
     "access.denied",
+    "anonymous.refused",
 )
 
 #: Fields that every exported/queried event carries at top level (``null`` when absent).
@@ -279,9 +284,92 @@ def verify(db: sqlite_utils.Database, anchor: tuple[int, str] | None = None) -> 
                                               "rewritten")
             prev, expected_seq = row["hash"], expected_seq + 1
     if anchor and anchor[0] >= expected_seq:
-        return ChainBreak(expected_seq, f"missing (deleted): the log ends at event {expected_seq - 1} "
-                                        f"but event {anchor[0]} was recorded before")
+        missing = f"event {expected_seq}" if anchor[0] == expected_seq else f"events {expected_seq}-{anchor[0]}"
+        return ChainBreak(expected_seq, f"{missing} missing (deleted): the log was truncated, it ends "
+                                        f"at event {expected_seq - 1} but the anchor says event "
+                                        f"{anchor[0]} was recorded")
     return None
+
+
+def tip(db: sqlite_utils.Database) -> tuple[int, str]:
+    """(seq, hash) of the last event — an anchor — without counting the log; (0, zeros) if empty."""
+    return _head(db.conn)
+
+
+# --- anchors -----------------------------------------------------------------------------------
+
+#: The file the proxy appends anchors to, in ``tunnel proxy --anchor-dir DIR``.
+ANCHOR_FILE = "audit-anchors.jsonl"
+#: Export anchors go beside the export: ``OUTPUT`` + this suffix.
+EXPORT_ANCHOR_SUFFIX = ".anchors.jsonl"
+
+
+def anchor_record(seq: int, digest: str, *, fleet: str | None = None,
+                  now: dt.datetime | None = None) -> dict:
+    """One anchor as written to an anchor file: ``anchor`` is the ``SEQ:HASH`` verify takes."""
+    return {"anchor": f"{seq}:{digest}", "seq": seq, "hash": digest, "fleet": fleet,
+            "time": _iso(now or dt.datetime.now(dt.UTC))}
+
+
+def append_anchor(path, seq: int, digest: str, *, fleet: str | None = None,
+                  now: dt.datetime | None = None) -> dict:
+    """Append one anchor line to ``path`` (JSON lines, created 0644) and fsync it.
+
+    Append-only on purpose: the file works on append-only storage (``chattr +a``, a WORM
+    mount) and each line can be shipped as it is written (syslog, a SIEM, another host).
+    """
+    import os
+
+    rec = anchor_record(seq, digest, fleet=fleet, now=now)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(rec, separators=(",", ":")) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return rec
+
+
+def anchor_from_text(text: str) -> tuple[int, str]:
+    """The anchor in ``text``: ``SEQ:HASH``, or the content of a file that holds anchors.
+
+    Accepted files: an anchor file (JSON lines), an export cursor (JSON with seq and hash), an
+    export output (JSON lines of events) or lines of ``SEQ:HASH``. Of several anchors the one
+    with the highest seq counts: the chain links every event to the one before, so matching it
+    implies matching every earlier anchor, and a log that was cut and has grown again since is
+    still caught (at that seq, by its hash). Raises ValueError saying what was expected.
+    """
+    text = text.strip()
+    try:
+        whole = json.loads(text) if text.startswith("{") else None
+    except ValueError:
+        whole = None
+    if isinstance(whole, dict):
+        lines: list = [whole]
+    else:
+        lines = []
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    lines.append(json.loads(line))
+                except ValueError:
+                    continue  # a half-written line
+            elif line:
+                lines.append(line)
+    best: tuple[int, str] | None = None
+    for found in lines:
+        if isinstance(found, dict):
+            if "seq" not in found or "hash" not in found:
+                continue
+            found = f"{found['seq']}:{found['hash']}"
+        anchor = parse_anchor(str(found))
+        if best is None or anchor[0] > best[0]:
+            best = anchor
+    if best is None:
+        raise ValueError("no anchor found: expected SEQ:HASH, an anchor file (audit-anchors.jsonl), "
+                         "an export cursor or an export output")
+    return best
 
 
 def head(db: sqlite_utils.Database) -> Head:

@@ -31,7 +31,8 @@ bytes_to_device, bytes_from_device and duration (seconds).
 
 actions:
   query    find events by time, type, user, device and device labels
-  verify   check the hash chain; name the first edited, deleted, inserted or reordered event
+  verify   check the hash chain; name the first edited, deleted, inserted or reordered event;
+           print a new anchor (SEQ:HASH) and check against an earlier one (truncation)
   export   write new events as JSON lines for a SIEM, resuming where the last export stopped
 
 examples:
@@ -69,9 +70,15 @@ example — who reached devices at Customer A's Dallas site in the last 90 days:
 
 VERIFY_HELP = """\
 Walk the whole chain and check every event's hash and its link to the one before. Prints
-the number of events and the last event as SEQ:HASH — write that down (or keep the export
-cursor): a later 'verify --anchor SEQ:HASH' then also catches a log that was cut short or
-rewritten from the start. Exit 1 naming the first bad event if the chain is broken.
+the number of events and a new anchor, the last event as SEQ:HASH (--format json: the field
+"anchor"). The chain alone cannot show that events were cut off its end; an anchor kept
+off this host can: a later 'verify --anchor SEQ:HASH' (or --anchor FILE: the proxy's
+--anchor-dir file, an export's .anchors.jsonl) names a log that was cut short (truncated)
+or rewritten up to the anchor. Exit 1 naming the first bad event if the chain is broken.
+
+examples:
+  tunnel audit verify --anchor /mnt/worm/fleet/audit-anchors.jsonl
+  tunnel audit verify --format json | jq -r .anchor | logger -t fleet-audit-anchor
 """
 
 EXPORT_HELP = """\
@@ -85,7 +92,9 @@ the two, the next run with the same --output finds the events already in the fil
 its last line; a half-written last line is cut off) and does not write them again. With
 stdout, a consumer that fails mid-way gets the batch again; dedupe by seq. The export also
 checks each event's link in the chain and stops, exit 1, at the first bad one after writing
-all the good ones before it.
+all the good ones before it. With --output, each run that exported events appends an anchor
+(the last exported event, SEQ:HASH) to FILE.anchors.jsonl: ship it with the export, and
+'tunnel audit verify --anchor FILE.anchors.jsonl' catches a log later cut short.
 
 example (cron or a systemd timer):
   tunnel audit export --output /var/log/fleet/audit.jsonl --cursor /var/lib/fleet/audit.cursor
@@ -166,10 +175,36 @@ def cmd_query(args) -> int:
     return 0
 
 
+def read_anchor(value: str) -> tuple[int, str]:
+    """``--anchor VALUE``: SEQ:HASH, or a file holding anchors (see :func:`audit.anchor_from_text`).
+
+    Of a large file (an export output) only the last MiB is read: its last events are the anchor.
+    """
+    path = Path(value)
+    if ":" in value and not path.exists():
+        return audit.parse_anchor(value)
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - (1 << 20)) if size > (16 << 20) else 0)
+            data = f.read()
+    except FileNotFoundError:
+        raise ValueError(f"--anchor {value!r} is neither SEQ:HASH nor an existing file: pass the anchor "
+                         "printed by 'tunnel audit verify' or an anchor file") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read the anchor file {value}: {exc.strerror or exc}") from None
+    if size > (16 << 20):
+        data = data[data.find(b"\n") + 1:]  # drop the partial first line of the tail
+    try:
+        return audit.anchor_from_text(data.decode("utf-8", "replace"))
+    except ValueError as exc:
+        raise ValueError(f"{value}: {exc}") from None
+
+
 def cmd_verify(args) -> int:
     anchor = None
     if args.anchor:
-        anchor = audit.parse_anchor(args.anchor)
+        anchor = read_anchor(args.anchor)
     elif args.cursor:
         position = _read_cursor(Path(args.cursor))
         if position[0]:
@@ -177,12 +212,25 @@ def cmd_verify(args) -> int:
     with _state(args).registry() as reg:
         broken = audit.verify(reg.db, anchor)
         head = audit.head(reg.db)
+    result = {
+        "intact": broken is None, "events": head.count,
+        "anchor": f"{head.seq}:{head.hash}" if head.seq and not broken else None,
+        "checked_anchor": f"{anchor[0]}:{anchor[1]}" if anchor else None,
+        "broken_at": broken.seq if broken else None, "problem": broken.problem if broken else None,
+    }
+    if args.format == "json":
+        json.dump(result, sys.stdout, indent=2)
+        print()
     if broken:
         print(f"tunnel: audit chain broken at event {broken.seq}: {broken.problem}", file=sys.stderr)
         return 1
-    tail = f"; last event {head.seq}:{head.hash}" if head.seq else ""
+    if args.format == "json":
+        return 0
     checked = f"; matches anchor {anchor[0]}" if anchor else ""
-    print(f"audit chain intact: {head.count} events{tail}{checked}")
+    print(f"audit chain intact: {head.count} events{checked}")
+    if head.seq:
+        # The new anchor, last on its own line: keep it off this host (see the README).
+        print(f"anchor {head.seq}:{head.hash}")
     return 0
 
 
@@ -268,6 +316,12 @@ def cmd_export(args) -> int:
                 sink.close()
     if cursor and last:
         _write_cursor(cursor, *last)
+    if out_path and last:
+        # The anchor travels with the export (ship both): a later 'verify --anchor' catches a
+        # log cut short or rewritten up to here.
+        anchors = Path(str(out_path) + audit.EXPORT_ANCHOR_SUFFIX)
+        audit.append_anchor(anchors, *last, fleet=_state(args).fleet)
+        print(f"anchor {last[0]}:{last[1]} appended to {anchors}", file=sys.stderr)
     if count:
         where = f"; next export resumes after {last[0]}" if cursor else \
             f"; resume with --after {last[0]}"
@@ -329,9 +383,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="check the audit hash chain; name the first bad event",
                         epilog=VERIFY_HELP, formatter_class=raw)
     anchor = v.add_mutually_exclusive_group()
-    anchor.add_argument("--anchor", metavar="SEQ:HASH",
-                        help="also require event SEQ to have HASH (from an earlier verify)")
+    anchor.add_argument("--anchor", metavar="SEQ:HASH|FILE",
+                        help="also require event SEQ to have HASH and the log to reach it: the "
+                             "anchor of an earlier verify, or a file holding anchors (the proxy's "
+                             "audit-anchors.jsonl, an export's .anchors.jsonl, its output, a cursor)")
     anchor.add_argument("--cursor", metavar="FILE", help="use an export cursor file as the anchor")
+    v.add_argument("--format", choices=("text", "json"), default="text",
+                   help="text (default) or json: intact, events, anchor (the new one), "
+                        "checked_anchor, broken_at, problem")
     state_arg(v)
     v.set_defaults(func=cmd_verify)
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from pathlib import Path
 
 from enroll import output
 from enroll.labels import LabelError, parse_selector
-from enroll.state import FleetState, StateError, default_state_dir
+from enroll.state import FleetState, StateError, default_state_dir, parse_duration
 from tunnel import log as tlog
 from tunnel.agent_config import ConfigError, split_host_port
 from tunnel.client import Client, ClientError, UserIdentity
@@ -62,9 +63,17 @@ def cmd_proxy(args) -> int:
     state = FleetState(Path(args.state) if args.state else default_state_dir())
     host, port = split_host_port(args.listen, "--listen")
     state.config  # noqa: B018 — a missing state fails here with its clear message
+    anchor_every = parse_duration(args.anchor_every).total_seconds()
+    anchor_dir = Path(args.anchor_dir) if args.anchor_dir else None
+    if anchor_dir is not None and not (anchor_dir.is_dir() and os.access(anchor_dir, os.W_OK | os.X_OK)):
+        raise ValueError(f"--anchor-dir {anchor_dir} is not a writable directory: create it (on "
+                         "storage that is shipped off this host or write-once) or fix its permissions")
+    if args.anonymous_rate <= 0:
+        raise ValueError("--anonymous-rate must be a positive number of requests per second")
 
     async def serve():
-        proxy = Proxy(state)
+        proxy = Proxy(state, anonymous_rate=args.anonymous_rate)
+        proxy.anchor_dir, proxy.anchor_every = anchor_dir, anchor_every
         await proxy.start(host, port, idle_timeout=args.idle_timeout)
         try:
             await asyncio.Event().wait()
@@ -287,6 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="drop a silent connection after this long; keep it above the agents' "
                         "keepalive (default: 60, for the default 25 s keepalive)")
+    p.add_argument("--anonymous-rate", type=float, default=20.0, metavar="PER_SECOND",
+                   help="enrollments and logins accepted per second from all addresses together "
+                        "(bursts of twice that); each address is also limited to 5/s (default: 20)")
+    p.add_argument("--anchor-dir", metavar="DIR",
+                   help="append the audit log's head (SEQ:HASH) to DIR/audit-anchors.jsonl "
+                        "every --anchor-every and at shutdown; put DIR where it leaves this host "
+                        "or cannot be rewritten (see 'tunnel audit verify --anchor')")
+    p.add_argument("--anchor-every", default="5m", metavar="DURATION",
+                   help="how often to write an anchor when the log has grown (default: 5m)")
     logging_args(p)
 
     p = add("agent", cmd_agent, "run the agent on a device (dials out; listens on nothing)")

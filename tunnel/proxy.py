@@ -21,8 +21,10 @@ import contextlib
 import datetime as dt
 import logging
 import secrets
+import sqlite3
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from enroll import audit
 from enroll.enrollment import enroll, renew
@@ -40,7 +42,7 @@ from tunnel.protocol import (
     read_header,
     reply_with_body,
 )
-from tunnel.ratelimit import RateLimiter
+from tunnel.ratelimit import RateLimiter, RefusalTally
 from tunnel.registry_writer import RegistryWriter
 from tunnel.splice import StreamEnds, splice
 from tunnel.transport import (
@@ -109,7 +111,14 @@ class AgentLink:
 
 
 class Proxy:
-    def __init__(self, state: FleetState, *, enroll_rate: float = 5.0, watch_interval: float = 1.0):
+    #: where and how often the proxy appends the audit log's head as an anchor
+    #: (``tunnel proxy --anchor-dir DIR --anchor-every 5m``); None: no anchors
+    anchor_dir: Path | None = None
+    anchor_every: float = 300.0
+    _anchored = 0  # seq of the last anchor written
+
+    def __init__(self, state: FleetState, *, enroll_rate: float = 5.0, watch_interval: float = 1.0,
+                 anonymous_rate: float = 20.0, refusal_window: float = 60.0):
         self.state = state
         self.fleet = state.fleet
         self.registry = state.registry()
@@ -118,6 +127,9 @@ class Proxy:
         self.sessions: dict[str, Session] = {}
         self.device_totals: dict[str, dict[str, int]] = {}  # connections and migrations per device
         self.enroll_limiter = RateLimiter(rate=enroll_rate, burst=max(1.0, enroll_rate * 2))
+        # All anonymous peers together (enrollment and login), whatever their number of addresses.
+        self.anonymous_limiter = RateLimiter(rate=anonymous_rate, burst=max(1.0, anonymous_rate * 2))
+        self.refusals = RefusalTally(window=refusal_window)
         self.watch_interval = watch_interval
         self.server = self.tcp_server = None
         self.writer: RegistryWriter | None = None
@@ -148,6 +160,9 @@ class Proxy:
         self.server = await serve(host, port, **common)
         self.tcp_server = await tcp_serve(host, port, **common) if tcp else None
         self._spawn(self._watch())
+        self._spawn(self._audit_refusals())
+        if self.anchor_dir is not None:
+            self._spawn(self._write_anchors())
         event(log, "listening", address=f"{host}:{port}", fleet=self.fleet,
               transports="quic+tcp" if tcp else "quic")
         return self.server
@@ -160,6 +175,7 @@ class Proxy:
                 server.close()
                 await server.wait_closed()
         if self.writer:
+            await self._flush_at_stop()
             await self.writer.close()
         self.registry.close()
 
@@ -523,34 +539,132 @@ class Proxy:
     # --- enrollment ---------------------------------------------------------------------------
 
     async def _serve_enroll(self, conn: Connection) -> None:
+        """One anonymous request per connection: an enrollment or a login, both rate-limited.
+
+        Two limits apply before any work is done: per source address (``enroll_limiter``) and
+        for all anonymous peers together (``anonymous_limiter``), so a flood from many addresses
+        cannot keep the CA, scrypt or the audit log busy. Refusals that say nothing about a real
+        identity (a limit, a malformed request, a token whose id this fleet never issued, no
+        request at all) are counted in ``refusals`` and audited as one ``anonymous.refused``
+        event per source per window (see :meth:`_audit_refusals`). An enrollment whose token id
+        exists goes on to the CA step, which audits a refusal on its own
+        (``device.enroll.denied``): someone holds or guesses a real token. Login refusals are
+        audited by :meth:`_login`. A refused request never spends a token.
+        """
         remote = "{}:{}".format(*conn.remote_address[:2])
+        source = conn.remote_address[0]
         try:
             stream = await asyncio.wait_for(conn.accept_stream(), HEADER_TIMEOUT)
         except (TransportError, TimeoutError):
+            self.refusals.note(source, "no_request")
             conn.close(0, "no enrollment request")
             return
         try:
-            if not self.enroll_limiter.allow(conn.remote_address[0]):
-                raise EnrollError("too many enrollment attempts from this address; wait and retry")
-            msg, _ = await read_header(stream)
+            if not self.enroll_limiter.allow(source):
+                raise _Tallied("rate_limited", "too many enrollment or login attempts from this "
+                                               "address; wait a few seconds and retry")
+            if not self.anonymous_limiter.allow():
+                raise _Tallied("busy", "the proxy is refusing enrollments and logins for a moment "
+                                       "(too many at once); retry in a few seconds")
+            try:
+                msg, _ = await read_header(stream)
+            except (wire.HeaderError, TimeoutError) as exc:
+                raise _Tallied(getattr(exc, "code", "timeout"), str(exc) or "timeout") from None
             if msg.kind == "request" and msg["op"] == "login":
                 await self._login(stream, msg.get("args", {}), remote)
             elif msg.kind != "request" or msg["op"] != "enroll":
-                raise EnrollError("this connection only accepts an enrollment or login request")
+                raise _Tallied("bad_request", "this connection only accepts an enrollment or login request")
             else:
                 args = msg.get("args", {})
-                request = parse_request(str(args.get("request", "")).encode())
-                bundle = await asyncio.to_thread(
-                    _enroll_in_thread, self.state, request, str(args.get("token", "")), remote
-                )
+                try:
+                    request = parse_request(str(args.get("request", "")).encode())
+                except EnrollError as exc:
+                    raise _Tallied("bad_request", str(exc)) from None
+                token = str(args.get("token", ""))
+                self._check_token_id(token)
+                bundle = await asyncio.to_thread(_enroll_in_thread, self.state, request, token, remote)
                 await stream.write(reply_with_body(bundle))
-        except (EnrollError, wire.HeaderError, TimeoutError) as exc:
+        except _Tallied as exc:
+            self.refusals.note(source, exc.code)
+            await _try_write(stream, wire.reply_refused("enroll_refused", str(exc)))
+        except (EnrollError, wire.HeaderError, TimeoutError) as exc:  # audited by the CA step
             await _try_write(stream, wire.reply_refused("enroll_refused", str(exc) or "timeout"))
         except TransportError:
             return
         _finish(stream)
         await asyncio.sleep(0.2)  # let the reply leave before the connection is closed
         conn.close(0, "enrollment done")
+
+    def _check_token_id(self, token: str) -> None:
+        """Raise _Tallied unless ``token`` is well-formed, for this fleet, with an issued id.
+
+        The answer for an unknown id is the CA step's own wording, so the reply does not tell
+        which ids exist.
+        """
+        from enroll import tokens
+
+        try:
+            parsed = tokens.parse(token, self.fleet)
+        except tokens.TokenError as exc:
+            raise _Tallied("bad_token", str(exc)) from None
+        if not self.registry.db["tokens"].count_where("id = ?", [parsed.id]):
+            raise _Tallied("unknown_token", "unknown join token: it was never issued by this fleet, "
+                                            "or mistyped")
+
+    async def _audit_refusals(self) -> None:
+        """Write the refusal summaries of each window once it has ended (a few seconds late)."""
+        while True:
+            await asyncio.sleep(min(5.0, self.refusals.window / 4))
+            await self._write_refusals(self.refusals.due())
+
+    async def _write_refusals(self, summaries: list) -> None:
+        """One ``anonymous.refused`` event per source and window, all in one transaction."""
+        if not summaries:
+            return
+
+        def write(db):
+            for s in summaries:
+                codes = ", ".join(f"{code} {n}" for code, n in sorted(s.codes.items()))
+                audit.append(
+                    db, "anonymous.refused", actor="anonymous", result="denied",
+                    reason=f"{s.count} anonymous request(s) refused ({codes})", remote=s.source,
+                    count=s.count, codes=dict(s.codes), first=_utc(s.first), last=_utc(s.last),
+                    window=f"{_utc(s.window_start)}/{_utc(s.window_end)}",
+                )
+
+        try:
+            await self.writer.submit(write)
+        except Exception:  # never lose the loop over an audit summary; it is logged instead
+            log.exception("could not audit %d anonymous refusal summaries", len(summaries))
+        event(log, "anonymous requests refused", level=logging.WARNING,
+              count=sum(s.count for s in summaries), sources=len(summaries))
+
+    async def _flush_at_stop(self) -> None:
+        """At shutdown: the refusal summaries of the open window, then a last anchor."""
+        await self._write_refusals(self.refusals.due(final=True))
+        if self.anchor_dir is not None:
+            await self._anchor_now()
+
+    async def _write_anchors(self) -> None:
+        """Every ``anchor_every`` seconds, append the log's head to ``anchor_dir`` (if it moved)."""
+        while True:
+            await asyncio.sleep(self.anchor_every)
+            await self._anchor_now()
+
+    async def _anchor_now(self) -> None:
+        try:
+            seq, digest = audit.tip(self.registry.db)
+            if seq < self._anchored:
+                event(log, "the audit log is shorter than its last anchor: run 'tunnel audit verify "
+                      "--anchor'", level=logging.ERROR, seq=seq, anchored=self._anchored)
+            if seq and seq != self._anchored:
+                await asyncio.to_thread(audit.append_anchor, Path(self.anchor_dir) / audit.ANCHOR_FILE,
+                                        seq, digest, fleet=self.fleet)
+                self._anchored = seq
+                event(log, "audit anchor written", anchor=f"{seq}:{digest}")
+        except (OSError, sqlite3.Error) as exc:
+            event(log, "could not write the audit anchor", level=logging.ERROR,
+                  directory=str(self.anchor_dir), error=str(exc))
 
     async def _login(self, stream: Stream, args: dict, remote: str) -> None:
         """Password (+TOTP) or one-time invite → a short-lived user certificate for a local key."""
@@ -642,6 +756,18 @@ def _authenticate_in_thread(state, name, password, invite, totp_code) -> dict:
 def _renew_in_thread(state: FleetState, device_id: str, csr: str) -> str:
     with state.registry() as reg:
         return renew(state, reg, device_id, csr)
+
+
+class _Tallied(EnrollError):
+    """An anonymous refusal counted in ``Proxy.refusals`` (audited as a summary, not alone)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _utc(t: float) -> str:
+    return iso(dt.datetime.fromtimestamp(t, dt.UTC))
 
 
 def _actor_of(cert) -> str:

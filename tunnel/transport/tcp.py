@@ -77,6 +77,7 @@ import socket
 import ssl
 import tempfile
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
@@ -155,6 +156,88 @@ _ALERT_NO_APPLICATION_PROTOCOL = 120
 
 def _crypto(alert: int) -> int:
     return CRYPTO_ERROR_BASE + alert
+
+
+# ------------------------------------------------------------------ control-frame budget
+
+#: What an HTTP/2 client sends first (RFC 9113 3.4); the server's meter skips it.
+CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_FRAME_HEADER = 9
+_DATA_FRAME = 0x0
+
+
+@dataclass(frozen=True)
+class FrameBudget:
+    """Control frames a peer may send: ``rate`` per second on average, ``burst`` at once."""
+
+    rate: float
+    burst: float
+
+
+#: Before authorization and for peers without a certificate (enrollment, login): one request
+#: needs about 25 control frames (SETTINGS and its ACK, the hello, the reverse pool, one
+#: stream, a few WINDOW_UPDATEs, GOAWAY).
+ANONYMOUS_BUDGET = FrameBudget(rate=20, burst=200)
+#: Authenticated agents and engineers: a WINDOW_UPDATE per 512 KiB we send per stream and for
+#: the connection, a few frames per session opened, a PING a second. Far above that, far
+#: below what stalls the event loop (h2 handles about 50,000 small frames a second).
+AUTHENTICATED_BUDGET = FrameBudget(rate=1000, burst=4000)
+
+
+class ControlFrameMeter:
+    """Counts the control frames in what a peer sends, before h2 parses them (sans-I/O).
+
+    HTTP/2 lets a peer make us work without sending data: SETTINGS and PING must be answered,
+    WINDOW_UPDATE, RST_STREAM, PRIORITY and HEADERS/CONTINUATION each cost a parse and state
+    changes, and an empty DATA frame costs as much as a full one. Every frame except a DATA
+    frame with payload takes one token from a bucket of ``budget.burst`` refilled at
+    ``budget.rate`` per second; :meth:`feed` says False as soon as a frame finds the bucket
+    empty, and the caller closes the connection (ENHANCE_YOUR_CALM) without handing the bytes
+    to h2. Only the 9-byte frame headers are read; payloads are skipped, also across chunks.
+    """
+
+    def __init__(self, budget: FrameBudget, now: float, *, server_side: bool = True):
+        self.budget = budget
+        self.tokens = float(budget.burst)
+        self.last = now
+        self.frames = 0  # control frames counted so far
+        self._skip = len(CLIENT_PREFACE) if server_side else 0  # bytes to pass over
+        self._header = b""  # a frame header split across chunks
+
+    def feed(self, data: bytes, now: float, budget: FrameBudget | None = None) -> bool:
+        if budget is not None and budget != self.budget:
+            # Let in (authorized): the larger burst is there at once, the spent frames stay spent.
+            self.tokens += max(0.0, budget.burst - self.budget.burst)
+            self.budget = budget
+        self.tokens = min(self.budget.burst, self.tokens + (now - self.last) * self.budget.rate)
+        self.last = now
+        view = memoryview(data)
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._skip:
+                step = min(self._skip, end - pos)
+                self._skip -= step
+                pos += step
+                continue
+            need = _FRAME_HEADER - len(self._header)
+            if need < _FRAME_HEADER or end - pos < _FRAME_HEADER:
+                self._header += bytes(view[pos:pos + need])
+                pos += min(need, end - pos)
+                if len(self._header) < _FRAME_HEADER:
+                    break
+                header, self._header = self._header, b""
+            else:
+                header = view[pos:pos + _FRAME_HEADER]
+                pos += _FRAME_HEADER
+            length = int.from_bytes(header[0:3], "big")
+            self._skip = length
+            if header[3] == _DATA_FRAME and length:
+                continue
+            self.frames += 1
+            if self.tokens < 1:
+                return False
+            self.tokens -= 1
+        return True
 
 
 
@@ -310,6 +393,8 @@ class _Protocol(asyncio.Protocol):
         self._handshake()
 
     def data_received(self, data: bytes) -> None:
+        if self._state == "closed":
+            return  # nothing more is read from a closed connection: do not buffer it either
         self._in.write(data)
         if self._state == "handshake":
             self._handshake()
@@ -447,6 +532,12 @@ class _Protocol(asyncio.Protocol):
         self._state = "closed"
         if self.tcp is not None:
             self.tcp.abort()
+
+    def stop_reading(self) -> None:
+        """Read nothing more from the peer (an abusive one): the kernel's buffers push back."""
+        if self.tcp is not None and not self.tcp.is_closing():
+            with contextlib.suppress(RuntimeError):
+                self.tcp.pause_reading()
 
     def is_closing(self) -> bool:
         return self.tcp is None or self.tcp.is_closing()
@@ -662,6 +753,8 @@ class _TcpConnection(Connection):
         })
         self._h2.max_inbound_frame_size = MAX_FRAME_SIZE
         self._h2_started = False
+        #: server side: the control-frame budget of this peer (see ControlFrameMeter)
+        self._meter: ControlFrameMeter | None = None
         self._streams: dict[int, _TcpStream] = {}
         self._accept: deque[_TcpStream] = deque()
         self._accept_waiter: asyncio.Future[None] | None = None
@@ -866,6 +959,9 @@ class _TcpConnection(Connection):
         self.last_received = self._loop.time()
         if self._error is not None or not self._h2_started:
             return
+        if self._meter is not None and not self._meter.feed(data, self.last_received, self._frame_budget()):
+            self._calm_down()
+            return
         try:
             events = self._h2.receive_data(data)
         except H2Error as exc:
@@ -956,6 +1052,27 @@ class _TcpConnection(Connection):
             self._reverse_pool.remove(sid)
             self._deliver(_TcpStream(self, sid))
             self._replenish_pool()
+
+    def _frame_budget(self) -> FrameBudget:
+        return AUTHENTICATED_BUDGET
+
+    def _calm_down(self) -> None:
+        """The peer sent more control frames than its budget: GOAWAY(ENHANCE_YOUR_CALM), close.
+
+        Nothing more is read from it; handlers waiting on the connection see the reason.
+        """
+        meter, self._meter = self._meter, None
+        assert meter is not None
+        reason = (f"too many HTTP/2 control frames ({meter.frames} SETTINGS, PING, WINDOW_UPDATE, "
+                  f"RST_STREAM, PRIORITY, HEADERS or empty DATA; allowed: {meter.budget.burst:g} at "
+                  f"once, {meter.budget.rate:g} a second)")
+        log.warning("closing the TLS/TCP connection from %s (ALPN %s, %s): %s", self.remote_address,
+                    self.alpn, "with certificate" if self.peer_certificate is not None else
+                    "no certificate", reason)
+        self._fail(TransportError(ErrorCodes.ENHANCE_YOUR_CALM, reason, application=False, remote=False))
+        self._send_goaway(ErrorCodes.ENHANCE_YOUR_CALM, reason, application=False)
+        self._protocol.stop_reading()
+        self._close_transport()
 
     # -- close
 
@@ -1126,6 +1243,14 @@ class _ServerConnection(AuthorizedServerConnection, _TcpConnection):
         )
         self._server = server
         self._authorize_task: asyncio.Task[None] | None = None
+        # Sees exactly the bytes h2 sees: both start with the client preface after _begin().
+        self._meter = ControlFrameMeter(ANONYMOUS_BUDGET, self._loop.time())
+
+    def _frame_budget(self) -> FrameBudget:
+        """Strict until authorize() let the peer in, and for good if it has no certificate."""
+        if self._authorized and self.peer_certificate is not None:
+            return AUTHENTICATED_BUDGET
+        return ANONYMOUS_BUDGET
 
     def _begin(self) -> None:
         """After the TLS handshake: certificate policy, then hello/authorize."""
