@@ -12,7 +12,7 @@ from pathlib import Path
 from enroll import certs, device, output
 from enroll.errors import RegistryError
 from enroll.labels import parse_assignments, parse_selector
-from enroll.request import parse_request
+from enroll.request import parse_request, read_bundle_file
 from enroll.state import FleetState, StateError, default_state_dir, parse_duration
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
@@ -128,7 +128,7 @@ def cmd_device(args) -> int:
     if args.install:
         if not args.ca_pin:
             raise Refused("--install needs --ca-pin sha256:... (from 'enroll init') to check the bundle")
-        bundle = json.loads(Path(args.install).read_text())
+        bundle = read_bundle_file(args.install)  # size-capped before parsing
         summary = device.install(directory, bundle, args.ca_pin, services)
         output.emit(summary, args.format)
         return EXIT_OK
