@@ -171,8 +171,10 @@ def wheels():
 def _local_playbook(ns: str, playbook: str, extra: dict, cwd: Path, env=None) -> subprocess.CompletedProcess:
     argv = ansible_cmd("ansible-playbook", "-i", "localhost,", "-c", "local",
                        REPO / "playbooks" / playbook, "-e", json.dumps(extra))
+    env = {**ansible_env(), **(env or {})}
+    env.pop("PYTHONPATH", None)  # else pip in the device's venv takes this checkout as installed
     return subprocess.run(netns.ns_argv(ns, argv), capture_output=True, text=True, timeout=300,
-                          env={**ansible_env(), **(env or {})}, cwd=cwd)
+                          env=env, cwd=cwd)
 
 
 def test_roles_enroll_and_agent_converge_on_a_fresh_device(world, wheels):
