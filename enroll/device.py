@@ -96,7 +96,7 @@ def _check_shape(bundle) -> None:
         raise InstallError(f"unsupported bundle: expected version {BUNDLE_VERSION}")
     for name in bundle:
         if name not in BUNDLE_FIELDS and name != "signature":
-            raise InstallError(f"bundle field {name!r} is not part of the format (and not signed by the CA); "
+            raise InstallError(f"bundle field {name[:40]!r} is not part of the format (and not signed by the CA); "
                                "nothing was installed")
     for name, limit in BUNDLE_FIELDS.items():
         if name not in bundle:
