@@ -160,9 +160,10 @@ def test_old_invite_and_totp_options_are_usage_errors():
         assert "/proc/PID/cmdline" in out.stderr and f"{flag}-file" in out.stderr
 
 
-def test_two_secrets_from_one_piped_stdin_are_refused(tmp_path):
+@pytest.mark.parametrize("flags", [["--invite-file", "-"], ["--invite"], ["--totp"]])  # alone: read stdin
+def test_two_secrets_from_one_piped_stdin_are_refused(tmp_path, flags):
     out = subprocess.run([PY, "-m", "tunnel.cli", "login", "--proxy", "127.0.0.1:9", "--user", "a",
-                          "--invite-file", "-", "--password-stdin", "--identity", str(tmp_path / "id")],
+                          *flags, "--password-stdin", "--identity", str(tmp_path / "id")],
                          input="x\ny\n", capture_output=True, text=True, timeout=30)
     assert out.returncode == 1 and "would all read stdin" in out.stderr, out.stderr
     assert not (tmp_path / "id").exists()
