@@ -366,3 +366,74 @@ def ssh_certificate(
             builder = builder.add_extension(ext, b"")
     cert = builder.sign(ca_key)
     return cert.public_bytes().decode()
+
+
+# --- detached signatures by the fleet CA (enrollment bundles) ---------------------------------
+
+
+def sign_blob(key, data: bytes) -> bytes:
+    """Sign ``data`` with a fleet CA key (ECDSA P-256/P-384 with SHA-256, or Ed25519).
+
+    Callers must prefix ``data`` with a context string of their own, so a signature made for one
+    purpose can never be replayed as another (the CA key also signs certificates, whose signed
+    part is DER and starts with 0x30, never with printable text).
+    """
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(data, ec.ECDSA(hashes.SHA256()))
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign(data)
+    raise CertError("unsupported CA key type for signing: use ECDSA or Ed25519")
+
+
+def verify_blob(public_key, signature: bytes, data: bytes) -> bool:
+    """True if ``signature`` over ``data`` verifies with ``public_key`` (see :func:`sign_blob`)."""
+    try:
+        if isinstance(public_key, ec.EllipticCurvePublicKey):
+            public_key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        elif isinstance(public_key, ed25519.Ed25519PublicKey):
+            public_key.verify(signature, data)
+        else:
+            return False
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def _ssh_public_bytes(key) -> bytes:
+    return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+
+
+def check_ssh_host_certificate(line: str, ca_line: str, host_key_line: str, device_id: str,
+                               aliases: tuple[str, ...] = (), now: dt.datetime | None = None) -> None:
+    """Check an OpenSSH host certificate for ``device_id``; raise CertError saying what is wrong.
+
+    It must be a host certificate signed by the SSH host CA ``ca_line`` (signature checked), name
+    ``device_id`` as a principal and nothing but it and ``aliases``, certify ``host_key_line``
+    (the device's own sshd key), and be valid now. sshd would serve any certificate it is given,
+    so this is the only place a swapped one can be caught.
+    """
+    try:
+        cert = ssh.load_ssh_public_identity(line.strip().encode())
+    except (ValueError, UnsupportedAlgorithm):
+        raise CertError("the SSH host certificate is malformed: expected one '...-cert-v01@openssh.com' line") from None
+    if not isinstance(cert, ssh.SSHCertificate):
+        raise CertError("the SSH host certificate is a plain key, not a certificate")
+    if cert.type != ssh.SSHCertificateType.HOST:
+        raise CertError("the SSH host certificate is a user certificate, not a host certificate")
+    ca = load_ssh_public(ca_line)
+    if _ssh_public_bytes(cert.signature_key()) != _ssh_public_bytes(ca):
+        raise CertError("the SSH host certificate was signed by another CA than the fleet's SSH host CA")
+    try:
+        cert.verify_cert_signature()
+    except (InvalidSignature, ValueError):
+        raise CertError("the SSH host certificate's signature is invalid (altered after signing)") from None
+    principals = [p.decode(errors="replace") for p in cert.valid_principals]
+    if device_id not in principals or not set(principals) <= {device_id, *aliases}:
+        raise CertError(
+            f"the SSH host certificate is for {', '.join(principals) or 'any host'}, not for {device_id}"
+        )
+    if _ssh_public_bytes(cert.public_key()) != _ssh_public_bytes(load_ssh_public(host_key_line)):
+        raise CertError("the SSH host certificate certifies another key than this device's sshd host key")
+    stamp = int((now or utcnow()).timestamp())
+    if not cert.valid_after <= stamp < cert.valid_before:
+        raise CertError("the SSH host certificate is not valid now (check the clock)")

@@ -12,7 +12,8 @@ from pathlib import Path
 from enroll import certs, device, output
 from enroll.errors import RegistryError
 from enroll.labels import parse_assignments, parse_selector
-from enroll.request import parse_request
+from enroll.request import parse_request, read_bundle_file
+from enroll.secret_input import ArgvSecretAction, env_command, read_secret
 from enroll.state import FleetState, StateError, default_state_dir, parse_duration
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
@@ -128,30 +129,34 @@ def cmd_device(args) -> int:
     if args.install:
         if not args.ca_pin:
             raise Refused("--install needs --ca-pin sha256:... (from 'enroll init') to check the bundle")
-        bundle = json.loads(Path(args.install).read_text())
+        bundle = read_bundle_file(args.install)  # size-capped before parsing
         summary = device.install(directory, bundle, args.ca_pin, services)
         output.emit(summary, args.format)
         return EXIT_OK
     if args.csr_only:
         device.prepare(directory, args.name, Path(args.ssh_host_key) if args.ssh_host_key else None)
         print(f"wrote {directory / 'request.json'}: take it to the CA host and run "
-              f"'enroll sign --csr request.json --token ...'", file=sys.stderr)
+              f"'enroll sign --csr request.json --token-file TOKEN_FILE --out bundle.json'", file=sys.stderr)
         return EXIT_OK
     if args.proxy:
-        if not (args.token and args.ca_pin):
-            raise Refused("online enrollment needs --token and --ca-pin along with --proxy")
+        if not args.ca_pin:
+            raise Refused("online enrollment needs --ca-pin along with --proxy")
+        token = read_secret("join token", file=args.token_file, env="FLEET_TOKEN", prompt=True)
+        if not token:
+            raise Refused("online enrollment needs the join token: pass it in $FLEET_TOKEN or with "
+                          "--token-file FILE (- reads stdin)")
         from enroll import online
 
         print(f"enrolling through {args.proxy} ...", file=sys.stderr)
         summary = online.run(
-            directory, args.proxy, args.token, args.ca_pin, name=args.name,
+            directory, args.proxy, token, args.ca_pin, name=args.name,
             server_name=args.server_name, services=services,
             ssh_host_key=Path(args.ssh_host_key) if args.ssh_host_key else None,
         )
         output.emit(summary, args.format)
         return EXIT_OK
     raise Refused(
-        "choose how to enroll: --proxy HOST:PORT --token T --ca-pin PIN (online), "
+        "choose how to enroll: --proxy HOST:PORT --ca-pin PIN with the token in $FLEET_TOKEN (online), "
         "--csr-only (write a request for 'enroll sign'), or --install BUNDLE --ca-pin PIN"
     )
 
@@ -161,8 +166,12 @@ def cmd_sign(args) -> int:
 
     state = _state(args)
     request = parse_request(Path(args.csr).read_bytes())
+    token = read_secret("join token", file=args.token_file, env="FLEET_TOKEN", prompt=True)
+    if not token:
+        raise Refused("enroll sign needs the join token: pass it in $FLEET_TOKEN or with "
+                      "--token-file FILE (- reads stdin)")
     with state.registry() as reg:
-        bundle = enroll(state, reg, request, args.token)
+        bundle = enroll(state, reg, request, token)
     text = json.dumps(bundle, indent=2) + "\n"
     if args.out:
         Path(args.out).write_text(text)
@@ -224,6 +233,13 @@ def cmd_role_rm(args) -> int:
     return EXIT_OK
 
 
+def _login_command(proxy: str, user: str, pin: str, invite: str) -> str:
+    """The first-login command for an invite: the invite travels in $FLEET_INVITE (never on the
+    login process's command line), shell-quoted so an invite starting with '-' works too."""
+    return env_command("FLEET_INVITE", invite,
+                       ["tunnel", "login", "--proxy", proxy, "--user", user, "--ca-pin", pin])
+
+
 def cmd_user_add(args) -> int:
     from enroll import users
 
@@ -238,7 +254,7 @@ def cmd_user_add(args) -> int:
         output.emit(info, args.format)
     else:
         print(f"user {args.name} added; give them this one-time invite (valid 24h, shown once):")
-        print(f"  tunnel login --proxy {info['proxy']} --user {args.name} --ca-pin {info['ca_pin']} --invite {invite}")
+        print(f"  {_login_command(info['proxy'], args.name, info['ca_pin'], invite)}")
         if totp_secret:
             print(f"TOTP (add to an authenticator app): {info['totp_uri']}")
     return EXIT_OK
@@ -284,8 +300,7 @@ def cmd_user_invite(args) -> int:
     state = _state(args)
     with state.registry() as reg:
         invite = users.new_invite(reg, args.name, actor=_actor(args))
-    print(f"tunnel login --proxy {state.proxy_address} --user {args.name} "
-          f"--ca-pin {certs.ca_pin(state.ca_cert)} --invite {invite}")
+    print(_login_command(state.proxy_address, args.name, certs.ca_pin(state.ca_cert), invite))
     return EXIT_OK
 
 
@@ -413,7 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="write DIR/request.json for the offline 'enroll sign'")
     mode.add_argument("--install", metavar="BUNDLE", help="install a bundle from 'enroll sign'")
     p.add_argument("--ca-pin", metavar="sha256:HEX", help="the fleet CA pin printed by 'enroll init'")
-    p.add_argument("--token", help="join token (online enrollment)")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="read the join token from FILE (- or --token alone: stdin, or a prompt on a terminal); "
+                        "default: $FLEET_TOKEN, else a prompt on a terminal")
+    p.add_argument("--token", dest="token_argv", action=ArgvSecretAction, env="FLEET_TOKEN",
+                   file_flag="--token-file", what="join token", help=argparse.SUPPRESS)
     p.add_argument("--server-name", help="name in the proxy certificate (default: the --proxy host)")
     p.add_argument("--name", help="ask for this device id (default: token prefix + random)")
     p.add_argument("--ssh-host-key", metavar="PUB",
@@ -424,7 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("sign", cmd_sign, "on the CA host: sign an offline request with a token")
     p.add_argument("--csr", required=True, metavar="FILE", help="request.json from 'enroll device --csr-only'")
-    p.add_argument("--token", required=True)
+    p.add_argument("--token-file", metavar="FILE",
+                   help="read the join token from FILE (- or --token alone: stdin, or a prompt on a terminal); "
+                        "default: $FLEET_TOKEN, else a prompt on a terminal")
+    p.add_argument("--token", dest="token_argv", action=ArgvSecretAction, env="FLEET_TOKEN",
+                   file_flag="--token-file", what="join token", help=argparse.SUPPRESS)
     p.add_argument("--out", metavar="FILE", help="write the bundle here (default: stdout)")
 
     user = add("user", None, "engineer and ops identities")

@@ -1,8 +1,12 @@
 """The device side of enrollment: make keys locally, ask, check the answer, write identity files.
 
-Keys never leave the device: only the CSR and the sshd host *public* key are sent. Before a
-bundle is installed its CA must match the pin the manufacturing line was given, its certificate
-must chain to that CA, and the certificate must be for this device's key.
+Keys never leave the device: only the CSR and the sshd host *public* key are sent. Before
+anything of a bundle is written, its CA must match the pin the manufacturing line was given, the
+CA's signature must cover every field (the SSH user CA decides who may log in here, so a swapped
+one must not get through), the certificate must chain to that CA and be for this device's key,
+and the SSH host certificate must be the fleet host CA's, for this device id and its sshd key.
+Sizes are capped before parsing. The online path (``enroll.online``) installs through the same
+check.
 
 Files in the device directory::
 
@@ -17,14 +21,24 @@ Files in the device directory::
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 from pathlib import Path
 
 import yaml
 
 from enroll import certs
+from enroll import labels as labels_mod
 from enroll.files import make_private_dir, write_file, write_private
-from enroll.request import BUNDLE_VERSION, make_request
+from enroll.request import (
+    BUNDLE_FIELDS,
+    BUNDLE_VERSION,
+    MAX_SIGNATURE_BYTES,
+    field_digest,
+    make_request,
+    signed_message,
+)
 
 HOST_KEY = "ssh_host_ed25519_key"
 
@@ -64,32 +78,155 @@ def prepare(directory: Path, name: str | None = None, ssh_host_key: Path | None 
     return request
 
 
-def verify_bundle(directory: Path, bundle: dict, ca_pin: str):
-    """Check a bundle against the pin and this device's key; return (cert, ca, identity)."""
-    if not isinstance(bundle, dict) or bundle.get("version") != BUNDLE_VERSION:
+def _json_size(value) -> int:
+    return len(json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+
+
+def _check_shape(bundle) -> None:
+    """Types and sizes of every field, before anything is parsed or trusted; names the field."""
+    if not isinstance(bundle, dict):
+        raise InstallError("malformed bundle: expected a JSON object (make it with 'enroll sign')")
+    version = bundle.get("version")
+    if version == 1:
+        raise InstallError(
+            "unsigned bundle (version 1): the CA must sign every field; make it again with this "
+            "release's 'enroll sign'. Nothing was installed"
+        )
+    if version != BUNDLE_VERSION:
         raise InstallError(f"unsupported bundle: expected version {BUNDLE_VERSION}")
+    for name in bundle:
+        if name not in BUNDLE_FIELDS and name != "signature":
+            raise InstallError(f"bundle field {name[:40]!r} is not part of the format (and not signed by the CA); "
+                               "nothing was installed")
+    for name, limit in BUNDLE_FIELDS.items():
+        if name not in bundle:
+            raise InstallError(f"malformed bundle: field {name!r} is missing; nothing was installed")
+        size = _json_size(bundle[name])
+        if size > limit:
+            raise InstallError(
+                f"bundle field {name!r} is {size} bytes, more than the {limit} allowed; nothing was installed"
+            )
+    for name in ("fleet", "device_id", "cert", "ca", "ssh_host_cert", "ssh_user_ca", "ssh_host_ca"):
+        if not isinstance(bundle[name], str):
+            raise InstallError(f"malformed bundle: field {name!r} must be a string")
+    for name in ("ssh_host_cert", "ssh_user_ca", "ssh_host_ca"):
+        if "\n" in bundle[name].strip() or "\r" in bundle[name]:
+            raise InstallError(f"malformed bundle: field {name!r} must be a single line")
+    proxy = bundle["proxy"]
+    if (not isinstance(proxy, dict) or set(proxy) != {"address", "server_name"}
+            or not all(isinstance(v, str) for v in proxy.values())):
+        raise InstallError("malformed bundle: field 'proxy' must hold exactly 'address' and 'server_name'")
+    if not isinstance(bundle["labels"], dict):
+        raise InstallError("malformed bundle: field 'labels' must be an object")
+    signature = bundle.get("signature")
+    if signature is None:
+        raise InstallError(
+            "the bundle is not signed (its 'signature' is missing or was stripped): only a bundle "
+            "signed by the pinned fleet CA is installed; nothing was installed"
+        )
+    if (not isinstance(signature, dict) or set(signature) != {"digests", "value"}
+            or not isinstance(signature["value"], str) or not isinstance(signature["digests"], dict)
+            or _json_size(signature) > MAX_SIGNATURE_BYTES):
+        raise InstallError("malformed bundle: field 'signature' must hold 'digests' and 'value'")
+
+
+def _check_signature(bundle: dict, ca) -> None:
+    """The CA's signature over the digests, then each field against its digest."""
+    signature = bundle["signature"]
+    try:
+        value = base64.b64decode(signature["value"], validate=True)
+    except ValueError:
+        raise InstallError("malformed bundle: the signature is not base64; nothing was installed") from None
+    digests = signature["digests"]
+    if set(digests) != set(BUNDLE_FIELDS) or not certs.verify_blob(ca.public_key(), value, signed_message(digests)):
+        raise InstallError(
+            "the bundle's signature does not verify against the pinned fleet CA: it was altered "
+            "or signed by someone else; nothing was installed"
+        )
+    for name in BUNDLE_FIELDS:
+        if field_digest(bundle[name]) != digests[name]:
+            raise InstallError(
+                f"bundle field {name!r} differs from what the fleet CA signed: it was altered after "
+                "signing; nothing was installed"
+            )
+
+
+def _host_key_line(directory: Path) -> str:
+    """This device's sshd host public key, as sent in its request (the host cert must certify it)."""
+    try:
+        return json.loads((directory / "request.json").read_text())["ssh_host_key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InstallError(
+            f"no enrollment request in {directory}: run 'enroll device --dir {directory} --csr-only' "
+            "on this device first (the bundle must answer this device's own request)"
+        ) from None
+
+
+def verify_bundle(directory: Path, bundle: dict, ca_pin: str):
+    """Check every field of a bundle before anything is written; return (cert, ca, identity).
+
+    In order: shape and sizes (so nothing huge is parsed), the CA against the pin, the CA's
+    signature over all fields, then what the fields say — the certificate chains to the CA and is
+    for this device's key, its name, fleet and labels are the bundle's, the SSH host certificate
+    is signed by the fleet's host CA for this device id and this device's sshd key, the user CA is
+    one SSH key, the proxy address is HOST:PORT.
+    """
+    directory = Path(directory)
+    pin = check_pin(ca_pin)
+    _check_shape(bundle)
     try:
         ca = certs.load_cert(bundle["ca"].encode())
-        cert = certs.load_cert(bundle["cert"].encode())
-    except (KeyError, AttributeError, certs.CertError) as exc:
-        raise InstallError(f"malformed bundle: {exc}") from None
+    except certs.CertError as exc:
+        raise InstallError(f"malformed bundle field 'ca': {exc}") from None
     got = certs.ca_pin(ca)
-    if got != check_pin(ca_pin):
+    if got != pin:
         raise InstallError(
             f"CA pin mismatch: the bundle's CA is {got}, but this line expects {ca_pin}. "
             "It was signed by a different fleet; nothing was installed."
         )
+    _check_signature(bundle, ca)
     try:
+        cert = certs.load_cert(bundle["cert"].encode())
         certs.verify_issued_by(cert, ca)
-        ident = certs.identity_of(cert, bundle.get("fleet"))
+        ident = certs.identity_of(cert, bundle["fleet"])
     except certs.CertError as exc:
-        raise InstallError(str(exc)) from None
+        raise InstallError(f"bundle field 'cert': {exc}") from None
     if ident.kind != "device":
         raise InstallError(f"the bundle holds a {ident.kind} certificate, not a device certificate")
-    key = certs.load_key((Path(directory) / "device.key").read_bytes())
+    if ident.name != bundle["device_id"] or ident.labels != bundle["labels"]:
+        raise InstallError("bundle fields 'device_id'/'labels' disagree with its certificate; nothing was installed")
+    try:
+        labels_mod.validate(bundle["labels"])
+    except labels_mod.LabelError as exc:
+        raise InstallError(f"bundle field 'labels': {exc}") from None
+    key = certs.load_key((directory / "device.key").read_bytes())
     if key.public_key().public_numbers() != cert.public_key().public_numbers():
         raise InstallError("the bundle's certificate is for another device's key; nothing was installed")
+    try:
+        certs.check_ssh_host_certificate(
+            bundle["ssh_host_cert"], bundle["ssh_host_ca"], _host_key_line(directory), ident.name,
+            aliases=(f"{ident.name}.fleet",),
+        )
+    except certs.CertError as exc:
+        raise InstallError(f"bundle field 'ssh_host_cert': {exc}; nothing was installed") from None
+    try:
+        certs.load_ssh_public(bundle["ssh_user_ca"])
+        certs.load_ssh_public(bundle["ssh_host_ca"])
+    except certs.CertError as exc:
+        raise InstallError(f"bundle field 'ssh_user_ca'/'ssh_host_ca': {exc}") from None
+    _check_proxy(bundle["proxy"])
     return cert, ca, ident
+
+
+_HOST_RE = re.compile(r"^[A-Za-z0-9.:\[\]-]{1,253}$")
+
+
+def _check_proxy(proxy: dict) -> None:
+    host, sep, port = proxy["address"].rpartition(":")
+    if not (sep and _HOST_RE.match(host) and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise InstallError("bundle field 'proxy': address must be HOST:PORT; nothing was installed")
+    if not _HOST_RE.match(proxy["server_name"]):
+        raise InstallError("bundle field 'proxy': server_name must be a DNS name or address")
 
 
 def install(directory: Path, bundle: dict, ca_pin: str, services: dict[str, str] | None = None,

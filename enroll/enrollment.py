@@ -14,7 +14,7 @@ import secrets
 
 from enroll import audit, certs, tokens
 from enroll.registry import Registry, iso
-from enroll.request import BUNDLE_VERSION, EnrollError
+from enroll.request import BUNDLE_VERSION, EnrollError, sign_bundle
 from enroll.state import FleetState
 
 # Engineers may write `ssh LOGIN@DEVICE.fleet` (see `tunnel config`); the host certificate
@@ -108,7 +108,9 @@ def enroll(
                 requested_name=request.get("name"),
             )
         raise EnrollError(str(exc)) from None
-    return {
+    # The CA signs every field: the device trusts none of them until the signature verifies
+    # against its pinned CA (see enroll.device.verify_bundle).
+    return sign_bundle({
         "version": BUNDLE_VERSION,
         "fleet": fleet,
         "device_id": device_id,
@@ -122,7 +124,7 @@ def enroll(
             "address": state.proxy_address,
             "server_name": state.config["proxy_name"],
         },
-    }
+    }, state.ca_key)
 
 
 def renew(

@@ -1,7 +1,8 @@
 """Device labels and the selector syntax every command shares.
 
 Labels are how devices are found, authorized and audited, so their shape is strict: keys like
-Kubernetes label keys, printable values, and a reserved ``lifecycle`` key with a closed set of
+Kubernetes label keys, printable values without ``,`` or ``=`` (which would make
+``customer=acme,site=dal`` ambiguous), and a reserved ``lifecycle`` key with a closed set of
 values. Selectors (``customer=acme``, ``site!=dal``, ``region in (us,eu)``) are parsed into plain
 terms and evaluated against a labels dict. Pure functions, no I/O.
 """
@@ -32,9 +33,19 @@ def validate_key(key: str) -> str:
     return key
 
 
+# ',' separates labels and selector terms and '=' separates key from value (in table output,
+# `--label k=v`, selectors), so a value holding either would read as something else.
+_SEPARATORS = ",="
+
+
 def validate_value(key: str, value: str) -> str:
     if not isinstance(value, str) or len(value) > _MAX_VALUE or not value.isprintable():
         raise LabelError(f"bad value for label {key!r}: use up to {_MAX_VALUE} printable characters")
+    if any(c in value for c in _SEPARATORS):
+        raise LabelError(
+            f"bad value {value!r} for label {key!r}: ',' and '=' are not allowed in label values "
+            "(they separate labels and selector terms); use another character such as '-' or '_'"
+        )
     if key == LIFECYCLE and value not in LIFECYCLES:
         raise LabelError(f"bad lifecycle {value!r}: must be one of {', '.join(LIFECYCLES)}")
     return value

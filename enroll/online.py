@@ -3,7 +3,10 @@
 The device knows only the CA pin. The proxy sends the fleet CA in its TLS chain; the transport
 accepts the connection only if a certificate there matches the pin and signed the proxy's
 certificate — so the token is never sent to anyone but this fleet's proxy (a TLS-intercepting
-middlebox is named in the error instead).
+middlebox is named in the error instead). The bundle that comes back is installed through the
+same check as an offline one (:func:`enroll.device.verify_bundle`: the CA's signature over every
+field, the SSH host certificate, size caps) before anything is written: a pinned channel is no
+reason to trust fields the CA did not sign.
 """
 
 from __future__ import annotations

@@ -168,11 +168,13 @@ def wheels():
     shutil.rmtree(house, ignore_errors=True)
 
 
-def _local_playbook(ns: str, playbook: str, extra: dict, cwd: Path) -> subprocess.CompletedProcess:
+def _local_playbook(ns: str, playbook: str, extra: dict, cwd: Path, env=None) -> subprocess.CompletedProcess:
     argv = ansible_cmd("ansible-playbook", "-i", "localhost,", "-c", "local",
                        REPO / "playbooks" / playbook, "-e", json.dumps(extra))
+    env = {**ansible_env(), **(env or {})}
+    env.pop("PYTHONPATH", None)  # else pip in the device's venv takes this checkout as installed
     return subprocess.run(netns.ns_argv(ns, argv), capture_output=True, text=True, timeout=300,
-                          env=ansible_env(), cwd=cwd)
+                          env=env, cwd=cwd)
 
 
 def test_roles_enroll_and_agent_converge_on_a_fresh_device(world, wheels):
@@ -191,21 +193,26 @@ def test_roles_enroll_and_agent_converge_on_a_fresh_device(world, wheels):
         "tunnel_agent_dir": f"{root}/etc",
     }
     enroll_vars = {**common, "fleet_enroll_dir": f"{root}/etc", "fleet_enroll_proxy": f"{world.lab.proxy_public}:443",
-                   "fleet_enroll_ca_pin": world.fleet.pin, "fleet_enroll_token": token,
+                   "fleet_enroll_ca_pin": world.fleet.pin,  # the token: $FLEET_TOKEN, on no command line
                    "fleet_enroll_name": "acme-3", "fleet_enroll_server_name": "proxy.test"}
+    # the device's own host key, which sshd must keep offering next to the fleet key
+    distro_key = root / "distro" / "ssh_host_ed25519_key"
+    distro_key.parent.mkdir()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(distro_key)], check=True)
     agent_vars = {**common, "tunnel_agent_service_manager": "process",
                   "tunnel_agent_unit_dir": f"{root}/systemd", "tunnel_agent_run_dir": f"{root}/run",
                   "tunnel_agent_log_file": f"{root}/agent.log", "tunnel_agent_sshd_dir": f"{root}/sshd",
                   "tunnel_agent_sshd_config": f"{root}/sshd_config.d/fleet-tunnel.conf",
                   "tunnel_agent_principals_dir": f"{root}/principals",
                   "tunnel_agent_sshd_pid_file": f"{root}/sshd.pid",
+                  "tunnel_agent_sshd_default_host_keys": [str(distro_key), f"{root}/distro/missing_key"],
                   # the lab has no DNS for proxy.test: dial the proxy's address (what the role's
                   # settings merge is for)
                   "tunnel_agent_settings": {"keepalive": "5s", "proxies": [
                       {"address": f"{world.lab.proxy_public}:443", "server_name": "proxy.test"}]}}
     Path(root / "systemd").mkdir()
     try:
-        out = _local_playbook(dev.ns, "enroll.yml", enroll_vars, root)
+        out = _local_playbook(dev.ns, "enroll.yml", enroll_vars, root, env={"FLEET_TOKEN": token})
         assert out.returncode == 0, out.stdout + out.stderr
         assert token not in out.stdout + out.stderr  # no_log: the token never shows
         out = _local_playbook(dev.ns, "agent.yml", agent_vars, root)
@@ -222,6 +229,9 @@ def test_roles_enroll_and_agent_converge_on_a_fresh_device(world, wheels):
         assert (root / "principals" / "root").read_text() == "root@acme-3\n"
         dropin = (root / "sshd_config.d" / "fleet-tunnel.conf").read_text()
         assert f"TrustedUserCAKeys {root}/sshd/user_ca.pub" in dropin
+        # the device's own key first (sshd serves the first key of a type), missing ones skipped
+        assert dropin.index(f"HostKey {distro_key}\n") < dropin.index(f"HostKey {root}/sshd/ssh_host_ed25519_key\n")
+        assert "missing_key" not in dropin
 
         # the device's sshd runs with the role's drop-in; the agent the role started dials out
         dev.start_sshd(config_extra=f"Include {root}/sshd_config.d/fleet-tunnel.conf\nAuthorizedKeysFile none\n",
@@ -237,6 +247,11 @@ def test_roles_enroll_and_agent_converge_on_a_fresh_device(world, wheels):
             raise AssertionError(f"acme-3 not online; agent log: {log.read_text() if log.exists() else 'none'}; "
                                  f"pid {pid} alive: {Path(f'/proc/{pid}').exists()}; "
                                  f"foreground: {probe.stderr[-2000:]}") from None
+        # a LAN user still sees the device's own host key, not the fleet key
+        scan = subprocess.run(netns.ns_argv(dev.ns, ["ssh-keyscan", "-t", "ed25519", "127.0.0.1"]),
+                              capture_output=True, text=True, timeout=30)
+        distro_blob = Path(f"{distro_key}.pub").read_text().split()[1]
+        assert distro_blob in scan.stdout, scan.stdout + scan.stderr
         inv = inventory_file(world.root, world.ops)
         out = world.ansible("ansible", "-i", inv, "acme-3", "-m", "ansible.builtin.command",
                             "-a", "id -un", "-o")

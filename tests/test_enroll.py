@@ -80,7 +80,9 @@ def test_offline_enrollment_end_to_end(fleet, cli, tmp_path):
     dev_dir = tmp_path / "device"
     assert cli("device", "--dir", dev_dir, "--csr-only")[0] == 0
     bundle_path = tmp_path / "bundle.json"
-    status, _, err = cli("sign", "--csr", dev_dir / "request.json", "--token", token.strip(),
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    status, _, err = cli("sign", "--csr", dev_dir / "request.json", "--token-file", token_file,
                          "--out", bundle_path)
     assert status == 0, err
     pin = certs.ca_pin(fleet.ca_cert)
@@ -294,7 +296,7 @@ def test_missing_state_says_run_init(tmp_path, capsys):
         (["token", "create", "--uses", "0"], "at least 1"),
         (["devices", "site in (a"], "missing ')'"),
         (["token", "revoke", "nope"], "no token with id"),
-        (["sign", "--csr", "/nonexistent.json", "--token", "x"], "no such file"),
+        (["sign", "--csr", "/nonexistent.json", "--token-file", "/nonexistent.token"], "no such file"),
     ],
 )
 def test_cli_bad_input(cli, fleet, args, fragment):

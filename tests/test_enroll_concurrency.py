@@ -27,8 +27,8 @@ def test_racing_enrollments_for_one_single_use_token(tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "enroll.cli", "--state", str(fleet.root), "sign",
-             "--csr", str(r), "--token", token, "--out", str(r.with_suffix(".bundle"))],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+             "--csr", str(r), "--out", str(r.with_suffix(".bundle"))],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "FLEET_TOKEN": token},
         )
         for r in requests
     ]

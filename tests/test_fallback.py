@@ -143,7 +143,8 @@ def test_intercepting_middlebox_gets_a_clear_error_and_no_secrets(world, tmp_pat
     with fleet.state.registry() as reg:
         token, _ = tokens.create(reg, fleet.state.fleet, labels={"customer": "acme"})
     out = dev.run([PY, "-m", "enroll.cli", "device", "--dir", str(tmp_path / "d"), "--proxy", fleet.address,
-                   "--server-name", "proxy.test", "--token", token, "--ca-pin", fleet.pin], check=False)
+                   "--server-name", "proxy.test", "--token-file", "-", "--ca-pin", fleet.pin],
+                  input=token + "\n", check=False)
     assert out.returncode == 1
     assert "intercepting TLS" in out.stderr and "Corp Inspection CA" in out.stderr, out.stderr
     data = seen.read_bytes() if seen.exists() else b""

@@ -122,9 +122,10 @@ class World:
             invite, _ = users.add(reg, name, roles)
         identity = self.fleet.root / "users" / name
         out = self.run([PY, "-m", "tunnel.cli", "login", "--proxy", self.fleet.address, "--user", name,
-                        "--invite", invite, "--ca-pin", self.fleet.pin, "--server-name", "proxy.test",
+                        "--ca-pin", self.fleet.pin, "--server-name", "proxy.test",
                         "--password-stdin", "--identity", str(identity)],
-                       input=b"correct horse battery\n", capture_output=True, timeout=30)
+                       input=b"correct horse battery\n", capture_output=True, timeout=30,
+                       env={**os.environ, "FLEET_INVITE": invite})
         assert out.returncode == 0, out.stderr
         return identity
 

@@ -203,7 +203,9 @@ def test_online_enrollment_checks_the_pin_before_sending_the_token(fleet, tmp_pa
     with fleet.state.registry() as reg:
         token, _ = tokens.create(reg, fleet.state.fleet, labels={"customer": "acme"})
     other = Fleet(tmp_path / "other")
-    base = ["device", "--proxy", fleet.address, "--server-name", "proxy.test", "--token", token]
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    base = ["device", "--proxy", fleet.address, "--server-name", "proxy.test", "--token-file", str(token_file)]
     status = enroll_main([*base, "--dir", str(tmp_path / "d1"), "--ca-pin", other.pin])
     assert status == 1
     with fleet.state.registry() as reg:
@@ -229,7 +231,9 @@ def test_login_with_invite_then_password_and_failures_are_audited(fleet, tmp_pat
     identity = tmp_path / "alice"
     base = ["login", "--proxy", fleet.address, "--user", "alice", "--server-name", "proxy.test",
             "--password-stdin"]
-    out = fleet.tunnel(*base, "--invite", invite, "--ca-pin", fleet.pin, identity=identity,
+    invite_file = tmp_path / "invite"
+    invite_file.write_text(invite)
+    out = fleet.tunnel(*base, "--invite-file", invite_file, "--ca-pin", fleet.pin, identity=identity,
                        input=b"a long password\n")
     assert out.returncode == 0, out.stderr
     assert (identity / "user.key").stat().st_mode & 0o777 == 0o600

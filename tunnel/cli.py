@@ -12,6 +12,7 @@ from pathlib import Path
 
 from enroll import output
 from enroll.labels import LabelError, parse_selector
+from enroll.secret_input import ArgvSecretAction, read_secret
 from enroll.state import FleetState, StateError, default_state_dir, parse_duration
 from tunnel import log as tlog
 from tunnel.agent_config import ConfigError, split_host_port
@@ -165,14 +166,25 @@ def cmd_login(args) -> int:
     from tunnel.client import default_identity_dir
 
     directory = Path(args.identity) if args.identity else default_identity_dir()
+    # Secrets never come from argv (any local user reads /proc/PID/cmdline): the invite and the
+    # one-time code from a file, stdin or $FLEET_INVITE/$FLEET_TOTP, the password from stdin or
+    # the terminal. Only one of them can be the piped stdin.
+    piped = [flag for flag, on in (("--invite-file -", args.invite_file == "-"),
+                                   ("--totp-file -", args.totp_file == "-"),
+                                   ("--password-stdin", args.password_stdin)) if on]
+    if len(piped) > 1 and not sys.stdin.isatty():
+        raise ClientError(f"{' and '.join(piped)} would all read stdin: pass the invite in $FLEET_INVITE "
+                          "and the code in $FLEET_TOTP (or in files) instead")
+    invite = read_secret("invite", file=args.invite_file, env="FLEET_INVITE")
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:
-        password = getpass.getpass("new password: " if args.invite else "password: ")
-        if args.invite and getpass.getpass("again: ") != password:
+        password = getpass.getpass("new password: " if invite else "password: ")
+        if invite and getpass.getpass("again: ") != password:
             raise ClientError("the passwords differ")
+    totp = read_secret("one-time code", file=args.totp_file, env="FLEET_TOTP")
     info = asyncio.run(engineer.login(
-        directory, args.proxy, args.user, password, invite=args.invite, totp=args.totp,
+        directory, args.proxy, args.user, password, invite=invite, totp=totp,
         ca_pin=args.ca_pin, ttl=args.ttl, server_name=args.server_name,
     ))
     if args.format != "table":
@@ -339,11 +351,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("login", cmd_login, "log in to the proxy: a short-lived certificate for a key made here")
     p.add_argument("--proxy", required=True, metavar="HOST:PORT")
     p.add_argument("--user", required=True)
-    p.add_argument("--invite", help="the one-time invite from 'enroll user add' (first login)")
+    p.add_argument("--invite-file", metavar="FILE",
+                   help="first login: read the one-time invite from FILE (- or --invite alone: stdin, "
+                        "or a prompt on a terminal); default: $FLEET_INVITE")
+    p.add_argument("--invite", dest="invite_argv", action=ArgvSecretAction, env="FLEET_INVITE",
+                   file_flag="--invite-file", what="invite", help=argparse.SUPPRESS)
     p.add_argument("--ca-pin", metavar="sha256:HEX", help="fleet CA pin (first login)")
-    p.add_argument("--totp", metavar="CODE", help="one-time code, if your account needs one")
+    p.add_argument("--totp-file", metavar="FILE",
+                   help="read the one-time code, if your account needs one, from FILE (- or --totp "
+                        "alone: stdin, or a prompt on a terminal); default: $FLEET_TOTP")
+    p.add_argument("--totp", dest="totp_argv", action=ArgvSecretAction, env="FLEET_TOTP",
+                   file_flag="--totp-file", what="one-time code", help=argparse.SUPPRESS)
     p.add_argument("--ttl", help="ask for a shorter certificate (roles cap it with max_session_ttl)")
-    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    p.add_argument("--password-stdin", action="store_true",
+                   help="read the password from stdin (default: ask on the terminal)")
     p.add_argument("--server-name", help="name in the proxy certificate (default: the --proxy host)")
     p.add_argument("--identity", metavar="DIR", help="where to store the identity")
     p.add_argument("--format", choices=output.FORMATS, default="table")
