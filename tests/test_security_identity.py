@@ -504,3 +504,44 @@ def test_identities_issued_before_v4_get_a_lockable_record(tmp_path, monkeypatch
         assert users.get(reg, "legacy-ops")["roles"] == ["admin"]
         users.lock(reg, "legacy-ops", None, "moved on")
         assert users.locked(users.get(reg, "legacy-ops"), dt.datetime.now(dt.UTC))
+
+
+@pytest.mark.xfail(strict=False, reason="tunnel/access.py does not re-check certificate revocation for "
+                                        "open sessions yet (reported to the lead; remove this marker then)")
+def test_revoking_the_certificate_in_use_cuts_the_open_session(fleet, echo):
+    import time
+
+    from tunnel.client import Client, UserIdentity
+
+    config = fleet.enroll_device("robot-6", {"customer": "acme"}, {"echo": f"127.0.0.1:{echo.port}"})
+    fleet.start_proxy()
+    fleet.start_agent(config)
+    ops = fleet.user("ops", ["admin"])
+    fleet.wait_online(ops, "robot-6")
+    serial = format(certs.load_cert((ops / "user.crt").read_bytes()).serial_number, "x")
+
+    async def hold():
+        client = await Client.connect(UserIdentity.load(ops))
+        stream, _ = await client.dial("robot-6", "echo")
+        revoked_at = None
+        try:
+            for _ in range(100):
+                await stream.write(b"x")
+                if not await stream.read(10):
+                    break
+                if revoked_at is None:
+                    await asyncio.to_thread(_cli, fleet, "cert", "revoke", serial)
+                    revoked_at = time.monotonic()
+                await asyncio.sleep(0.1)
+            else:
+                return None
+        except TransportError:
+            pass
+        finally:
+            client.close()
+        return time.monotonic() - revoked_at
+
+    held = asyncio.run(hold())
+    assert held is not None  # the session ended (within ~10 s here; the proxy re-checks each second)
+    ends = [e for e in fleet.audit() if e["type"] == "session.end"]
+    assert ends and "revoked" in ends[-1]["reason"]
