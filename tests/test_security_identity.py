@@ -545,3 +545,7 @@ def test_revoking_the_certificate_in_use_cuts_the_open_session(fleet, echo):
     assert held is not None  # the session ended (within ~10 s here; the proxy re-checks each second)
     ends = [e for e in fleet.audit() if e["type"] == "session.end"]
     assert ends and "revoked" in ends[-1]["reason"]
+
+
+def test_the_stand_in_hash_costs_what_a_real_one_costs():
+    assert not users.needs_rehash(users._stand_in_hash())
