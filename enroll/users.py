@@ -25,6 +25,7 @@ import datetime as dt
 import functools
 import hashlib
 import hmac
+import ipaddress
 import json
 import math
 import secrets
@@ -257,10 +258,18 @@ def slowdown(failed: int, free: int = FREE_PER_SOURCE) -> float:
 
 
 def source_of(remote: str | None) -> str:
-    """The address part of ``host:port`` (the port changes on every connection)."""
+    """Whom failures are counted against: the address of ``host:port`` (the port changes on
+    every connection); for IPv6 its /64, which one subscriber typically holds whole."""
     if not remote:
         return "local"
-    return remote.rsplit(":", 1)[0] if ":" in remote else remote
+    host = (remote.rsplit(":", 1)[0] if ":" in remote else remote).strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if ip.version == 6 and ip.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(getattr(ip, "ipv4_mapped", None) or ip)
 
 
 def _wait_left(registry: Registry, name: str, source: str, now: dt.datetime) -> float:
