@@ -183,15 +183,18 @@ def cmd_sign(args) -> int:
 
 def cmd_user_issue(args) -> int:
     """Issue a user certificate on the CA host, for an ops identity used right here."""
+    from enroll import users
     from enroll.enrollment import issue_user
     from enroll.files import make_private_dir, write_file, write_private
 
     state = _state(args)
+    ttl = parse_duration(args.ttl)
     directory = make_private_dir(Path(args.dir))
     key = certs.new_key()
     with state.registry() as reg:
-        cert = issue_user(state, reg, args.name, key.public_key(), args.role, parse_duration(args.ttl),
-                          actor=_actor(args))
+        # a user record (no password) so 'enroll user lock NAME' works for this identity too
+        roles = users.ensure_identity(reg, args.name, args.role, actor=_actor(args))
+        cert = issue_user(state, reg, args.name, key.public_key(), roles, ttl, actor=_actor(args))
     write_private(directory / "user.key", certs.key_pem(key))
     write_file(directory / "user.crt", certs.cert_pem(cert))
     write_file(directory / "ca.crt", certs.cert_pem(state.ca_cert))
@@ -199,7 +202,7 @@ def cmd_user_issue(args) -> int:
     proxy = args.proxy or state.proxy_address
     write_file(directory / "client.yaml",
                f"proxy: {proxy}\nserver_name: {state.config['proxy_name']}\n")
-    print(f"user certificate for {args.name} (roles: {', '.join(args.role) or 'none'}) "
+    print(f"user certificate for {args.name} (roles: {', '.join(roles) or 'none'}) "
           f"valid until {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}, in {directory}", file=sys.stderr)
     return EXIT_OK
 
@@ -268,7 +271,8 @@ def cmd_user_ls(args) -> int:
     with _state(args).registry() as reg:
         rows = [{"name": u["name"], "roles": json.loads(u["roles"]),
                  "status": "locked" if users.locked({**u}, dt.datetime.now(dt.UTC))
-                 else ("invited" if u["invite_hash"] and not u["password_hash"] else "active"),
+                 else ("invited" if u["invite_hash"] and not u["password_hash"]
+                       else ("active" if u["password_hash"] else "certificate-only")),
                  "totp": bool(u["totp_secret"]), "failed_logins": u["failed_logins"]}
                 for u in reg.db["users"].rows_where(order_by="name")]
     output.emit(rows, args.format, ["name", "roles", "status", "totp", "failed_logins"])
@@ -310,6 +314,36 @@ def cmd_user_roles(args) -> int:
     with _state(args).registry() as reg:
         users.set_roles(reg, args.name, args.role, actor=_actor(args))
     print(f"user {args.name} now holds: {', '.join(args.role) or 'no roles'} (acts at once)")
+    return EXIT_OK
+
+
+CERT_COLUMNS = ["serial", "kind", "subject", "status", "issued_at", "not_after", "revoked_reason"]
+
+
+def cmd_cert_ls(args) -> int:
+    from enroll import admin
+
+    with _state(args).registry() as reg:
+        rows = admin.list_certs(reg, user=args.user, device=args.device, include_expired=args.all)
+    output.emit(rows, args.format, CERT_COLUMNS)
+    return EXIT_OK
+
+
+def cmd_cert_revoke(args) -> int:
+    from enroll import admin
+
+    if bool(args.serial) == bool(args.user):
+        raise Refused("give either a SERIAL or --user NAME (see 'enroll cert ls')")
+    with _state(args).registry() as reg:
+        if args.serial:
+            row = admin.revoke_cert(reg, args.serial, args.message, actor=_actor(args))
+            serials = [row["serial"]]
+            print(f"certificate {row['serial']} ({row['kind']} {row['subject']}) revoked; "
+                  "connections using it are refused")
+        else:
+            serials = admin.revoke_user_certs(reg, args.user, args.message, actor=_actor(args))
+            print(f"revoked {len(serials)} certificate(s) of user {args.user}: {', '.join(serials)}; "
+                  f"to keep them from logging in again: 'enroll user lock {args.user}'")
     return EXIT_OK
 
 
@@ -485,6 +519,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", required=True, help="identity directory to write (made 0700)")
     p.add_argument("--ttl", default="8h", help="certificate lifetime (default: 8h)")
     p.add_argument("--proxy", metavar="HOST:PORT", help="proxy address for client.yaml (default: from fleet.yaml)")
+
+    cert = add("cert", None, "list and revoke issued certificates")
+    csub = cert.add_subparsers(dest="cert_command", required=True, metavar="ACTION")
+    p = csub.add_parser("ls", parents=[common], help="list certificates (unexpired unless --all)",
+                        description="list certificates (unexpired unless --all), newest first")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--user", metavar="NAME", help="only this user's certificates")
+    who.add_argument("--device", metavar="ID", help="only this device's certificates")
+    p.add_argument("--all", action="store_true", help="include expired certificates")
+    _format_arg(p)
+    p.set_defaults(func=cmd_cert_ls)
+    p = csub.add_parser("revoke", parents=[common], help="revoke a certificate by serial, or all of a user's",
+                        description="revoke a certificate by serial, or every valid one of a user "
+                                    "(--user); the proxy refuses it from the next connection")
+    p.add_argument("serial", nargs="?", metavar="SERIAL", help="hex serial, as 'enroll cert ls' shows it")
+    p.add_argument("--user", metavar="NAME", help="revoke every valid certificate of this user")
+    p.add_argument("--message", default="", help="why, for the audit log")
+    p.set_defaults(func=cmd_cert_revoke)
 
     role = add("role", None, "label-based roles (Teleport-style YAML)")
     rsub = role.add_subparsers(dest="role_command", required=True, metavar="ACTION")

@@ -143,7 +143,43 @@ def _v3(db: sqlite_utils.Database) -> None:
                f"BEGIN {refuse.format(what='events take the next sequence number')}; END")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3]
+def _v4(db: sqlite_utils.Database) -> None:
+    """Identity hardening: TOTP replay, per-source login failures, certificate lifecycle.
+
+    - ``users.totp_last_step``: the last TOTP time step accepted, so a code works once.
+    - ``login_failures``: failed logins per (user name, source address) and per name overall
+      (source ``*``), for any name, known or not, so the slowdown reveals nothing and one
+      address cannot lock a user out (see enroll/users.py).
+    - ``certs.origin`` (enroll, renew, login, issue), ``certs.first_used_at`` (a device first
+      connected with it) and ``certs.revoked_reason`` (superseded, revoked by an operator…).
+    - Every user certificate subject gets a user record, so every issued identity is lockable:
+      identities made by ``enroll user issue`` before this version had none. Their roles come
+      from the latest ``cert.issue`` event, as the certificate carries them.
+    """
+    db.execute("ALTER TABLE users ADD COLUMN totp_last_step INTEGER")
+    db.execute("ALTER TABLE certs ADD COLUMN origin TEXT")
+    db.execute("ALTER TABLE certs ADD COLUMN first_used_at TEXT")
+    db.execute("ALTER TABLE certs ADD COLUMN revoked_reason TEXT")
+    db.execute("CREATE TABLE login_failures (name TEXT NOT NULL, source TEXT NOT NULL, "
+               "failed INTEGER NOT NULL DEFAULT 0, last_failed_at TEXT NOT NULL, PRIMARY KEY (name, source))")
+    db.execute("CREATE INDEX idx_login_failures_time ON login_failures (last_failed_at)")
+    orphans = db.execute(
+        "SELECT subject, min(issued_at) FROM certs WHERE kind = 'user' "
+        "AND subject NOT IN (SELECT name FROM users) GROUP BY subject").fetchall()
+    for name, first in orphans:
+        last = db.execute(
+            "SELECT actor_roles FROM audit WHERE type = 'cert.issue' "
+            "AND json_extract(fields, '$.kind') = 'user' AND json_extract(fields, '$.user') = ? "
+            "ORDER BY seq DESC LIMIT 1", [name]).fetchone()
+        db["users"].insert({
+            "name": name, "roles": json.dumps(sorted(json.loads(last[0])) if last else []),
+            "password_hash": None, "totp_secret": None, "invite_hash": None, "invite_expires": None,
+            "created_at": first, "locked_until": None, "lock_message": None, "failed_logins": 0,
+            "last_failed_at": None,
+        })
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4]
 
 
 @dataclass(frozen=True)

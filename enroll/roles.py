@@ -27,6 +27,7 @@ from enroll.state import parse_duration
 
 SUPPORTED_VERSIONS = ("v5", "v6", "v7")
 DEFAULT_SERVICES = ("ssh",)
+DEFAULT_USER_TTL = dt.timedelta(hours=8)  # fleet.yaml lifetimes.user as `enroll init` writes it
 _LOGIN_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 
 
@@ -162,9 +163,17 @@ def visible(roles: list[Role], labels: dict[str, str]) -> bool:
     return any(r.allow.labels_match(labels) for r in roles)
 
 
-def session_ttl(roles: list[Role], requested: dt.timedelta) -> dt.timedelta:
+def session_ttl(roles: list[Role], requested: dt.timedelta | None,
+                default: dt.timedelta = DEFAULT_USER_TTL) -> dt.timedelta:
+    """How long a user certificate issued at login lasts.
+
+    ``default`` is the fleet's user lifetime (``lifetimes.user`` in fleet.yaml, 8 h): the most
+    any login gets. The engineer may ask for less (``--ttl``), never for more, and every role's
+    ``max_session_ttl`` can only shorten it. Without this cap a login with no limiting role
+    could ask for a certificate that outlives any lock review (``--ttl 5000w``).
+    """
     limits = [r.max_session_ttl for r in roles if r.max_session_ttl]
-    return min([requested, *limits])
+    return min([default, *([requested] if requested else []), *limits])
 
 
 # --- parsing with line numbers ---------------------------------------------------------------

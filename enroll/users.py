@@ -1,8 +1,21 @@
 """Engineers and roles in the registry: invites, passwords (scrypt), optional TOTP, locks.
 
 An invite is a one-time secret shown once and stored hashed; redeeming it sets the password.
-Failed logins are counted and slow the next attempt down exponentially (and each is audited by
-the caller), so guessing is expensive while an engineer's typo costs seconds.
+
+Failed logins slow the next attempt down exponentially (each is audited by the caller), so
+guessing is expensive while an engineer's typo costs seconds. They are counted per (name,
+source address) and, with a much higher ceiling, per name overall (``login_failures``): a flood
+of wrong passwords from one address slows that address down, not the engineer logging in from
+elsewhere. Counting by *name*, whether or not the account exists, and running scrypt against a
+stand-in hash for names without a password, makes unknown and known names look the same: the
+same answers, codes and slowdown, and the same cost. A locked account says so only to someone
+who proved its password (and TOTP).
+
+Passwords: scrypt N=2^17, r=8, p=1 (128 MiB, ~0.3 s); at most two run at once so a login flood
+cannot exhaust the proxy's memory. Hashes made with older parameters still verify and are
+replaced at the user's next successful login. A TOTP code is accepted once: the last accepted
+time step is stored and a step at or before it is refused, atomically, so two concurrent logins
+with one code cannot both win.
 """
 
 from __future__ import annotations
@@ -12,9 +25,12 @@ import datetime as dt
 import functools
 import hashlib
 import hmac
+import ipaddress
 import json
+import math
 import secrets
 import struct
+import threading
 import time
 
 from enroll import audit
@@ -24,7 +40,17 @@ from enroll.roles import Role, RoleError, parse_roles, role_from_spec
 
 INVITE_TTL = dt.timedelta(hours=24)
 MIN_PASSWORD = 10
-_SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+_SCRYPT = {"n": 2**17, "r": 8, "p": 1}
+# Each scrypt at N=2^17, r=8 holds 128 MiB: bound how many run at once (login threads).
+_SCRYPT_SLOTS = threading.BoundedSemaphore(2)
+_MAX_SCRYPT_N = 2**20  # a stored hash asking for more is refused, not computed
+#: failures from one source before the slowdown starts; per name overall the ceiling is higher
+FREE_PER_SOURCE = 3
+FREE_PER_NAME = 100
+#: failure counters with no new failure for this long are dropped
+FAILURES_KEPT = dt.timedelta(hours=24)
+ALL_SOURCES = "*"
+GENERIC = "unknown user or wrong password"
 
 
 class UserError(ValueError):
@@ -42,9 +68,17 @@ class LoginError(UserError):
 # --- passwords and TOTP -------------------------------------------------------------------------
 
 
+def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    if not (1 < n <= _MAX_SCRYPT_N and 0 < r <= 32 and 0 < p <= 16):
+        raise ValueError("unsupported scrypt parameters")
+    with _SCRYPT_SLOTS:
+        return hashlib.scrypt(password.encode(), salt=salt, dklen=32, n=n, r=r, p=p,
+                              maxmem=128 * r * (n + p + 2) + (1 << 20))
+
+
 def hash_password(password: str) -> str:
     salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, dklen=32, **_SCRYPT)
+    digest = _scrypt(password, salt, **_SCRYPT)
     return "scrypt${n}${r}${p}$".format(**_SCRYPT) + base64.b64encode(salt).decode() + "$" + \
         base64.b64encode(digest).decode()
 
@@ -52,25 +86,58 @@ def hash_password(password: str) -> str:
 def check_password(password: str, stored: str | None) -> bool:
     if not stored:
         return False
-    _, n, r, p, salt, digest = stored.split("$")
-    got = hashlib.scrypt(password.encode(), salt=base64.b64decode(salt), dklen=32,
-                         n=int(n), r=int(r), p=int(p))
+    try:
+        _, n, r, p, salt, digest = stored.split("$")
+        got = _scrypt(password, base64.b64decode(salt), int(n), int(r), int(p))
+    except ValueError:
+        return False
     return hmac.compare_digest(got, base64.b64decode(digest))
+
+
+def needs_rehash(stored: str | None) -> bool:
+    """True for a hash made with weaker parameters than today's (upgraded at the next login)."""
+    try:
+        _, n, r, p, _, _ = (stored or "").split("$")
+        return (int(n), int(r), int(p)) != (_SCRYPT["n"], _SCRYPT["r"], _SCRYPT["p"])
+    except ValueError:
+        return True
+
+
+# The hash of a random password nobody kept, with today's parameters: checked for names without a
+# password, so they cost what a real check costs (a constant, so not even the first one is slower).
+_STAND_IN = "scrypt$131072$8$1$rmiscKkGGqGPFlaFwVGrQw==$lYCBSLTmF+EhG3klrda+qiJQVtD5X0ev7rMexTOnwtA="
+
+
+def _stand_in_hash() -> str:
+    return _STAND_IN
 
 
 def totp(secret_b32: str, at: float | None = None, step: int = 30) -> str:
     """RFC 6238 TOTP (SHA-1, 6 digits), as authenticator apps compute it."""
-    key = base64.b32decode(secret_b32.upper() + "=" * (-len(secret_b32) % 8))
     counter = int((at if at is not None else time.time()) // step)
+    return _totp_at(secret_b32, counter)
+
+
+def _totp_at(secret_b32: str, counter: int) -> str:
+    key = base64.b32decode(secret_b32.upper() + "=" * (-len(secret_b32) % 8))
     mac = hmac.new(key, struct.pack(">Q", counter), hashlib.sha1).digest()
     offset = mac[-1] & 0x0F
     code = (struct.unpack(">I", mac[offset : offset + 4])[0] & 0x7FFFFFFF) % 1_000_000
     return f"{code:06d}"
 
 
-def totp_ok(secret_b32: str, code: str, now: float | None = None) -> bool:
+def totp_step(secret_b32: str, code: str, now: float | None = None) -> int | None:
+    """The time step (30 s counter) ``code`` belongs to, within one step of clock skew; or None."""
     now = now if now is not None else time.time()
-    return any(hmac.compare_digest(totp(secret_b32, now + d * 30), code or "") for d in (-1, 0, 1))
+    current = int(now // 30)
+    for counter in (current - 1, current, current + 1):
+        if hmac.compare_digest(_totp_at(secret_b32, counter), code or ""):
+            return counter
+    return None
+
+
+def totp_ok(secret_b32: str, code: str, now: float | None = None) -> bool:
+    return totp_step(secret_b32, code, now) is not None
 
 
 # --- roles --------------------------------------------------------------------------------------
@@ -177,6 +244,7 @@ def unlock(registry: Registry, name: str, actor: str = "admin") -> None:
         if not db["users"].count_where("name = ?", [name]):
             raise UserError(f"no user {name!r}: see 'enroll user ls'")
         db["users"].update(name, {"locked_until": None, "lock_message": None, "failed_logins": 0})
+        db.execute("DELETE FROM login_failures WHERE name = ?", [name])
         audit.append(db, "user.unlock", actor=actor, user=name)
 
 
@@ -184,60 +252,161 @@ def locked(user: dict, now: dt.datetime) -> bool:
     return bool(user.get("locked_until")) and parse_iso(user["locked_until"]) > now
 
 
-def slowdown(failed: int) -> float:
-    """Seconds to wait after ``failed`` consecutive failures: free for 3, then 2^n s up to 5 min."""
-    return 0.0 if failed < 3 else float(min(300, 2 ** (failed - 2)))
+def slowdown(failed: int, free: int = FREE_PER_SOURCE) -> float:
+    """Seconds to wait after ``failed`` consecutive failures: free for ``free``, then 2^n s up to 5 min."""
+    return 0.0 if failed < free else float(min(300, 2 ** (failed - free + 1)))
+
+
+def source_of(remote: str | None) -> str:
+    """Whom failures are counted against: the address of ``host:port`` (the port changes on
+    every connection); for IPv6 its /64, which one subscriber typically holds whole."""
+    if not remote:
+        return "local"
+    host = (remote.rsplit(":", 1)[0] if ":" in remote else remote).strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if ip.version == 6 and ip.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(getattr(ip, "ipv4_mapped", None) or ip)
+
+
+def _wait_left(registry: Registry, name: str, source: str, now: dt.datetime) -> float:
+    """Seconds this (name, source) must still wait: the larger of its own and the name's slowdown."""
+    left = 0.0
+    rows = registry.db.execute(
+        "SELECT source, failed, last_failed_at FROM login_failures WHERE name = ? AND source IN (?, ?)",
+        [name, source, ALL_SOURCES]).fetchall()
+    for row_source, failed, last in rows:
+        wait = slowdown(failed, FREE_PER_NAME if row_source == ALL_SOURCES else FREE_PER_SOURCE)
+        if wait:
+            left = max(left, (parse_iso(last) + dt.timedelta(seconds=wait) - now).total_seconds())
+    return left
 
 
 def authenticate(registry: Registry, name: str, *, password: str, invite: str | None = None,
-                 totp_code: str | None = None, now: dt.datetime | None = None) -> dict:
+                 totp_code: str | None = None, source: str | None = None,
+                 now: dt.datetime | None = None) -> dict:
     """Check a login (or redeem an invite, setting the password). Returns the user row.
 
-    Raises LoginError; the failure is counted, the caller audits it.
+    ``source`` is the client's address (see :func:`source_of`). Raises LoginError; a failure is
+    counted for (name, source) and for the name, the caller audits it. Until the password (and
+    TOTP code) is proven, every answer is the same for a name that exists and one that does not.
     """
     now = now or dt.datetime.now(dt.UTC)
+    source = source or "local"
+    left = _wait_left(registry, name, source, now)
+    if left > 0:
+        raise LoginError(f"too many failed logins: retry in {math.ceil(left)} s", retry_after=left)
     user = get(registry, name)
-    generic = "unknown user or wrong password"
-    if user is None:
-        raise LoginError(generic)
-    wait = slowdown(user["failed_logins"])
-    if wait and user["last_failed_at"]:
-        left = (parse_iso(user["last_failed_at"]) + dt.timedelta(seconds=wait) - now).total_seconds()
-        if left > 0:
-            raise LoginError(f"too many failed logins: retry in {left:.0f} s", retry_after=left)
-    if locked(user, now):
-        raise LoginError(f"user {name} is locked" + (f": {user['lock_message']}" if user["lock_message"] else ""))
     if invite is not None:
-        ok = (user["invite_hash"] is not None
+        ok = (user is not None and user["invite_hash"] is not None
               and hmac.compare_digest(hashlib.sha256(invite.encode()).hexdigest(), user["invite_hash"])
               and parse_iso(user["invite_expires"]) > now)
         if not ok:
-            _failed(registry, name, now)
+            _failed(registry, name, source, now)
             raise LoginError("invite is unknown, used or expired: ask ops for a new one "
                              "('enroll user invite NAME')")
+        _refuse_if_locked(user, now)
         if len(password) < MIN_PASSWORD:
             raise LoginError(f"choose a password of at least {MIN_PASSWORD} characters")
+        new_hash = hash_password(password)
         with registry.write() as db:
-            db["users"].update(name, {"password_hash": hash_password(password), "invite_hash": None,
-                                      "invite_expires": None, "failed_logins": 0})
-    else:
-        good = check_password(password, user["password_hash"])
-        if good and user["totp_secret"] and not totp_ok(user["totp_secret"], totp_code or ""):
-            _failed(registry, name, now)
+            # the invite is spent exactly once, also when two redeem it at the same moment
+            spent = db.execute(
+                "UPDATE users SET password_hash = ?, invite_hash = NULL, invite_expires = NULL, "
+                "failed_logins = 0 WHERE name = ? AND invite_hash = ?",
+                [new_hash, name, user["invite_hash"]]).rowcount
+            if spent == 1:
+                _clear_failures(db, name, source)
+        if spent != 1:
+            raise LoginError("invite is unknown, used or expired: ask ops for a new one "
+                             "('enroll user invite NAME')")
+        return get(registry, name)
+    has_password = user is not None and bool(user["password_hash"])
+    good = check_password(password, user["password_hash"] if has_password else _stand_in_hash())
+    if not (good and has_password):
+        _failed(registry, name, source, now)
+        raise LoginError(GENERIC)
+    step = None
+    if user["totp_secret"]:
+        step = totp_step(user["totp_secret"], totp_code or "", now.timestamp())
+        if step is None:
+            _failed(registry, name, source, now)
             raise LoginError("one-time code missing or wrong (pass --totp CODE)")
-        if not good:
-            _failed(registry, name, now)
-            raise LoginError(generic)
-        if user["failed_logins"]:
-            with registry.write() as db:
-                db["users"].update(name, {"failed_logins": 0})
+    _refuse_if_locked(user, now)
+    upgraded = hash_password(password) if needs_rehash(user["password_hash"]) else None
+    with registry.write() as db:
+        replayed = step is not None and db.execute(
+            "UPDATE users SET totp_last_step = ? WHERE name = ? "
+            "AND (totp_last_step IS NULL OR totp_last_step < ?)", [step, name, step]).rowcount != 1
+        if not replayed:
+            if upgraded:
+                db.execute("UPDATE users SET password_hash = ? WHERE name = ? AND password_hash = ?",
+                           [upgraded, name, user["password_hash"]])
+            _clear_failures(db, name, source)
+    if replayed:
+        _failed(registry, name, source, now)
+        raise LoginError("one-time code already used: wait for the next code and log in again")
     return get(registry, name)
 
 
-def _failed(registry: Registry, name: str, now: dt.datetime) -> None:
+def _refuse_if_locked(user: dict, now: dt.datetime) -> None:
+    if locked(user, now):
+        raise LoginError(f"user {user['name']} is locked"
+                         + (f": {user['lock_message']}" if user["lock_message"] else ""))
+
+
+def _failed(registry: Registry, name: str, source: str, now: dt.datetime) -> None:
+    stamp = iso(now)
     with registry.write() as db:
-        db.execute("UPDATE users SET failed_logins = failed_logins + 1, last_failed_at = ? WHERE name = ?",
-                   [iso(now), name])
+        db.execute("DELETE FROM login_failures WHERE last_failed_at < ?", [iso(now - FAILURES_KEPT)])
+        for key in (source, ALL_SOURCES):
+            db.execute("INSERT INTO login_failures (name, source, failed, last_failed_at) VALUES (?, ?, 1, ?) "
+                       "ON CONFLICT (name, source) DO UPDATE SET failed = failed + 1, last_failed_at = ?",
+                       [name, key, stamp, stamp])
+        # what `enroll user ls` shows: failures from all sources
+        db.execute("UPDATE users SET failed_logins = (SELECT failed FROM login_failures "
+                   "WHERE name = ? AND source = ?), last_failed_at = ? WHERE name = ?",
+                   [name, ALL_SOURCES, stamp, name])
+
+
+def _clear_failures(db, name: str, source: str) -> None:
+    """A successful login forgives its source and the name overall (other sources stay slowed)."""
+    db.execute("DELETE FROM login_failures WHERE name = ? AND source IN (?, ?)", [name, source, ALL_SOURCES])
+    db.execute("UPDATE users SET failed_logins = 0 WHERE name = ?", [name])
+
+
+def ensure_identity(registry: Registry, name: str, roles: list[str], actor: str = "admin") -> list[str]:
+    """The user record behind ``enroll user issue``, so every issued identity can be locked.
+
+    A new name gets a record with no password (it cannot log in with one) and ``roles``; an
+    existing user keeps the registry's roles, which are what the proxy applies, so asking for
+    different ones is refused. Returns the roles to put in the certificate.
+    """
+    check_name(name, "user name")
+    now = dt.datetime.now(dt.UTC)
+    with registry.write() as db:
+        rows = list(db["users"].rows_where("name = ?", [name]))
+        if rows:
+            have = json.loads(rows[0]["roles"])
+            if roles and sorted(roles) != have:
+                raise UserError(f"user {name!r} exists with roles {', '.join(have) or 'none'}: the proxy "
+                                "applies those; change them with 'enroll user roles' or leave out --role")
+            return have
+        known = {r["name"] for r in db["roles"].rows}
+        missing = [r for r in roles if r not in known]
+        if missing:
+            raise UserError(f"unknown role {missing[0]!r}: apply it first with 'enroll role apply -f FILE'")
+        db["users"].insert({
+            "name": name, "roles": json.dumps(sorted(roles)), "password_hash": None,
+            "totp_secret": None, "invite_hash": None, "invite_expires": None, "created_at": iso(now),
+            "locked_until": None, "lock_message": None, "failed_logins": 0, "last_failed_at": None,
+        })
+        audit.append(db, "user.add", actor=actor, now=now, user=name, roles=sorted(roles),
+                     certificate_only=True)
+    return sorted(roles)
 
 
 def new_invite(registry: Registry, name: str, actor: str = "admin") -> str:

@@ -241,6 +241,8 @@ class Proxy:
         now = dt.datetime.now(dt.UTC)
         def connected(db):
             db["devices"].update(device_id, {"last_seen": iso(now)})
+            from enroll.enrollment import device_connected  # older certificates: superseded
+            device_connected(db, device_id, peer.identity.serial_hex, now)
             audit.append(
                 db, "device.connect", actor=peer.actor, device=device_id, labels=peer.device.labels,
                 now=now, remote=remote, transport=link.transport, replaced=old is not None,
@@ -344,7 +346,9 @@ class Proxy:
                 await stream.write(reply_with_body({"cert": cert}))
             else:
                 await stream.write(wire.reply_refused("unknown_op", f"unknown request {op!r}"))
-        except (wire.HeaderError, EnrollError, TimeoutError) as exc:
+        except (ValueError, TimeoutError) as exc:
+            # HeaderError, EnrollError/RenewalError (bad CSR, renewal limit), CertError: every
+            # refusal is answered with a code and audited, never left to time out on the agent.
             code = getattr(exc, "code", "refused")
             dev = self.registry.device(link.device_id)
             await self._audit("access.denied", actor=link.peer.actor, device=link.device_id,
@@ -678,13 +682,14 @@ class Proxy:
             public_key = certs.check_csr(str(args.get("csr", "")))
             user = await asyncio.to_thread(
                 _authenticate_in_thread, self.state, name, str(args.get("password", "")),
-                args.get("invite"), args.get("totp"),
+                args.get("invite"), args.get("totp"), users.source_of(remote),
             )
             roles = users.load_roles(self.registry, user["roles"])
-            requested = parse_duration(str(args.get("ttl") or self.state.config["lifetimes"]["user"]))
-            ttl = session_ttl(roles, requested)
+            requested = parse_duration(str(args["ttl"])) if args.get("ttl") else None
+            # never longer than the fleet's user lifetime; roles' max_session_ttl shorten it
+            ttl = session_ttl(roles, requested, self.state.lifetime("user"))
             cert = issue_user(self.state, self.registry, name, public_key, user["roles"], ttl,
-                              actor=f"user:{name}")
+                              actor=f"user:{name}", origin="login")
         except (users.LoginError, certs.CertError, ValueError) as exc:
             await self._audit("user.login.failed", actor=f"user:{name or '?'}", result="denied",
                         reason=str(exc), remote=remote)
@@ -746,11 +751,12 @@ def _enroll_in_thread(state: FleetState, request: dict, token: str, remote: str)
         return enroll(state, reg, request, token, remote=remote)
 
 
-def _authenticate_in_thread(state, name, password, invite, totp_code) -> dict:
+def _authenticate_in_thread(state, name, password, invite, totp_code, source=None) -> dict:
     from enroll import users
 
-    with state.registry() as reg:  # scrypt takes ~50 ms: keep it off the event loop
-        return users.authenticate(reg, name, password=password, invite=invite, totp_code=totp_code)
+    with state.registry() as reg:  # scrypt takes ~0.3 s: keep it off the event loop
+        return users.authenticate(reg, name, password=password, invite=invite, totp_code=totp_code,
+                                  source=source)
 
 
 def _renew_in_thread(state: FleetState, device_id: str, csr: str) -> str:
