@@ -58,6 +58,7 @@ EVENT_TYPES = (
     "device.enroll",
     "device.enroll.denied",
     "cert.issue",
+    "cert.revoke",
     "device.connect",
     "device.disconnect",
     "device.migrate",
