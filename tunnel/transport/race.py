@@ -113,16 +113,26 @@ async def dial(
     ``kwargs`` are the common ``connect()`` arguments of both transports. The connection's
     ``transport_name`` says which one won.
     """
-    from . import quic, tcp
+    unknown = set(transports) - {"quic", "tcp"}
+    if unknown or not 1 <= len(transports) <= 2:
+        raise ValueError(f"transports must be one or two of quic, tcp (got {transports!r})")
 
-    makers = {"quic": quic.connect, "tcp": tcp.connect}
+    def maker(name: str) -> Dial:
+        async def dial_one() -> Connection:
+            # imported when the attempt starts: a device whose QUIC wins within the head start
+            # never loads the TLS/TCP fallback and h2
+            if name == "tcp":
+                from . import tcp as module
+            else:
+                from . import quic as module
+            return await module.connect(host, port, **kwargs)
+
+        return dial_one
+
     if len(transports) == 1:
-        return await makers[transports[0]](host, port, **kwargs)
+        return await maker(transports[0])()
     first, second = transports
     conn, _ = await happy_eyeballs(
-        lambda: makers[first](host, port, **kwargs),
-        lambda: makers[second](host, port, **kwargs),
-        head_start,
-        labels=(first, second),
+        maker(first), maker(second), head_start, labels=(first, second)
     )
     return conn
