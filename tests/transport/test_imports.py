@@ -29,3 +29,10 @@ def test_agent_loads_no_h2_no_aioquic_asyncio_no_engineer_client():
 def test_the_tcp_fallback_loads_on_first_use():
     mods = _modules_after("from tunnel.transport import tcp_serve, tcp_connect")
     assert {"tunnel.transport.tcp", "h2.connection"} <= mods
+
+
+def test_tunnel_agent_command_skips_the_ops_audit_commands():
+    mods = _modules_after(
+        "from tunnel import cli\ncli.build_parser(ops=False).parse_args(['agent', '--config', 'x'])"
+    )
+    assert not {m for m in mods if m.startswith(("sqlite_utils", "sqlite3", "tunnel.audit_cmd"))}
