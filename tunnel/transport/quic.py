@@ -1071,6 +1071,24 @@ def _udp_socket(local_addr: tuple[str, int] | None, family: int) -> socket.socke
     return sock
 
 
+async def _resolve(
+    loop: asyncio.AbstractEventLoop, host: str, port: int, flags: int = 0
+) -> tuple[int, Any]:
+    """(family, sockaddr) of ``host``; an IP literal is resolved in place.
+
+    ``loop.getaddrinfo`` runs in a worker thread: an agent configured with an address would
+    otherwise keep an idle thread (and its malloc arena) alive for nothing.
+    """
+    try:
+        numeric = socket.getaddrinfo(
+            host, port, type=socket.SOCK_DGRAM, flags=flags | socket.AI_NUMERICHOST
+        )
+    except socket.gaierror:
+        numeric = None
+    infos = numeric or await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=flags)
+    return infos[0][0], infos[0][4]
+
+
 def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(Encoding.PEM)
 
@@ -1102,8 +1120,7 @@ async def connect(
     if trust is None and ca_pin is None:
         raise ValueError("connect() needs identity, ca (the pinned fleet CA) or ca_pin")
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    family, addr = infos[0][0], infos[0][4]
+    family, addr = await _resolve(loop, host, port)
     family = socket.AF_INET6 if family == socket.AF_INET6 else socket.AF_INET
     addr = socket_address(addr[0], addr[1], family)
 
@@ -1215,8 +1232,7 @@ async def serve(
         server._connections.add(conn)
         return protocol
 
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
-    family, bind = infos[0][0], infos[0][4]
+    family, bind = await _resolve(loop, host, port, socket.AI_PASSIVE)
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.bind(bind)
