@@ -228,3 +228,44 @@ def test_as_root_the_buffers_are_forced_to_4_mb():
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         rcv, snd = udp.tune_buffers(s)
     assert rcv >= udp.SOCKET_BUFFER and snd >= udp.SOCKET_BUFFER
+
+
+def test_split_segments_and_gro_cmsg():
+    data = b"a" * 1200 + b"b" * 1200 + b"c" * 7
+    assert udp.split_segments(data, 1200) == [b"a" * 1200, b"b" * 1200, b"c" * 7]
+    assert udp.split_segments(b"x" * 50, 1200) == [b"x" * 50]
+    assert udp.split_segments(b"x" * 50, 0) == [b"x" * 50]
+    import struct
+
+    assert udp.gro_segment([(udp.SOL_UDP, udp.UDP_GRO, struct.pack("=i", 1452))]) == 1452
+    assert udp.gro_segment([(socket.SOL_SOCKET, 1, b"\0" * 4)]) == 0
+
+
+@pytest.mark.parametrize("gro", [True, False], ids=["gro", "plain"])
+def test_gso_sender_to_endpoint_reader_every_datagram_intact(gro):
+    """GSO runs may arrive as one coalesced read (GRO): they are cut up again, in order."""
+    if not udp.gso_supported():
+        pytest.skip("kernel without UDP_SEGMENT")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        rx.bind(("127.0.0.1", 0))
+        udp.tune_buffers(rx)
+        seen: list[bytes] = []
+        reader = DatagramEndpoint(loop, rx, lambda d, a: seen.append(d), lambda: None, gro=gro)
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        tx.bind(("127.0.0.1", 0))
+        sender = DatagramEndpoint(loop, tx, lambda d, a: None, lambda: None, gso=True)
+        try:
+            batch = _mixed_batch(rx.getsockname())
+            sender.send(batch)
+            while len(seen) < len(batch):
+                await asyncio.sleep(0.01)
+            assert seen == [d for d, _ in batch]
+            assert reader.datagrams_received == len(batch)
+        finally:
+            sender.close()
+            reader.close()
+
+    run(main())
