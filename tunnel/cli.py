@@ -279,7 +279,7 @@ def cmd_db(args) -> int:
 # --- parser ---------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, ops: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunnel", description=__doc__, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -342,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     engineer_args(p)
 
     try:  # ops' audit commands need the [server] extra (sqlite-utils); a device has none
+        if not ops:  # `tunnel agent`: sqlite-utils alone would be 4.5 MiB of an idle agent
+            raise ImportError
         from tunnel import audit_cmd
     except ImportError:
         audit_cmd = None
@@ -420,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(ops=argv[:1] != ["agent"]).parse_args(argv)
     try:
         return args.func(args)
     except ClientError as exc:

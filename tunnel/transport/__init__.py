@@ -6,7 +6,7 @@ networks that block UDP; ``race.happy_eyeballs`` picks whichever connects first;
 holds the pure decision logic.
 
 ``connect``/``serve`` are the QUIC ones (as before); ``tcp_connect``/``tcp_serve`` take the same
-arguments.
+arguments and are imported on first use (``tcp`` pulls in h2, which a device on QUIC never needs).
 """
 
 from .base import (
@@ -23,8 +23,19 @@ from .base import (
 from .policy import DEFAULT_SEND_HIGH_WATER, DEFAULT_STREAM_WINDOW, CertificateRejected
 from .quic import connect, serve
 from .race import dial, happy_eyeballs
-from .tcp import connect as tcp_connect
-from .tcp import serve as tcp_serve
+
+_LAZY = {"tcp_connect": "connect", "tcp_serve": "serve"}
+
+
+def __getattr__(name: str):
+    # The TLS/TCP fallback (and h2 under it) loads on first use: an agent on a network where
+    # QUIC works never pays for it (memory of an idle agent, start-up time of a command).
+    if name in _LAZY:
+        from . import tcp
+
+        return getattr(tcp, _LAZY[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_SEND_HIGH_WATER",

@@ -8,16 +8,19 @@ aioquic internals touched (all checked by ``_check_aioquic_internals()`` at impo
   ``_server_handle_certificate_verify`` (after aioquic checked the CertificateVerify signature,
   the chain is verified against the pinned CA) and ``_client_handle_certificate_verify`` (the
   server chain is verified against the pinned CA before aioquic's own cadata check). The switch
-  happens in ``_FleetQuicConnection._initialize``. Server connections are created by aioquic's
-  ``QuicServer`` as plain ``QuicConnection`` objects; ``create_protocol`` switches their class to
+  happens in ``_FleetQuicConnection._initialize``. Server connections are created by ``_Demux``
+  as plain ``QuicConnection`` objects; ``create_protocol`` switches their class to
   ``_FleetQuicConnection`` before any packet is processed.
 * credit on consumption: ``_FleetQuicConnection._write_stream_limits`` replaces aioquic's
   "double the window when half of it *arrived*" with ``policy.next_receive_limit`` applied to the
   bytes the application *read*.
 * send backpressure: the writer looks at ``QuicStreamSender._buffer_start/_buffer_stop``.
-* migration: ``QuicConnectionProtocol._transport`` is replaced through ``connection_made``; in
-  flight packets are declared lost with ``QuicPacketRecovery._on_packets_lost`` (as a
-  non-congestion event) on a rebind (client) or peer address change (server).
+* migration: in flight packets are declared lost with ``QuicPacketRecovery._on_packets_lost``
+  (as a non-congestion event) on a rebind (client) or peer address change (server).
+
+Nothing of ``aioquic.asyncio`` is used: ``_Protocol`` drives the ``QuicConnection`` on the
+event loop and ``_Demux`` routes the proxy's shared socket by connection ID, both over
+``udp.DatagramEndpoint`` (batched reads, one transmit per connection per batch, GSO sends).
 """
 
 from __future__ import annotations
@@ -34,16 +37,20 @@ from typing import Any
 
 import aioquic
 from aioquic import tls
-from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.asyncio.server import QuicServer
+from aioquic.buffer import Buffer
 from aioquic.quic import events
-from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
 from aioquic.quic.connection import (
     MAX_STREAM_DATA_FRAME_CAPACITY,
     QuicConnection,
     QuicConnectionState,
 )
-from aioquic.quic.packet import QuicFrameType
+from aioquic.quic.packet import (
+    QuicFrameType,
+    QuicPacketType,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
 from aioquic.quic.recovery import QuicPacketRecovery
 from aioquic.quic.stream import QuicStream
 from cryptography import x509
@@ -76,6 +83,7 @@ from .policy import (
     verify_peer_chain,
 )
 from .serving import AuthorizedServerConnection, BufferedReads, wake
+from .udp import DatagramEndpoint, tune_buffers
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +127,12 @@ def _check_aioquic_internals() -> None:
         (qs.receiver, ("_buffer", "highest_offset", "is_finished")),
     ):
         problems += [f"{type(obj).__name__}.{a}" for a in attrs if not hasattr(obj, a)]
-    for meth in ("_process_events", "_transmit_soon", "_handle_timer", "connection_made"):
-        if not callable(getattr(QuicConnectionProtocol, meth, None)):
-            problems.append(f"QuicConnectionProtocol.{meth}()")
+    for meth in ("receive_datagram", "datagrams_to_send", "get_timer", "handle_timer",
+                 "next_event", "connect", "close"):
+        if not callable(getattr(QuicConnection, meth, None)):
+            problems.append(f"QuicConnection.{meth}()")
+    if "host_cid_length" not in inspect.signature(pull_quic_header).parameters:
+        problems.append("aioquic.quic.packet.pull_quic_header(buf, host_cid_length)")
     if problems:
         raise ImportError(
             "tunnel.transport.quic relies on aioquic==1.7.2 internals that are missing: "
@@ -271,31 +282,122 @@ class _FleetQuicConnection(QuicConnection):
         return len(self._peer_cid_available)
 
 
-class _Protocol(QuicConnectionProtocol):
+class _Protocol:
+    """Drives one ``QuicConnection`` on the event loop: datagrams in, events out, transmit, timer.
+
+    Our own adapter (not aioquic's ``QuicConnectionProtocol``): a datagram is only *received*
+    here (``receive``); the endpoint calls ``flush`` once per batch of datagrams for each
+    connection the batch touched, which handles the events and transmits once (see ``udp.py``).
+    Application writes ask for ``transmit_soon``: one transmit per connection per loop
+    iteration, however many writes.
+    """
+
     owner: _QuicConnection
 
-    def quic_event_received(self, event: events.QuicEvent) -> None:
-        # Do not call super(): it builds asyncio StreamReaders we do not use.
-        self.owner._on_event(event)
+    def __init__(self, quic: _FleetQuicConnection, loop: asyncio.AbstractEventLoop) -> None:
+        self._quic = quic
+        self._loop = loop
+        self.endpoint: DatagramEndpoint | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._transmit_handle: asyncio.Handle | None = None
+        self._touched = False
+        #: server: the demultiplexer's connection ID bookkeeping
+        self.on_cid_issued: Any = None
+        self.on_cid_retired: Any = None
+        self.on_terminated: Any = None
 
-    def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        self.owner.last_received = self._loop.time()
-        super().datagram_received(data, addr)
+    # -- input
+
+    def receive(self, data: bytes, addr: Any) -> None:
+        """One datagram from the socket; handled and answered in ``flush`` (batch end)."""
+        now = self._loop.time()
+        self.owner.last_received = now
+        self._quic.receive_datagram(data, addr, now=now)
+        self._touched = True
+
+    def flush(self) -> None:
+        """End of a batch: deliver the events, transmit once, update the owner."""
+        if not self._touched:
+            return
+        self._touched = False
+        self._process_events()
+        self.transmit()
         self.owner._after_io()
 
-    def error_received(self, exc: Exception) -> None:
+    def error_received(self, exc: OSError) -> None:
         # A send failed locally (ENETUNREACH, EADDRNOTAVAIL after an uplink went away...):
         # tell the owner at once instead of waiting for keepalives to go unanswered.
         self.owner._on_send_error(exc)
 
     def _handle_timer(self) -> None:
-        super()._handle_timer()
+        now = max(self._timer_at or 0.0, self._loop.time())
+        self._timer = None
+        self._timer_at = None
+        self._quic.handle_timer(now=now)
+        self._process_events()
+        self.transmit()
         self.owner._after_io()
 
-    def connection_lost(self, exc: Exception | None) -> None:  # old socket after migrate()
-        pass
+    def _process_events(self) -> None:
+        quic = self._quic
+        event = quic.next_event()
+        while event is not None:
+            if isinstance(event, events.ConnectionIdIssued):
+                if self.on_cid_issued is not None:
+                    self.on_cid_issued(event.connection_id, self)
+            elif isinstance(event, events.ConnectionIdRetired):
+                if self.on_cid_retired is not None:
+                    self.on_cid_retired(event.connection_id, self)
+            elif isinstance(event, events.ConnectionTerminated) and self.on_terminated is not None:
+                self.on_terminated(self)
+            self.owner._on_event(event)
+            event = quic.next_event()
+
+    # -- output
+
+    def transmit(self) -> None:
+        """Send every datagram aioquic has ready (GSO-batched) and re-arm the timer."""
+        self._transmit_handle = None
+        datagrams = self._quic.datagrams_to_send(now=self._loop.time())
+        if datagrams and self.endpoint is not None:
+            self.endpoint.send(datagrams)
+        timer_at = self._quic.get_timer()
+        if self._timer is not None and self._timer_at != timer_at:
+            self._timer.cancel()
+            self._timer = None
+        if self._timer is None and timer_at is not None:
+            self._timer = self._loop.call_at(timer_at, self._handle_timer)
+        self._timer_at = timer_at
+
+    def transmit_soon(self) -> None:
+        if self._transmit_handle is None:
+            self._transmit_handle = self._loop.call_soon(self.transmit)
+
+    def connect(self, addr: Any) -> None:
+        self._quic.connect(addr, now=self._loop.time())
+        self.transmit()
+
+    def close(self, error_code: int = 0, reason_phrase: str = "") -> None:
+        self._quic.close(error_code=error_code, reason_phrase=reason_phrase)
+        self.transmit()
+
+    def stop(self) -> None:
+        """Terminated: no more timers or deferred transmits."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._transmit_handle is not None:
+            self._transmit_handle.cancel()
+            self._transmit_handle = None
 
 
+def _client_endpoint(loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                     protocol: _Protocol) -> DatagramEndpoint:
+    tune_buffers(sock)
+    return DatagramEndpoint(
+        loop, sock, protocol.receive, protocol.flush, protocol.error_received
+    )
 
 
 # ------------------------------------------------------------------------------- streams
@@ -391,7 +493,7 @@ class _QuicStream(BufferedReads, Stream):
             chunk, view = view[:allow], view[allow:]
             self._conn._quic.send_stream_data(self.id, bytes(chunk))
             self.bytes_sent += len(chunk)
-            self._conn._protocol._transmit_soon()
+            self._conn._protocol.transmit_soon()
             if not view:
                 return
 
@@ -400,7 +502,7 @@ class _QuicStream(BufferedReads, Stream):
             return
         self._fin_sent = True
         self._conn._quic.send_stream_data(self.id, b"", end_stream=True)
-        self._conn._protocol._transmit_soon()
+        self._conn._protocol.transmit_soon()
         self._conn._maybe_forget(self)
 
     def reset(self, code: int = 0) -> None:
@@ -412,7 +514,7 @@ class _QuicStream(BufferedReads, Stream):
             if self._read_error is None and not self._eof:
                 with contextlib.suppress(ValueError):  # aioquic: unknown stream
                     quic.stop_stream(self.id, code)
-            self._conn._protocol._transmit_soon()
+            self._conn._protocol.transmit_soon()
         self._write_error = self._write_error or err
         self._read_error = self._read_error or err
         self._rbuf.clear()
@@ -502,8 +604,8 @@ class _QuicConnection(Connection):
 
     @property
     def local_address(self) -> Address:
-        transport = self._protocol._transport
-        return normalize_address(transport.get_extra_info("sockname")) if transport else ("", 0)
+        endpoint = self._protocol.endpoint
+        return normalize_address(endpoint.sockname) if endpoint is not None else ("", 0)
 
     @property
     def is_closed(self) -> bool:
@@ -567,7 +669,7 @@ class _QuicConnection(Connection):
         if qs is not None and qs.max_stream_data_local and next_receive_limit(
             total, qs.max_stream_data_local, self._quic._fleet_window
         ) != qs.max_stream_data_local:
-            self._protocol._transmit_soon()
+            self._protocol.transmit_soon()
         self._maybe_forget(stream)
 
     def _maybe_forget(self, stream: _QuicStream) -> None:
@@ -637,10 +739,10 @@ class _QuicConnection(Connection):
             raise self._error
         sock = _udp_socket(local_addr, self._family or socket.AF_INET)
         old_local = self.local_address
-        old_transport = self._protocol._transport
-        await self._loop.create_datagram_endpoint(lambda: self._protocol, sock=sock)
-        if old_transport is not None:
-            old_transport.close()
+        old_endpoint = self._protocol.endpoint
+        self._protocol.endpoint = _client_endpoint(self._loop, sock, self._protocol)
+        if old_endpoint is not None:
+            old_endpoint.close()
         if self._quic.fleet_spare_peer_cids():
             self._quic.change_connection_id()
         else:
@@ -706,19 +808,25 @@ class _QuicConnection(Connection):
             if not self._is_client:
                 self._server_conn_handshake_done()
         elif isinstance(event, events.ConnectionTerminated):
+            self._note_confirmed()
             self._check_close()
             self._terminate()
 
-    def _after_io(self) -> None:
-        self._check_close()
-        if self._error is not None:
-            return
+    def _note_confirmed(self) -> None:
+        # Before any close check: a batch can hold both the server's HANDSHAKE_DONE and its
+        # CONNECTION_CLOSE (a refusal); the dial then succeeded and the close is told as a close.
         if (
             self._is_client
             and not self._confirmed.done()
             and self._quic._handshake_confirmed
         ):
             self._confirmed.set_result(None)
+
+    def _after_io(self) -> None:
+        self._note_confirmed()
+        self._check_close()
+        if self._error is not None:
+            return
         paths = self._quic._network_paths
         if self._remote is not None and paths and paths[0].addr != self._remote_raw:
             # cheap raw comparison per datagram; normalise only on a change
@@ -768,11 +876,9 @@ class _QuicConnection(Connection):
         if self._terminated.is_set():
             return
         self._terminated.set()
-        if self._is_client and self._protocol._transport is not None:
-            self._loop.call_soon(self._protocol._transport.close)
-        if self._protocol._timer is not None:
-            self._protocol._timer.cancel()
-            self._protocol._timer = None
+        if self._is_client and self._protocol.endpoint is not None:
+            self._loop.call_soon(self._protocol.endpoint.close)
+        self._protocol.stop()
         self._on_terminated()
 
     # server hooks (overridden in _ServerConnection)
@@ -813,14 +919,19 @@ class _QuicServer(Server):
         self._authorize_timeout = authorize_timeout
         self._connections: set[_ServerConnection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._transport: asyncio.DatagramTransport | None = None
-        self._aioquic_server: QuicServer | None = None
+        self._endpoint: DatagramEndpoint | None = None
+        self._demux: _Demux | None = None
         self._closed = asyncio.Event()
 
     @property
     def address(self) -> Address:
-        assert self._transport is not None
-        return self._transport.get_extra_info("sockname")
+        assert self._endpoint is not None
+        return self._endpoint.sockname
+
+    @property
+    def _transport(self) -> DatagramEndpoint | None:
+        """The listening socket's endpoint (``pause_reading``/``resume_reading`` for tests)."""
+        return self._endpoint
 
     @property
     def connections(self) -> list[Connection]:
@@ -833,8 +944,8 @@ class _QuicServer(Server):
         conns = list(self._connections)
         for conn in conns:
             conn.close(ErrorCode.SHUTDOWN, "server shutting down")
-        if self._aioquic_server is not None:
-            self._aioquic_server.close()
+        if self._demux is not None:
+            self._demux.close()
         for conn in conns:
             conn._terminate()
         self._closed.set()
@@ -849,6 +960,96 @@ class _QuicServer(Server):
                 t.cancel()
             if still:
                 await asyncio.gather(*still, return_exceptions=True)
+
+
+class _Demux:
+    """The proxy's shared UDP socket: routes datagrams to connections by connection ID.
+
+    Replaces aioquic's asyncio ``QuicServer`` (same rules: version negotiation for unknown
+    versions, a new connection only for an Initial of at least 1200 bytes, IDs registered and
+    retired as the connection issues them) but receives in batches: each datagram is fed to its
+    connection, and at the end of the batch every connection touched handles its events and
+    transmits once, in the order the batch first touched them.
+    """
+
+    def __init__(
+        self,
+        configuration: QuicConfiguration,
+        create_protocol: Any,
+    ) -> None:
+        self._configuration = configuration
+        self._create_protocol = create_protocol
+        self._protocols: dict[bytes, _Protocol] = {}
+        self._touched: dict[_Protocol, None] = {}
+        self.endpoint: DatagramEndpoint | None = None
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        buf = Buffer(data=data)
+        try:
+            header = pull_quic_header(buf, host_cid_length=self._configuration.connection_id_length)
+        except ValueError:
+            return
+        if (
+            header.packet_type != QuicPacketType.VERSION_NEGOTIATION
+            and header.version is not None
+            and header.version not in self._configuration.supported_versions
+        ):
+            assert self.endpoint is not None
+            self.endpoint.send([(encode_quic_version_negotiation(
+                source_cid=header.destination_cid,
+                destination_cid=header.source_cid,
+                supported_versions=self._configuration.supported_versions,
+            ), addr)])
+            return
+        protocol = self._protocols.get(header.destination_cid)
+        if (
+            protocol is None
+            and len(data) >= SMALLEST_MAX_DATAGRAM_SIZE
+            and header.packet_type == QuicPacketType.INITIAL
+        ):
+            connection = QuicConnection(
+                configuration=self._configuration,
+                original_destination_connection_id=header.destination_cid,
+            )
+            protocol = self._create_protocol(connection)
+            protocol.endpoint = self.endpoint
+            protocol.on_cid_issued = self._cid_issued
+            protocol.on_cid_retired = self._cid_retired
+            protocol.on_terminated = self._terminated
+            self._protocols[header.destination_cid] = protocol
+            self._protocols[connection.host_cid] = protocol
+        if protocol is not None:
+            protocol.receive(data, addr)
+            self._touched[protocol] = None
+
+    def batch_end(self) -> None:
+        touched = list(self._touched)
+        self._touched.clear()
+        for protocol in touched:
+            try:
+                protocol.flush()
+            except Exception:  # one broken connection must not starve the others
+                log.exception("QUIC connection failed handling a batch")
+
+    def _cid_issued(self, cid: bytes, protocol: _Protocol) -> None:
+        self._protocols[cid] = protocol
+
+    def _cid_retired(self, cid: bytes, protocol: _Protocol) -> None:
+        if self._protocols.get(cid) is protocol:
+            del self._protocols[cid]
+
+    def _terminated(self, protocol: _Protocol) -> None:
+        for cid, proto in list(self._protocols.items()):
+            if proto is protocol:
+                del self._protocols[cid]
+
+    def close(self) -> None:
+        """Close every connection still known (half-open ones included) and the socket."""
+        for protocol in set(self._protocols.values()):
+            protocol.close()
+        self._protocols.clear()
+        if self.endpoint is not None:
+            self.endpoint.close()
 
 
 # ------------------------------------------------------------------------- entry points
@@ -868,6 +1069,24 @@ def _udp_socket(local_addr: tuple[str, int] | None, family: int) -> socket.socke
         sock.close()
         raise
     return sock
+
+
+async def _resolve(
+    loop: asyncio.AbstractEventLoop, host: str, port: int, flags: int = 0
+) -> tuple[int, Any]:
+    """(family, sockaddr) of ``host``; an IP literal is resolved in place.
+
+    ``loop.getaddrinfo`` runs in a worker thread: an agent configured with an address would
+    otherwise keep an idle thread (and its malloc arena) alive for nothing.
+    """
+    try:
+        numeric = socket.getaddrinfo(
+            host, port, type=socket.SOCK_DGRAM, flags=flags | socket.AI_NUMERICHOST
+        )
+    except socket.gaierror:
+        numeric = None
+    infos = numeric or await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=flags)
+    return infos[0][0], infos[0][4]
 
 
 def _pem(cert: x509.Certificate) -> bytes:
@@ -901,8 +1120,7 @@ async def connect(
     if trust is None and ca_pin is None:
         raise ValueError("connect() needs identity, ca (the pinned fleet CA) or ca_pin")
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    family, addr = infos[0][0], infos[0][4]
+    family, addr = await _resolve(loop, host, port)
     family = socket.AF_INET6 if family == socket.AF_INET6 else socket.AF_INET
     addr = socket_address(addr[0], addr[1], family)
 
@@ -927,7 +1145,8 @@ async def connect(
     quic._fleet_setup(_TLSPolicy(trust, frozenset(), ca_pin if trust is None else None), stream_window)
 
     sock = _udp_socket(local_addr, family)
-    _, protocol = await loop.create_datagram_endpoint(lambda: _Protocol(quic), sock=sock)
+    protocol = _Protocol(quic, loop)
+    protocol.endpoint = _client_endpoint(loop, sock, protocol)
     conn = _QuicConnection(
         protocol, is_client=True, send_high_water=send_high_water, family=family
     )
@@ -943,6 +1162,13 @@ async def connect(
         ) from None
     except TransportError:
         # Keep the socket around for the closing period, then it is closed by _terminate().
+        raise
+    except BaseException:
+        # Cancelled (the other transport won the race, or the caller gave up): this attempt
+        # must end here. Left alone it would keep retransmitting its Initial and could complete
+        # seconds later as a connection nobody uses (the proxy would take it as the device's).
+        conn.close(ErrorCode.NO_ERROR, "connection attempt abandoned")
+        conn._terminate()
         raise
     if keepalive:
         conn._keepalive_task = loop.create_task(conn._keepalive(keepalive))
@@ -993,22 +1219,29 @@ async def serve(
         send_high_water=send_high_water,
         authorize_timeout=authorize_timeout,
     )
-    def create_protocol(connection: QuicConnection, stream_handler: Any = None) -> _Protocol:
-        # aioquic's QuicServer builds plain QuicConnections; adopt them before any packet.
+    loop = asyncio.get_running_loop()
+
+    def create_protocol(connection: QuicConnection) -> _Protocol:
+        # The demultiplexer builds plain QuicConnections; adopt them before any packet.
         assert type(connection) is QuicConnection, type(connection)
         connection.__class__ = _FleetQuicConnection
         assert isinstance(connection, _FleetQuicConnection)
         connection._fleet_setup(policy, stream_window)
-        protocol = _Protocol(connection)
+        protocol = _Protocol(connection, loop)
         conn = _ServerConnection(protocol, server)
         server._connections.add(conn)
         return protocol
 
-    loop = asyncio.get_running_loop()
-    transport, aioquic_server = await loop.create_datagram_endpoint(
-        lambda: QuicServer(configuration=config, create_protocol=create_protocol),
-        local_addr=(host, port),
-    )
-    server._transport = transport
-    server._aioquic_server = aioquic_server
+    family, bind = await _resolve(loop, host, port, socket.AI_PASSIVE)
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.bind(bind)
+        tune_buffers(sock)
+    except OSError:
+        sock.close()
+        raise
+    demux = _Demux(config, create_protocol)
+    demux.endpoint = DatagramEndpoint(loop, sock, demux.datagram_received, demux.batch_end)
+    server._endpoint = demux.endpoint
+    server._demux = demux
     return server

@@ -2,7 +2,9 @@
 
 Networks that block UDP make a QUIC handshake hang until its timeout; racing TLS/TCP after
 ``head_start`` seconds bounds the cost of that to the TCP handshake. Whichever connects first
-is used; the other attempt is cancelled, and closed if it completed anyway.
+is used; the other attempt is cancelled (and the race waits for its clean-up: a QUIC dial closes
+its half-done connection, so it cannot complete later as a connection nobody uses), or closed if
+it completed anyway.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from .base import Connection, TransportError
 from .policy import CRYPTO_ERROR_BASE
 
 Dial = Callable[[], Awaitable[Connection]]
+#: how long the race waits for a cancelled attempt to finish its clean-up
+LOSER_CLEANUP = 1.0
 
 
 def error_rank(exc: BaseException) -> int:
@@ -81,16 +85,23 @@ async def happy_eyeballs(
         exc.add_note(f"{labels[1 - best]} attempt failed too: {other}")
         raise exc
     finally:
+        cancelled = []
         for t in tasks:
             if t is winner:
                 continue
             if not t.done():
                 t.cancel()
                 t.add_done_callback(_close_quietly)
+                cancelled.append(t)
             else:
                 _close_quietly(t)
                 if not t.cancelled():
                     t.exception()  # retrieved: no "never retrieved" warning
+        if cancelled:
+            # Let the loser run its clean-up (the QUIC dial closes its connection and socket)
+            # before the caller goes on: an attempt left running could still complete later,
+            # and the server would take a connection nobody uses for the device's.
+            await asyncio.wait(cancelled, timeout=LOSER_CLEANUP)
 
 
 async def dial(
@@ -102,16 +113,26 @@ async def dial(
     ``kwargs`` are the common ``connect()`` arguments of both transports. The connection's
     ``transport_name`` says which one won.
     """
-    from . import quic, tcp
+    unknown = set(transports) - {"quic", "tcp"}
+    if unknown or not 1 <= len(transports) <= 2:
+        raise ValueError(f"transports must be one or two of quic, tcp (got {transports!r})")
 
-    makers = {"quic": quic.connect, "tcp": tcp.connect}
+    def maker(name: str) -> Dial:
+        async def dial_one() -> Connection:
+            # imported when the attempt starts: a device whose QUIC wins within the head start
+            # never loads the TLS/TCP fallback and h2
+            if name == "tcp":
+                from . import tcp as module
+            else:
+                from . import quic as module
+            return await module.connect(host, port, **kwargs)
+
+        return dial_one
+
     if len(transports) == 1:
-        return await makers[transports[0]](host, port, **kwargs)
+        return await maker(transports[0])()
     first, second = transports
     conn, _ = await happy_eyeballs(
-        lambda: makers[first](host, port, **kwargs),
-        lambda: makers[second](host, port, **kwargs),
-        head_start,
-        labels=(first, second),
+        maker(first), maker(second), head_start, labels=(first, second)
     )
     return conn
