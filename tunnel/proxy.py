@@ -240,8 +240,14 @@ class Proxy:
             await asyncio.sleep(0.02)  # each session's own task writes its end, with its bytes
         for session in list(self.open_sessions.values()):
             self._end(session, result="error", reason="proxy shutdown")
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # A dial cancelled between queuing its start and its end: the end writes only if the
+        # start did (see Session.write_end).
+        for session in list(self.open_sessions.values()):
+            self._end(session, result="error", reason="proxy shutdown")
         for server in (self.server, self.tcp_server):
             if server:
                 server.close()
