@@ -113,10 +113,48 @@ def test_agent_config_serves_exact_names_and_refuses_odd_ones(tmp_path):
     assert config.service_ports() == {"ssh": 2222, "postgres": 43783}
     for services, fragment in (({"Postgres": "127.0.0.1:1"}, "services.Postgres: a service name is"),
                                ({"22": "127.0.0.1:22"}, "services.22"),
-                               ({"pg": "127.0.0.1:\uff15\uff14"}, "services.pg: expected HOST:PORT")):
+                               ({"pg": "127.0.0.1:\uff15\uff14"}, "services.pg: expected HOST:PORT"),
+                               ({f"s{i}": "127.0.0.1:1" for i in range(33)}, "at most 32")):
         path.write_text(yaml.safe_dump({**base, "services": services}))
         with pytest.raises(agent_config.ConfigError, match=fragment):
             agent_config.load(path)
+
+
+def test_the_largest_service_table_fits_in_a_hello():
+    from tunnel import wire
+
+    services = {f"s{i:02d}" + "x" * 60: 65535 for i in range(agent_config.MAX_SERVICES)}
+    assert all(agent_config.valid_service_name(n) for n in services)
+    args = {"uplink": "satellite0", "endpoint": "proxy.example.com:443", "transport": "quic",
+            "migrations": 10**6, "reconnects": 10**6, "services": services,
+            "reconnect": "x" * 400, "outage": 12345.678, "tls_interception": "y" * 600}
+    assert len(wire.encode("request", op="hello", args=args)) <= wire.MAX_PAYLOAD + 4
+
+
+def test_session_end_is_written_only_behind_its_committed_start(tmp_path):
+    from tunnel.proxy import Session
+
+    state = FleetState.create(tmp_path / "s", fleet="f", proxy_name="p", proxy_ips=[])
+    common = dict(actor="user:al", device="robot-1", service="ssh")
+
+    def session(sid):
+        return Session(sid, None, "robot-1", "ssh", None, (), common={**common, "session": sid})
+
+    with state.registry() as reg:
+        committed, rolled_back, never = session("a"), session("b"), session("c")
+        with reg.write() as db:
+            committed.write_start(db)
+        with pytest.raises(RuntimeError), reg.write() as db:  # e.g. the commit failed: disk full
+            rolled_back.write_start(db)
+            raise RuntimeError("disk full")
+        with reg.write() as db:
+            audit.append(db, "session.start", **{**common, "session": "other"})  # takes b's seq
+            assert rolled_back.write_end(reason="x")(db) is None
+            assert never.write_end(reason="x")(db) is None
+            assert committed.write_end(reason="done")(db) is not None
+        ends = audit.events(reg.db, "session.end")
+        assert [e["fields"]["session"] for e in ends] == ["a"] and ends[0]["reason"] == "done"
+        assert audit.verify(reg.db) is None
 
 
 def test_liveness_needs_consecutive_silent_misses():

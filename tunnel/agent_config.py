@@ -49,6 +49,8 @@ class ConfigError(ValueError):
 #: script variants that a deny rule would miss) and can never be mistaken for a port number.
 SERVICE_NAME = re.compile(r"[a-z][a-z0-9_.-]{0,62}")
 SERVICE_NAME_RULE = "a lowercase ASCII letter, then letters, digits, '.', '_' or '-' (at most 63)"
+#: The agent reports its service table in its hello, a stream header of at most 4 KiB.
+MAX_SERVICES = 32
 
 
 def valid_service_name(name: object) -> bool:
@@ -207,6 +209,9 @@ def load(path: Path | str) -> AgentConfig:
     services_raw = raw.get("services") or {}
     if not isinstance(services_raw, dict):
         raise ConfigError(f"{path}: 'services' must map service names to HOST:PORT")
+    if len(services_raw) > MAX_SERVICES:
+        raise ConfigError(f"{path}: {len(services_raw)} services listed; at most {MAX_SERVICES} "
+                          "(list only what engineers must reach)")
     services = {}
     for name, addr in services_raw.items():
         if not valid_service_name(name):
