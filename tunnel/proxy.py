@@ -569,12 +569,14 @@ class Proxy:
             reason = (f"the proxy could not record this session in its audit log ({why}): nothing was "
                       "opened; retry in a moment, and tell the proxy's operators if it persists")
             event(log, "session refused: audit unavailable", level=logging.ERROR, session=session, error=why)
-            await self._refuse(stream, "audit_unavailable", reason, result="failed", stage="audit", **common)
+            await self._refuse(stream, "audit_unavailable", reason, result="failed", stage="audit",
+                               audit_wait=0, **common)  # queued behind the stuck start: no wait
             return
         if tracked.cut_reason:  # the proxy began shutting down (or the agent died) meanwhile
             agent_stream.reset(1)
             self._end(tracked, result="error", reason=tracked.end_reason or f"cut: {tracked.cut_reason}")
-            await _try_write(stream, wire.reply_refused("shutdown", tracked.cut_reason))
+            code = "shutdown" if self.stopping else "device_unreachable"
+            await _try_write(stream, wire.reply_refused(code, tracked.cut_reason))
             _finish(stream)
             return
         try:
@@ -630,11 +632,13 @@ class Proxy:
             return False
         return True
 
-    async def _refuse(self, stream: Stream, code: str, reason: str, *, result: str, stage: str, **common) -> None:
+    async def _refuse(self, stream: Stream, code: str, reason: str, *, result: str, stage: str,
+                      audit_wait: float = DENIAL_AUDIT_WAIT, **common) -> None:
         """Audit an ``access.denied`` and refuse the engineer's dial; a slow or failing audit
-        write delays the answer by at most DENIAL_AUDIT_WAIT."""
-        await self._settled(self._audit("access.denied", result=result, reason=reason, code=code,
-                                        stage=stage, **common))
+        write delays the answer by at most ``audit_wait`` seconds."""
+        denied = self._audit("access.denied", result=result, reason=reason, code=code, stage=stage, **common)
+        if audit_wait > 0:
+            await self._settled(denied, audit_wait)
         await _try_write(stream, wire.reply_refused(code, reason))
         _finish(stream)
 
