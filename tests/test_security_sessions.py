@@ -325,9 +325,13 @@ def test_deny_cannot_be_bypassed_by_port_number(fleet, echo, counting_echo):
 # --- item 11: a dead agent's sessions end within seconds -------------------------------------------
 
 
-def test_agent_kill9_mid_transfer_ends_sessions_with_an_error(fleet, counting_echo):
+@pytest.mark.parametrize("transport, sig", [("quic", signal.SIGKILL), ("tcp", signal.SIGSTOP)],
+                         ids=["quic-kill9", "tcp-frozen"])
+def test_agent_kill9_mid_transfer_ends_sessions_with_an_error(fleet, counting_echo, transport, sig):
+    """kill -9 on QUIC (nothing more arrives); on TCP a frozen agent (SIGSTOP), whose kernel
+    keeps the connection open and ACKs, so only an unanswered PING can tell."""
     config = fleet.enroll_device("robot-1", {"customer": "acme"}, {"echo": f"127.0.0.1:{counting_echo.port}"},
-                                 transport="quic")
+                                 transport=transport)
     fleet.start_proxy()
     agent = fleet.start_agent(config)
     ops = fleet.user("ops", ["admin"])
@@ -349,7 +353,7 @@ def test_agent_kill9_mid_transfer_ends_sessions_with_an_error(fleet, counting_ec
                 data = await asyncio.wait_for(stream.read(65536), 10)
                 assert data, "the echo ended early"
                 received += len(data)
-            agent.send_signal(signal.SIGKILL)
+            agent.send_signal(sig)
             # "well before the 60 s idle timeout": the stream must end with an error, not EOF
             async with asyncio.timeout(30):
                 with pytest.raises(TransportError) as caught:
@@ -362,7 +366,11 @@ def test_agent_kill9_mid_transfer_ends_sessions_with_an_error(fleet, counting_ec
             await asyncio.gather(pumping, return_exceptions=True)
             client.close()
 
-    error = asyncio.run(attack())
+    try:
+        error = asyncio.run(attack())
+    finally:
+        if sig == signal.SIGSTOP:
+            agent.kill()
     assert agent.wait(5) == -signal.SIGKILL
     assert getattr(error, "code", None) == CLOSE_CODES["unresponsive"], error
     wait_until(lambda: not fleet.online(ops, "robot-1"), 10, 0.2, "robot-1 listed offline")
