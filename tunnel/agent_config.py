@@ -13,9 +13,9 @@ Example::
         via: [satellite]           # per-uplink endpoint: used (only) while the route goes
                                    # out of one of these interfaces; endpoints without 'via'
                                    # serve every uplink that has no endpoint of its own
-    services:                      # the only things reachable through the tunnel
-      ssh: 127.0.0.1:22
-      postgres: 127.0.0.1:5432
+    services:                      # the only things reachable through the tunnel (at most 32;
+      ssh: 127.0.0.1:22            # names lowercase ASCII: engineers and roles use exactly these,
+      postgres: 127.0.0.1:5432     # and the proxy resolves a port to the one name listed on it)
     keepalive: 25s                 # below the 30 s UDP NAT timeout many carriers use
     probe_interval: 1s             # route re-check (besides netlink) and probe cadence while
                                    # sessions are open or a keepalive went unanswered
