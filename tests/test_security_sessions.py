@@ -157,6 +157,52 @@ def test_session_end_is_written_only_behind_its_committed_start(tmp_path):
         assert audit.verify(reg.db) is None
 
 
+class ShortBusyState(FleetState):
+    """A fleet state whose registry connections give up on a lock after 0.1 s, not 30 s."""
+
+    def registry(self):
+        reg = super().registry()
+        reg.db.conn.execute("PRAGMA busy_timeout = 100")
+        return reg
+
+
+def test_registry_writer_retries_a_locked_registry_instead_of_dropping_events(tmp_path):
+    from tunnel.registry_writer import RegistryWriter
+
+    FleetState.create(tmp_path / "s", fleet="f", proxy_name="p", proxy_ips=[])
+    state = ShortBusyState(tmp_path / "s")
+
+    async def scenario():
+        writer = RegistryWriter(state)
+        locker = sqlite3.connect(state.registry_path, timeout=5, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            queued = writer.submit(lambda db: audit.append(db, "access.denied", actor="user:x", reason="r"))
+            await asyncio.sleep(1.0)  # about ten busy timeouts: the write must still be pending
+            assert not queued.done()
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        seq = await asyncio.wait_for(queued, 10)
+        # closing while locked gives up (one more busy timeout) instead of hanging
+        locker = sqlite3.connect(state.registry_path, timeout=5, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            late = writer.submit(lambda db: audit.append(db, "access.denied", actor="user:y", reason="r"))
+            await asyncio.sleep(0.3)
+            await asyncio.wait_for(writer.close(), 10)
+            with pytest.raises(sqlite3.OperationalError):
+                await late
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        return seq
+
+    seq = asyncio.run(scenario())
+    with state.registry() as reg:
+        assert [e["seq"] for e in audit.events(reg.db, "access.denied")] == [seq]
+
+
 def test_liveness_needs_consecutive_silent_misses():
     live = Liveness(dead_after=3)
     assert not live.unanswered(False) and not live.unanswered(False)
@@ -402,7 +448,7 @@ def test_locked_registry_refuses_at_once_and_frees_the_device_side(fleet, counti
             client.close()
         return results
 
-    locker = sqlite3.connect(fleet.state.registry_path, timeout=0, isolation_level=None)
+    locker = sqlite3.connect(fleet.state.registry_path, timeout=10, isolation_level=None)
     locker.execute("BEGIN EXCLUSIVE")  # another process holds the registry
     try:
         results = asyncio.run(dial_all(3))
