@@ -600,3 +600,32 @@ def export_rows(db: sqlite_utils.Database, after: int, after_hash: str | None = 
                                   "exported everything before it — run 'tunnel audit verify'")
             yield record(row, cache)
             prev, expected = row["hash"], expected + 1
+
+
+# --- session pairing ---------------------------------------------------------------------------
+
+
+def close_open_sessions(db: sqlite_utils.Database, reason: str, *, now: dt.datetime | None = None) -> list[str]:
+    """Append a ``session.end`` for every ``session.start`` that has none; return their ids.
+
+    For the proxy's start-up: no session outlives the proxy process, so one left open was cut
+    by a crash or ``kill -9``. Each end repeats its start's actor, device, labels, service,
+    login, session and remote (so a query for either finds both), with ``result=error`` and
+    ``reason``. Must run inside ``Registry.write()``.
+    """
+    rows = db.conn.execute(
+        "SELECT actor, actor_roles, device, labels, fields FROM audit WHERE type = 'session.start' "
+        "AND json_extract(fields, '$.session') IS NOT NULL "
+        "AND json_extract(fields, '$.session') NOT IN ("
+        "  SELECT json_extract(fields, '$.session') FROM audit WHERE type = 'session.end'"
+        "  AND json_extract(fields, '$.session') IS NOT NULL) "
+        "ORDER BY seq").fetchall()
+    closed = []
+    for actor, roles, device, labels, fields in rows:
+        start = json.loads(fields)
+        kept = {k: start[k] for k in ("service", "requested", "login", "session", "remote") if k in start}
+        append(db, "session.end", actor=actor, actor_roles=json.loads(roles), device=device,
+               labels=json.loads(labels) if labels is not None else None, result="error",
+               reason=reason, now=now, **kept)
+        closed.append(start["session"])
+    return closed

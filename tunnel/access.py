@@ -4,17 +4,26 @@ Called by the proxy on every dial, listing, SSH certificate request, and once a 
 open session (so a relabel, lock or decommission cuts sessions at once). It reads the *current*
 registry: the device's labels and lock, the user's lock and roles, the roles' definitions. The
 role semantics themselves are in :mod:`enroll.roles`.
+
+What is authorized is always a *canonical* service name (:func:`canonical_service`): the name
+the device lists, decided at the proxy before authorization and audit. An engineer may name a
+service by its port (ssh's ``%p``); that port is turned into the one listed name listening on it,
+so ``deny: services: [postgres]`` also refuses postgres's port, and the audit log says
+``service=postgres``. Anything else — other spellings, Unicode digits, unlisted names — is
+refused.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from enroll import users
 from enroll.registry import Device, Registry
 from enroll.roles import Role, check, visible
 from tunnel.admission import Denied, Peer, check_device
+from tunnel.agent_config import SERVICE_NAME_RULE, ascii_port, valid_service_name
 
 
 @dataclass(frozen=True)
@@ -77,3 +86,65 @@ def decide(
         seen = f" (last seen {device.last_seen})" if device.last_seen else " (never connected)"
         return Decision(False, "device_offline", f"device {device.id} is offline{seen}")
     return Decision(True)
+
+
+@dataclass(frozen=True)
+class Service:
+    """The canonical service for a requested string, and whether the device offers it.
+
+    ``name`` is the canonical name when there is one (a well-formed name, even one the device
+    does not list, or the name a port resolved to), else None; ``code`` is ``ok`` or why the
+    session is refused.
+    """
+
+    name: str | None
+    code: str = "ok"
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.code == "ok"
+
+
+def service_table(reported: object) -> dict[str, int]:
+    """The name → port table from an agent's hello, keeping only well-formed entries."""
+    if not isinstance(reported, dict):
+        return {}
+    return {name: port for name, port in reported.items()
+            if valid_service_name(name) and type(port) is int and 1 <= port < 65536}
+
+
+def canonical_service(requested: str, table: Mapping[str, int] | None, device_id: str) -> Service:
+    """The one name a session is authorized, audited and opened under (pure).
+
+    ``table`` is the device's listed services (name → port) as its agent reported them, or
+    None when the agent has not reported one. A port (ASCII digits only) becomes the single
+    listed service listening on it; a name must be of the strict form and, when the table is
+    known, listed. Everything else is refused: ``bad_service`` for what is neither a name nor
+    a port (or a port the table cannot resolve), ``unknown_service`` for what the device does
+    not list.
+    """
+    listed = ", ".join(sorted(table)) if table else "none"
+    if isinstance(requested, str) and requested.isascii() and requested.isdigit():
+        port = ascii_port(requested)
+        if table is None:
+            return Service(None, "bad_service",
+                           f"{device_id} does not report which service listens on port {requested}: "
+                           "name the service instead")
+        names = sorted(name for name, p in table.items() if p == port) if port else []
+        if not names:
+            return Service(None, "unknown_service",
+                           f"{device_id} exposes no service {requested!r}: no listed service listens "
+                           f"on that port (listed: {listed})")
+        if len(names) > 1:
+            return Service(None, "bad_service",
+                           f"port {requested} on {device_id} is ambiguous ({', '.join(names)}): name the service")
+        return Service(names[0])
+    if not valid_service_name(requested):
+        return Service(None, "bad_service",
+                       f"{requested!r} is not a service name or port: a name is {SERVICE_NAME_RULE}; "
+                       "a port is ASCII digits")
+    if table is not None and requested not in table:
+        return Service(requested, "unknown_service",
+                       f"{device_id} exposes no service {requested!r} (listed: {listed})")
+    return Service(requested)

@@ -380,7 +380,8 @@ class Agent:
         args = {"uplink": self.route.uplink if self.route else None,
                 "endpoint": self.endpoint.address, "transport": conn.transport_name,
                 "migrations": self.counters.migrations, "reconnects": self.counters.reconnects,
-                **extra}
+                # the proxy resolves a port to one of these names before it authorizes a session
+                "services": self.config.service_ports(), **extra}
         if reconnect:
             args.update(reconnect=reconnect, outage=outage)
         if self._interception:
@@ -506,7 +507,7 @@ class Agent:
         if msg.kind != "open":
             await self._refuse(stream, "bad_header", f"expected an open header, got {msg.kind!r}")
             return
-        found = self.config.service_for(msg["service"])
+        found = self.config.service_for(msg["service"])  # exact listed names only, never ports
         if found is None:
             listed = ", ".join(sorted(self.config.services)) or "none"
             await self._refuse(stream, "unknown_service",

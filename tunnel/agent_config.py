@@ -13,9 +13,9 @@ Example::
         via: [satellite]           # per-uplink endpoint: used (only) while the route goes
                                    # out of one of these interfaces; endpoints without 'via'
                                    # serve every uplink that has no endpoint of its own
-    services:                      # the only things reachable through the tunnel
-      ssh: 127.0.0.1:22
-      postgres: 127.0.0.1:5432
+    services:                      # the only things reachable through the tunnel (at most 32;
+      ssh: 127.0.0.1:22            # names lowercase ASCII: engineers and roles use exactly these,
+      postgres: 127.0.0.1:5432     # and the proxy resolves a port to the one name listed on it)
     keepalive: 25s                 # below the 30 s UDP NAT timeout many carriers use
     probe_interval: 1s             # route re-check (besides netlink) and probe cadence while
                                    # sessions are open or a keepalive went unanswered
@@ -32,6 +32,7 @@ Every problem is reported as one ConfigError naming the field.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,10 +45,34 @@ class ConfigError(ValueError):
     pass
 
 
+#: A service name: lowercase ASCII only, so a name has exactly one spelling (no case, width or
+#: script variants that a deny rule would miss) and can never be mistaken for a port number.
+SERVICE_NAME = re.compile(r"[a-z][a-z0-9_.-]{0,62}")
+SERVICE_NAME_RULE = "a lowercase ASCII letter, then letters, digits, '.', '_' or '-' (at most 63)"
+#: The agent reports its service table in its hello, a stream header of at most 4 KiB.
+MAX_SERVICES = 32
+
+
+def valid_service_name(name: object) -> bool:
+    return isinstance(name, str) and SERVICE_NAME.fullmatch(name) is not None
+
+
+def ascii_port(text: str) -> int | None:
+    """``text`` as a port number if it is 1–5 ASCII digits within 1..65535, else None.
+
+    ``str.isdigit`` (and ``int``) also accept Unicode digits such as fullwidth ``４３``; a port
+    is only ever spelled in ASCII here.
+    """
+    if not (isinstance(text, str) and re.fullmatch(r"[0-9]{1,5}", text)):
+        return None
+    port = int(text)
+    return port if 1 <= port < 65536 else None
+
+
 def split_host_port(text: str, what: str, allow_zero: bool = False) -> tuple[str, int]:
     host, sep, port = str(text).rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not (0 if allow_zero else 1) <= int(port) < 65536:
+    if not sep or not host or not re.fullmatch(r"[0-9]{1,5}", port) or not (0 if allow_zero else 1) <= int(port) < 65536:
         raise ConfigError(f"{what}: expected HOST:PORT, got {text!r}")
     return host, int(port)
 
@@ -104,14 +129,19 @@ class AgentConfig:
         return own + tuple(e for e in self.proxies if not e.via and e.serves(uplink, self.proxies))
 
     def service_for(self, requested: str) -> tuple[str, tuple[str, int]] | None:
-        """A service by name, or by port number (``ssh`` for 22 when ssh listens on 22)."""
+        """The listed service of exactly this name, or None.
+
+        Never a port number: the proxy turns a port into the service's name before it
+        authorizes and audits the session (from the table the agent reports in its hello), so
+        the name the agent serves is the name the roles were checked against.
+        """
         if requested in self.services:
             return requested, self.services[requested]
-        if requested.isdigit():
-            for name, addr in self.services.items():
-                if addr[1] == int(requested):
-                    return name, addr
         return None
+
+    def service_ports(self) -> dict[str, int]:
+        """Name → port of each listed service, as the agent reports it in its hello."""
+        return {name: addr[1] for name, addr in self.services.items()}
 
 
 def _seconds(value, what: str) -> float:
@@ -176,10 +206,18 @@ def load(path: Path | str) -> AgentConfig:
         proxies.append(Endpoint(host, port, p.get("server_name") or host, tuple(via)))
     if not proxies:
         raise ConfigError(f"{path}: list at least one proxy endpoint under 'proxies'")
-    services = {
-        str(name): split_host_port(addr, f"services.{name}")
-        for name, addr in (raw.get("services") or {}).items()
-    }
+    services_raw = raw.get("services") or {}
+    if not isinstance(services_raw, dict):
+        raise ConfigError(f"{path}: 'services' must map service names to HOST:PORT")
+    if len(services_raw) > MAX_SERVICES:
+        raise ConfigError(f"{path}: {len(services_raw)} services listed; at most {MAX_SERVICES} "
+                          "(list only what engineers must reach)")
+    services = {}
+    for name, addr in services_raw.items():
+        if not valid_service_name(name):
+            raise ConfigError(f"{path}: services.{name}: a service name is {SERVICE_NAME_RULE}; "
+                              "rename it (engineers and roles use this name)")
+        services[name] = split_host_port(addr, f"services.{name}")
     return AgentConfig(
         path=path,
         device_id=need("device_id", str),

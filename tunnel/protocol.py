@@ -31,6 +31,7 @@ CLOSE_CODES = {
     "shutdown": 0x17,
     "renewed": 0x18,
     "expired": 0x19,
+    "unresponsive": 0x1A,  # the device stopped answering the proxy's probes
 }
 CLOSE_NAMES = {v: k for k, v in CLOSE_CODES.items()}
 

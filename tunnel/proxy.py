@@ -60,6 +60,24 @@ log = logging.getLogger("tunnel.proxy")
 
 PEER_KIND = {ALPN_AGENT: "device", ALPN_USER: "user"}
 AGENT_REPLY_TIMEOUT = 10.0
+#: How long a dial that arrives right after the agent connected waits for its hello (which
+#: carries the device's service table, needed to resolve a port to a service name).
+HELLO_WAIT = 2.0
+#: How long a dial waits for its ``session.start`` to be durable before refusing the engineer
+#: (registry locked, disk full): the event is still written when the registry frees up, and a
+#: ``session.end`` queued behind it keeps the log paired.
+START_AUDIT_WAIT = 3.0
+#: How long a refusal waits for its audit event before answering anyway.
+DENIAL_AUDIT_WAIT = 3.0
+#: On SIGTERM: how long open sessions get to end and write their ``session.end``.
+SHUTDOWN_BUDGET = 2.0
+#: On start-up: how long to wait for closing the sessions a crash left open before listening.
+RECOVERY_WAIT = 5.0
+#: Probing an agent with open sessions: a PING every PROBE_INTERVAL; DEAD_AFTER PINGs in a row
+#: unanswered (each given max(PROBE_TIMEOUT, 2 RTT)) with nothing else heard means it is dead.
+PROBE_INTERVAL = 1.0
+PROBE_TIMEOUT = 1.0
+DEAD_AFTER = 3
 # Long enough for ssh to authenticate with it; sessions outlive it (sshd checks it once).
 SSH_CERT_TTL = dt.timedelta(minutes=5)
 
@@ -83,11 +101,21 @@ class AgentLink:
     path_since: float = field(default_factory=time.time)
     #: this device's counts for the life of the proxy process (shared by its successive links)
     totals: dict[str, int] = field(default_factory=lambda: {"connections": 1, "migrations": 0})
+    #: the device's listed services (name → port) from its hello; None until it says
+    services: dict[str, int] | None = None
+    #: set once the first hello was handled (a dial waits for it briefly, see HELLO_WAIT)
+    hello: asyncio.Event = field(default_factory=asyncio.Event)
+    #: why the proxy gave up on this agent (it stopped answering probes), if it did
+    dead_reason: str | None = None
 
     def note_hello(self, args: dict) -> None:
-        """Record what an agent's hello says about its path (call from the hello handler)."""
+        """Record what an agent's hello says about its path and services (call from the hello
+        handler)."""
         if args.get("uplink"):
             self.uplink = str(args["uplink"])
+        if "services" in args:
+            self.services = access.service_table(args["services"])
+        self.hello.set()
 
     def as_dict(self) -> dict:
         address = "{}:{}".format(*self.conn.remote_address[:2])
@@ -110,6 +138,27 @@ class AgentLink:
         }
 
 
+@dataclass
+class Liveness:
+    """Is an agent with open sessions still there? (pure; :meth:`Proxy._probe_agent` drives it)
+
+    A probe that went unanswered counts as a miss only if nothing at all arrived from the agent
+    meanwhile (a PING can queue behind bulk data on TCP); ``dead_after`` misses in a row mean
+    the agent is gone: the same rule the agent applies to the proxy.
+    """
+
+    dead_after: int = DEAD_AFTER
+    misses: int = 0
+
+    def answered(self) -> None:
+        self.misses = 0
+
+    def unanswered(self, heard_meanwhile: bool) -> bool:
+        """Record a probe that timed out; True when the agent is to be declared dead."""
+        self.misses = 0 if heard_meanwhile else self.misses + 1
+        return self.misses >= self.dead_after
+
+
 class Proxy:
     #: where and how often the proxy appends the audit log's head as an anchor
     #: (``tunnel proxy --anchor-dir DIR --anchor-every 5m``); None: no anchors
@@ -124,7 +173,12 @@ class Proxy:
         self.registry = state.registry()
         self.agents: dict[str, AgentLink] = {}
         self.peers: dict[Connection, Peer] = {}
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[str, Session] = {}  # re-authorized by _watch until cut or ended
+        #: every session whose session.start was submitted and whose session.end was not yet
+        #: (see _end): what a shutdown must close
+        self.open_sessions: dict[str, Session] = {}
+        self.stopping = False
+        self.probe_interval, self.probe_timeout, self.dead_after = PROBE_INTERVAL, PROBE_TIMEOUT, DEAD_AFTER
         self.device_totals: dict[str, dict[str, int]] = {}  # connections and migrations per device
         self.enroll_limiter = RateLimiter(rate=enroll_rate, burst=max(1.0, enroll_rate * 2))
         # All anonymous peers together (enrollment and login), whatever their number of addresses.
@@ -157,6 +211,7 @@ class Proxy:
             on_connection=self._on_connection, idle_timeout=idle_timeout,
         )
         self.writer = RegistryWriter(self.state)
+        await self._close_left_open()
         self.server = await serve(host, port, **common)
         self.tcp_server = await tcp_serve(host, port, **common) if tcp else None
         self._spawn(self._watch())
@@ -167,9 +222,47 @@ class Proxy:
               transports="quic+tcp" if tcp else "quic")
         return self.server
 
-    async def stop(self) -> None:
-        for task in list(self._tasks):
+    async def _close_left_open(self) -> None:
+        """Write ``session.end`` (reason ``proxy restarted``) for every session a crash left open.
+
+        No session can outlive the proxy process, so before listening every ``session.start``
+        without its ``session.end`` is closed. The write is queued first, so it runs before any
+        event of this process; if the registry is busy it stays queued and the proxy starts
+        anyway. (One registry serves one proxy: a second proxy on it would see its live
+        sessions closed here.)
+        """
+        closing = self.writer.submit(lambda db: audit.close_open_sessions(db, "proxy restarted"))
+        try:
+            closed = await asyncio.wait_for(asyncio.shield(closing), RECOVERY_WAIT)
+        except TimeoutError:
+            event(log, "closing sessions left open is still queued", level=logging.WARNING)
+        except Exception as exc:  # noqa: BLE001 - never keep the proxy from starting
+            event(log, "could not close sessions left open", level=logging.ERROR, error=str(exc))
+        else:
+            if closed:
+                event(log, "closed sessions left open by the last run", level=logging.WARNING,
+                      count=len(closed), reason="proxy restarted")
+
+    async def stop(self, budget: float = SHUTDOWN_BUDGET) -> None:
+        """Shut down: end every open session (``session.end`` reason ``proxy shutdown``, within
+        ``budget`` seconds), then stop listening and commit what the audit writer holds."""
+        self.stopping = True
+        for session in list(self.open_sessions.values()):
+            session.cut("proxy shutdown", CODES["shutdown"], end_reason="proxy shutdown")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        while self.open_sessions and loop.time() < deadline:
+            await asyncio.sleep(0.02)  # each session's own task writes its end, with its bytes
+        for session in list(self.open_sessions.values()):
+            self._end(session, result="error", reason="proxy shutdown")
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # A dial cancelled between queuing its start and its end: the end writes only if the
+        # start did (see Session.write_end).
+        for session in list(self.open_sessions.values()):
+            self._end(session, result="error", reason="proxy shutdown")
         for server in (self.server, self.tcp_server):
             if server:
                 server.close()
@@ -252,11 +345,13 @@ class Proxy:
         event(log, "agent connected", device=device_id, remote=remote)
         conn.on_path_change = lambda change: self._on_path_change(link, change)
         accept = self._spawn(self._agent_requests(link))
+        probe = self._spawn(self._probe_agent(link))
         error = await conn.wait_closed()
         accept.cancel()
+        probe.cancel()
         if self.agents.get(device_id) is link:
             del self.agents[device_id]
-        reason = error.reason if error else "closed by proxy"
+        reason = link.dead_reason or (error.reason if error else "closed by proxy")
         dev = self.registry.device(device_id)
         now = dt.datetime.now(dt.UTC)
         remote = "{}:{}".format(*conn.remote_address[:2])
@@ -272,6 +367,45 @@ class Proxy:
 
         await self.writer.submit(disconnected)
         event(log, "agent disconnected", device=device_id, reason=reason)
+
+    async def _probe_agent(self, link: AgentLink) -> None:
+        """While the agent has open sessions, PING it; a silent agent is declared dead.
+
+        Without this an agent killed mid-transfer (or cut off) left its sessions hanging until
+        the connection's idle timeout (60 s) and the device listed online meanwhile.
+        """
+        conn, loop = link.conn, asyncio.get_running_loop()
+        live = Liveness(self.dead_after)
+        while True:
+            if not link.sessions:
+                live.answered()
+                await asyncio.sleep(self.probe_interval)
+                continue
+            sent = loop.time()
+            try:
+                await conn.ping(max(self.probe_timeout, 2 * (getattr(conn, "rtt", None) or 0.0)))
+            except TimeoutError:
+                if live.unanswered(getattr(conn, "last_received", 0.0) >= sent):
+                    silent = loop.time() - getattr(conn, "last_received", sent)
+                    self._declare_dead(link, round(silent, 1))
+                    return
+                continue  # probe again at once: the timeout was the wait
+            except TransportError:
+                return
+            live.answered()
+            await asyncio.sleep(self.probe_interval)
+
+    def _declare_dead(self, link: AgentLink, silent: float) -> None:
+        """End the agent's sessions with the reason, list it offline, close its connection."""
+        reason = f"device {link.device_id} stopped answering: nothing heard for {silent:g}s"
+        event(log, "agent stopped answering", level=logging.WARNING, device=link.device_id, silent=silent)
+        link.dead_reason = reason
+        for session in list(self.open_sessions.values()):
+            if session.link is link:
+                session.cut(reason, CODES["unresponsive"], end_reason=reason)
+        if self.agents.get(link.device_id) is link:
+            del self.agents[link.device_id]
+        link.conn.close(CODES["unresponsive"], reason)
 
     async def _drain(self, link: AgentLink) -> None:
         while link.sessions and not link.conn.is_closed:
@@ -397,53 +531,84 @@ class Proxy:
             _finish(stream)
 
     async def _dial(self, peer: Peer, stream: Stream, msg: wire.Message, rest: bytes, remote: str) -> None:
-        device_id, service, login = msg["device"], msg["service"], msg.get("login")
+        device_id, requested, login = msg["device"], msg["service"], msg.get("login")
         dev = self.registry.device(device_id)
         link = self.agents.get(device_id)
-        decision = access.decide(self.registry, peer, device_id, dev, service, login,
+        if link is not None and not link.hello.is_set():
+            # the agent just connected: its service table comes with its hello
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(link.hello.wait(), HELLO_WAIT)
+        # One canonical name, decided here, is what gets authorized, audited and opened.
+        resolved = access.canonical_service(requested, link.services if link else None, device_id)
+        service = resolved.name
+        decision = access.decide(self.registry, peer, device_id, dev, service or requested, login,
                                  online=link is not None)
+        if not resolved.ok and (decision.allowed or (service is None and decision.code == "forbidden")):
+            decision = access.Decision(False, resolved.code, resolved.reason)
+        if decision.allowed and self.stopping:
+            decision = access.Decision(False, "shutdown", "the proxy is shutting down: retry in a moment")
         session = secrets.token_hex(8)
         common = dict(actor=peer.actor, actor_roles=peer.identity.roles, device=device_id,
                       labels=dev.labels if dev else None, remote=remote, service=service,
+                      requested=requested if requested != service else None,
                       login=login, session=session)
         if not decision.allowed:
-            await self._audit("access.denied", result="denied", reason=decision.reason, code=decision.code,
-                        stage="dial", **common)
-            await _try_write(stream, wire.reply_refused(decision.code, decision.reason))
-            _finish(stream)
+            await self._refuse(stream, decision.code, decision.reason, result="denied", stage="dial", **common)
             return
+        agent_stream = None
         try:
             agent_stream = await link.conn.open_stream()
             await agent_stream.write(wire.encode("open", service=service, session=session,
                                                  identity=peer.actor, login=login))
             reply, agent_rest = await read_header(agent_stream, AGENT_REPLY_TIMEOUT)
         except (TransportError, wire.HeaderError, TimeoutError) as exc:
+            if agent_stream is not None:
+                with contextlib.suppress(TransportError):
+                    agent_stream.reset(1)
             reason = f"device {device_id} did not answer: {exc or 'timeout'}"
-            await self._audit("access.denied", result="failed", reason=reason, code="device_unreachable",
-                        stage="open", **common)
-            await _try_write(stream, wire.reply_refused("device_unreachable", reason))
-            _finish(stream)
+            await self._refuse(stream, "device_unreachable", reason, result="failed", stage="open", **common)
             return
         if not reply.get("ok"):
             code, reason = reply.get("code", "refused"), reply.get("reason", "refused by the device")
-            await self._audit("access.denied", result="denied", reason=reason, code=code,
-                        stage="device", **common)
-            await _try_write(stream, wire.reply_refused(code, reason))
+            await self._refuse(stream, code, reason, result="denied", stage="device", **common)
+            return
+        tracked = Session(session, peer, device_id, service, login, (stream, agent_stream),
+                          link=link, common=common)
+        self.open_sessions[session] = tracked
+        # Recorded (durable) before the engineer is told the session is open; but never waited
+        # for without bound: a locked or full registry refuses the session at once.
+        start = self.writer.submit(tracked.write_start)
+        try:
+            await asyncio.wait_for(asyncio.shield(start), START_AUDIT_WAIT)
+        except Exception as exc:  # noqa: BLE001 - TimeoutError or why the write failed
+            with contextlib.suppress(TransportError):
+                agent_stream.reset(1)
+            why = f"no answer within {START_AUDIT_WAIT:g}s" if isinstance(exc, TimeoutError) else str(exc)
+            # If the start is still written later, this end follows it; if not, it writes nothing.
+            self._end(tracked, result="error", reason=f"not opened: the audit log was unavailable ({why})")
+            reason = (f"the proxy could not record this session in its audit log ({why}): nothing was "
+                      "opened; retry in a moment, and tell the proxy's operators if it persists")
+            event(log, "session refused: audit unavailable", level=logging.ERROR, session=session, error=why)
+            await self._refuse(stream, "audit_unavailable", reason, result="failed", stage="audit",
+                               audit_wait=0, **common)  # queued behind the stuck start: no wait
+            return
+        if tracked.cut_reason:  # the proxy began shutting down (or the agent died) meanwhile
+            agent_stream.reset(1)
+            self._end(tracked, result="error", reason=tracked.end_reason or f"cut: {tracked.cut_reason}")
+            code = "shutdown" if self.stopping else "device_unreachable"
+            await _try_write(stream, wire.reply_refused(code, tracked.cut_reason))
             _finish(stream)
             return
-        # Recorded (synchronously, durable) before the engineer is told the session is open.
-        await self._audit("session.start", **common)
         try:
             await stream.write(wire.reply_ok(session=session))
         except TransportError:
             agent_stream.reset(1)
-            await self._audit("session.end", result="error", reason="engineer went away", **common)
+            await self._settled(self._end(tracked, result="error", reason="engineer went away"))
             return
         event(log, "session start", session=session, user=peer.name, device=device_id, service=service)
         link.sessions += 1
         link.sessions_total += 1
         started = time.monotonic()
-        tracked = Session(session, peer, device_id, service, login, (stream, agent_stream))
         self.sessions[session] = tracked
         try:
             result = await splice(StreamEnds(stream, rest), StreamEnds(agent_stream, agent_rest))
@@ -453,15 +618,49 @@ class Proxy:
         link.bytes_down += result.a_to_b
         link.bytes_up += result.b_to_a
         dev = self.registry.device(device_id)
-        common["labels"] = dev.labels if dev else None
         if tracked.cut_reason:
-            result.error = f"cut: {tracked.cut_reason}"
-        await self._audit(
-            "session.end", result="error" if result.error else "ok", reason=result.error or "",
-            bytes_to_device=result.a_to_b, bytes_from_device=result.b_to_a,
-            duration=round(time.monotonic() - started, 3), **common,
+            result.error = tracked.end_reason or f"cut: {tracked.cut_reason}"
+        ended = self._end(
+            tracked, result="error" if result.error else "ok", reason=result.error or "",
+            labels=dev.labels if dev else None, bytes_to_device=result.a_to_b,
+            bytes_from_device=result.b_to_a, duration=round(time.monotonic() - started, 3),
         )
         event(log, "session end", session=session, up=result.b_to_a, down=result.a_to_b)
+        await self._settled(ended, None)
+
+    def _end(self, session: Session, **fields) -> asyncio.Future | None:
+        """Queue the session's ``session.end`` exactly once (whoever ends it first: its own task,
+        a failed start, or a shutdown); None if it was already queued."""
+        if self.open_sessions.pop(session.id, None) is None:
+            return None
+        return self.writer.submit(session.write_end(**fields))
+
+    async def _settled(self, future: asyncio.Future | None, timeout: float | None = DENIAL_AUDIT_WAIT) -> bool:
+        """Wait (at most ``timeout`` s) for a queued write; False if it failed or is still queued.
+
+        The write itself is never cancelled: it commits whenever the registry lets it.
+        """
+        if future is None:
+            return False
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            event(log, "audit write still queued", level=logging.WARNING, waited=timeout)
+            return False
+        except Exception as exc:  # noqa: BLE001 - the registry refused the write (locked, full)
+            event(log, "audit write failed", level=logging.ERROR, error=str(exc))
+            return False
+        return True
+
+    async def _refuse(self, stream: Stream, code: str, reason: str, *, result: str, stage: str,
+                      audit_wait: float = DENIAL_AUDIT_WAIT, **common) -> None:
+        """Audit an ``access.denied`` and refuse the engineer's dial; a slow or failing audit
+        write delays the answer by at most ``audit_wait`` seconds."""
+        denied = self._audit("access.denied", result=result, reason=reason, code=code, stage=stage, **common)
+        if audit_wait > 0:
+            await self._settled(denied, audit_wait)
+        await _try_write(stream, wire.reply_refused(code, reason))
+        _finish(stream)
 
     async def _user_request(self, peer: Peer, stream: Stream, msg: wire.Message) -> None:
         op = msg["op"]
@@ -790,7 +989,13 @@ def _actor_of(cert) -> str:
 
 @dataclass
 class Session:
-    """An open engineer session, re-authorized every watch interval."""
+    """An open engineer session, re-authorized every watch interval.
+
+    It writes its own audit pair: :meth:`write_start` remembers the sequence number it got, and
+    :meth:`write_end` appends ``session.end`` only if that ``session.start`` is in the log — so
+    an end queued behind a start that was never committed (registry locked, disk full) writes
+    nothing, and every end has its start.
+    """
 
     id: str
     peer: Peer
@@ -799,12 +1004,38 @@ class Session:
     login: str | None
     streams: tuple[Stream, Stream]
     cut_reason: str | None = None
+    link: AgentLink | None = None
+    #: the audit fields shared by its session.start and session.end
+    common: dict = field(default_factory=dict)
+    #: the reason session.end gives, when it must be exactly that (shutdown, dead agent)
+    end_reason: str | None = None
+    start_seq: int | None = None
 
-    def cut(self, reason: str) -> None:
+    def cut(self, reason: str, code: int = CODES["revoked"], end_reason: str | None = None) -> None:
         self.cut_reason = reason
+        self.end_reason = end_reason
         for s in self.streams:
             with contextlib.suppress(TransportError):
-                s.reset(CODES["revoked"])
+                s.reset(code)
+
+    def write_start(self, db) -> int:
+        """The ``session.start`` write (runs in the registry writer's thread)."""
+        self.start_seq = audit.append(db, "session.start", **self.common)
+        return self.start_seq
+
+    def write_end(self, **fields):
+        """A ``session.end`` write that appends only behind this session's committed start."""
+        def write(db):
+            if self.start_seq is None:
+                return None
+            row = db.conn.execute(
+                "SELECT type, json_extract(fields, '$.session') FROM audit WHERE seq = ?",
+                (self.start_seq,)).fetchone()
+            if row is None or tuple(row) != ("session.start", self.id):
+                return None  # its start was rolled back: nothing to pair
+            return audit.append(db, "session.end", **{**self.common, **fields})
+
+        return write
 
 
 async def _try_write(stream: Stream, data: bytes) -> None:
