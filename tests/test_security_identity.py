@@ -507,8 +507,6 @@ def test_identities_issued_before_v4_get_a_lockable_record(tmp_path, monkeypatch
         assert users.locked(users.get(reg, "legacy-ops"), dt.datetime.now(dt.UTC))
 
 
-@pytest.mark.xfail(strict=False, reason="tunnel/access.py does not re-check certificate revocation for "
-                                        "open sessions yet (reported to the lead; remove this marker then)")
 def test_revoking_the_certificate_in_use_cuts_the_open_session(fleet, echo):
     import time
 

@@ -44,6 +44,9 @@ def peer_roles(registry: Registry, peer: Peer) -> list[Role]:
 def user_denial(registry: Registry, peer: Peer, now: dt.datetime) -> Decision | None:
     if now > peer.identity.not_after:
         return Decision(False, "expired", f"your certificate expired at {peer.identity.not_after:%H:%M}Z: log in again")
+    if registry.cert_revoked(peer.identity.serial_hex):
+        return Decision(False, "revoked",
+                        f"certificate {peer.identity.serial_hex} of {peer.name} was revoked: log in again")
     user = users.get(registry, peer.name)
     if user and users.locked(user, now):
         message = f": {user['lock_message']}" if user["lock_message"] else ""

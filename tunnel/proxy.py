@@ -929,6 +929,9 @@ class Proxy:
                 try:
                     if dev is None:
                         raise Denied("unknown_identity", f"device {device_id} was removed")
+                    if self.registry.cert_revoked(link.peer.identity.serial_hex):
+                        raise Denied("revoked", f"certificate {link.peer.identity.serial_hex} of "
+                                                f"{device_id} was revoked")
                     check_device(dev, now)
                 except Denied as denied:
                     event(log, "cutting agent", device=device_id, code=denied.code)
