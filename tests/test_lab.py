@@ -375,7 +375,8 @@ def test_delay(lab, dev, echo, uplink, rtt_ms):
     assert echo.seen[-1][0] == dev.public_address(uplink)  # still the NAT's address
     dev.set_delay(uplink, rtt_ms / 2)  # live change, same flow
     r = udp_ping(s, target, timeout=3)
-    assert r is not None and rtt_ms / 2000 <= r < rtt_ms / 2000 + 0.15
+    # a wider margin here: the first packet after a live change may still be in the relay's queue
+    assert r is not None and rtt_ms / 2000 <= r < rtt_ms / 2000 + 0.3
     dev.set_delay(uplink, 0)
     r = udp_ping(s, target)
     assert r is not None and r < 0.05
