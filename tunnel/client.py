@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
+import socket
+import struct
 import sys
 import time
 from dataclasses import dataclass
@@ -301,10 +303,16 @@ async def forward(identity: UserIdentity, device: str, service: str, host: str, 
                 reset_on_close(writer)
                 writer.transport.abort()
             else:
+                reset_on_close(writer, False)  # a clean end: a FIN after all
                 with contextlib.suppress(OSError):
                     writer.close()
 
     server = await asyncio.start_server(handle, host, port)
+    # Accepted sockets inherit SO_LINGER 0 from the listener: one whose handler never ran (it
+    # was cancelled while forward exits) still ends with a reset, not a FIN, when we exit.
+    for sock in server.sockets:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     bound = server.sockets[0].getsockname()
     if ready:
         ready(bound)

@@ -82,12 +82,13 @@ class SocketEnds(Ends):
         self.writer.transport.abort()
 
 
-def reset_on_close(writer: asyncio.StreamWriter) -> None:
-    """Make the socket under ``writer`` send RST instead of FIN when it is closed."""
+def reset_on_close(writer: asyncio.StreamWriter, reset: bool = True) -> None:
+    """Make the socket under ``writer`` send RST instead of FIN when it is closed (or, with
+    ``reset=False``, a FIN again)."""
     sock = writer.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):  # already closed: nothing left to reset
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", int(reset), 0))
 
 
 class StdioEnds(Ends):
