@@ -218,13 +218,16 @@ class Soak:
     def socket_session(self, path: str, device: str, port: int) -> bool:
         data, start = self.payload(), self.now()
         got = bytearray()
+        sent: list[BaseException] = []
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
-                sender = threading.Thread(target=self._send, args=(s, data), daemon=True)
+                sender = threading.Thread(target=self._send, args=(s, data, sent), daemon=True)
                 sender.start()
                 while chunk := s.recv(65536):
                     got += chunk
                 sender.join(10)
+            if sent:  # a reset is reported once: to the sending thread if it got there first
+                raise sent[0]
             self.record(path, device, start, data, bytes(got), True)
             return True
         except OSError as exc:
@@ -232,10 +235,12 @@ class Soak:
             return False
 
     @staticmethod
-    def _send(s: socket.socket, data: bytes) -> None:
-        with contextlib.suppress(OSError):
+    def _send(s: socket.socket, data: bytes, errors: list) -> None:
+        try:
             s.sendall(data)
             s.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            errors.append(exc)
 
     def proxy_command_session(self, device: str, n: int) -> None:
         data, start = self.payload(), self.now()
