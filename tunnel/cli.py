@@ -19,7 +19,7 @@ from tunnel.agent_config import ConfigError, split_host_port
 from tunnel.client import Client, ClientError, UserIdentity
 from tunnel.transport import TransportError
 
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_CUT = 0, 1, 2, 3, 4
 
 EPILOG = """\
 exit status:
@@ -27,7 +27,8 @@ exit status:
   1  refused: the message on stderr says what was wrong (a denied dial, an unknown
      device or service, an expired certificate) and what to do
   2  usage error
-  3  the proxy could not be reached
+  3  the proxy could not be reached, or the connection to it ended
+  4  a session was cut: it was open and did not end cleanly (the data may be incomplete)
 
 Engineer commands read the identity directory --identity, else $FLEET_IDENTITY,
 else ~/.config/fleet-tunnel (user.crt, user.key, ca.crt, client.yaml).
@@ -421,6 +422,15 @@ def build_parser(*, ops: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def exit_status(exc: ClientError) -> int:
+    """3 when the proxy is unreachable or the connection to it ended, 4 for a cut session."""
+    if exc.code == "cut":
+        return EXIT_CUT
+    if exc.code == "unreachable" or (exc.code == "error" and "cannot connect" in str(exc)):
+        return EXIT_UNAVAILABLE
+    return EXIT_REFUSED
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(ops=argv[:1] != ["agent"]).parse_args(argv)
@@ -428,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ClientError as exc:
         print(f"tunnel: error: {exc}", file=sys.stderr)
-        return EXIT_UNAVAILABLE if exc.code == "error" and "cannot connect" in str(exc) else EXIT_REFUSED
+        return exit_status(exc)
     except TransportError as exc:
         print(f"tunnel: error: the connection to the proxy ended: {exc.reason or exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE

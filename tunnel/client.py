@@ -13,7 +13,10 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
+import socket
+import struct
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,12 +26,19 @@ from enroll import certs
 from tunnel import wire
 from tunnel.agent_config import split_host_port
 from tunnel.protocol import ALPN_USER, CLOSE_NAMES, read_header, read_reply
-from tunnel.splice import SocketEnds, StdioEnds, StreamEnds, splice
-from tunnel.transport import Connection, Stream, TLSIdentity, TransportError, dial
+from tunnel.splice import SocketEnds, StdioEnds, StreamEnds, describe, reset_on_close, splice
+from tunnel.transport import Connection, ErrorCode, Stream, TLSIdentity, TransportError, dial
+
+#: engineer-side liveness while sessions are open (see ``Client.watch``)
+PING_INTERVAL, DEAD_AFTER = 2.0, 10.0
 
 
 class ClientError(RuntimeError):
-    """Something the engineer must fix or know: printed as one line, exit status 1."""
+    """Something the engineer must fix or know: printed as one line.
+
+    The exit status follows ``code`` (see ``tunnel.cli.exit_status``): ``unreachable`` → 3,
+    ``cut`` (an open session did not end cleanly) → 4, anything else → 1.
+    """
 
     def __init__(self, message: str, code: str = "error"):
         super().__init__(message)
@@ -96,12 +106,14 @@ def closed_error(exc: TransportError) -> ClientError:
     """Why the proxy closed the connection, as the engineer should read it."""
     if exc.application and exc.code in CLOSE_NAMES:
         return ClientError(f"the proxy refused this identity: {exc.reason}", CLOSE_NAMES[exc.code])
-    return ClientError(f"the connection to the proxy ended: {exc.reason or exc}")
+    return ClientError(f"the connection to the proxy ended: {exc.reason or exc}", "unreachable")
 
 
 class Client:
     def __init__(self, conn: Connection):
         self.conn = conn
+        #: why ``watch`` closed the connection, if it did
+        self.dead: str | None = None
 
     @classmethod
     async def connect(cls, identity: UserIdentity, timeout: float = 10.0) -> Client:
@@ -122,14 +134,42 @@ class Client:
     def close(self) -> None:
         self.conn.close(0, "done")
 
+    async def watch(self, interval: float = PING_INTERVAL, dead_after: float = DEAD_AFTER) -> None:
+        """Close the connection when the proxy has not answered a PING for ``dead_after`` s.
+
+        Run while sessions are open: a proxy that vanished without a close (kill -9, power,
+        a dead path) would otherwise leave them hanging until the 60 s idle timeout. Closing
+        makes every open stream raise, so each session is cut (a reset, never a clean end).
+        """
+        silent = 0.0
+        while True:
+            started = time.monotonic()
+            try:
+                await self.conn.ping(interval)
+                silent = 0.0
+            except TimeoutError:
+                silent += time.monotonic() - started
+                if silent >= dead_after:
+                    self.dead = f"the proxy did not answer for {silent:.0f}s"
+                    self.conn.close(ErrorCode.INTERNAL, self.dead)
+                    return
+                continue
+            except TransportError:
+                return
+            await asyncio.sleep(interval)
+
     async def dial(self, device: str, service: str, login: str | None = None) -> tuple[Stream, bytes]:
         """Open a session to ``service`` on ``device``; raise Refusal with the reason if refused."""
-        stream = await self.conn.open_stream()
-        await stream.write(wire.encode("dial", device=device, service=service, login=login))
         try:
+            stream = await self.conn.open_stream()
+            await stream.write(wire.encode("dial", device=device, service=service, login=login))
             reply, rest = await read_header(stream, timeout=20.0)
         except (wire.HeaderError, TimeoutError) as exc:
             raise ClientError(f"no answer from the proxy: {exc or 'timeout'}") from None
+        except TransportError as exc:
+            raise closed_error(exc) from None
+        except OSError as exc:
+            raise ClientError(f"the connection to the proxy failed: {describe(exc)}", "unreachable") from None
         if not reply["ok"]:
             raise Refusal(reply.get("reason", "refused"), reply.get("code", "refused"))
         return stream, rest
@@ -194,34 +234,85 @@ def device_from_host(host: str) -> str:
 
 
 async def proxy_command(identity: UserIdentity, device: str, target: str) -> None:
-    """Splice stdin/stdout to one session (for OpenSSH ``ProxyCommand``)."""
+    """Splice stdin/stdout to one session (for OpenSSH ``ProxyCommand``).
+
+    A pipe cannot carry a reset, so a session that did not end cleanly raises
+    ``ClientError(code="cut")``: one line on stderr and exit status 4, never a clean exit
+    after truncated output.
+    """
     client = await Client.connect(identity)
+    device, service = device_from_host(device), service_from_port(target)
+    watch = asyncio.create_task(client.watch())
     try:
-        stream, rest = await client.dial(device_from_host(device), service_from_port(target))
+        stream, rest = await client.dial(device, service)
         result = await splice(StreamEnds(stream, rest), StdioEnds())
         if result.error:
-            raise ClientError(f"session ended: {result.error}")
+            raise ClientError(f"session to {device}/{service} cut after {result.a_to_b} bytes "
+                              f"received: {result.error}", "cut")
     finally:
+        watch.cancel()
         client.close()
+        await asyncio.sleep(0)  # hand the close to the transport before the loop ends
 
 
 async def forward(identity: UserIdentity, device: str, service: str, host: str, port: int,
                   ready=None) -> None:
-    """Listen on host:port; each accepted connection becomes one session over one QUIC connection."""
+    """Listen on host:port; each accepted connection becomes one session over one connection.
+
+    A local connection whose session is refused or cut gets a TCP reset (never a FIN, which
+    would pass truncated data off as complete) and ``tunnel forward`` prints one line saying
+    why. It returns — raising ``ClientError(code="unreachable")`` — when the connection to the
+    proxy ends; cancelling it (SIGTERM, Ctrl-C) resets the sessions still open.
+    """
     client = await Client.connect(identity)
+    open_sessions = 0
+    watch: asyncio.Task | None = None
+    handlers: set[asyncio.Task] = set()
+
+    def say(peer, what: str) -> None:
+        who = "{}:{}".format(*peer[:2]) if peer else "a local connection"
+        print(f"tunnel: forward {who} -> {device}/{service}: {what}", file=sys.stderr, flush=True)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal open_sessions, watch
+        peer = writer.get_extra_info("peername")
+        clean = False
+        handlers.add(task := asyncio.current_task())
+        task.add_done_callback(handlers.discard)
+        open_sessions += 1
+        if watch is None or watch.done():
+            watch = asyncio.create_task(client.watch())
         try:
-            stream, rest = await client.dial(device, service)
-        except ClientError as exc:
-            print(f"tunnel: forward refused: {exc}", file=sys.stderr, flush=True)
-            writer.close()
-            return
-        await splice(StreamEnds(stream, rest), SocketEnds(reader, writer))
-        with contextlib.suppress(OSError):
-            writer.close()
+            try:
+                stream, rest = await client.dial(device, service)
+            except ClientError as exc:
+                say(peer, f"refused: {exc} (reset the local connection)")
+                return
+            result = await splice(StreamEnds(stream, rest), SocketEnds(reader, writer))
+            if result.error:
+                say(peer, f"session cut after {result.a_to_b} bytes from the device and "
+                          f"{result.b_to_a} to it: {result.error} (reset the local connection)")
+            clean = not result.error
+        except asyncio.CancelledError:
+            pass  # forward is ending: reset below; asyncio's server would print a cancelled handler
+        finally:
+            open_sessions -= 1
+            if open_sessions == 0 and watch is not None:
+                watch.cancel()
+            if not clean:  # refused, cut, or we are shutting down: a reset, never a FIN
+                reset_on_close(writer)
+                writer.transport.abort()
+            else:
+                reset_on_close(writer, False)  # a clean end: a FIN after all
+                with contextlib.suppress(OSError):
+                    writer.close()
 
     server = await asyncio.start_server(handle, host, port)
+    # Accepted sockets inherit SO_LINGER 0 from the listener: one whose handler never ran (it
+    # was cancelled while forward exits) still ends with a reset, not a FIN, when we exit.
+    for sock in server.sockets:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     bound = server.sockets[0].getsockname()
     if ready:
         ready(bound)
@@ -231,6 +322,9 @@ async def forward(identity: UserIdentity, device: str, service: str, host: str, 
             serving = asyncio.create_task(server.serve_forever())
             done, _ = await asyncio.wait({closed, serving}, return_when=asyncio.FIRST_COMPLETED)
             if closed in done:
-                raise ClientError(f"connection to the proxy ended: {closed.result() or 'closed'}")
+                if handlers:  # their streams fail now: let each say why before we exit
+                    await asyncio.wait(handlers, timeout=2.0)
+                raise ClientError(f"connection to the proxy ended: {closed.result() or client.dead or 'closed'}",
+                                  "unreachable")
     finally:
         client.close()

@@ -460,6 +460,8 @@ class _QuicStream(BufferedReads, Stream):
             if end:
                 self._eof = True
         wake(self._read_waiter)
+        if end and not self._rbuf:  # FIN after all was read (and maybe our own FIN): done
+            self._conn._maybe_forget(self)
 
     # -- writing
 
