@@ -145,7 +145,10 @@ class Soak:
         self.agent_procs[device] = self.fleet.start_agent(self.configs[device])
 
     def online(self) -> set[str]:
-        out = self.fleet.tunnel("ls", "--format", "json", identity=self.ops, timeout=20)
+        try:
+            out = self.fleet.tunnel("ls", "--format", "json", identity=self.ops, timeout=20)
+        except subprocess.TimeoutExpired:  # a slow answer (e.g. 30 agents starting) is "not yet"
+            return set()
         if out.returncode != 0:
             return set()
         return {d["id"] for d in json.loads(out.stdout) if d["online"]}
