@@ -20,6 +20,9 @@ from tunnel.client import Client, ClientError, UserIdentity
 from tunnel.transport import TransportError
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+#: ``tunnel agent`` only: the proxy refused this device for good (decommissioned, revoked,
+#: unknown); a service manager should not restart it (systemd: RestartPreventExitStatus=4).
+EXIT_RETIRED = 4
 
 EPILOG = """\
 exit status:
@@ -100,7 +103,7 @@ def cmd_agent(args) -> int:
             agent.stop()
 
     _run(run())
-    return EXIT_OK
+    return EXIT_RETIRED if agent.retired else EXIT_OK
 
 
 # --- engineers ------------------------------------------------------------------------------
