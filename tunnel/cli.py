@@ -74,14 +74,20 @@ def cmd_proxy(args) -> int:
                          "storage that is shipped off this host or write-once) or fix its permissions")
     if args.anonymous_rate <= 0:
         raise ValueError("--anonymous-rate must be a positive number of requests per second")
+    from tunnel import metrics
+
+    metrics_at = metrics.parse_listen(args.metrics_listen) if args.metrics_listen else None
 
     async def serve():
         proxy = Proxy(state, anonymous_rate=args.anonymous_rate)
         proxy.anchor_dir, proxy.anchor_every = anchor_dir, anchor_every
         await proxy.start(host, port, idle_timeout=args.idle_timeout)
+        scrape = await metrics.serve(proxy.metrics, *metrics_at) if metrics_at else None
         try:
             await asyncio.Event().wait()
         finally:
+            if scrape is not None:
+                scrape.close()
             await proxy.stop()
 
     _run(serve())
@@ -320,6 +326,9 @@ def build_parser(*, ops: bool = True) -> argparse.ArgumentParser:
                         "or cannot be rewritten (see 'tunnel audit verify --anchor')")
     p.add_argument("--anchor-every", default="5m", metavar="DURATION",
                    help="how often to write an anchor when the log has grown (default: 5m)")
+    p.add_argument("--metrics-listen", metavar="[HOST:]PORT",
+                   help="serve Prometheus /metrics and /healthz over HTTP, unauthenticated (default: "
+                        "off); a bare PORT binds 127.0.0.1, anything wider must be named (0.0.0.0:9100)")
     logging_args(p)
 
     p = add("agent", cmd_agent, "run the agent on a device (dials out; listens on nothing)")
