@@ -100,6 +100,9 @@ def test_metrics_of_a_running_proxy(fleet, echo):
         assert s.recv(100).startswith(b"HTTP/1.1 400")
     assert _get(base + "/healthz")[0] == 200
     assert proxy.poll() is None
+    # an engineer's connection is not an info line of its own (the audit log has it)
+    assert not any(json.loads(line).get("msg") == "engineer connected"
+                   for line in log.read_text().splitlines() if line.startswith("{"))
 
 
 def test_health_is_503_when_the_writer_is_gone(fleet):

@@ -306,8 +306,8 @@ class Agent:
     def _retire(self, decision: AfterRefusal, code: str, reason: str) -> None:
         """Stop for good: the proxy will refuse this identity until an operator acts."""
         self.retired = decision
-        event(log, f"stopping: refused by the proxy ({code}): {decision.why}; nothing to retry "
-                   "until the device is re-enrolled", level=logging.ERROR, code=code, reason=reason)
+        event(log, "stopping: the proxy refused this device for good; re-enroll it to bring it back",
+              level=logging.ERROR, code=code, why=decision.why, reason=reason)
         self._stop.set()
 
     async def _dial_any(self, offered: list[tuple[Endpoint, Route]]) -> Connection | None:
