@@ -31,6 +31,8 @@ exit status:
      device or service, an expired certificate) and what to do
   2  usage error
   3  the proxy could not be reached
+  4  tunnel agent: the proxy refused this device for good (decommissioned, revoked,
+     unknown); re-enroll it, do not restart it
 
 Engineer commands read the identity directory --identity, else $FLEET_IDENTITY,
 else ~/.config/fleet-tunnel (user.crt, user.key, ca.crt, client.yaml).
