@@ -30,6 +30,7 @@ NOW = dt.datetime(2026, 12, 2, 8, 0, tzinfo=dt.UTC)
     ("locked", "locked: device robot-1 is locked until None: incident", "wait", LOCKED_WAIT),
     ("locked", "locked: device robot-1 is locked until 2026-12-02T08:00:42+00:00: x", "wait", 42.0),
     ("locked", "locked: device robot-1 is locked until 2026-12-02T08:00:42Z", "wait", 42.0),
+    ("locked", "locked: device robot-1 is locked until 2026-12-02T08:00:42.500000Z: x", "wait", 42.5),
     ("locked", "locked: device robot-1 is locked until 2026-12-03T08:00:00+00:00", "wait", LOCKED_WAIT),
     ("locked", "locked: device robot-1 is locked until 2026-12-01T08:00:00+00:00", "wait", 1.0),
     ("locked", "locked until not-a-date", "wait", LOCKED_WAIT),
