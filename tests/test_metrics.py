@@ -133,3 +133,25 @@ def test_metrics_off_by_default(fleet):
     proc = fleet.start_proxy()
     assert proc.poll() is None
     assert "metrics listening" not in (fleet.root / "proxy.log").read_text()
+
+
+def test_metrics_port_in_use_is_a_clear_error(fleet):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        log = fleet.root / "proxy.log"
+        proc = fleet.start([PY, "-m", "tunnel.cli", "proxy", "--state", str(fleet.state.root),
+                            "--listen", fleet.address, "--metrics-listen", str(port)], log)
+        assert proc.wait(timeout=30) == 1
+    text = log.read_text()
+    assert f"--metrics-listen 127.0.0.1:{port}: cannot listen" in text and "Traceback" not in text
+    assert "listening" not in text  # the proxy never started
+
+
+def test_metrics_listen_rejects_a_bad_value(fleet):
+    log = fleet.root / "proxy.log"
+    proc = fleet.start([PY, "-m", "tunnel.cli", "proxy", "--state", str(fleet.state.root),
+                        "--listen", fleet.address, "--metrics-listen", "localhost:http"], log)
+    assert proc.wait(timeout=30) == 1
+    assert "--metrics-listen: expected PORT or HOST:PORT" in log.read_text()

@@ -83,14 +83,17 @@ def cmd_proxy(args) -> int:
     async def serve():
         proxy = Proxy(state, anonymous_rate=args.anonymous_rate)
         proxy.anchor_dir, proxy.anchor_every = anchor_dir, anchor_every
-        await proxy.start(host, port, idle_timeout=args.idle_timeout)
+        # metrics first: a port in use fails before the proxy listens (/healthz: 503 until it does)
         scrape = await metrics.serve(proxy.metrics, *metrics_at) if metrics_at else None
         try:
-            await asyncio.Event().wait()
+            await proxy.start(host, port, idle_timeout=args.idle_timeout)
+            try:
+                await asyncio.Event().wait()
+            finally:
+                await proxy.stop()
         finally:
             if scrape is not None:
                 scrape.close()
-            await proxy.stop()
 
     _run(serve())
     return EXIT_OK

@@ -221,7 +221,11 @@ async def serve(metrics: ProxyMetrics, host: str, port: int) -> asyncio.Server:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    server = await asyncio.start_server(handle, host, port)
+    try:
+        server = await asyncio.start_server(handle, host, port)
+    except OSError as exc:
+        raise ValueError(f"--metrics-listen {host}:{port}: cannot listen ({exc.strerror or exc}): "
+                         "choose a free port, or an address of this host") from None
     event(log, "metrics listening", address=f"{host}:{port}", paths="/metrics,/healthz")
     if not is_loopback(host):
         event(log, "metrics are served beyond loopback, without authentication", level=logging.WARNING,
