@@ -91,3 +91,21 @@ def test_unknown_device_agent_exits_at_once(fleet, tmp_path):
     assert any(r["msg"].startswith("stopping: the proxy refused this device") for r in _agent_log(config))
     denied = [e for e in fleet.audit() if e["type"] == "access.denied"]
     assert 1 <= len(denied) <= len(["quic", "tcp"])  # one attempt (a race may try both transports)
+
+
+def test_locked_agent_waits_for_the_lock_end_then_comes_back(fleet):
+    """A lock with an end: the agent waits until then (not a refusal a second), then is taken."""
+    config = fleet.enroll_device("robot-3", {"env": "lab"}, {"ssh": "127.0.0.1:22"})
+    fleet.start_proxy()
+    agent = fleet.start_agent(config)
+    wait_until(lambda: _connected(fleet), 15, what="agent connected")
+    assert enroll_main(["--state", str(fleet.state.root), "lock", "robot-3", "--ttl", "4s"]) == 0
+    wait_until(lambda: any(r["msg"] == "the device is locked; waiting" for r in _agent_log(config)),
+               15, 0.1, "the agent waiting")
+    waiting = next(r for r in _agent_log(config) if r["msg"] == "the device is locked; waiting")
+    assert 0 < waiting["delay"] <= 4 and "locked until" in waiting["reason"]
+    wait_until(lambda: sum(e["type"] == "device.connect" for e in fleet.audit()) == 2, 30, 0.2,
+               "the agent back after the lock ended")
+    assert agent.poll() is None
+    # it waited rather than hammering the proxy: at most one refused reconnect in between
+    assert len([e for e in fleet.audit() if e["type"] == "access.denied" and e["device"] == "robot-3"]) <= 1
