@@ -3,7 +3,9 @@
 It listens on no network port. The loop is: dial the first proxy endpoint the current uplink
 may use (jittered exponential backoff when none answers; a change of network retries at once),
 say hello (with why it reconnected), then serve streams the proxy opens — each names a service
-from the config, which the agent connects to on the device and splices.
+from the config, which the agent connects to on the device and splices. A refusal decides the
+next step (:func:`tunnel.backoff.after_refusal`): decommissioned, revoked or unknown stops the
+agent for good (``retired``; ``tunnel agent`` exits 4), locked waits minutes.
 
 Where UDP is blocked, TLS over TCP joins the race after a 0.3 s head start; while on TCP the
 agent keeps trying QUIC (:meth:`Agent._back_to_quic`) and moves over, letting open sessions
@@ -288,8 +290,7 @@ class Agent:
                 event(log, "the device is locked; waiting", level=logging.WARNING,
                       delay=round(decision.delay, 1), reason=self._closed_reason)
                 backoff.reset()
-                if await self._wait_change(decision.delay):
-                    continue  # a new network: try at once
+                await self._wait_change(decision.delay)  # a new network (or stop) ends it early
                 continue
             if self._accepted or loop.time() - started >= STABLE_AFTER:
                 backoff.reset()  # the proxy took us: the first retry is immediate
@@ -313,8 +314,8 @@ class Agent:
     async def _dial_any(self, offered: list[tuple[Endpoint, Route]]) -> Connection | None:
         """Try each usable endpoint in order; the first that completes a handshake wins.
 
-        A refusal is remembered (``_refused``) for the reconnect decision; any endpoint that
-        answers at all clears it.
+        A refusal with a fleet close code is remembered (``_refused``, reset each round) for
+        the reconnect decision.
         """
         identity = load_identity(self.config)
         self._refused = None
