@@ -60,7 +60,7 @@ def _agent_log(config) -> list[dict]:
 
 
 def test_decommissioned_while_running_agent_exits(fleet):
-    """Decommission a device under its running agent: it stops at once with status 4 and says
+    """Decommission a device under its running agent: it stops at once with status 5 and says
     why, instead of reconnecting forever; the proxy audited one refusal at most, not a storm."""
     config = fleet.enroll_device("robot-1", {"env": "lab"}, {"ssh": "127.0.0.1:22"})
     fleet.start_proxy()

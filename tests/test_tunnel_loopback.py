@@ -166,8 +166,8 @@ def test_lock_and_decommission_cut_the_agent(running):
     with fleet.state.registry() as reg:
         admin.decommission(reg, "robot-1")
     wait_until(lambda: not fleet.online(ops, "robot-1"), 5, what="decommissioned device offline")
-    # the agent stops for good (exit status 4, see tests/test_agent_stops.py) instead of retrying
-    assert agent.wait(timeout=30) == 4
+    # the agent stops for good (exit status 5, see tests/test_agent_stops.py) instead of retrying
+    assert agent.wait(timeout=30) == 5
 
 
 def test_agent_and_proxy_restarts_come_back(running):

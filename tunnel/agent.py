@@ -5,7 +5,7 @@ may use (jittered exponential backoff when none answers; a change of network ret
 say hello (with why it reconnected), then serve streams the proxy opens — each names a service
 from the config, which the agent connects to on the device and splices. A refusal decides the
 next step (:func:`tunnel.backoff.after_refusal`): decommissioned, revoked or unknown stops the
-agent for good (``retired``; ``tunnel agent`` exits 4), locked waits minutes.
+agent for good (``retired``; ``tunnel agent`` exits 5), locked waits minutes.
 
 Where UDP is blocked, TLS over TCP joins the race after a 0.3 s head start; while on TCP the
 agent keeps trying QUIC (:meth:`Agent._back_to_quic`) and moves over, letting open sessions

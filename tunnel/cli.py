@@ -20,9 +20,6 @@ from tunnel.client import Client, ClientError, UserIdentity
 from tunnel.transport import TransportError
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
-#: ``tunnel agent`` only: the proxy refused this device for good (decommissioned, revoked,
-#: unknown); a service manager should not restart it (systemd: RestartPreventExitStatus=4).
-EXIT_RETIRED = 4
 
 EPILOG = """\
 exit status:
@@ -31,8 +28,6 @@ exit status:
      device or service, an expired certificate) and what to do
   2  usage error
   3  the proxy could not be reached
-  4  tunnel agent: the proxy refused this device for good (decommissioned, revoked,
-     unknown); re-enroll it, do not restart it
 
 Engineer commands read the identity directory --identity, else $FLEET_IDENTITY,
 else ~/.config/fleet-tunnel (user.crt, user.key, ca.crt, client.yaml).
@@ -97,6 +92,12 @@ def cmd_proxy(args) -> int:
 
     _run(serve())
     return EXIT_OK
+
+
+#: ``tunnel agent`` only: the proxy refused this device for good (decommissioned, revoked,
+#: unknown); a service manager should not restart it (systemd: RestartPreventExitStatus=5).
+#: Distinct from every engineer command's status (0-4).
+EXIT_RETIRED = 5
 
 
 def cmd_agent(args) -> int:
@@ -337,6 +338,8 @@ def build_parser(*, ops: bool = True) -> argparse.ArgumentParser:
     logging_args(p)
 
     p = add("agent", cmd_agent, "run the agent on a device (dials out; listens on nothing)")
+    p.description += ("; exits 5 when the proxy refuses the device for good (decommissioned, "
+                      "revoked, unknown): re-enroll it rather than restart it")
     p.add_argument("--config", required=True, metavar="FILE", help="agent.yaml written by 'enroll device'")
     logging_args(p)
 
