@@ -403,6 +403,26 @@ def cmd_unlock(args) -> int:
     return EXIT_OK
 
 
+def cmd_backup(args) -> int:
+    from enroll.backup import backup
+
+    done = backup(_state(args), Path(args.dest))
+    info = done.as_dict()
+    if args.format != "table":
+        output.emit(info, args.format)
+    else:
+        print(f"registry {info['source']} backed up to {info['backup']} ({info['bytes']} bytes, "
+              f"schema {info['schema']})")
+        print(f"audit chain of the copy: {info['chain']}; {info['events']} events; "
+              f"anchor {info['anchor']} (keep it apart from the backup: 'tunnel audit verify --anchor')")
+    if done.broken is not None:
+        print(f"enroll: error: the copy's audit chain is broken at event {done.broken.seq} "
+              f"({done.broken.problem}); so is the live registry's: the backup is kept as evidence",
+              file=sys.stderr)
+        return EXIT_REFUSED
+    return EXIT_OK
+
+
 # --- parser ---------------------------------------------------------------------------------
 
 
@@ -571,6 +591,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("unlock", cmd_unlock, "lift a device lock")
     p.add_argument("device")
+
+    p = add("backup", cmd_backup, "copy the registry while the proxy runs (SQLite online backup), "
+            "then verify the copy's audit chain")
+    p.add_argument("dest", metavar="DEST", help="new file to write (0600; never overwritten)")
+    _format_arg(p)
     return parser
 
 

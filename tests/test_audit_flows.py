@@ -88,8 +88,9 @@ def test_every_event_type_from_real_flows(fleet, echo, tmp_path):
     assert out.returncode == 0 and out.stdout == b"hello\n"
     assert fleet.tunnel("proxy-command", "robot-1", "kube", identity=ops, input=b"").returncode == 1
     ecli(fleet, "relabel", "robot-1", "fw=2.1")
-    # lock cuts the agent (device.disconnect); unlock lets it back (device.reconnect)
-    ecli(fleet, "lock", "robot-1", "--message", "incident 42")
+    # lock cuts the agent (device.disconnect); unlock lets it back (device.reconnect). A locked
+    # agent waits minutes, or until the lock's end when the refusal names it: a short --ttl.
+    ecli(fleet, "lock", "robot-1", "--message", "incident 42", "--ttl", "10s")
     wait_until(lambda: "device.disconnect" in types_of(fleet), 10, 0.1, "device.disconnect")
     ecli(fleet, "unlock", "robot-1")
     wait_until(lambda: "device.reconnect" in types_of(fleet), 40, 0.2, "device.reconnect")

@@ -1,5 +1,5 @@
 """The device install: the agent and `enroll device` must run without the server and controller
-extras (no sqlite-utils, no ansible-core on a device)."""
+extras (no sqlite-utils, prometheus-client or ansible-core on a device)."""
 
 import subprocess
 import sys
@@ -8,7 +8,7 @@ BLOCK = (
     "import sys\n"
     "class Blocker:\n"
     "    def find_spec(self, name, path=None, target=None):\n"
-    "        if name.split('.')[0] in ('sqlite_utils', 'ansible', 'jinja2'):\n"
+    "        if name.split('.')[0] in ('sqlite_utils', 'prometheus_client', 'ansible', 'jinja2'):\n"
     "            raise ImportError(f'{name} is not installed on a device')\n"
     "sys.meta_path.insert(0, Blocker())\n"
 )

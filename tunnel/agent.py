@@ -3,7 +3,9 @@
 It listens on no network port. The loop is: dial the first proxy endpoint the current uplink
 may use (jittered exponential backoff when none answers; a change of network retries at once),
 say hello (with why it reconnected), then serve streams the proxy opens — each names a service
-from the config, which the agent connects to on the device and splices.
+from the config, which the agent connects to on the device and splices. A refusal decides the
+next step (:func:`tunnel.backoff.after_refusal`): decommissioned, revoked or unknown stops the
+agent for good (``retired``; ``tunnel agent`` exits 5), locked waits minutes.
 
 Where UDP is blocked, TLS over TCP joins the race after a 0.3 s head start; while on TCP the
 agent keeps trying QUIC (:meth:`Agent._back_to_quic`) and moves over, letting open sessions
@@ -43,7 +45,7 @@ from enroll import certs
 from enroll.files import write_file
 from tunnel import wire
 from tunnel.agent_config import AgentConfig, Endpoint
-from tunnel.backoff import Backoff
+from tunnel.backoff import AfterRefusal, Backoff, after_refusal
 from tunnel.log import event
 from tunnel.protocol import ALPN_AGENT, CLOSE_NAMES, read_header, read_reply
 from tunnel.splice import SocketEnds, StreamEnds, splice
@@ -150,6 +152,11 @@ class Agent:
         self._outage_since: float | None = None  # loop.time() the route went away, if it did
         self._network_moved = False  # the last connection ended because the network changed
         self._closed_code: int | None = None  # application code the proxy closed us with
+        self._closed_reason = ""  # and the reason it gave (a lock's end)
+        self._refused: tuple[str, str] | None = None  # (code name, reason) of the last dial refused
+        #: set when the proxy refused this device for good (decommissioned, revoked, unknown):
+        #: ``run`` returned and ``tunnel agent`` exits with its own status (see cli.EXIT_RETIRED)
+        self.retired: AfterRefusal | None = None
         self._accepted = False  # the proxy answered our hello on the last connection
         self._next_conn: Connection | None = None  # a QUIC connection found while on TCP
         self._conn_sessions: dict[Connection, int] = {}  # open sessions per connection
@@ -239,7 +246,14 @@ class Agent:
                 conn = await self._dial_any(offered) if offered else None
             if conn is None:
                 outage_started = outage_started or loop.time()
-                if offered:
+                decision = after_refusal(*self._refused) if self._refused else AfterRefusal("retry")
+                if decision.action == "stop":
+                    return self._retire(decision, *self._refused)
+                if decision.action == "wait":
+                    delay = decision.delay
+                    event(log, "refused by the proxy; waiting", level=logging.WARNING,
+                          code=self._refused[0], delay=round(delay, 1), reason=self._refused[1])
+                elif offered:
                     delay = backoff.next_delay()
                     event(log, "no proxy endpoint answered; retrying", delay=round(delay, 2),
                           tried=",".join(ep.address for ep, _ in offered))
@@ -260,7 +274,7 @@ class Agent:
                 self.counters.reconnects += 1
             self._outage_since = None
             self._network_moved = False
-            self._closed_code = None
+            self._closed_code, self._closed_reason = None, ""
             self._accepted = False
             started = loop.time()
             reason = await self._serve(conn, reason, outage)
@@ -268,7 +282,16 @@ class Agent:
             outage_started = min(self._outage_since or loop.time(), conn.last_received, loop.time())
             if self._stop.is_set():
                 return
+            decision = after_refusal(CLOSE_NAMES.get(self._closed_code), self._closed_reason)
+            if decision.action == "stop":
+                return self._retire(decision, CLOSE_NAMES[self._closed_code], self._closed_reason)
             event(log, "connection ended; reconnecting", reason=reason)
+            if decision.action == "wait":
+                event(log, "the device is locked; waiting", level=logging.WARNING,
+                      delay=round(decision.delay, 1), reason=self._closed_reason)
+                backoff.reset()
+                await self._wait_change(decision.delay)  # a new network (or stop) ends it early
+                continue
             if self._accepted or loop.time() - started >= STABLE_AFTER:
                 backoff.reset()  # the proxy took us: the first retry is immediate
             shutdown = self._closed_code == ErrorCode.SHUTDOWN
@@ -281,9 +304,21 @@ class Agent:
                 if changed:
                     backoff.reset()
 
+    def _retire(self, decision: AfterRefusal, code: str, reason: str) -> None:
+        """Stop for good: the proxy will refuse this identity until an operator acts."""
+        self.retired = decision
+        event(log, "stopping: the proxy refused this device for good; re-enroll it to bring it back",
+              level=logging.ERROR, code=code, why=decision.why, reason=reason)
+        self._stop.set()
+
     async def _dial_any(self, offered: list[tuple[Endpoint, Route]]) -> Connection | None:
-        """Try each usable endpoint in order; the first that completes a handshake wins."""
+        """Try each usable endpoint in order; the first that completes a handshake wins.
+
+        A refusal with a fleet close code is remembered (``_refused``, reset each round) for
+        the reconnect decision.
+        """
         identity = load_identity(self.config)
+        self._refused = None
         for ep, route in offered:
             try:
                 conn = await self._dial(ep, route, identity, self.config.transports)
@@ -291,6 +326,8 @@ class Agent:
                 if "intercepting TLS" in exc.reason:
                     self._interception = exc.reason  # told to the proxy once we get through
                 code = CLOSE_NAMES.get(exc.code, exc.code) if exc.application else exc.code
+                if exc.application and exc.code in CLOSE_NAMES:
+                    self._refused = (CLOSE_NAMES[exc.code], exc.reason or "")
                 event(log, "dial failed", level=logging.WARNING, endpoint=ep.address,
                       uplink=route.uplink, code=code, reason=exc.reason)
                 continue
@@ -349,9 +386,18 @@ class Agent:
             if closed in done and closed.result() is not None:
                 err = closed.result()
                 self._closed_code = err.code if err.application else None
+                self._closed_reason = err.reason or ""
                 return CLOSE_NAMES.get(err.code, err.reason) if err.application else err.reason
             return "closed"
         except TransportError as exc:
+            # Refused after the handshake (during the hello) or cut while a stream was open:
+            # the connection's close code is what the reconnect decision needs.
+            err = exc if exc.application and exc.code in CLOSE_NAMES else None
+            if err is None and conn.is_closed:
+                with contextlib.suppress(Exception):
+                    err = await asyncio.wait_for(conn.wait_closed(), 1.0)
+            if err is not None and err.application:
+                self._closed_code, self._closed_reason = err.code, err.reason or ""
             return exc.reason or "transport error"
         finally:
             for t in tasks:

@@ -2,11 +2,16 @@
 
 Full jitter (a uniform delay between 0 and the exponential cap) spreads a whole fleet's
 reconnects after a proxy restart instead of having every agent retry in lockstep.
+
+:func:`after_refusal` decides what a refusal means: a decommissioned, revoked or unknown device
+stops (retrying cannot help and floods the audit log), a locked one waits minutes.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import random
+import re
 from dataclasses import dataclass, field
 
 
@@ -25,3 +30,60 @@ class Backoff:
     def reset(self) -> None:
         """After a connection that worked: the next failure starts from the base again."""
         self.attempt = 0
+
+
+# --- what a refusal means for the next attempt -----------------------------------------------
+
+#: Refusals no retry can change: the proxy will refuse this identity every time until an
+#: operator acts on the device itself (re-enrolls it, replaces its certificate, fixes its
+#: config). Retrying would only fill the proxy's audit log with refusals.
+FINAL = {
+    "decommissioned": "the device was decommissioned",
+    "revoked": "this device's certificate was revoked (or superseded by a newer one)",
+    "unknown_identity": "the proxy does not know this device or its certificate",
+    "not_fleet_certificate": "the certificate is not one of this fleet's",
+    "wrong_kind": "the configured identity is not a device certificate",
+    "expired": "the device's certificate expired (it can no longer renew itself)",
+}
+#: A locked device retries this often at most (sooner if the refusal says the lock ends sooner):
+#: an operator's unlock is seen within minutes, and a locked fleet costs the proxy little.
+LOCKED_WAIT = 300.0
+_LOCKED_UNTIL = re.compile(r"locked until (\d{4}-\d\d-\d\d[T ][\d:.]+(?:Z|[+-]\d\d:?\d\d)?)")
+
+
+@dataclass(frozen=True)
+class AfterRefusal:
+    """What the agent does after the proxy closed or refused it with ``code``.
+
+    ``action`` is ``retry`` (the usual backoff), ``wait`` (``delay`` seconds, unless the
+    network changes) or ``stop`` (exit; ``why`` says what an operator must do).
+    """
+
+    action: str
+    delay: float = 0.0
+    why: str = ""
+
+
+def after_refusal(code: str | None, reason: str = "", now: dt.datetime | None = None) -> AfterRefusal:
+    """Decide from a close/refusal code name (``tunnel.protocol.CLOSE_CODES``) and its reason.
+
+    Pure: the agent's reconnect loop applies the result. Unknown codes and transport errors
+    (``None``) retry with the usual backoff, as do ``shutdown``, ``replaced``, ``renewed`` and
+    ``unresponsive``: those are about one connection, not about the device's standing.
+    """
+    if code in FINAL:
+        return AfterRefusal("stop", why=FINAL[code])
+    if code == "locked":
+        delay = LOCKED_WAIT
+        if match := _LOCKED_UNTIL.search(reason or ""):
+            try:
+                until = dt.datetime.fromisoformat(match.group(1).replace("Z", "+00:00"))
+            except ValueError:
+                until = None
+            if until is not None:
+                if until.tzinfo is None:
+                    until = until.replace(tzinfo=dt.UTC)
+                left = (until - (now or dt.datetime.now(dt.UTC))).total_seconds()
+                delay = min(LOCKED_WAIT, max(1.0, left))
+        return AfterRefusal("wait", delay, "the device is locked")
+    return AfterRefusal("retry")

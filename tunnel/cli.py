@@ -72,18 +72,33 @@ def cmd_proxy(args) -> int:
                          "storage that is shipped off this host or write-once) or fix its permissions")
     if args.anonymous_rate <= 0:
         raise ValueError("--anonymous-rate must be a positive number of requests per second")
+    from tunnel import metrics
+
+    metrics_at = metrics.parse_listen(args.metrics_listen) if args.metrics_listen else None
 
     async def serve():
         proxy = Proxy(state, anonymous_rate=args.anonymous_rate)
         proxy.anchor_dir, proxy.anchor_every = anchor_dir, anchor_every
-        await proxy.start(host, port, idle_timeout=args.idle_timeout)
+        # metrics first: a port in use fails before the proxy listens (/healthz: 503 until it does)
+        scrape = await metrics.serve(proxy.metrics, *metrics_at) if metrics_at else None
         try:
-            await asyncio.Event().wait()
+            await proxy.start(host, port, idle_timeout=args.idle_timeout)
+            try:
+                await asyncio.Event().wait()
+            finally:
+                await proxy.stop()
         finally:
-            await proxy.stop()
+            if scrape is not None:
+                scrape.close()
 
     _run(serve())
     return EXIT_OK
+
+
+#: ``tunnel agent`` only: the proxy refused this device for good (decommissioned, revoked,
+#: unknown); a service manager should not restart it (systemd: RestartPreventExitStatus=5).
+#: Distinct from every engineer command's status (0-4).
+EXIT_RETIRED = 5
 
 
 def cmd_agent(args) -> int:
@@ -101,7 +116,7 @@ def cmd_agent(args) -> int:
             agent.stop()
 
     _run(run())
-    return EXIT_OK
+    return EXIT_RETIRED if agent.retired else EXIT_OK
 
 
 # --- engineers ------------------------------------------------------------------------------
@@ -318,9 +333,14 @@ def build_parser(*, ops: bool = True) -> argparse.ArgumentParser:
                         "or cannot be rewritten (see 'tunnel audit verify --anchor')")
     p.add_argument("--anchor-every", default="5m", metavar="DURATION",
                    help="how often to write an anchor when the log has grown (default: 5m)")
+    p.add_argument("--metrics-listen", metavar="[HOST:]PORT",
+                   help="serve Prometheus /metrics and /healthz over HTTP, unauthenticated (default: "
+                        "off); a bare PORT binds 127.0.0.1, anything wider must be named (0.0.0.0:9100)")
     logging_args(p)
 
     p = add("agent", cmd_agent, "run the agent on a device (dials out; listens on nothing)")
+    p.description += ("; exits 5 when the proxy refuses the device for good (decommissioned, "
+                      "revoked, unknown): re-enroll it rather than restart it")
     p.add_argument("--config", required=True, metavar="FILE", help="agent.yaml written by 'enroll device'")
     logging_args(p)
 

@@ -34,6 +34,7 @@ from enroll.state import FleetState
 from tunnel import access, wire
 from tunnel.admission import CODES, Denied, Peer, admit, check_device
 from tunnel.log import event
+from tunnel.metrics import ProxyMetrics
 from tunnel.protocol import (
     ALPN_AGENT,
     ALPN_ENROLL,
@@ -188,6 +189,7 @@ class Proxy:
         self.server = self.tcp_server = None
         self.writer: RegistryWriter | None = None
         self._tasks: set[asyncio.Task] = set()
+        self.metrics = ProxyMetrics(self)  # served by `tunnel proxy --metrics-listen`
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -211,6 +213,7 @@ class Proxy:
             on_connection=self._on_connection, idle_timeout=idle_timeout,
         )
         self.writer = RegistryWriter(self.state)
+        self.metrics.watch_writer(self.writer)
         await self._close_left_open()
         self.server = await serve(host, port, **common)
         self.tcp_server = await tcp_serve(host, port, **common) if tcp else None
@@ -301,10 +304,12 @@ class Proxy:
                 code=denied.code, remote=remote, stage="connect",
             )
             event(log, "refused", level=logging.WARNING, actor=actor, code=denied.code, remote=remote)
+            self.metrics.refused(denied.code, "connect")
             raise Refused(CODES[denied.code], f"{denied.code}: {denied.reason}") from None
         self.peers[conn] = peer
 
     async def _on_connection(self, conn: Connection) -> None:
+        self.metrics.accepted(conn.alpn)
         try:
             if conn.alpn == ALPN_ENROLL:
                 await self._serve_enroll(conn)
@@ -496,7 +501,7 @@ class Proxy:
     # --- engineers ----------------------------------------------------------------------------
 
     async def _serve_user(self, conn: Connection, peer: Peer) -> None:
-        event(log, "engineer connected", user=peer.name, remote="{}:{}".format(*conn.remote_address[:2]))
+        event(log, "engineer connected", level=logging.DEBUG, user=peer.name, remote="{}:{}".format(*conn.remote_address[:2]))
         while True:
             try:
                 stream = await conn.accept_stream()
@@ -617,6 +622,7 @@ class Proxy:
             link.sessions -= 1
         link.bytes_down += result.a_to_b
         link.bytes_up += result.b_to_a
+        self.metrics.spliced(result.a_to_b, result.b_to_a)
         dev = self.registry.device(device_id)
         if tracked.cut_reason:
             result.error = tracked.end_reason or f"cut: {tracked.cut_reason}"
@@ -657,6 +663,7 @@ class Proxy:
         """Audit an ``access.denied`` and refuse the engineer's dial; a slow or failing audit
         write delays the answer by at most ``audit_wait`` seconds."""
         denied = self._audit("access.denied", result=result, reason=reason, code=code, stage=stage, **common)
+        self.metrics.refused(code, stage)
         if audit_wait > 0:
             await self._settled(denied, audit_wait)
         await _try_write(stream, wire.reply_refused(code, reason))
