@@ -333,6 +333,8 @@ class _Protocol:
         self.on_cid_issued: Any = None
         self.on_cid_retired: Any = None
         self.on_terminated: Any = None
+        #: server: the connection IDs the demultiplexer routes to this connection
+        self.cids: set[bytes] = set()
 
     # -- input
 
@@ -1105,6 +1107,7 @@ class _Demux:
         protocol.on_terminated = self._terminated
         self._protocols[dcid] = protocol
         self._protocols[connection.host_cid] = protocol
+        protocol.cids.update((dcid, connection.host_cid))
         self._half_open[protocol] = self._loop.time()
         if self._sweep is None:
             self._sweep = self._loop.call_later(1.0, self._sweep_half_open)
@@ -1135,16 +1138,22 @@ class _Demux:
 
     def _cid_issued(self, cid: bytes, protocol: _Protocol) -> None:
         self._protocols[cid] = protocol
+        protocol.cids.add(cid)
 
     def _cid_retired(self, cid: bytes, protocol: _Protocol) -> None:
+        protocol.cids.discard(cid)
         if self._protocols.get(cid) is protocol:
             del self._protocols[cid]
 
     def _terminated(self, protocol: _Protocol) -> None:
+        # Only this connection's own IDs: a scan of the whole table (~8 IDs per connection) per
+        # termination was 61 % of the proxy's CPU at 2,000-5,000 agents (py-spy), and the
+        # stall it caused made keepalives late, connections time out, and more terminations.
         self._half_open.pop(protocol, None)
-        for cid, proto in list(self._protocols.items()):
-            if proto is protocol:
+        for cid in protocol.cids:
+            if self._protocols.get(cid) is protocol:
                 del self._protocols[cid]
+        protocol.cids.clear()
 
     def close(self) -> None:
         """Close every connection still known (half-open ones included) and the socket."""
@@ -1194,6 +1203,29 @@ async def _resolve(
         numeric = None
     infos = numeric or await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=flags)
     return infos[0][0], infos[0][4]
+
+
+_trim: Any = None
+
+
+def release_free_heap() -> None:
+    """Give the C heap's free pages back to the kernel (glibc ``malloc_trim``); else a no-op.
+
+    A device's agent starts (imports, certificates, the TLS handshake), connects, then idles
+    for days: the heap that start-up freed stays resident unless trimmed (measured: ~1 MiB of
+    an idle agent's RSS). Called once a client connection is up; costs well under a millisecond.
+    """
+    global _trim
+    if _trim is None:
+        _trim = False
+        try:
+            import ctypes
+
+            _trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (ImportError, OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+            return
+    if _trim:
+        _trim(0)
 
 
 def _pem(cert: x509.Certificate) -> bytes:
@@ -1279,6 +1311,7 @@ async def connect(
         raise
     if keepalive:
         conn._keepalive_task = loop.create_task(conn._keepalive(keepalive))
+    release_free_heap()
     return conn
 
 
