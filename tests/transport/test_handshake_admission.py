@@ -127,3 +127,27 @@ def test_handshake_storm_keeps_connected_peers_answered_and_all_get_in(pki):
                 c.close()
 
     run(main(), timeout=60.0)
+
+
+def test_a_closed_connection_leaves_exactly_its_own_ids(pki):
+    """Each connection knows its IDs: termination removes those and nothing else (no scan)."""
+
+    async def main():
+        async with running_server(pki) as h:
+            port = h.server.address[1]
+            demux = h.server._demux
+            a = await connect("127.0.0.1", port, identity=pki.device, server_name=SERVER_NAME,
+                              alpn=ALPN, keepalive=None)
+            b = await connect("127.0.0.1", port, identity=pki.device, server_name=SERVER_NAME,
+                              alpn=ALPN, keepalive=None)
+            await _until(lambda: len(set(demux._protocols.values())) == 2)
+            for proto in set(demux._protocols.values()):
+                assert proto.cids == {c for c, p in demux._protocols.items() if p is proto}
+            a.close()
+            await _until(lambda: len(set(demux._protocols.values())) == 1)
+            (left,) = set(demux._protocols.values())
+            assert left.cids == set(demux._protocols) and len(left.cids) >= 2
+            assert await b.ping(5.0) >= 0
+            b.close()
+
+    run(main(), timeout=30.0)
