@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from enroll import output
 from enroll.labels import LabelError, parse_selector
@@ -16,8 +17,10 @@ from enroll.secret_input import ArgvSecretAction, read_secret
 from enroll.state import FleetState, StateError, default_state_dir, parse_duration
 from tunnel import log as tlog
 from tunnel.agent_config import ConfigError, split_host_port
-from tunnel.client import Client, ClientError, UserIdentity
 from tunnel.transport import TransportError
+
+if TYPE_CHECKING:  # the engineer client loads in the engineer commands only, never in `tunnel agent`
+    from tunnel.client import ClientError, UserIdentity
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_CUT = 0, 1, 2, 3, 4
 
@@ -123,10 +126,14 @@ def cmd_agent(args) -> int:
 
 
 def _identity(args) -> UserIdentity:
+    from tunnel.client import UserIdentity
+
     return UserIdentity.load(Path(args.identity) if args.identity else None, args.proxy)
 
 
 async def _with_client(args, fn):
+    from tunnel.client import Client
+
     client = await Client.connect(_identity(args))
     try:
         return await fn(client)
@@ -165,6 +172,8 @@ def cmd_ls(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from tunnel.client import ClientError
+
     body = asyncio.run(_with_client(args, lambda c: c.request("status")))
     agents = body["agents"]
     if args.device:
@@ -179,7 +188,7 @@ def cmd_login(args) -> int:
     import getpass
 
     from tunnel import engineer
-    from tunnel.client import default_identity_dir
+    from tunnel.client import ClientError, default_identity_dir
 
     directory = Path(args.identity) if args.identity else default_identity_dir()
     # Secrets never come from argv (any local user reads /proc/PID/cmdline): the invite and the
@@ -451,12 +460,26 @@ def exit_status(exc: ClientError) -> int:
     return EXIT_REFUSED
 
 
+class _NotRaised(Exception):
+    """Stands in for ClientError while the engineer client is not loaded (nothing raises it)."""
+
+
+def _client_error() -> type[Exception]:
+    """``tunnel.client.ClientError`` once the client is loaded: only its commands raise it.
+
+    An ``except`` clause evaluates this only when an exception is on its way, so ``tunnel agent``
+    never loads the engineer client just to name an error it cannot get.
+    """
+    client = sys.modules.get("tunnel.client")
+    return client.ClientError if client is not None else _NotRaised
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(ops=argv[:1] != ["agent"]).parse_args(argv)
     try:
         return args.func(args)
-    except ClientError as exc:
+    except _client_error() as exc:
         print(f"tunnel: error: {exc}", file=sys.stderr)
         return exit_status(exc)
     except TransportError as exc:

@@ -29,6 +29,10 @@ import threading
 import time
 from pathlib import Path
 
+# Run as a script (the ``--loadgen`` child), Python puts this file's directory, bench/cases/,
+# first on sys.path, where bench/cases/enroll.py would shadow the ``enroll`` package: drop it.
+_CASES = str(Path(__file__).resolve().parent)
+sys.path[:] = [p for p in sys.path if (p and str(Path(p).resolve())) != _CASES]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import ROOT, case_main, cpu_seconds, paths, rss_kb  # noqa: E402

@@ -36,3 +36,21 @@ def test_tunnel_agent_command_skips_the_ops_audit_commands():
         "from tunnel import cli\ncli.build_parser(ops=False).parse_args(['agent', '--config', 'x'])"
     )
     assert not {m for m in mods if m.startswith(("sqlite_utils", "sqlite3", "tunnel.audit_cmd"))}
+
+
+def test_tunnel_agent_command_loads_no_engineer_client():
+    mods = _modules_after(
+        "from tunnel import cli\ncli.build_parser(ops=False).parse_args(['agent', '--config', 'x'])"
+    )
+    assert "tunnel.agent_config" in mods
+    assert not mods & {"tunnel.client", "tunnel.engineer", "tunnel.proxy"}
+
+
+def test_client_errors_still_reach_the_user_as_a_refusal():
+    # main() names ClientError lazily: an engineer command's refusal still exits 1 with its text
+    out = subprocess.run(
+        [sys.executable, "-m", "tunnel.cli", "status", "--identity", "/nonexistent-fleet-identity"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 1, out
+    assert out.stderr.startswith("tunnel: error: ") and "Traceback" not in out.stderr
