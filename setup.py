@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent
 COLLECTION = Path("ansible_collections/fleet/tunnel")
 # files that belong to the collection itself (real files in the checkout)
-OWN_FILES = ("README.md", "meta/runtime.yml")
+OWN_FILES = ("README.md", "CHANGELOG.md", "meta/runtime.yml")
 # what `ansible-galaxy collection build` leaves out of FILES.json
 _NOT_IN_FILES = {"galaxy.yml", "MANIFEST.json", "FILES.json"}
 
