@@ -143,3 +143,24 @@ def test_ansible_lint_production_profile_from_the_repo_root():
     out = subprocess.run([str(lint), "--offline", "--profile", "production", "--nocolor"], cwd=REPO,
                          capture_output=True, text=True, timeout=600, env=ansible_env())
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("case", ["no_token", "no_proxy", "no_pin"])
+def test_enroll_playbook_refuses_empty_settings_before_installing(tmp_path, case):
+    """An empty token, proxy or CA pin fails the play before the package install touches the device."""
+    extra = {"fleet_enroll_dir": str(tmp_path / "etc"), "tunnel_agent_venv": str(tmp_path / "venv"),
+             "fleet_enroll_proxy": "proxy.example.com:443", "fleet_enroll_ca_pin": "sha256:00"}
+    if case == "no_proxy":
+        extra["fleet_enroll_proxy"] = ""
+    elif case == "no_pin":
+        del extra["fleet_enroll_ca_pin"]
+    env = ansible_env(FLEET_TOKEN="" if case == "no_token" else "tok-123")
+    out = subprocess.run(ansible_cmd("ansible-playbook", "-i", "localhost,", "-c", "local",
+                                     REPO / "playbooks" / "enroll.yml", "-e", json.dumps(extra)),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode != 0, out.stdout
+    want = {"no_token": "fleet_enroll_token is empty", "no_proxy": "fleet_enroll_proxy",
+            "no_pin": "fleet_enroll_ca_pin"}[case]
+    assert want in out.stdout + out.stderr, out.stdout + out.stderr
+    assert not (tmp_path / "venv").exists()  # nothing installed
+    assert "tok-123" not in out.stdout + out.stderr

@@ -205,12 +205,13 @@ def test_roles_enroll_and_agent_converge_on_a_fresh_device(world, wheels):
                   "tunnel_agent_sshd_config": f"{root}/sshd_config.d/fleet-tunnel.conf",
                   "tunnel_agent_principals_dir": f"{root}/principals",
                   "tunnel_agent_sshd_pid_file": f"{root}/sshd.pid",
+                  "tunnel_agent_logrotate_dir": f"{root}/logrotate.d",
+                  "tunnel_agent_sshd_main_config": "",  # the lab's sshd runs from its own config
                   "tunnel_agent_sshd_default_host_keys": [str(distro_key), f"{root}/distro/missing_key"],
                   # the lab has no DNS for proxy.test: dial the proxy's address (what the role's
                   # settings merge is for)
                   "tunnel_agent_settings": {"keepalive": "5s", "proxies": [
                       {"address": f"{world.lab.proxy_public}:443", "server_name": "proxy.test"}]}}
-    Path(root / "systemd").mkdir()
     try:
         out = _local_playbook(dev.ns, "enroll.yml", enroll_vars, root, env={"FLEET_TOKEN": token})
         assert out.returncode == 0, out.stdout + out.stderr
@@ -273,13 +274,13 @@ def test_proxy_role_converges(world, wheels):
     host = world.lab.add_device("proxyhost", uplinks=("wifi",))
     # what CAP_NET_BIND_SERVICE gives the systemd unit: the unprivileged proxy may bind UDP 443
     world.lab.run(host.ns, ["sysctl", "-q", "-w", "net.ipv4.ip_unprivileged_port_start=0"])
-    (root / "systemd").mkdir()
     extra = {"ansible_python_interpreter": SYSTEM_PYTHON, "fleet_hosts": "localhost",
              "tunnel_proxy_venv": f"{root}/venv", "tunnel_proxy_python": SYSTEM_PYTHON, "tunnel_proxy_pip_extra_args": f"--no-index --find-links {wheels}",
              "tunnel_proxy_state_dir": f"{root}/state", "tunnel_proxy_fleet": "lab-fleet",
              "tunnel_proxy_name": "proxy.lab", "tunnel_proxy_ips": [host.address("wifi")],
              "tunnel_proxy_service_manager": "process", "tunnel_proxy_unit_dir": f"{root}/systemd",
-             "tunnel_proxy_run_dir": f"{root}/run", "tunnel_proxy_log_file": f"{root}/proxy.log"}
+             "tunnel_proxy_run_dir": f"{root}/run", "tunnel_proxy_log_file": f"{root}/proxy.log",
+             "tunnel_proxy_logrotate_dir": f"{root}/logrotate.d"}
     try:
         out = _local_playbook(host.ns, "proxy.yml", extra, root)
         assert out.returncode == 0, out.stdout + out.stderr
