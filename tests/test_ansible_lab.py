@@ -395,7 +395,7 @@ def test_agent_role_recovers_from_a_failed_first_run_then_upgrades(world, wheels
         assert recap(out.stdout)["localhost"]["changed"] > 0
         new_pid = pid_file.read_text().strip()
         assert new_pid != old_pid, "the agent was not restarted after the upgrade"
-        running = subprocess.run(netns.ns_argv(dev.ns, [f"{root}/venv/bin/python", "-c",
+        running = subprocess.run(netns.ns_argv(dev.ns, [f"{root}/venv/bin/python", "-I", "-c",
                                                         "import importlib.metadata as m; print(m.version('fleet-tunnel'))"]),
                                  capture_output=True, text=True, timeout=30,
                                  env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})

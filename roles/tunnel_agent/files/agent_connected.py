@@ -1,16 +1,21 @@
 """Is the fleet-tunnel agent running and connected to the proxy? (run on the device by the role)
 
-Usage: agent_connected.py (--pid-file PATH --log PATH | --unit NAME)
+Usage: agent_connected.py (--pid-file PATH --log PATH | --unit NAME) [--stale-venv VENV --config PATH]
 
 Exit 0 when the agent's process is alive and the last connection event it logged since it
 started is "connected"; exit 1 otherwise, printing why and the last log lines. It reads the JSON
 lines the agent writes with --log-format json (the log file of the "process" manager, or the
 journal of the systemd unit) and ignores lines older than the process: after a restart, the old
 process's "connected" must not count.
+
+With --stale-venv and --config it checks something else: exit 3 ("stale") when the running agent
+started before the installed fleet-tunnel package or its agent.yaml last changed, i.e. a restart
+was due but lost (a run that failed between the change and its handler); 0 otherwise.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -70,6 +75,17 @@ def main(argv: list[str]) -> int:
                 lines = f.readlines()[-TAIL:]
         except OSError:
             lines = []
+    if "--stale-venv" in opts:
+        if not pid or not alive(pid):
+            return 0  # not running: the role starts it
+        dist = glob.glob(os.path.join(opts["--stale-venv"], "lib", "python*", "site-packages",
+                                      "fleet_tunnel-*.dist-info"))
+        changed = max((os.stat(p).st_mtime for p in [*dist, opts["--config"]] if os.path.exists(p)),
+                      default=0.0)
+        if process_start(pid) + 1.0 < changed:
+            print(f"agent pid {pid} started before its package or agent.yaml last changed")
+            return 3
+        return 0
     last = "".join(line if line.endswith("\n") else line + "\n" for line in lines[-15:])
     if not pid or not alive(pid):
         print(f"the agent is not running (pid {pid or 'none'}); its last log lines:\n{last}")
