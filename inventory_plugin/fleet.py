@@ -71,7 +71,10 @@ options:
     type: str
     default: label
   parent_group:
-    description: Group that holds every device and the connection settings.
+    description:
+      - Group that holds every device and the connection settings. Its C(_online) and
+        C(_offline) children follow the name (C(fleet_online) for C(fleet), C(acme_online) for
+        C(acme)), so two fleet inventories with different parent groups do not share them.
     type: str
     default: fleet
   login:
@@ -212,9 +215,10 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         prefix = self.get_option("label_group_prefix") if self.get_option("label_groups") else None
         label_groups: dict[str, str] = {}
 
-        parent = self.inventory.add_group(self.get_option("parent_group"))
-        online_group = self.inventory.add_group("fleet_online")
-        offline_group = self.inventory.add_group("fleet_offline")
+        parent_name = self.get_option("parent_group")
+        parent = self.inventory.add_group(parent_name)
+        online_group = self.inventory.add_group(f"{parent_name}_online")
+        offline_group = self.inventory.add_group(f"{parent_name}_offline")
         self.inventory.add_child(parent, online_group)
         self.inventory.add_child(parent, offline_group)
         self.inventory.set_variable(parent, "ansible_ssh_common_args", common_args)
@@ -237,6 +241,9 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             }
             for name, value in hostvars.items():
                 self.inventory.set_variable(host, name, value)
+            # compose/groups/keyed_groups see the host's name as in a play (not set as a host var)
+            hostvars = {**hostvars, "inventory_hostname": host,
+                        "inventory_hostname_short": host.split(".")[0]}
             self._set_composite_vars(self.get_option("compose"), hostvars, host, strict=strict)
             self._add_host_to_composed_groups(self.get_option("groups"), hostvars, host, strict=strict)
             if prefix is not None:

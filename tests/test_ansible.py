@@ -196,6 +196,19 @@ def test_selector_online_only_and_constructed_options(fleet, tmp_path):
     assert not any(g.startswith("label_") for g in data)
 
 
+def test_compose_sees_inventory_hostname_and_parent_group_names_its_children(fleet, tmp_path):
+    path = inventory_file(tmp_path, fleet.ops, parent_group="acme", label_groups=False,
+                          compose={"ansible_host": "inventory_hostname ~ '.fleet'",
+                                   "short": "inventory_hostname_short"})
+    out = inventory(path, "--list")
+    assert out.returncode == 0, out.stderr
+    data = plain(json.loads(out.stdout))
+    assert data["_meta"]["hostvars"]["acme-1"]["ansible_host"] == "acme-1.fleet"
+    assert data["_meta"]["hostvars"]["acme-1"]["short"] == "acme-1"
+    assert sorted(data["acme"]["children"]) == ["acme_offline", "acme_online"]
+    assert "fleet_online" not in data and "fleet_offline" not in data
+
+
 def test_cache_holds_the_raw_device_list(fleet, tmp_path):
     from enroll import admin
 

@@ -168,9 +168,10 @@ def wheels():
     shutil.rmtree(house, ignore_errors=True)
 
 
-def _local_playbook(ns: str, playbook: str, extra: dict, cwd: Path, env=None) -> subprocess.CompletedProcess:
+def _local_playbook(ns: str, playbook: str, extra: dict, cwd: Path, env=None,
+                    check: bool = False) -> subprocess.CompletedProcess:
     argv = ansible_cmd("ansible-playbook", "-i", "localhost,", "-c", "local",
-                       REPO / "playbooks" / playbook, "-e", json.dumps(extra))
+                       REPO / "playbooks" / playbook, "-e", json.dumps(extra), *(["--check"] if check else []))
     env = {**ansible_env(), **(env or {})}
     env.pop("PYTHONPATH", None)  # else pip in the device's venv takes this checkout as installed
     return subprocess.run(netns.ns_argv(ns, argv), capture_output=True, text=True, timeout=300,
@@ -205,12 +206,13 @@ def test_roles_enroll_and_agent_converge_on_a_fresh_device(world, wheels):
                   "tunnel_agent_sshd_config": f"{root}/sshd_config.d/fleet-tunnel.conf",
                   "tunnel_agent_principals_dir": f"{root}/principals",
                   "tunnel_agent_sshd_pid_file": f"{root}/sshd.pid",
+                  "tunnel_agent_logrotate_dir": f"{root}/logrotate.d",
+                  "tunnel_agent_sshd_main_config": "",  # the lab's sshd runs from its own config
                   "tunnel_agent_sshd_default_host_keys": [str(distro_key), f"{root}/distro/missing_key"],
                   # the lab has no DNS for proxy.test: dial the proxy's address (what the role's
                   # settings merge is for)
                   "tunnel_agent_settings": {"keepalive": "5s", "proxies": [
                       {"address": f"{world.lab.proxy_public}:443", "server_name": "proxy.test"}]}}
-    Path(root / "systemd").mkdir()
     try:
         out = _local_playbook(dev.ns, "enroll.yml", enroll_vars, root, env={"FLEET_TOKEN": token})
         assert out.returncode == 0, out.stdout + out.stderr
@@ -273,13 +275,13 @@ def test_proxy_role_converges(world, wheels):
     host = world.lab.add_device("proxyhost", uplinks=("wifi",))
     # what CAP_NET_BIND_SERVICE gives the systemd unit: the unprivileged proxy may bind UDP 443
     world.lab.run(host.ns, ["sysctl", "-q", "-w", "net.ipv4.ip_unprivileged_port_start=0"])
-    (root / "systemd").mkdir()
     extra = {"ansible_python_interpreter": SYSTEM_PYTHON, "fleet_hosts": "localhost",
              "tunnel_proxy_venv": f"{root}/venv", "tunnel_proxy_python": SYSTEM_PYTHON, "tunnel_proxy_pip_extra_args": f"--no-index --find-links {wheels}",
              "tunnel_proxy_state_dir": f"{root}/state", "tunnel_proxy_fleet": "lab-fleet",
              "tunnel_proxy_name": "proxy.lab", "tunnel_proxy_ips": [host.address("wifi")],
              "tunnel_proxy_service_manager": "process", "tunnel_proxy_unit_dir": f"{root}/systemd",
-             "tunnel_proxy_run_dir": f"{root}/run", "tunnel_proxy_log_file": f"{root}/proxy.log"}
+             "tunnel_proxy_run_dir": f"{root}/run", "tunnel_proxy_log_file": f"{root}/proxy.log",
+             "tunnel_proxy_logrotate_dir": f"{root}/logrotate.d"}
     try:
         out = _local_playbook(host.ns, "proxy.yml", extra, root)
         assert out.returncode == 0, out.stdout + out.stderr
@@ -306,3 +308,107 @@ def test_proxy_role_converges(world, wheels):
         subprocess.run(["start-stop-daemon", "--stop", "--pidfile", f"{root}/run/fleet-tunnel-proxy.pid",
                         "--retry", "TERM/5/KILL/2", "--oknodo", "--remove-pidfile"], capture_output=True)
 
+
+
+def _bumped_wheel(dest: Path) -> str:
+    """A fleet-tunnel wheel one patch version above this tree's, built from a temp copy."""
+    import tomllib
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    parts = version.split(".")
+    newer = ".".join([*parts[:-1], str(int(parts[-1]) + 1)])
+    with tempfile.TemporaryDirectory(prefix="ft-bump-") as tmp:
+        src = Path(tmp) / "src"
+        shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(
+            ".git", "__pycache__", "*.egg-info", "build", ".venv", ".ruff_cache", ".pytest_cache"))
+        pyproject = src / "pyproject.toml"
+        pyproject.write_text(pyproject.read_text().replace(f'version = "{version}"', f'version = "{newer}"', 1))
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(src), "-w", str(dest)],
+                       check=True, capture_output=True, timeout=300)
+    for p in dest.iterdir():
+        p.chmod(0o644)
+    return newer
+
+
+def test_agent_role_recovers_from_a_failed_first_run_then_upgrades(world, wheels):
+    """Done-check of issue 18: the first run fails after writing the sshd drop-in and before the
+    reload (the case a lost handler would never make good); the re-run reloads sshd, starts the
+    agent and waits for it to connect, and ssh through the tunnel works. Then the role upgrades
+    the agent to a newer wheel, restarts it, and the new version is what runs."""
+    root = shared_dir("ft-ansible-redo-")
+    world.cleanup.append(root)
+    dev = world.lab.add_device("acme4", uplinks=("wifi",))
+    with world.fleet.state.registry() as reg:
+        token, _ = tokens.create(reg, world.fleet.state.fleet, labels={"customer": "acme", "site": "hou"})
+    # the device's sshd, running before the role: its config includes the drop-in directory
+    # (empty yet), so only a reload makes it trust the fleet user CA
+    sshd = dev.start_sshd(config_extra=f"Include {root}/sshd_config.d/*.conf\nAuthorizedKeysFile none\n")
+    common = {"ansible_python_interpreter": SYSTEM_PYTHON, "fleet_hosts": "localhost",
+              "tunnel_agent_venv": f"{root}/venv", "tunnel_agent_python": SYSTEM_PYTHON,
+              "tunnel_agent_pip_extra_args": f"--no-index --find-links {wheels}",
+              "tunnel_agent_dir": f"{root}/etc"}
+    enroll_vars = {**common, "fleet_enroll_dir": f"{root}/etc", "fleet_enroll_proxy": f"{world.lab.proxy_public}:443",
+                   "fleet_enroll_ca_pin": world.fleet.pin, "fleet_enroll_name": "acme-4",
+                   "fleet_enroll_server_name": "proxy.test"}
+    agent_vars = {**common, "tunnel_agent_service_manager": "process",
+                  "tunnel_agent_unit_dir": f"{root}/systemd", "tunnel_agent_run_dir": f"{root}/run",
+                  "tunnel_agent_log_file": f"{root}/agent.log", "tunnel_agent_sshd_dir": f"{root}/sshd",
+                  "tunnel_agent_sshd_config": f"{root}/sshd_config.d/fleet-tunnel.conf",
+                  "tunnel_agent_principals_dir": f"{root}/principals",
+                  "tunnel_agent_sshd_pid_file": str(sshd.pid_file),
+                  "tunnel_agent_sshd_main_config": str(sshd.config_path),
+                  "tunnel_agent_sshd_default_host_keys": [str(k) for k in sshd.host_keys],
+                  "tunnel_agent_logrotate_dir": f"{root}/logrotate.d",
+                  "tunnel_agent_settings": {"keepalive": "5s", "proxies": [
+                      {"address": f"{world.lab.proxy_public}:443", "server_name": "proxy.test"}]}}
+    pid_file = root / "run" / "fleet-tunnel-agent.pid"
+    inv = inventory_file(world.root, world.ops)
+    try:
+        out = _local_playbook(dev.ns, "enroll.yml", enroll_vars, root, env={"FLEET_TOKEN": token})
+        assert out.returncode == 0, out.stdout + out.stderr
+
+        # first run: fails midway, after the drop-in is written, before sshd is reloaded
+        broken = {**agent_vars, "tunnel_agent_sshd_main_config": f"{root}/no_such_sshd_config"}
+        out = _local_playbook(dev.ns, "agent.yml", broken, root)
+        assert out.returncode != 0, out.stdout
+        assert "Check sshd's whole configuration" in out.stdout, out.stdout
+        assert (root / "sshd_config.d" / "fleet-tunnel.conf").exists()
+        assert not (root / "sshd" / "reloaded.sha256").exists()
+
+        # re-run: nothing in the drop-in changes, yet sshd is reloaded and the agent connects
+        out = _local_playbook(dev.ns, "agent.yml", agent_vars, root)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "changed: [localhost]" in out.stdout.split("Reload sshd (process)")[1].split("TASK")[0], out.stdout
+        world.fleet.wait_online(world.ops, "acme-4", run=world.run, timeout=30)
+        out = world.ansible("ansible", "-i", inv, "acme-4", "-m", "ansible.builtin.command", "-a", "id -un", "-o")
+        assert out.returncode == 0 and "root" in out.stdout, out.stdout + out.stderr + sshd.log_path.read_text()
+        old_pid = pid_file.read_text().strip()
+
+        # upgrade through the role: a pinned newer wheel is installed and the agent restarted
+        newer_dir = shared_dir("ft-wheel-newer-")
+        world.cleanup.append(newer_dir)
+        newer = _bumped_wheel(newer_dir)
+        upgrade = {**agent_vars, "tunnel_agent_version": newer,
+                   "tunnel_agent_pip_extra_args": f"--no-index --find-links {wheels} --find-links {newer_dir}"}
+        out = _local_playbook(dev.ns, "agent.yml", upgrade, root)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert recap(out.stdout)["localhost"]["changed"] > 0
+        new_pid = pid_file.read_text().strip()
+        assert new_pid != old_pid, "the agent was not restarted after the upgrade"
+        running = subprocess.run(netns.ns_argv(dev.ns, [f"{root}/venv/bin/python", "-I", "-c",
+                                                        "import importlib.metadata as m; print(m.version('fleet-tunnel'))"]),
+                                 capture_output=True, text=True, timeout=30,
+                                 env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+        assert running.stdout.strip() == newer, running.stderr
+        assert f"{root}/venv/bin/tunnel".encode() in Path(f"/proc/{new_pid}/cmdline").read_bytes().split(b"\0")
+        world.fleet.wait_online(world.ops, "acme-4", run=world.run, timeout=30)
+        out = world.ansible("ansible", "-i", inv, "acme-4", "-m", "ansible.builtin.command", "-a", "id -un", "-o")
+        assert out.returncode == 0 and "root" in out.stdout, out.stdout + out.stderr
+
+        # and a --check run afterwards reports nothing to change (no false change from pip)
+        out = _local_playbook(dev.ns, "agent.yml", upgrade, root, check=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert recap(out.stdout)["localhost"]["changed"] == 0, out.stdout
+    finally:
+        subprocess.run(["start-stop-daemon", "--stop", "--pidfile", str(pid_file),
+                        "--retry", "TERM/5/KILL/2", "--oknodo", "--remove-pidfile"], capture_output=True)

@@ -1,0 +1,1 @@
+../../../../../../roles/tunnel_agent/files/agent_connected.py
