@@ -144,7 +144,13 @@ def tunnel_command() -> str:
 
 
 def ssh_config(identity: UserIdentity, hosts: str = f"*{SUFFIX}") -> str:
-    """An ssh_config block for plain ``ssh LOGIN@DEVICE.fleet`` (or ``hosts='*'`` with -F)."""
+    """An ssh_config block for plain ``ssh LOGIN@DEVICE.fleet`` (or ``hosts='*'`` with -F).
+
+    Connection sharing is on, so OpenSSH discards the ProxyCommand's stderr; a refusal still
+    reaches the engineer as an SSH disconnect that ssh prints (``tunnel.sshwire``). ``--login
+    %r`` lets the proxy refuse a login no role allows with its reason (OpenSSH rejects shell
+    metacharacters in a user name before expanding ``%r``).
+    """
     d = identity.directory
     cmd = tunnel_command()
     ident = f"--identity {shlex.quote(str(d))}"
