@@ -26,7 +26,7 @@ from fleet import wait_until
 
 from enroll import audit, users
 from enroll.state import FleetState
-from tunnel import agent_config
+from tunnel import agent_config, sshwire
 from tunnel.access import canonical_service, service_table
 from tunnel.client import Client, Refusal, UserIdentity
 from tunnel.protocol import CLOSE_CODES
@@ -338,7 +338,9 @@ def test_deny_cannot_be_bypassed_by_port_number(fleet, echo, counting_echo):
     for what, spelling in spellings.items():
         out = fleet.tunnel("proxy-command", "robot-1", spelling, identity=eve, input=b"SELECT 1\n")
         assert out.returncode == 1, (what, out.stdout, out.stderr)
-        assert out.stdout == b""
+        # stdout carries only the refusal, as an SSH disconnect for ssh (issue 15), nothing else
+        payload, rest = sshwire.decode_packet(out.stdout.removeprefix(sshwire.IDENTIFICATION))
+        assert rest == b"" and sshwire.decode_disconnect(payload)[0] == sshwire.BY_APPLICATION
     assert pg.accepted == 0, "the denied service saw a connection"
 
     denied = [e for e in fleet.audit() if e["type"] == "access.denied" and e["fields"].get("stage") == "dial"]

@@ -143,9 +143,14 @@ async def _with_client(args, fn):
 
 
 def cmd_proxy_command(args) -> int:
-    from tunnel.client import proxy_command
+    from tunnel.client import ClientError, proxy_command, tell_ssh
 
-    asyncio.run(proxy_command(_identity(args), args.device, args.target))
+    try:
+        identity = _identity(args)
+    except (ClientError, ValueError) as exc:  # no identity, a bad --proxy: ssh shows why too
+        tell_ssh(exc)
+        raise
+    asyncio.run(proxy_command(identity, args.device, args.target, args.login))
     return EXIT_OK
 
 
@@ -259,12 +264,49 @@ def cmd_config(args) -> int:
 
 
 def cmd_ssh(args) -> int:
-    import os
+    """OpenSSH as a child whose stderr alone is filtered: a tunnel refusal becomes one line.
 
-    from tunnel import engineer
+    stdin, stdout and the terminal are ssh's own (interactive use is unchanged); its stderr
+    passes through line by line as it comes, except ssh's report of the disconnect that
+    ``tunnel proxy-command`` sends when refused (see ``tunnel.sshwire``), which becomes
+    ``tunnel: error: REASON`` and exit status 1 (3: the proxy is unreachable) instead of 255.
+    """
+    import select
+    import subprocess
+
+    from tunnel import engineer, sshwire
 
     argv = engineer.ssh_argv(_identity(args), args.target, args.command, args.ssh_option)
-    os.execvp(argv[0], argv)
+    try:
+        proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
+    except OSError as exc:
+        raise ValueError(f"cannot run {argv[0]}: {exc.strerror or exc}: install the OpenSSH client") from None
+    # ssh owns the terminal: ^C and ^\ reach it (same process group); we only wait for it
+    # and pass on what asks us to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
+    filt, err, fd = sshwire.StderrFilter(), sys.stderr.buffer, proc.stderr.fileno()
+    while True:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        data = os.read(fd, 65536) if ready else None
+        if data:
+            err.write(filt.feed(data))
+            err.flush()
+        elif data == b"" or proc.poll() is not None:
+            # EOF, or ssh exited while something it started (a ControlPersist master)
+            # still holds the pipe: stop once nothing more is waiting
+            if data is None and select.select([fd], [], [], 0)[0]:
+                continue
+            break
+    err.write(filt.finish())
+    err.flush()
+    proc.stderr.close()
+    status = proc.wait()
+    if filt.exit_status is not None:
+        return filt.exit_status
+    return status if status >= 0 else 128 - status
 
 
 def cmd_kube(args) -> int:
@@ -357,6 +399,7 @@ def build_parser(*, ops: bool = True) -> argparse.ArgumentParser:
             "splice stdin/stdout to a device service (OpenSSH ProxyCommand)")
     p.add_argument("device", help="device id (ssh's %%h)")
     p.add_argument("target", nargs="?", default="ssh", help="service name or port; 22 means ssh (default: ssh)")
+    p.add_argument("--login", help="the login ssh will use (ssh's %%r): a login no role allows is refused at the dial")
     engineer_args(p)
 
     p = add("forward", cmd_forward, "listen locally; each connection becomes a session to a device service")

@@ -126,9 +126,11 @@ class Client:
         except TransportError as exc:
             if exc.application and exc.code in CLOSE_NAMES:
                 raise closed_error(exc) from None
-            raise ClientError(f"cannot connect to the proxy {host}:{port}: {exc.reason or exc}") from None
+            raise ClientError(f"cannot connect to the proxy {host}:{port}: {exc.reason or exc}",
+                              "unreachable") from None
         except OSError as exc:
-            raise ClientError(f"cannot connect to the proxy {host}:{port}: {exc.strerror or exc}") from None
+            raise ClientError(f"cannot connect to the proxy {host}:{port}: {exc.strerror or exc}",
+                              "unreachable") from None
         return cls(conn)
 
     def close(self) -> None:
@@ -233,18 +235,49 @@ def device_from_host(host: str) -> str:
     return host[: -len(".fleet")] if host.endswith(".fleet") else host
 
 
-async def proxy_command(identity: UserIdentity, device: str, target: str) -> None:
+def tell_ssh(exc: Exception, fd: int = 1) -> None:
+    """Hand a refusal to the ssh client on our stdout, as an SSH server's disconnect.
+
+    Only for ``tunnel proxy-command`` and only before a session is open: stdout then is ssh's
+    end of the ProxyCommand, and nothing has been written to it yet. Under connection sharing
+    OpenSSH discards our stderr, but it prints a server's disconnect reason itself
+    (``Received disconnect from UNKNOWN port 65535:11: fleet-tunnel: REASON``), so the
+    engineer — and Ansible, which shows ssh's stderr — reads why. See ``tunnel.sshwire``.
+    """
+    from tunnel import sshwire
+
+    unreachable = isinstance(exc, ClientError) and exc.code == "unreachable"
+    data = sshwire.refusal(str(exc), sshwire.SERVICE_NOT_AVAILABLE if unreachable else sshwire.BY_APPLICATION)
+    with contextlib.suppress(OSError):  # ssh already gone: the stderr line is all we can do
+        while data:
+            data = data[os.write(fd, data):]
+
+
+async def proxy_command(identity: UserIdentity, device: str, target: str, login: str | None = None) -> None:
     """Splice stdin/stdout to one session (for OpenSSH ``ProxyCommand``).
+
+    Refused or unreachable before the session opens: the reason goes to ssh as an SSH
+    disconnect on stdout (``tell_ssh``) and as one line on stderr, exit status 1 or 3.
+    ``login`` (ssh's ``%r``) lets the proxy refuse a login no role allows at the dial, with
+    its reason, instead of sshd's bare ``Permission denied``.
 
     A pipe cannot carry a reset, so a session that did not end cleanly raises
     ``ClientError(code="cut")``: one line on stderr and exit status 4, never a clean exit
     after truncated output.
     """
-    client = await Client.connect(identity)
     device, service = device_from_host(device), service_from_port(target)
+    try:
+        client = await Client.connect(identity)
+    except ClientError as exc:
+        tell_ssh(exc)
+        raise
     watch = asyncio.create_task(client.watch())
     try:
-        stream, rest = await client.dial(device, service)
+        try:
+            stream, rest = await client.dial(device, service, login)
+        except ClientError as exc:
+            tell_ssh(exc)
+            raise
         result = await splice(StreamEnds(stream, rest), StdioEnds())
         if result.error:
             raise ClientError(f"session to {device}/{service} cut after {result.a_to_b} bytes "
