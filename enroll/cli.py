@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 # Only what `enroll device` needs is imported here: a device has no sqlite-utils. Commands for
 # the CA host import the registry-backed modules when they run.
-from enroll import certs, device, output
+from enroll import certs, clitools, device, output
 from enroll.errors import RegistryError
 from enroll.labels import parse_assignments, parse_selector
 from enroll.request import parse_request, read_bundle_file
@@ -26,7 +27,8 @@ exit status:
   2  usage error (unknown option, missing argument)
 
 The state directory (CA keys, registry) is --state, else $FLEET_STATE, else
-$XDG_DATA_HOME/fleet-tunnel. Labels are key=value; selectors are key=value,
+$XDG_DATA_HOME/fleet-tunnel. A proxy address not given with --proxy is
+$FLEET_PROXY. Labels are key=value; selectors are key=value,
 key!=value, 'key in (a,b)', 'key notin (a,b)', key, !key — several are ANDed.
 """
 
@@ -50,7 +52,16 @@ def _state(args) -> FleetState:
 
 
 def _format_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", choices=output.FORMATS, default="table", help="output format (default: table)")
+    p.add_argument("--format", choices=output.FORMATS, default="table",
+                   help="output format: table for people, json or yaml for scripts (default: table)")
+
+
+def _done(args, info: dict, text: str) -> None:
+    """Report what a command did: ``text`` for people, ``info`` with --format json/yaml."""
+    if args.format != "table":
+        output.emit(info, args.format)
+    else:
+        print(text)
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -119,7 +130,7 @@ def cmd_token_revoke(args) -> int:
     state = _state(args)
     with state.registry() as reg:
         tokens.revoke(reg, args.id, actor=_actor(args))
-    print(f"token {args.id} revoked")
+    _done(args, {"token": args.id, "status": "revoked"}, f"token {args.id} revoked")
     return EXIT_OK
 
 
@@ -138,6 +149,8 @@ def cmd_device(args) -> int:
         print(f"wrote {directory / 'request.json'}: take it to the CA host and run "
               f"'enroll sign --csr request.json --token-file TOKEN_FILE --out bundle.json'", file=sys.stderr)
         return EXIT_OK
+    if not args.proxy and not args.install and not args.csr_only:
+        args.proxy = os.environ.get("FLEET_PROXY") or None
     if args.proxy:
         if not args.ca_pin:
             raise Refused("online enrollment needs --ca-pin along with --proxy")
@@ -156,7 +169,7 @@ def cmd_device(args) -> int:
         output.emit(summary, args.format)
         return EXIT_OK
     raise Refused(
-        "choose how to enroll: --proxy HOST:PORT --ca-pin PIN with the token in $FLEET_TOKEN (online), "
+        "choose how to enroll: --proxy HOST:PORT (or $FLEET_PROXY) --ca-pin PIN with the token in $FLEET_TOKEN (online), "
         "--csr-only (write a request for 'enroll sign'), or --install BUNDLE --ca-pin PIN"
     )
 
@@ -199,11 +212,16 @@ def cmd_user_issue(args) -> int:
     write_file(directory / "user.crt", certs.cert_pem(cert))
     write_file(directory / "ca.crt", certs.cert_pem(state.ca_cert))
     write_file(directory / "known_hosts", f"@cert-authority * {state.ssh_ca_public('host')}\n")
-    proxy = args.proxy or state.proxy_address
+    proxy = args.proxy or os.environ.get("FLEET_PROXY") or state.proxy_address
     write_file(directory / "client.yaml",
                f"proxy: {proxy}\nserver_name: {state.config['proxy_name']}\n")
-    print(f"user certificate for {args.name} (roles: {', '.join(roles) or 'none'}) "
-          f"valid until {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}, in {directory}", file=sys.stderr)
+    expires = f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
+    if args.format != "table":
+        output.emit({"user": args.name, "roles": roles, "expires": expires, "dir": str(directory),
+                     "proxy": proxy, "serial": format(cert.serial_number, "x")}, args.format)
+    else:
+        print(f"user certificate for {args.name} (roles: {', '.join(roles) or 'none'}) "
+              f"valid until {expires}, in {directory}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -214,7 +232,7 @@ def cmd_role_apply(args) -> int:
     state = _state(args)
     with state.registry() as reg:
         names = users.apply_roles(reg, text, actor=_actor(args))
-    print(f"applied role(s): {', '.join(names)}")
+    _done(args, {"applied": names}, f"applied role(s): {', '.join(names)}")
     return EXIT_OK
 
 
@@ -232,7 +250,7 @@ def cmd_role_rm(args) -> int:
 
     with _state(args).registry() as reg:
         users.remove_role(reg, args.name, actor=_actor(args))
-    print(f"role {args.name} removed")
+    _done(args, {"role": args.name, "status": "removed"}, f"role {args.name} removed")
     return EXIT_OK
 
 
@@ -285,7 +303,8 @@ def cmd_user_lock(args) -> int:
     with _state(args).registry() as reg:
         users.lock(reg, args.name, parse_duration(args.ttl) if args.ttl else None, args.message,
                    actor=_actor(args))
-    print(f"user {args.name} locked; open sessions are cut within a second")
+    _done(args, {"user": args.name, "status": "locked", "ttl": args.ttl, "message": args.message},
+          f"user {args.name} locked; open sessions are cut within a second")
     return EXIT_OK
 
 
@@ -294,7 +313,7 @@ def cmd_user_unlock(args) -> int:
 
     with _state(args).registry() as reg:
         users.unlock(reg, args.name, actor=_actor(args))
-    print(f"user {args.name} unlocked")
+    _done(args, {"user": args.name, "status": "unlocked"}, f"user {args.name} unlocked")
     return EXIT_OK
 
 
@@ -304,7 +323,10 @@ def cmd_user_invite(args) -> int:
     state = _state(args)
     with state.registry() as reg:
         invite = users.new_invite(reg, args.name, actor=_actor(args))
-    print(_login_command(state.proxy_address, args.name, certs.ca_pin(state.ca_cert), invite))
+    pin = certs.ca_pin(state.ca_cert)
+    _done(args, {"user": args.name, "invite": invite, "ca_pin": pin, "proxy": state.proxy_address,
+                 "expires_in": "24h"},
+          _login_command(state.proxy_address, args.name, pin, invite))
     return EXIT_OK
 
 
@@ -313,7 +335,8 @@ def cmd_user_roles(args) -> int:
 
     with _state(args).registry() as reg:
         users.set_roles(reg, args.name, args.role, actor=_actor(args))
-    print(f"user {args.name} now holds: {', '.join(args.role) or 'no roles'} (acts at once)")
+    _done(args, {"user": args.name, "roles": args.role},
+          f"user {args.name} now holds: {', '.join(args.role) or 'no roles'} (acts at once)")
     return EXIT_OK
 
 
@@ -338,21 +361,26 @@ def cmd_cert_revoke(args) -> int:
         if args.serial:
             row = admin.revoke_cert(reg, args.serial, args.message, actor=_actor(args))
             serials = [row["serial"]]
-            print(f"certificate {row['serial']} ({row['kind']} {row['subject']}) revoked; "
-                  "connections using it are refused")
+            text = (f"certificate {row['serial']} ({row['kind']} {row['subject']}) revoked; "
+                    "connections using it are refused")
         else:
             serials = admin.revoke_user_certs(reg, args.user, args.message, actor=_actor(args))
-            print(f"revoked {len(serials)} certificate(s) of user {args.user}: {', '.join(serials)}; "
-                  f"to keep them from logging in again: 'enroll user lock {args.user}'")
+            text = (f"revoked {len(serials)} certificate(s) of user {args.user}: {', '.join(serials)}; "
+                    f"to keep them from logging in again: 'enroll user lock {args.user}'")
+    _done(args, {"revoked": serials}, text)
     return EXIT_OK
 
 
 def cmd_devices(args) -> int:
     state = _state(args)
-    selector = parse_selector(args.selector)
+    parse_selector([a for a in args.selector if not clitools.is_bare(a)])  # syntax first
     with state.registry() as reg:
         all_devices = reg.devices()
-    rows = [d.as_dict() for d in all_devices if selector.matches(d.labels)]
+    # a bare argument naming an enrolled device is that device; the rest is a label selector
+    ids, terms = clitools.split_ids(args.selector, (d.id for d in all_devices))
+    selector = parse_selector(terms)
+    rows = [d.as_dict() for d in all_devices
+            if (not ids or d.id in ids) and selector.matches(d.labels)]
     output.emit(rows, args.format, DEVICE_COLUMNS)
     if not rows and selector.terms and args.format == "table":
         known = sorted({k for d in all_devices for k in d.labels})
@@ -378,7 +406,7 @@ def cmd_decommission(args) -> int:
     state = _state(args)
     with state.registry() as reg:
         dev = admin.decommission(reg, args.device, actor=_actor(args))
-    print(f"{dev.id} decommissioned; certificate {dev.cert_serial} revoked")
+    _done(args, dev.as_dict(), f"{dev.id} decommissioned; certificate {dev.cert_serial} revoked")
     return EXIT_OK
 
 
@@ -389,7 +417,7 @@ def cmd_lock(args) -> int:
     ttl = parse_duration(args.ttl) if args.ttl else None
     with state.registry() as reg:
         dev = admin.lock(reg, args.device, ttl, args.message, actor=_actor(args))
-    print(f"{dev.id} locked until {dev.locked_until}")
+    _done(args, dev.as_dict(), f"{dev.id} locked until {dev.locked_until}")
     return EXIT_OK
 
 
@@ -399,7 +427,7 @@ def cmd_unlock(args) -> int:
     state = _state(args)
     with state.registry() as reg:
         dev = admin.unlock(reg, args.device, actor=_actor(args))
-    print(f"{dev.id} unlocked")
+    _done(args, dev.as_dict(), f"{dev.id} unlocked")
     return EXIT_OK
 
 
@@ -423,6 +451,10 @@ def cmd_backup(args) -> int:
     return EXIT_OK
 
 
+def cmd_completion(args) -> int:
+    return clitools.print_completion(build_parser(), args.shell)
+
+
 # --- parser ---------------------------------------------------------------------------------
 
 
@@ -434,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="enroll", description=__doc__, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common],
     )
+    parser.add_argument("--version", action=clitools.VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name, func, help_text, **kw):
@@ -471,13 +504,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = tadd("ls", cmd_token_ls, "list tokens (never their secrets)")
     _format_arg(p)
     p = tadd("revoke", cmd_token_revoke, "revoke a token by id")
-    p.add_argument("id")
+    p.add_argument("id", help="token id, as 'enroll token ls' shows it")
+    _format_arg(p)
 
     p = add("device", cmd_device, "on the device: make keys locally and enroll (online or offline)")
     p.add_argument("--dir", required=True, help="identity directory on the device (made 0700)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--proxy", metavar="HOST:PORT",
-                      help="enroll online through the proxy (checks it against --ca-pin first)")
+                      help="enroll online through the proxy (checks it against --ca-pin first); "
+                           "default: $FLEET_PROXY when neither --csr-only nor --install is given")
     mode.add_argument("--csr-only", action="store_true",
                       help="write DIR/request.json for the offline 'enroll sign'")
     mode.add_argument("--install", metavar="BUNDLE", help="install a bundle from 'enroll sign'")
@@ -512,33 +547,40 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = uadd("add", cmd_user_add, "add an engineer; prints a one-time invite for 'tunnel login'")
-    p.add_argument("name")
+    p.add_argument("name", help="user name (what they give to 'tunnel login --user')")
     p.add_argument("--role", action="append", default=[], help="role to hold (repeatable)")
     p.add_argument("--totp", action="store_true", help="also require a TOTP one-time code at login")
     _format_arg(p)
     p = uadd("ls", cmd_user_ls, "list engineers")
     _format_arg(p)
     p = uadd("lock", cmd_user_lock, "lock an engineer out; cuts their open sessions")
-    p.add_argument("name")
+    p.add_argument("name", help="user name")
     p.add_argument("--ttl", help="lock only for this long (e.g. 1h)")
-    p.add_argument("--message", default="")
+    p.add_argument("--message", default="", help="reason, for the audit log")
+    _format_arg(p)
     p = uadd("unlock", cmd_user_unlock, "lift a user lock (and reset failed logins)")
-    p.add_argument("name")
+    p.add_argument("name", help="user name")
+    _format_arg(p)
     p = uadd("invite", cmd_user_invite, "a new one-time invite (forgotten password)")
-    p.add_argument("name")
+    p.add_argument("name", help="user name")
+    _format_arg(p)
     p = uadd("roles", cmd_user_roles, "replace the roles a user holds (acts at once)")
-    p.add_argument("name")
-    p.add_argument("--role", action="append", default=[])
+    p.add_argument("name", help="user name")
+    p.add_argument("--role", action="append", default=[],
+                   help="role to hold (repeatable); none given: the user holds no roles")
+    _format_arg(p)
 
     p = usub.add_parser("issue", parents=[common],
                         help="issue a short-lived user certificate into DIR (key made here)",
                         description="issue a short-lived user certificate into DIR (key made here)")
     p.set_defaults(func=cmd_user_issue)
-    p.add_argument("name")
+    p.add_argument("name", help="user name the certificate is for")
     p.add_argument("--role", action="append", default=[], help="role to hold (repeatable), e.g. admin")
     p.add_argument("--dir", required=True, help="identity directory to write (made 0700)")
     p.add_argument("--ttl", default="8h", help="certificate lifetime (default: 8h)")
-    p.add_argument("--proxy", metavar="HOST:PORT", help="proxy address for client.yaml (default: from fleet.yaml)")
+    p.add_argument("--proxy", metavar="HOST:PORT",
+                   help="proxy address for client.yaml (default: $FLEET_PROXY, else from fleet.yaml)")
+    _format_arg(p)
 
     cert = add("cert", None, "list and revoke issued certificates")
     csub = cert.add_subparsers(dest="cert_command", required=True, metavar="ACTION")
@@ -556,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("serial", nargs="?", metavar="SERIAL", help="hex serial, as 'enroll cert ls' shows it")
     p.add_argument("--user", metavar="NAME", help="revoke every valid certificate of this user")
     p.add_argument("--message", default="", help="why, for the audit log")
+    _format_arg(p)
     p.set_defaults(func=cmd_cert_revoke)
 
     role = add("role", None, "label-based roles (Teleport-style YAML)")
@@ -563,39 +606,52 @@ def build_parser() -> argparse.ArgumentParser:
     p = rsub.add_parser("apply", parents=[common], help="create or replace roles from a YAML file",
                         description="create or replace roles from a YAML file (several documents allowed)")
     p.add_argument("-f", "--file", required=True, help="role YAML file, or - for stdin")
+    _format_arg(p)
     p.set_defaults(func=cmd_role_apply)
     p = rsub.add_parser("ls", parents=[common], help="list roles")
     _format_arg(p)
     p.set_defaults(func=cmd_role_ls)
     p = rsub.add_parser("rm", parents=[common], help="remove a role (its holders lose it at once)")
-    p.add_argument("name")
+    p.add_argument("name", help="role name")
+    _format_arg(p)
     p.set_defaults(func=cmd_role_rm)
 
-    p = add("devices", cmd_devices, "list enrolled devices, optionally by label selector")
-    p.add_argument("selector", nargs="*", metavar="SELECTOR")
+    p = add("devices", cmd_devices, "list enrolled devices, optionally by id or label selector")
+    p.add_argument("selector", nargs="*", metavar="ID|SELECTOR",
+                   help="device ids, or label selectors (key=value, key!=value, 'key in (a,b)', "
+                        "key, !key; ANDed)")
     _format_arg(p)
 
     p = add("relabel", cmd_relabel, "set or remove labels of a device (acts at once)")
-    p.add_argument("device")
-    p.add_argument("labels", nargs="*", metavar="K=V")
-    p.add_argument("--remove", action="append", default=[], metavar="KEY")
+    p.add_argument("device", help="device id")
+    p.add_argument("labels", nargs="*", metavar="K=V", help="labels to set")
+    p.add_argument("--remove", action="append", default=[], metavar="KEY",
+                   help="label to remove (repeatable)")
     _format_arg(p)
 
     p = add("decommission", cmd_decommission, "retire a device: lifecycle decommissioned, certificate revoked")
-    p.add_argument("device")
+    p.add_argument("device", help="device id")
+    _format_arg(p)
 
     p = add("lock", cmd_lock, "block a device's connections and sessions until unlocked")
-    p.add_argument("device")
+    p.add_argument("device", help="device id")
     p.add_argument("--ttl", help="lock only for this long (e.g. 1h); default: until unlocked")
     p.add_argument("--message", default="", help="reason shown to engineers and in the audit log")
+    _format_arg(p)
 
     p = add("unlock", cmd_unlock, "lift a device lock")
-    p.add_argument("device")
+    p.add_argument("device", help="device id")
+    _format_arg(p)
 
     p = add("backup", cmd_backup, "copy the registry while the proxy runs (SQLite online backup), "
             "then verify the copy's audit chain")
     p.add_argument("dest", metavar="DEST", help="new file to write (0600; never overwritten)")
     _format_arg(p)
+
+    p = add("completion", cmd_completion, "print a shell completion script (bash, zsh or fish)")
+    p.description += ("; load it with 'source <(enroll completion bash)' (zsh: the same with zsh), "
+                      "or 'enroll completion fish | source'")
+    p.add_argument("shell", choices=clitools.SHELLS, help="the shell to complete in")
     return parser
 
 

@@ -13,6 +13,8 @@ FORMATS = ("table", "json", "yaml")
 def _cell(value) -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool):  # people read yes/no, not Python's True/False
+        return "yes" if value else "no"
     if isinstance(value, dict):
         return ",".join(f"{k}={v}" for k, v in sorted(value.items())) or "-"
     if isinstance(value, list | tuple):

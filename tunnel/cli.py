@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from enroll import output
+from enroll import clitools, output
 from enroll.labels import LabelError, parse_selector
 from enroll.secret_input import ArgvSecretAction, read_secret
 from enroll.state import FleetState, StateError, default_state_dir, parse_duration
@@ -34,7 +34,8 @@ exit status:
   4  a session was cut: it was open and did not end cleanly (the data may be incomplete)
 
 Engineer commands read the identity directory --identity, else $FLEET_IDENTITY,
-else ~/.config/fleet-tunnel (user.crt, user.key, ca.crt, client.yaml).
+else ~/.config/fleet-tunnel (user.crt, user.key, ca.crt, client.yaml), and dial
+the proxy --proxy, else $FLEET_PROXY, else the one in client.yaml.
 For OpenSSH:  ssh -o ProxyCommand='tunnel proxy-command %h %p' LOGIN@DEVICE
 """
 
@@ -126,9 +127,14 @@ def cmd_agent(args) -> int:
 
 
 def _identity(args) -> UserIdentity:
-    from tunnel.client import UserIdentity
+    """The engineer identity: --identity, else $FLEET_IDENTITY, else the XDG default, made
+    absolute (ssh_config and kubeconfig entries name files in it and are used from any
+    directory); the proxy is --proxy, else $FLEET_PROXY, else client.yaml's."""
+    from tunnel.client import UserIdentity, default_identity_dir
 
-    return UserIdentity.load(Path(args.identity) if args.identity else None, args.proxy)
+    directory = Path(args.identity) if args.identity else default_identity_dir()
+    proxy = args.proxy or os.environ.get("FLEET_PROXY") or None
+    return UserIdentity.load(directory.expanduser().absolute(), proxy)
 
 
 async def _with_client(args, fn):
@@ -167,12 +173,17 @@ def cmd_forward(args) -> int:
 
 
 def cmd_ls(args) -> int:
-    selector = parse_selector(args.selector)
+    # bad selector syntax fails before dialing; bare words may be ids, checked once listed
+    parse_selector([a for a in args.selector if not clitools.is_bare(a)])
     body = asyncio.run(_with_client(args, lambda c: c.request("ls")))
-    rows = [d for d in body["devices"] if selector.matches(d["labels"])]
+    devices = body["devices"]
+    # a bare argument naming a device you may reach is that device; the rest is a selector
+    ids, terms = clitools.split_ids(args.selector, (d["id"] for d in devices))
+    selector = parse_selector(terms)
+    rows = [d for d in devices if (not ids or d["id"] in ids) and selector.matches(d["labels"])]
     output.emit(rows, args.format, LS_COLUMNS)
-    if not rows and selector.terms and args.format == "table":
-        print(f"no device you may reach matches {selector}", file=sys.stderr)
+    if not rows and args.selector and args.format == "table":
+        print(f"no device you may reach matches {' '.join(args.selector)}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -230,7 +241,10 @@ def cmd_logout(args) -> int:
     from tunnel.client import default_identity_dir
 
     removed = engineer.logout(Path(args.identity) if args.identity else default_identity_dir())
-    print("logged out" + (f" (removed {', '.join(removed)})" if removed else " (nothing to remove)"))
+    if args.format != "table":
+        output.emit({"removed": list(removed)}, args.format)
+    else:
+        print("logged out" + (f" (removed {', '.join(removed)})" if removed else " (nothing to remove)"))
     return EXIT_OK
 
 
@@ -244,7 +258,9 @@ def cmd_ssh_cert(args) -> int:
     from tunnel import engineer
 
     path = asyncio.run(engineer.fetch_ssh_cert(_identity(args), args.device, args.login))
-    if args.print_path:
+    if args.format != "table":
+        output.emit({"device": args.device, "login": args.login, "certificate": str(path)}, args.format)
+    elif args.print_path:
         print(path)
     return EXIT_OK
 
@@ -255,8 +271,11 @@ def cmd_config(args) -> int:
     identity = _identity(args)
     engineer.ensure_ssh_key(identity)
     text = engineer.ssh_config(identity, args.hosts)
-    if args.write:
-        path = engineer.write_ssh_config(identity, args.hosts)
+    path = engineer.write_ssh_config(identity, args.hosts) if args.write else None
+    if args.format != "table":
+        output.emit({"hosts": args.hosts, "path": str(path) if path else None, "ssh_config": text},
+                    args.format)
+    elif path:
         print(f"wrote {path}; use it with: ssh -F {path} LOGIN@DEVICE  (or Include it)", file=sys.stderr)
     else:
         sys.stdout.write(text)
@@ -346,11 +365,21 @@ def cmd_db(args) -> int:
 # --- parser ---------------------------------------------------------------------------------
 
 
+def _format_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=output.FORMATS, default="table",
+                   help="output format: table for people, json or yaml for scripts (default: table)")
+
+
+def cmd_completion(args) -> int:
+    return clitools.print_completion(build_parser(), args.shell)
+
+
 def build_parser(*, ops: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunnel", description=__doc__, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action=clitools.VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name, func, help_text):
@@ -362,11 +391,15 @@ def build_parser(*, ops: bool = True) -> argparse.ArgumentParser:
     def logging_args(p):
         p.add_argument("--log-format", choices=("text", "json"), default="text",
                        help="log lines on stderr as text or JSON lines (default: text)")
-        p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+        p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                       help="least severe log lines to write (default: info)")
 
     def engineer_args(p):
-        p.add_argument("--identity", metavar="DIR", help="engineer identity directory")
-        p.add_argument("--proxy", metavar="HOST:PORT", help="override the proxy in client.yaml")
+        p.add_argument("--identity", metavar="DIR",
+                       help="engineer identity directory (default: $FLEET_IDENTITY, else "
+                            "~/.config/fleet-tunnel)")
+        p.add_argument("--proxy", metavar="HOST:PORT",
+                       help="proxy to dial (default: $FLEET_PROXY, else the one in client.yaml)")
 
     p = add("proxy", cmd_proxy, "run the proxy: agents and engineers on one UDP port")
     p.add_argument("--state", metavar="DIR", help="fleet state directory (default: $FLEET_STATE or XDG data dir)")
@@ -403,15 +436,17 @@ def build_parser(*, ops: bool = True) -> argparse.ArgumentParser:
     engineer_args(p)
 
     p = add("forward", cmd_forward, "listen locally; each connection becomes a session to a device service")
-    p.add_argument("device")
+    p.add_argument("device", help="device id")
     p.add_argument("service", help="service name as listed in the agent config (e.g. postgres, kube)")
     p.add_argument("--local", default="127.0.0.1:0", metavar="HOST:PORT",
                    help="local listen address (default: 127.0.0.1 and a free port)")
     engineer_args(p)
 
     p = add("ls", cmd_ls, "list the devices you may reach, with labels and online state")
-    p.add_argument("selector", nargs="*", metavar="SELECTOR")
-    p.add_argument("--format", choices=output.FORMATS, default="table")
+    p.add_argument("selector", nargs="*", metavar="ID|SELECTOR",
+                   help="device ids, or label selectors (key=value, key!=value, 'key in (a,b)', "
+                        "key, !key; ANDed)")
+    _format_arg(p)
     engineer_args(p)
 
     try:  # ops' audit commands need the [server] extra (sqlite-utils); a device has none
@@ -424,8 +459,10 @@ def build_parser(*, ops: bool = True) -> argparse.ArgumentParser:
         audit_cmd.register(sub)
 
     p = add("login", cmd_login, "log in to the proxy: a short-lived certificate for a key made here")
-    p.add_argument("--proxy", required=True, metavar="HOST:PORT")
-    p.add_argument("--user", required=True)
+    proxy_env = os.environ.get("FLEET_PROXY") or None
+    p.add_argument("--proxy", required=proxy_env is None, default=proxy_env, metavar="HOST:PORT",
+                   help="the proxy to log in to (default: $FLEET_PROXY)")
+    p.add_argument("--user", required=True, help="your user name, as 'enroll user add' made it")
     p.add_argument("--invite-file", metavar="FILE",
                    help="first login: read the one-time invite from FILE (- or --invite alone: stdin, "
                         "or a prompt on a terminal); default: $FLEET_INVITE")
@@ -441,38 +478,44 @@ def build_parser(*, ops: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--password-stdin", action="store_true",
                    help="read the password from stdin (default: ask on the terminal)")
     p.add_argument("--server-name", help="name in the proxy certificate (default: the --proxy host)")
-    p.add_argument("--identity", metavar="DIR", help="where to store the identity")
-    p.add_argument("--format", choices=output.FORMATS, default="table")
+    p.add_argument("--identity", metavar="DIR",
+                   help="where to store the identity (default: $FLEET_IDENTITY, else ~/.config/fleet-tunnel)")
+    _format_arg(p)
 
     p = add("logout", cmd_logout, "remove your certificate and SSH certificates")
-    p.add_argument("--identity", metavar="DIR")
+    p.add_argument("--identity", metavar="DIR",
+                   help="identity directory (default: $FLEET_IDENTITY, else ~/.config/fleet-tunnel)")
+    _format_arg(p)
 
     p = add("whoami", cmd_whoami, "your roles, certificate expiry and what you can reach")
-    p.add_argument("--format", choices=output.FORMATS, default="table")
+    _format_arg(p)
     engineer_args(p)
 
     p = add("ssh-cert", cmd_ssh_cert, "fetch the SSH certificate for LOGIN on DEVICE (used by ssh_config)")
-    p.add_argument("device")
-    p.add_argument("login")
-    p.add_argument("--print-path", action="store_true")
+    p.add_argument("device", help="device id")
+    p.add_argument("login", help="login name on the device")
+    p.add_argument("--print-path", action="store_true", help="print the certificate's path")
+    _format_arg(p)
     engineer_args(p)
 
     p = add("config", cmd_config, "print an ssh_config block for 'ssh LOGIN@DEVICE.fleet'")
     p.add_argument("--hosts", default="*.fleet", help="Host pattern (default: *.fleet; '*' for use with -F)")
     p.add_argument("--write", action="store_true", help="write it into the identity directory instead")
+    _format_arg(p)
     engineer_args(p)
 
     p = add("ssh", cmd_ssh, "OpenSSH to LOGIN@DEVICE through the tunnel, with a per-session certificate")
-    p.add_argument("target", metavar="LOGIN@DEVICE")
-    p.add_argument("command", nargs=argparse.REMAINDER)
+    p.add_argument("target", metavar="LOGIN@DEVICE", help="login name and device id")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="command to run on the device")
     p.add_argument("-o", dest="ssh_option", action="append", default=[], type=lambda o: f"-o{o}",
                    help="extra ssh option (repeatable)")
     engineer_args(p)
 
     p = add("kube", cmd_kube, "forward to a device's Kubernetes API and add a kubeconfig context")
-    p.add_argument("device")
-    p.add_argument("--service", default="kube")
-    p.add_argument("--local", default="127.0.0.1:0", metavar="HOST:PORT")
+    p.add_argument("device", help="device id")
+    p.add_argument("--service", default="kube", help="the device's Kubernetes API service (default: kube)")
+    p.add_argument("--local", default="127.0.0.1:0", metavar="HOST:PORT",
+                   help="local listen address (default: 127.0.0.1 and a free port)")
     p.add_argument("--kubeconfig", help="file to update (default: ~/.kube/config)")
     p.add_argument("--certificate-authority", metavar="FILE",
                    help="the device cluster's CA certificate, so kubectl verifies TLS")
@@ -480,17 +523,23 @@ def build_parser(*, ops: bool = True) -> argparse.ArgumentParser:
     engineer_args(p)
 
     p = add("db", cmd_db, "forward to a device's database and print the connection string")
-    p.add_argument("device")
-    p.add_argument("--service", default="postgres")
-    p.add_argument("--local", default="127.0.0.1:0", metavar="HOST:PORT")
+    p.add_argument("device", help="device id")
+    p.add_argument("--service", default="postgres", help="the device's database service (default: postgres)")
+    p.add_argument("--local", default="127.0.0.1:0", metavar="HOST:PORT",
+                   help="local listen address (default: 127.0.0.1 and a free port)")
     p.add_argument("--db-user", help="user name to put in the connection string")
     p.add_argument("--database", help="database name to put in the connection string")
     engineer_args(p)
 
     p = add("status", cmd_status, "connected agents: address, transport, sessions, bytes, migrations")
     p.add_argument("device", nargs="?", help="only this device")
-    p.add_argument("--format", choices=output.FORMATS, default="table")
+    _format_arg(p)
     engineer_args(p)
+
+    p = add("completion", cmd_completion, "print a shell completion script (bash, zsh or fish)")
+    p.description += ("; load it with 'source <(tunnel completion bash)' (zsh: the same with zsh), "
+                      "or 'tunnel completion fish | source'")
+    p.add_argument("shell", choices=clitools.SHELLS, help="the shell to complete in")
     return parser
 
 
