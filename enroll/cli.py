@@ -134,9 +134,29 @@ def cmd_token_revoke(args) -> int:
     return EXIT_OK
 
 
+def _services(entries: list[str] | None) -> dict[str, str] | None:
+    """``--service NAME=HOST:PORT`` entries, checked before anything is written or a token spent."""
+    if not entries:
+        return None
+    from enroll.labels import MAX_SERVICES, SERVICE_NAME_RULE, valid_service_name
+
+    services = {}
+    for entry in entries:
+        name, sep, address = entry.partition("=")
+        host, colon, port = address.rpartition(":")
+        if not sep or not colon or not host or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise Refused(f"--service {entry!r}: expected NAME=HOST:PORT, e.g. ssh=127.0.0.1:22")
+        if not valid_service_name(name):
+            raise Refused(f"--service {entry!r}: a service name is {SERVICE_NAME_RULE}")
+        services[name] = address
+    if len(services) > MAX_SERVICES:
+        raise Refused(f"{len(services)} services given; at most {MAX_SERVICES}")
+    return services
+
+
 def cmd_device(args) -> int:
     directory = Path(args.dir)
-    services = dict(s.split("=", 1) for s in args.service) if args.service else None
+    services = _services(args.service)
     if args.install:
         if not args.ca_pin:
             raise Refused("--install needs --ca-pin sha256:... (from 'enroll init') to check the bundle")

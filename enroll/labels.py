@@ -184,3 +184,19 @@ def parse_selector(args: str | list[str] | tuple[str, ...]) -> Selector:
                 raise LabelError(f"bad selector {arg!r}: empty term; {_SELECTOR_HELP}")
             terms.append(_parse_term(part))
     return Selector(tuple(terms))
+
+
+# --- service names -----------------------------------------------------------------------------
+# Checked where a device's services are written (``enroll device --service``) and where the agent
+# loads them (tunnel.agent_config), so a name the agent would refuse is never written.
+
+#: A service name: lowercase ASCII only, so a name has exactly one spelling (no case, width or
+#: script variants that a deny rule would miss) and can never be mistaken for a port number.
+SERVICE_NAME = re.compile(r"[a-z][a-z0-9_.-]{0,62}")
+SERVICE_NAME_RULE = "a lowercase ASCII letter, then letters, digits, '.', '_' or '-' (at most 63)"
+#: The agent reports its service table in its hello, a stream header of at most 4 KiB.
+MAX_SERVICES = 32
+
+
+def valid_service_name(name: object) -> bool:
+    return isinstance(name, str) and SERVICE_NAME.fullmatch(name) is not None

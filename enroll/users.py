@@ -273,11 +273,18 @@ def source_of(remote: str | None) -> str:
 
 
 def _wait_left(registry: Registry, name: str, source: str, now: dt.datetime) -> float:
-    """Seconds this (name, source) must still wait: the larger of its own and the name's slowdown."""
+    """Seconds this (name, source) must still wait: the larger of its own and the name's slowdown.
+
+    The name's slowdown (failures from everywhere together) applies only to a source that has
+    failed for this name itself: others cannot lock the user out of a clean address, however
+    many addresses they use, while a guesser gets at most one try per new address.
+    """
     left = 0.0
     rows = registry.db.execute(
         "SELECT source, failed, last_failed_at FROM login_failures WHERE name = ? AND source IN (?, ?)",
         [name, source, ALL_SOURCES]).fetchall()
+    if not any(row_source == source for row_source, _, _ in rows):
+        return 0.0
     for row_source, failed, last in rows:
         wait = slowdown(failed, FREE_PER_NAME if row_source == ALL_SOURCES else FREE_PER_SOURCE)
         if wait:
@@ -334,7 +341,7 @@ def authenticate(registry: Registry, name: str, *, password: str, invite: str | 
         step = totp_step(user["totp_secret"], totp_code or "", now.timestamp())
         if step is None:
             _failed(registry, name, source, now)
-            raise LoginError("one-time code missing or wrong (pass --totp CODE)")
+            raise LoginError("one-time code missing or wrong (pass --totp to be prompted, --totp-file FILE or $FLEET_TOTP)")
     _refuse_if_locked(user, now)
     upgraded = hash_password(password) if needs_rehash(user["password_hash"]) else None
     with registry.write() as db:

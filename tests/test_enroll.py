@@ -304,3 +304,14 @@ def test_cli_bad_input(cli, fleet, args, fragment):
     status, _, err = cli(*args)
     assert status == 1 and fragment in err and err.startswith("enroll: error:")
     assert snapshot(fleet) == before
+
+
+@pytest.mark.parametrize("entry", ["SSH=127.0.0.1:22", "ssh=127.0.0.1:２２", "ssh", "４３=127.0.0.1:5432",
+                                   "ssh=127.0.0.1:0"])
+def test_device_refuses_a_service_the_agent_would_refuse(cli, tmp_path, entry):
+    """A service name or port the agent cannot load is refused before anything is written (no
+    token spent, no agent.yaml that makes the agent exit at start)."""
+    dev_dir = tmp_path / "dev"
+    status, _, err = cli("device", "--dir", dev_dir, "--csr-only", "--service", entry)
+    assert status == 1 and "--service" in err
+    assert not dev_dir.exists()

@@ -52,9 +52,11 @@ def test_wifi_to_cellular_make_before_break(tl):
     migrated = agent_events(tl, "mbb", "migrated")
     assert migrated and migrated[-1]["uplink"] == "cellular" and migrated[-1]["old_uplink"] == "wifi"
     wait_until(lambda: tl.audit("device.migrate", device="mbb"), 5, what="device.migrate audit")
-    event = tl.audit("device.migrate", device="mbb")[-1]
-    assert event["fields"]["new"].startswith(dev.public_address("cellular") + ":")
-    assert event["fields"]["old"].startswith(dev.public_address("wifi") + ":")
+    # the wifi -> cellular move is audited (a NAT may rebind the new flow once more right after
+    # it, which is audited as a further move from one cellular address to another)
+    moves = [(e["fields"]["old"], e["fields"]["new"]) for e in tl.audit("device.migrate", device="mbb")]
+    assert any(old.startswith(dev.public_address("wifi") + ":")
+               and new.startswith(dev.public_address("cellular") + ":") for old, new in moves), moves
     status = tl.status("mbb")
     assert status["address"].startswith(dev.public_address("cellular") + ":")
     assert status["migrations"] >= 1

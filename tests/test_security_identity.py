@@ -9,6 +9,7 @@ import datetime as dt
 import hashlib
 import json
 import secrets
+import signal
 import threading
 
 import pytest
@@ -256,18 +257,24 @@ def test_a_flood_from_one_address_does_not_lock_the_user_out_elsewhere(reg, monk
     with pytest.raises(users.LoginError, match="too many failed logins"):
         users.authenticate(reg, "judy", password="guess", source="203.0.113.66",
                            now=NOW + dt.timedelta(seconds=31))
-    # many addresses together hit the (much higher) per-name ceiling
+    # many addresses together hit the (much higher) per-name ceiling: from then on every
+    # address that has failed itself is slowed at once (one guess per new address) ...
     for i in range(users.FREE_PER_NAME):
         with pytest.raises(users.LoginError):
             users.authenticate(reg, "judy", password="guess", source=f"10.0.{i // 250}.{i % 250}",
                                now=NOW + dt.timedelta(seconds=40))
+    with pytest.raises(users.LoginError):
+        users.authenticate(reg, "judy", password="guess", source="10.9.9.9", now=NOW + dt.timedelta(seconds=41))
     with pytest.raises(users.LoginError, match="too many failed logins"):
-        users.authenticate(reg, "judy", password="correct horse battery", source="192.0.2.10",
+        users.authenticate(reg, "judy", password="correct horse battery", source="10.9.9.9",
                            now=NOW + dt.timedelta(seconds=41))
+    # ... but an address with no failure of its own is never locked out by the others
+    assert users.authenticate(reg, "judy", password="correct horse battery", source="192.0.2.77",
+                              now=NOW + dt.timedelta(seconds=41))
 
 
 def test_login_probing_and_flooding_through_the_proxy(fleet):
-    fleet.start_proxy()
+    proxy = fleet.start_proxy()
     with fleet.state.registry() as reg:
         invite, _ = users.add(reg, "kim", ["admin"])
     assert login(fleet, "kim", "kims long password", invite=invite)[0]["ok"]
@@ -288,8 +295,14 @@ def test_login_probing_and_flooding_through_the_proxy(fleet):
     # the flood from 127.0.0.2 does not stop kim on 127.0.0.1
     reply, _ = login(fleet, "kim", "kims long password", source="127.0.0.1")
     assert reply["ok"], reply
+    # known names: one event per failure; unknown names are summed up per source (the proxy's
+    # anonymous-refusal summary, written when its minute ends or at shutdown)
     failed = [e for e in fleet.audit() if e["type"] == "user.login.failed"]
-    assert len(failed) == 8 and {e["fields"]["remote"].rsplit(":", 1)[0] for e in failed} == {"127.0.0.2"}
+    assert len(failed) == 4 and {e["actor"] for e in failed} == {"user:kim"}
+    assert {e["fields"]["remote"].rsplit(":", 1)[0] for e in failed} == {"127.0.0.2"}
+    fleet.stop(proxy, signal.SIGTERM)
+    summaries = [e for e in fleet.audit() if e["type"] == "anonymous.refused"]
+    assert sum(e["fields"]["codes"].get("login_unknown_user", 0) for e in summaries) == 4
 
 
 # --- items 5 and 6: renewal ---------------------------------------------------------------------------

@@ -161,6 +161,15 @@ class Agent:
         self._next_conn: Connection | None = None  # a QUIC connection found while on TCP
         self._conn_sessions: dict[Connection, int] = {}  # open sessions per connection
         self._interception: str | None = None  # a TLS-interception error to report once through
+        self._tasks: set[asyncio.Task] = set()  # sessions, drains, uplink reports (see _spawn)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        """Start a task and keep it until it ends: the event loop holds tasks only weakly, so
+        an unreferenced session task could be garbage-collected mid-session."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def stop(self) -> None:
         self._stop.set()
@@ -404,7 +413,7 @@ class Agent:
                 t.cancel()
             if self._next_conn is not None and self._conn_sessions.get(conn):
                 # moving to QUIC: open sessions finish on the old connection, new ones go to QUIC
-                asyncio.create_task(self._drain(conn))
+                self._spawn(self._drain(conn))
             else:
                 conn.close(0, "agent reconnecting")
             self.conn = None
@@ -497,7 +506,7 @@ class Agent:
             event(log, "migrated", old=old_local, new=route.source,
                   old_uplink=old.uplink if old else None, uplink=route.uplink, outage=outage)
             if old is None or old.uplink != route.uplink:
-                asyncio.create_task(self._tell_uplink(conn))
+                self._spawn(self._tell_uplink(conn))
 
     async def _tell_uplink(self, conn: Connection) -> None:
         with contextlib.suppress(TransportError, wire.HeaderError, TimeoutError):
@@ -540,7 +549,7 @@ class Agent:
     async def _accept(self, conn: Connection) -> None:
         while True:
             stream = await conn.accept_stream()
-            asyncio.create_task(self._session(stream, conn))
+            self._spawn(self._session(stream, conn))
 
     async def _session(self, stream: Stream, conn: Connection) -> None:
         try:

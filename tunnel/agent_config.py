@@ -38,6 +38,7 @@ from pathlib import Path
 
 import yaml
 
+from enroll.labels import MAX_SERVICES, SERVICE_NAME_RULE, valid_service_name
 from enroll.state import parse_duration
 
 
@@ -45,16 +46,6 @@ class ConfigError(ValueError):
     pass
 
 
-#: A service name: lowercase ASCII only, so a name has exactly one spelling (no case, width or
-#: script variants that a deny rule would miss) and can never be mistaken for a port number.
-SERVICE_NAME = re.compile(r"[a-z][a-z0-9_.-]{0,62}")
-SERVICE_NAME_RULE = "a lowercase ASCII letter, then letters, digits, '.', '_' or '-' (at most 63)"
-#: The agent reports its service table in its hello, a stream header of at most 4 KiB.
-MAX_SERVICES = 32
-
-
-def valid_service_name(name: object) -> bool:
-    return isinstance(name, str) and SERVICE_NAME.fullmatch(name) is not None
 
 
 def ascii_port(text: str) -> int | None:

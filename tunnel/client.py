@@ -144,12 +144,17 @@ class Client:
         makes every open stream raise, so each session is cut (a reset, never a clean end).
         """
         silent = 0.0
+        loop = asyncio.get_running_loop()
         while True:
-            started = time.monotonic()
+            started, started_loop = time.monotonic(), loop.time()
             try:
                 await self.conn.ping(interval)
                 silent = 0.0
             except TimeoutError:
+                # a PING answer can queue behind bulk data (HTTP/2 over TCP): data heard counts
+                if getattr(self.conn, "last_received", 0.0) >= started_loop:
+                    silent = 0.0
+                    continue
                 silent += time.monotonic() - started
                 if silent >= dead_after:
                     self.dead = f"the proxy did not answer for {silent:.0f}s"

@@ -17,6 +17,7 @@ are admitted by :func:`tunnel.admission.admit`. Every refusal is audited.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import datetime as dt
 import logging
@@ -43,7 +44,7 @@ from tunnel.protocol import (
     read_header,
     reply_with_body,
 )
-from tunnel.ratelimit import RateLimiter, RefusalTally
+from tunnel.ratelimit import RateLimiter, RefusalTally, source_of
 from tunnel.registry_writer import RegistryWriter
 from tunnel.splice import StreamEnds, splice
 from tunnel.transport import (
@@ -68,6 +69,10 @@ HELLO_WAIT = 2.0
 #: (registry locked, disk full): the event is still written when the registry frees up, and a
 #: ``session.end`` queued behind it keeps the log paired.
 START_AUDIT_WAIT = 3.0
+#: Threads that run login password checks (each scrypt holds 128 MiB; see enroll.users), and
+#: how many logins may wait for one before new ones are refused ``busy``.
+LOGIN_THREADS = 2
+MAX_PENDING_LOGINS = 16
 #: How long a refusal waits for its audit event before answering anyway.
 DENIAL_AUDIT_WAIT = 3.0
 #: On SIGTERM: how long open sessions get to end and write their ``session.end``.
@@ -185,6 +190,10 @@ class Proxy:
         # All anonymous peers together (enrollment and login), whatever their number of addresses.
         self.anonymous_limiter = RateLimiter(rate=anonymous_rate, burst=max(1.0, anonymous_rate * 2))
         self.refusals = RefusalTally(window=refusal_window)
+        # logins run scrypt off the event loop on their own threads, so a login flood never
+        # takes the default executor that renewals, enrollments and the writer's close use
+        self._login_pool = concurrent.futures.ThreadPoolExecutor(LOGIN_THREADS, thread_name_prefix="login")
+        self._logins_pending = 0
         self.watch_interval = watch_interval
         self.server = self.tcp_server = None
         self.writer: RegistryWriter | None = None
@@ -273,6 +282,7 @@ class Proxy:
         if self.writer:
             await self._flush_at_stop()
             await self.writer.close()
+        self._login_pool.shutdown(wait=False, cancel_futures=True)
         self.registry.close()
 
     def _spawn(self, coro) -> asyncio.Task:
@@ -298,11 +308,13 @@ class Proxy:
         except Denied as denied:
             actor = _actor_of(conn.peer_certificate)
             dev = self.registry.device(actor.split(":", 1)[1]) if actor.startswith("device:") else None
-            await self._audit(
+            # bounded: the peer must get its refusal code (an agent stops or waits by it) even
+            # while the registry is locked; the event stays queued
+            await self._settled(self._audit(
                 "access.denied", actor=actor, device=dev.id if dev else None,
                 labels=dev.labels if dev else None, result="denied", reason=denied.reason,
                 code=denied.code, remote=remote, stage="connect",
-            )
+            ))
             event(log, "refused", level=logging.WARNING, actor=actor, code=denied.code, remote=remote)
             self.metrics.refused(denied.code, "connect")
             raise Refused(CODES[denied.code], f"{denied.code}: {denied.reason}") from None
@@ -346,16 +358,21 @@ class Proxy:
                 now=now, remote=remote, transport=link.transport, replaced=old is not None,
             )
 
-        await self.writer.submit(connected)
-        event(log, "agent connected", device=device_id, remote=remote)
+        written = self.writer.submit(connected)
         conn.on_path_change = lambda change: self._on_path_change(link, change)
         accept = self._spawn(self._agent_requests(link))
         probe = self._spawn(self._probe_agent(link))
-        error = await conn.wait_closed()
-        accept.cancel()
-        probe.cancel()
-        if self.agents.get(device_id) is link:
-            del self.agents[device_id]
+        try:
+            # A registry that is locked or full must not keep the agent's hello unread (nor the
+            # device listed online on a connection nobody serves): the write stays queued.
+            await self._settled(written, DENIAL_AUDIT_WAIT)
+            event(log, "agent connected", device=device_id, remote=remote)
+            error = await conn.wait_closed()
+        finally:
+            accept.cancel()
+            probe.cancel()
+            if self.agents.get(device_id) is link:
+                del self.agents[device_id]
         reason = link.dead_reason or (error.reason if error else "closed by proxy")
         dev = self.registry.device(device_id)
         now = dt.datetime.now(dt.UTC)
@@ -370,7 +387,7 @@ class Proxy:
                 bytes_to_device=link.bytes_down, bytes_from_device=link.bytes_up,
             )
 
-        await self.writer.submit(disconnected)
+        await self._settled(self.writer.submit(disconnected), DENIAL_AUDIT_WAIT)
         event(log, "agent disconnected", device=device_id, reason=reason)
 
     async def _probe_agent(self, link: AgentLink) -> None:
@@ -494,6 +511,10 @@ class Proxy:
                         labels=dev.labels if dev else None,
                         result="denied", reason=str(exc), code=code, stage="agent-request")
             await _try_write(stream, wire.reply_refused(code, str(exc)))
+        except sqlite3.Error as exc:  # the registry is locked or full: answer, never time out
+            event(log, "agent request failed", level=logging.ERROR, device=link.device_id, error=str(exc))
+            await _try_write(stream, wire.reply_refused(
+                "registry_unavailable", f"the proxy cannot write its registry now ({exc}); retry later"))
         except TransportError:
             return
         stream.write_eof()
@@ -762,7 +783,8 @@ class Proxy:
         audited by :meth:`_login`. A refused request never spends a token.
         """
         remote = "{}:{}".format(*conn.remote_address[:2])
-        source = conn.remote_address[0]
+        # an IPv6 host holds a whole /64: limit and count it as one source, not per address
+        source = source_of(conn.remote_address[0])
         try:
             stream = await asyncio.wait_for(conn.accept_stream(), HEADER_TIMEOUT)
         except (TransportError, TimeoutError):
@@ -884,12 +906,20 @@ class Proxy:
         from enroll.state import parse_duration
 
         name = str(args.get("user", ""))
+        if self._logins_pending >= MAX_PENDING_LOGINS:
+            # each login costs a 128 MiB scrypt on one of LOGIN_THREADS threads: queue no deeper
+            raise _Tallied("busy", "the proxy is refusing logins for a moment (too many at once); "
+                                   "retry in a few seconds")
         try:
             public_key = certs.check_csr(str(args.get("csr", "")))
-            user = await asyncio.to_thread(
-                _authenticate_in_thread, self.state, name, str(args.get("password", "")),
-                args.get("invite"), args.get("totp"), users.source_of(remote),
-            )
+            self._logins_pending += 1
+            try:
+                user = await asyncio.get_running_loop().run_in_executor(
+                    self._login_pool, _authenticate_in_thread, self.state, name,
+                    str(args.get("password", "")), args.get("invite"), args.get("totp"),
+                    users.source_of(remote))
+            finally:
+                self._logins_pending -= 1
             roles = users.load_roles(self.registry, user["roles"])
             requested = parse_duration(str(args["ttl"])) if args.get("ttl") else None
             # never longer than the fleet's user lifetime; roles' max_session_ttl shorten it
@@ -897,8 +927,13 @@ class Proxy:
             cert = issue_user(self.state, self.registry, name, public_key, user["roles"], ttl,
                               actor=f"user:{name}", origin="login")
         except (users.LoginError, certs.CertError, ValueError) as exc:
-            await self._audit("user.login.failed", actor=f"user:{name or '?'}", result="denied",
-                        reason=str(exc), remote=remote)
+            if users.get(self.registry, name) is None:
+                # a name with no account: summed up per source like other anonymous refusals
+                # (the reply is the same as for a real account, so nothing leaks to the peer)
+                self.refusals.note(remote.rpartition(":")[0].strip("[]"), "login_unknown_user")
+            else:
+                await self._audit("user.login.failed", actor=f"user:{name or '?'}", result="denied",
+                            reason=str(exc), remote=remote)
             await _try_write(stream, wire.reply_refused("login_failed", str(exc)))
             _finish(stream)
             return
