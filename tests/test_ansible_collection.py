@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from tests.test_ansible import REPO, ansible_cmd, ansible_env
+from test_ansible import REPO, ansible_cmd, ansible_env
 
 COLL = REPO / "ansible_collections" / "fleet" / "tunnel"
 PLAYBOOKS = ["agent", "collect_logs", "enroll", "firmware_report", "proxy"]
