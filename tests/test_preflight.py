@@ -133,3 +133,22 @@ def test_allowed_db_prints_the_url_and_forwards(world):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
+
+
+def test_no_check_skips_the_preflight(world):
+    """``--no-check``: for a service that must not see an extra connection; refusals come per session."""
+    before = len(world.audit())
+    proc = subprocess.Popen([PY, "-m", "tunnel.cli", "forward", "dev-on", "postgres", "--no-check",
+                             "--identity", str(world.ops)],
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                            env={**os.environ, **world.env})
+    try:
+        port = _started(proc)
+        assert not [e for e in world.audit()[before:] if e["type"] in ("access.denied", "session.start")]
+        assert _echoes(port, b"x") == b""  # refused now, per connection (a reset or an empty read)
+    except ConnectionResetError:
+        pass
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=10)[1]
+    assert "exposes no service 'postgres'" in rest, rest

@@ -168,7 +168,7 @@ def cmd_forward(args) -> int:
     def ready(addr):
         print(f"forwarding {addr[0]}:{addr[1]} -> {args.device}/{args.service}", file=sys.stderr, flush=True)
 
-    _run(forward(_identity(args), args.device, args.service, host, port, ready))
+    _run(forward(_identity(args), args.device, args.service, host, port, ready, args.check))
     return EXIT_OK
 
 
@@ -344,7 +344,7 @@ def cmd_kube(args) -> int:
         print(f"kubeconfig context fleet-{args.device} -> 127.0.0.1:{addr[1]} in {kubeconfig}; "
               "keep this running while you use kubectl", file=sys.stderr, flush=True)
 
-    _run(forward(identity, args.device, args.service, host, port, ready))
+    _run(forward(identity, args.device, args.service, host, port, ready, args.check))
     return EXIT_OK
 
 
@@ -358,11 +358,18 @@ def cmd_db(args) -> int:
         print(f"postgresql://{user}{addr[0]}:{addr[1]}/{args.database or ''}", flush=True)
         print(f"forwarding to {args.device}/{args.service}; Ctrl-C to stop", file=sys.stderr, flush=True)
 
-    _run(forward(_identity(args), args.device, args.service, host, port, ready))
+    _run(forward(_identity(args), args.device, args.service, host, port, ready, args.check))
     return EXIT_OK
 
 
 # --- parser ---------------------------------------------------------------------------------
+
+
+def _check_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="do not open one session at start to check the device and service (by default "
+                        "a refusal exits 1 with the reason before anything listens); for a service that "
+                        "must not see an extra connection")
 
 
 def _format_arg(p: argparse.ArgumentParser) -> None:
@@ -440,6 +447,7 @@ def build_parser(*, ops: bool = True) -> argparse.ArgumentParser:
     p.add_argument("service", help="service name as listed in the agent config (e.g. postgres, kube)")
     p.add_argument("--local", default="127.0.0.1:0", metavar="HOST:PORT",
                    help="local listen address (default: 127.0.0.1 and a free port)")
+    _check_arg(p)
     engineer_args(p)
 
     p = add("ls", cmd_ls, "list the devices you may reach, with labels and online state")
@@ -520,6 +528,7 @@ def build_parser(*, ops: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--certificate-authority", metavar="FILE",
                    help="the device cluster's CA certificate, so kubectl verifies TLS")
     p.add_argument("--tls-server-name", help="name in the API server certificate (e.g. kubernetes)")
+    _check_arg(p)
     engineer_args(p)
 
     p = add("db", cmd_db, "forward to a device's database and print the connection string")
@@ -529,6 +538,7 @@ def build_parser(*, ops: bool = True) -> argparse.ArgumentParser:
                    help="local listen address (default: 127.0.0.1 and a free port)")
     p.add_argument("--db-user", help="user name to put in the connection string")
     p.add_argument("--database", help="database name to put in the connection string")
+    _check_arg(p)
     engineer_args(p)
 
     p = add("status", cmd_status, "connected agents: address, transport, sessions, bytes, migrations")
