@@ -168,7 +168,7 @@ def cmd_forward(args) -> int:
     def ready(addr):
         print(f"forwarding {addr[0]}:{addr[1]} -> {args.device}/{args.service}", file=sys.stderr, flush=True)
 
-    _run(forward(_identity(args), args.device, args.service, host, port, ready))
+    _run(forward(_identity(args), args.device, args.service, host, port, ready, args.check))
     return EXIT_OK
 
 
@@ -336,15 +336,27 @@ def cmd_kube(args) -> int:
     host, port = split_host_port(args.local, "--local", allow_zero=True)
     kubeconfig = Path(args.kubeconfig or Path.home() / ".kube" / "config")
 
-    def ready(addr):
-        entry = engineer.kubeconfig_entry(args.device, addr[1], Path(args.certificate_authority)
-                                          if args.certificate_authority else None, args.tls_server_name)
-        kubeconfig.parent.mkdir(parents=True, exist_ok=True)
-        engineer.merge_kubeconfig(kubeconfig, args.device, entry)
-        print(f"kubeconfig context fleet-{args.device} -> 127.0.0.1:{addr[1]} in {kubeconfig}; "
-              "keep this running while you use kubectl", file=sys.stderr, flush=True)
+    def path(value):
+        return Path(value) if value else None
 
-    _run(forward(identity, args.device, args.service, host, port, ready))
+    # checked before anything is dialed or written: kubectl must never prompt for a username
+    user = engineer.kube_user(path(args.client_certificate), path(args.client_key), path(args.token_file))
+    merged: list = []  # the current-context we replaced, once our context is written
+
+    def ready(addr):
+        entry = engineer.kubeconfig_entry(args.device, addr[1], path(args.certificate_authority),
+                                          args.tls_server_name, user)
+        kubeconfig.parent.mkdir(parents=True, exist_ok=True)
+        merged.append(engineer.merge_kubeconfig(kubeconfig, args.device, entry))
+        print(f"kubeconfig context fleet-{args.device} -> 127.0.0.1:{addr[1]} in {kubeconfig}; "
+              "keep this running while you use kubectl (the context is removed when this ends)",
+              file=sys.stderr, flush=True)
+
+    try:
+        _run(forward(identity, args.device, args.service, host, port, ready, args.check))
+    finally:
+        if merged:  # ended (Ctrl-C, SIGTERM, the proxy gone): leave no context at a dead port
+            engineer.unmerge_kubeconfig(kubeconfig, args.device, merged[0])
     return EXIT_OK
 
 
@@ -358,11 +370,18 @@ def cmd_db(args) -> int:
         print(f"postgresql://{user}{addr[0]}:{addr[1]}/{args.database or ''}", flush=True)
         print(f"forwarding to {args.device}/{args.service}; Ctrl-C to stop", file=sys.stderr, flush=True)
 
-    _run(forward(_identity(args), args.device, args.service, host, port, ready))
+    _run(forward(_identity(args), args.device, args.service, host, port, ready, args.check))
     return EXIT_OK
 
 
 # --- parser ---------------------------------------------------------------------------------
+
+
+def _check_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="do not open one session at start to check the device and service (by default "
+                        "a refusal exits 1 with the reason before anything listens); for a service that "
+                        "must not see an extra connection")
 
 
 def _format_arg(p: argparse.ArgumentParser) -> None:
@@ -440,6 +459,7 @@ def build_parser(*, ops: bool = True) -> argparse.ArgumentParser:
     p.add_argument("service", help="service name as listed in the agent config (e.g. postgres, kube)")
     p.add_argument("--local", default="127.0.0.1:0", metavar="HOST:PORT",
                    help="local listen address (default: 127.0.0.1 and a free port)")
+    _check_arg(p)
     engineer_args(p)
 
     p = add("ls", cmd_ls, "list the devices you may reach, with labels and online state")
@@ -520,6 +540,12 @@ def build_parser(*, ops: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--certificate-authority", metavar="FILE",
                    help="the device cluster's CA certificate, so kubectl verifies TLS")
     p.add_argument("--tls-server-name", help="name in the API server certificate (e.g. kubernetes)")
+    p.add_argument("--client-certificate", metavar="FILE",
+                   help="your client certificate for the device's cluster (with --client-key)")
+    p.add_argument("--client-key", metavar="FILE", help="the key of --client-certificate")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="a file holding your bearer token for the device's cluster (instead of a certificate)")
+    _check_arg(p)
     engineer_args(p)
 
     p = add("db", cmd_db, "forward to a device's database and print the connection string")
@@ -529,6 +555,7 @@ def build_parser(*, ops: bool = True) -> argparse.ArgumentParser:
                    help="local listen address (default: 127.0.0.1 and a free port)")
     p.add_argument("--db-user", help="user name to put in the connection string")
     p.add_argument("--database", help="database name to put in the connection string")
+    _check_arg(p)
     engineer_args(p)
 
     p = add("status", cmd_status, "connected agents: address, transport, sessions, bytes, migrations")

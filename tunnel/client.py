@@ -293,9 +293,38 @@ async def proxy_command(identity: UserIdentity, device: str, target: str, login:
         await asyncio.sleep(0)  # hand the close to the transport before the loop ends
 
 
+#: how long the preflight session may take to end cleanly before it is reset
+PREFLIGHT_DRAIN = 2.0
+
+
+async def preflight(client: Client, device: str, service: str) -> None:
+    """Open one real session to ``device``/``service`` and end it at once; raise if refused.
+
+    The proxy decides it exactly as it decides every later session (policy, device online,
+    service known, the device's service accepting), audits it the same way, and a refusal
+    raises ``Refusal`` with the proxy's reason: ``tunnel forward``/``db``/``kube`` then exit 1
+    before they print an address, instead of printing one that can never work. The session
+    is half-closed (the service sees an ordinary client that connected and left) and reset if
+    the service does not end it within ``PREFLIGHT_DRAIN`` seconds.
+    """
+    stream, _ = await client.dial(device, service)
+    try:
+        stream.write_eof()
+        async with asyncio.timeout(PREFLIGHT_DRAIN):
+            while await stream.read():
+                pass  # a banner or greeting: not ours to read
+    except (TimeoutError, TransportError, OSError):
+        with contextlib.suppress(TransportError, OSError):
+            stream.reset(0)
+
+
 async def forward(identity: UserIdentity, device: str, service: str, host: str, port: int,
-                  ready=None) -> None:
+                  ready=None, check: bool = True) -> None:
     """Listen on host:port; each accepted connection becomes one session over one connection.
+
+    With ``check`` (the default) one ``preflight`` session runs first: an unknown or offline
+    device, a forbidden or unknown service raises ``Refusal`` before anything listens and
+    before ``ready`` is called.
 
     A local connection whose session is refused or cut gets a TCP reset (never a FIN, which
     would pass truncated data off as complete) and ``tunnel forward`` prints one line saying
@@ -303,6 +332,13 @@ async def forward(identity: UserIdentity, device: str, service: str, host: str, 
     proxy ends; cancelling it (SIGTERM, Ctrl-C) resets the sessions still open.
     """
     client = await Client.connect(identity)
+    if check:
+        try:
+            await preflight(client, device, service)
+        except BaseException:
+            client.close()
+            await asyncio.sleep(0)  # hand the close to the transport before the loop ends
+            raise
     open_sessions = 0
     watch: asyncio.Task | None = None
     handlers: set[asyncio.Task] = set()

@@ -191,28 +191,99 @@ def ssh_argv(identity: UserIdentity, target: str, command: list[str], extra: lis
 # --- kube and db --------------------------------------------------------------------------------
 
 
-def kubeconfig_entry(device: str, port: int, ca_file: Path | None, server_name: str | None) -> dict:
+def kube_user(client_certificate: Path | None, client_key: Path | None, token_file: Path | None) -> dict:
+    """The kubeconfig ``user`` for the device's cluster: the engineer's own cluster credential.
+
+    The tunnel only carries bytes to the device's API server, which keeps its own
+    authentication: the fleet identity means nothing to it. So the user entry points at the
+    credential the cluster issued to the engineer — a client certificate and key, or a bearer
+    token file — by absolute path (kubectl reads the files; no secret is copied into the
+    kubeconfig). Without one, kubectl would prompt "Please enter Username:" against a cluster
+    that does not take passwords: refuse instead, saying what to pass.
+    """
+    if token_file and (client_certificate or client_key):
+        raise ClientError("pass either --token-file or --client-certificate with --client-key, not both")
+    if bool(client_certificate) != bool(client_key):
+        raise ClientError("--client-certificate and --client-key go together: pass both")
+    if not (token_file or client_certificate):
+        raise ClientError("no credential for the device's cluster: kubectl would prompt for a username. "
+                          "Pass --client-certificate FILE --client-key FILE (a client certificate the "
+                          "cluster accepts) or --token-file FILE (a bearer token, e.g. a service account's)")
+    user: dict = {}
+    for key, path in (("client-certificate", client_certificate), ("client-key", client_key),
+                      ("tokenFile", token_file)):
+        if path is None:
+            continue
+        path = Path(path).expanduser().resolve()
+        if not path.is_file():
+            raise ClientError(f"{path} is not a readable file: check the path given for {key}")
+        try:
+            path.open("rb").close()
+        except OSError as exc:
+            raise ClientError(f"cannot read {path} ({exc.strerror}): check its permissions") from None
+        user[key] = str(path)
+    return user
+
+
+def kubeconfig_entry(device: str, port: int, ca_file: Path | None, server_name: str | None,
+                     user: dict | None = None) -> dict:
     cluster: dict = {"server": f"https://127.0.0.1:{port}"}
     if ca_file:
         cluster["certificate-authority-data"] = base64.b64encode(ca_file.read_bytes()).decode()
     if server_name:
         cluster["tls-server-name"] = server_name
     name = f"fleet-{device}"
-    return {"cluster": {"name": name, "cluster": cluster},
-            "context": {"name": name, "context": {"cluster": name, "user": name}}}
+    entry = {"cluster": {"name": name, "cluster": cluster},
+             "context": {"name": name, "context": {"cluster": name, "user": name}}}
+    if user is not None:
+        entry["user"] = {"name": name, "user": user}
+    return entry
 
 
-def merge_kubeconfig(path: Path, device: str, entry: dict) -> None:
-    """Add or replace the device's cluster and context; keep everything else in the file."""
+def _load_kubeconfig(path: Path) -> dict:
     import yaml
 
     config = yaml.safe_load(path.read_text()) if path.exists() else None
-    config = config or {"apiVersion": "v1", "kind": "Config", "clusters": [], "contexts": [], "users": []}
+    return config or {"apiVersion": "v1", "kind": "Config", "clusters": [], "contexts": [], "users": []}
+
+
+def merge_kubeconfig(path: Path, device: str, entry: dict) -> str | None:
+    """Add or replace the device's cluster, context and user; keep everything else in the file.
+
+    Returns the ``current-context`` it replaced, for ``unmerge_kubeconfig`` to restore.
+    """
+    import yaml
+
+    config = _load_kubeconfig(path)
+    previous = config.get("current-context")
     name = entry["cluster"]["name"]
-    for key, item in (("clusters", entry["cluster"]), ("contexts", entry["context"])):
-        config[key] = [x for x in config.get(key) or [] if x.get("name") != name] + [item]
-    config.setdefault("users", [])
+    for key, kind in (("clusters", "cluster"), ("contexts", "context"), ("users", "user")):
+        items = [x for x in config.get(key) or [] if x.get("name") != name]
+        config[key] = items + ([entry[kind]] if kind in entry else [])
     config["current-context"] = name
+    write_file(path, yaml.safe_dump(config, sort_keys=False), 0o600)
+    return previous
+
+
+def unmerge_kubeconfig(path: Path, device: str, previous: str | None) -> None:
+    """Undo ``merge_kubeconfig`` when ``tunnel kube`` ends: its port is dead from then on.
+
+    Removes the ``fleet-DEVICE`` cluster, context and user, and gives ``current-context`` back
+    to ``previous`` — unless the engineer switched context meanwhile: that choice stays.
+    """
+    import yaml
+
+    if not path.exists():
+        return
+    config = _load_kubeconfig(path)
+    name = f"fleet-{device}"
+    for key in ("clusters", "contexts", "users"):
+        config[key] = [x for x in config.get(key) or [] if x.get("name") != name]
+    if config.get("current-context") == name:
+        if previous and previous != name:
+            config["current-context"] = previous
+        else:
+            config.pop("current-context", None)
     write_file(path, yaml.safe_dump(config, sort_keys=False), 0o600)
 
 
