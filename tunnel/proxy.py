@@ -35,6 +35,7 @@ from enroll.state import FleetState
 from tunnel import access, wire
 from tunnel.admission import CODES, Denied, Peer, admit, check_device
 from tunnel.log import event
+from tunnel.memory import TRIM_INTERVAL, release_free_memory
 from tunnel.metrics import ProxyMetrics
 from tunnel.protocol import (
     ALPN_AGENT,
@@ -170,6 +171,9 @@ class Proxy:
     #: (``tunnel proxy --anchor-dir DIR --anchor-every 5m``); None: no anchors
     anchor_dir: Path | None = None
     anchor_every: float = 300.0
+    #: seconds between giving freed heap memory back to the OS (tunnel/memory.py); None: never
+    trim_every: float | None = TRIM_INTERVAL
+    trims = 0  # trims done (tests, diagnostics)
     _anchored = 0  # seq of the last anchor written
 
     def __init__(self, state: FleetState, *, enroll_rate: float = 5.0, watch_interval: float = 1.0,
@@ -230,6 +234,8 @@ class Proxy:
         self._spawn(self._audit_refusals())
         if self.anchor_dir is not None:
             self._spawn(self._write_anchors())
+        if self.trim_every is not None:
+            self._spawn(self._trim_memory())
         event(log, "listening", address=f"{host}:{port}", fleet=self.fleet,
               transports="quic+tcp" if tcp else "quic")
         return self.server
@@ -882,6 +888,13 @@ class Proxy:
         while True:
             await asyncio.sleep(self.anchor_every)
             await self._anchor_now()
+
+    async def _trim_memory(self) -> None:
+        """Keep RSS at the memory in use: glibc keeps freed session buffers in its heap."""
+        while True:
+            await asyncio.sleep(self.trim_every)
+            release_free_memory()
+            self.trims += 1
 
     async def _anchor_now(self) -> None:
         try:
