@@ -232,10 +232,15 @@ def ansible_inventory(world, tmp_path: Path) -> Path:
     return path
 
 
+#: the repo's ansible.cfg enables only host_list and auto (fleet inventories); this test's static
+#: inventory is an ini file
+INI = {"ANSIBLE_INVENTORY_ENABLED": "host_list,ini,auto"}
+
+
 def test_ansible_ping_shows_each_reason_in_unreachable(world, tmp_path):
     out = subprocess.run(ansible_cmd("ansible", "-i", ansible_inventory(world, tmp_path), "fleet",
                                      "-m", "ansible.builtin.ping", "-o"),
-                         capture_output=True, text=True, timeout=180, env={**env(world), **ansible_env()})
+                         capture_output=True, text=True, timeout=180, env={**env(world), **ansible_env(), **INI})
     assert out.returncode == 4, out.stdout + out.stderr  # 4: hosts unreachable
     for target, reason in CASES.values():
         device = target.partition("@")[2]
@@ -249,7 +254,7 @@ def test_ansible_playbook_shows_each_reason(world, tmp_path):
     playbook = tmp_path / "ping.yml"
     playbook.write_text("- hosts: fleet\n  gather_facts: false\n  tasks:\n    - ansible.builtin.ping:\n")
     out = subprocess.run(ansible_cmd("ansible-playbook", "-i", ansible_inventory(world, tmp_path), playbook),
-                         capture_output=True, text=True, timeout=180, env={**env(world), **ansible_env()})
+                         capture_output=True, text=True, timeout=180, env={**env(world), **ansible_env(), **INI})
     assert out.returncode == 4, out.stdout + out.stderr
     for target, reason in CASES.values():
         device = target.partition("@")[2]
