@@ -574,7 +574,7 @@ def exit_status(exc: ClientError) -> int:
     """3 when the proxy is unreachable or the connection to it ended, 4 for a cut session."""
     if exc.code == "cut":
         return EXIT_CUT
-    if exc.code == "unreachable" or (exc.code == "error" and "cannot connect" in str(exc)):
+    if exc.code == "unreachable":
         return EXIT_UNAVAILABLE
     return EXIT_REFUSED
 

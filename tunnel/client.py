@@ -221,7 +221,7 @@ async def anonymous_request(
     except TransportError as exc:
         raise ClientError(f"cannot reach the proxy at {proxy} safely: {exc.reason or exc}") from None
     except OSError as exc:
-        raise ClientError(f"cannot connect to the proxy {proxy}: {exc.strerror or exc}") from None
+        raise ClientError(f"cannot connect to the proxy {proxy}: {exc.strerror or exc}", "unreachable") from None
     try:
         return await exchange(conn, op, args, timeout)
     except (TransportError, wire.HeaderError, TimeoutError) as exc:
