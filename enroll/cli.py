@@ -11,13 +11,12 @@ from pathlib import Path
 # Only what `enroll device` needs is imported here: a device has no sqlite-utils. Commands for
 # the CA host import the registry-backed modules when they run.
 from enroll import certs, clitools, device, output
-from enroll.errors import RegistryError
+from enroll.clitools import Refused
+from enroll.errors import EXIT_OK, EXIT_REFUSED, FleetError
 from enroll.labels import parse_assignments, parse_selector
 from enroll.request import parse_request, read_bundle_file
 from enroll.secret_input import ArgvSecretAction, env_command, read_secret
-from enroll.state import FleetState, StateError, default_state_dir, parse_duration
-
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+from enroll.state import FleetState, default_state_dir, parse_duration
 
 EPILOG = """\
 exit status:
@@ -34,10 +33,6 @@ key!=value, 'key in (a,b)', 'key notin (a,b)', key, !key — several are ANDed.
 
 DEVICE_COLUMNS = ["id", "lifecycle", "labels", "last_seen", "locked_until"]
 TOKEN_COLUMNS = ["id", "status", "labels", "uses_left", "expires_at", "name_prefix"]
-
-
-class Refused(Exception):
-    """A user-facing refusal: printed as one line, exit status 1."""
 
 
 def _actor(args) -> str:
@@ -675,18 +670,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Every user-facing error is one of these (labels, certificates, tokens, roles, users, admin
-# actions and enrollment raise ValueError subclasses).
-USER_ERRORS = (Refused, StateError, RegistryError, ValueError)
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its errors become one line on stderr and an exit status.
+
+    The status comes from the error's type (``FleetError.exit_status``), never from its text.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     args.state = getattr(args, "state", None)
     try:
         return args.func(args)
-    except USER_ERRORS as exc:
+    except FleetError as exc:
+        print(f"enroll: error: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except ValueError as exc:  # a standard parser (a duration, a number) with no type of ours
         print(f"enroll: error: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     except FileNotFoundError as exc:
@@ -695,6 +692,8 @@ def main(argv: list[str] | None = None) -> int:
     except PermissionError as exc:
         print(f"enroll: error: permission denied: {exc.filename}", file=sys.stderr)
         return EXIT_REFUSED
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

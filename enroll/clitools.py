@@ -12,7 +12,16 @@ import argparse
 import re
 import sys
 
+from enroll.errors import FleetError
+
 PACKAGE = "fleet-tunnel"
+
+
+class Refused(FleetError):
+    """A command refused its own input (a bad option value, a missing choice): one line on
+    stderr, exit status 1, nothing changed. Errors of the layers below carry their own type."""
+
+    code = "refused"
 
 
 def package_version() -> str:

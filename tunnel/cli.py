@@ -12,17 +12,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from enroll import clitools, output
-from enroll.labels import LabelError, parse_selector
+from enroll.clitools import Refused
+from enroll.errors import EXIT_OK, EXIT_REFUSED, EXIT_RETIRED, EXIT_UNAVAILABLE, FleetError
+from enroll.labels import parse_selector
 from enroll.secret_input import ArgvSecretAction, read_secret
-from enroll.state import FleetState, StateError, default_state_dir, parse_duration
+from enroll.state import FleetState, default_state_dir, parse_duration
 from tunnel import log as tlog
-from tunnel.agent_config import ConfigError, split_host_port
+from tunnel.agent_config import split_host_port
 from tunnel.transport import TransportError
 
 if TYPE_CHECKING:  # the engineer client loads in the engineer commands only, never in `tunnel agent`
-    from tunnel.client import ClientError, UserIdentity
+    from tunnel.client import UserIdentity
 
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_CUT = 0, 1, 2, 3, 4
 
 EPILOG = """\
 exit status:
@@ -72,10 +73,10 @@ def cmd_proxy(args) -> int:
     anchor_every = parse_duration(args.anchor_every).total_seconds()
     anchor_dir = Path(args.anchor_dir) if args.anchor_dir else None
     if anchor_dir is not None and not (anchor_dir.is_dir() and os.access(anchor_dir, os.W_OK | os.X_OK)):
-        raise ValueError(f"--anchor-dir {anchor_dir} is not a writable directory: create it (on "
+        raise Refused(f"--anchor-dir {anchor_dir} is not a writable directory: create it (on "
                          "storage that is shipped off this host or write-once) or fix its permissions")
     if args.anonymous_rate <= 0:
-        raise ValueError("--anonymous-rate must be a positive number of requests per second")
+        raise Refused("--anonymous-rate must be a positive number of requests per second")
     from tunnel import metrics
 
     metrics_at = metrics.parse_listen(args.metrics_listen) if args.metrics_listen else None
@@ -99,12 +100,6 @@ def cmd_proxy(args) -> int:
     return EXIT_OK
 
 
-#: ``tunnel agent`` only: the proxy refused this device for good (decommissioned, revoked,
-#: unknown); a service manager should not restart it (systemd: RestartPreventExitStatus=5).
-#: Distinct from every engineer command's status (0-4).
-EXIT_RETIRED = 5
-
-
 def cmd_agent(args) -> int:
     from tunnel import agent_config
     from tunnel.agent import Agent
@@ -120,6 +115,8 @@ def cmd_agent(args) -> int:
             agent.stop()
 
     _run(run())
+    # refused for good (decommissioned, revoked, unknown): a service manager should not restart
+    # it (systemd: RestartPreventExitStatus=5); distinct from every engineer command's status
     return EXIT_RETIRED if agent.retired else EXIT_OK
 
 
@@ -299,7 +296,7 @@ def cmd_ssh(args) -> int:
     try:
         proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
     except OSError as exc:
-        raise ValueError(f"cannot run {argv[0]}: {exc.strerror or exc}: install the OpenSSH client") from None
+        raise Refused(f"cannot run {argv[0]}: {exc.strerror or exc}: install the OpenSSH client") from None
     # ssh owns the terminal: ^C and ^\ reach it (same process group); we only wait for it
     # and pass on what asks us to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -570,41 +567,25 @@ def build_parser(*, ops: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def exit_status(exc: ClientError) -> int:
-    """3 when the proxy is unreachable or the connection to it ended, 4 for a cut session."""
-    if exc.code == "cut":
-        return EXIT_CUT
-    if exc.code == "unreachable":
-        return EXIT_UNAVAILABLE
-    return EXIT_REFUSED
-
-
-class _NotRaised(Exception):
-    """Stands in for ClientError while the engineer client is not loaded (nothing raises it)."""
-
-
-def _client_error() -> type[Exception]:
-    """``tunnel.client.ClientError`` once the client is loaded: only its commands raise it.
-
-    An ``except`` clause evaluates this only when an exception is on its way, so ``tunnel agent``
-    never loads the engineer client just to name an error it cannot get.
-    """
-    client = sys.modules.get("tunnel.client")
-    return client.ClientError if client is not None else _NotRaised
-
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its errors become one line on stderr and an exit status.
+
+    The status comes from the error's type: ``FleetError.exit_status`` (a ``ClientError``'s
+    follows its code: unreachable 3, cut 4, else 1), never from message text. Naming the
+    root here loads nothing: ``tunnel agent`` never imports the engineer client.
+    """
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(ops=argv[:1] != ["agent"]).parse_args(argv)
     try:
         return args.func(args)
-    except _client_error() as exc:
-        print(f"tunnel: error: {exc}", file=sys.stderr)
-        return exit_status(exc)
-    except TransportError as exc:
+    except TransportError as exc:  # the connection ended under a command, outside the client
         print(f"tunnel: error: the connection to the proxy ended: {exc.reason or exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except (ConfigError, StateError, LabelError, ValueError) as exc:
+    except FleetError as exc:
+        print(f"tunnel: error: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except ValueError as exc:  # a standard parser (a duration, a number) with no type of ours
         print(f"tunnel: error: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     except KeyboardInterrupt:
