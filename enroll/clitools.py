@@ -156,7 +156,8 @@ class Program:
         root = _Node.of_program(self)
         return {"bash": _bash, "zsh": _zsh, "fish": _fish}[shell](self.prog, root)
 
-    def _new(self, make, *, epilog, **kw):
+    @staticmethod
+    def _new(make, *, epilog, **kw):
         # an epilog is a preformatted block (a table of exit statuses): keep its line breaks
         if epilog is not None:
             kw.update(epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
