@@ -11,13 +11,14 @@ import datetime as dt
 import json
 
 from enroll import audit
+from enroll.errors import FleetError
 from enroll.labels import LIFECYCLE, validate
 from enroll.registry import Device, Registry, iso
 
 FOREVER = "9999-12-31T23:59:59.000000Z"
 
 
-class AdminError(ValueError):
+class AdminError(FleetError, ValueError, code="admin"):
     """The action cannot be done; the message says why."""
 
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import sqlite_utils
 
+from enroll.errors import FleetError
 from enroll.labels import Selector
 from enroll.registry import iso
 
@@ -558,7 +559,7 @@ def record(row: dict, cache: dict[str, dict] | None = None) -> dict:
 # --- export ------------------------------------------------------------------------------------
 
 
-class ExportError(RuntimeError):
+class ExportError(FleetError, RuntimeError, code="export"):
     """The export cannot continue from where it stopped; the message says what to do."""
 
 

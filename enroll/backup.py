@@ -27,10 +27,11 @@ from pathlib import Path
 import sqlite_utils
 
 from enroll import audit
+from enroll.errors import FleetError
 from enroll.state import FleetState
 
 
-class BackupError(ValueError):
+class BackupError(FleetError, ValueError, code="backup"):
     """The backup was refused or failed; the message says what to do. DEST was not written."""
 
 

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import ssh
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from enroll.errors import FleetError
 from enroll.labels import canonical_json
 
 FLEET_ARC = "2.25.166496121068501678861767238488010321711"
@@ -42,7 +43,7 @@ FLEET_RE = NAME_RE
 SUPPORTED_CURVES = (ec.SECP256R1, ec.SECP384R1)
 
 
-class CertError(ValueError):
+class CertError(FleetError, ValueError, code="certificate"):
     """A certificate, CSR or key is not acceptable; the message says why and what to do."""
 
 

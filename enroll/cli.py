@@ -11,13 +11,12 @@ from pathlib import Path
 # Only what `enroll device` needs is imported here: a device has no sqlite-utils. Commands for
 # the CA host import the registry-backed modules when they run.
 from enroll import certs, clitools, device, output
-from enroll.errors import RegistryError
+from enroll.clitools import FORMAT, STATE, Command, Program, Refused, one_of, opt
+from enroll.errors import EXIT_OK, EXIT_REFUSED, FleetError
 from enroll.labels import parse_assignments, parse_selector
 from enroll.request import parse_request, read_bundle_file
 from enroll.secret_input import ArgvSecretAction, env_command, read_secret
-from enroll.state import FleetState, StateError, default_state_dir, parse_duration
-
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+from enroll.state import FleetState, default_state_dir, parse_duration
 
 EPILOG = """\
 exit status:
@@ -36,10 +35,6 @@ DEVICE_COLUMNS = ["id", "lifecycle", "labels", "last_seen", "locked_until"]
 TOKEN_COLUMNS = ["id", "status", "labels", "uses_left", "expires_at", "name_prefix"]
 
 
-class Refused(Exception):
-    """A user-facing refusal: printed as one line, exit status 1."""
-
-
 def _actor(args) -> str:
     """Who did it, for the audit log: the operator's login on the CA host."""
     import getpass
@@ -49,11 +44,6 @@ def _actor(args) -> str:
 
 def _state(args) -> FleetState:
     return FleetState(Path(args.state) if args.state else default_state_dir())
-
-
-def _format_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", choices=output.FORMATS, default="table",
-                   help="output format: table for people, json or yaml for scripts (default: table)")
 
 
 def _done(args, info: dict, text: str) -> None:
@@ -472,221 +462,175 @@ def cmd_backup(args) -> int:
 
 
 def cmd_completion(args) -> int:
-    return clitools.print_completion(build_parser(), args.shell)
+    return clitools.print_completion(ENROLL, args.shell)
 
 
-# --- parser ---------------------------------------------------------------------------------
+# --- the command table ----------------------------------------------------------------------
+
+NAME = opt("name", help="user name")
+DEVICE = opt("device", help="device id")
+TOKEN_FILE = opt("--token-file", metavar="FILE",
+                 help="read the join token from FILE (- or --token alone: stdin, or a prompt on a "
+                      "terminal); default: $FLEET_TOKEN, else a prompt on a terminal")
+TOKEN_ARGV = opt("--token", dest="token_argv", action=ArgvSecretAction, env="FLEET_TOKEN",
+                 file_flag="--token-file", what="join token", help=argparse.SUPPRESS)
+SELECTOR = opt("selector", nargs="*", metavar="ID|SELECTOR",
+               help="device ids, or label selectors (key=value, key!=value, 'key in (a,b)', "
+                    "key, !key; ANDed)")
+
+ENROLL = Program("enroll", __doc__, epilog=EPILOG, inherit=STATE, commands=(
+    Command("init", "create the fleet CA, SSH CAs, proxy certificate and registry (once)", cmd_init, (
+        opt("--fleet", required=True, help="fleet name (lowercase letters, digits, '-')"),
+        opt("--proxy-name", required=True, metavar="HOST", help="DNS name devices dial"),
+        opt("--proxy-ip", action="append", default=[], metavar="IP",
+            help="an IP address of the proxy to put in its certificate (repeatable)"),
+        opt("--proxy-port", type=int, default=443, help="proxy UDP port (default: 443)"),
+        opt("--device-lifetime", default="30d", help="device certificate lifetime (default: 30d)"),
+        *FORMAT,
+    )),
+    Command("token", "create, list and revoke join tokens", subcommands=(
+        Command("create", "create a join token; prints the secret once", cmd_token_create, (
+            opt("--label", action="append", default=[], metavar="K=V",
+                help="label every device enrolled with this token gets (repeatable)"),
+            opt("--ttl", default="30m", help="how long the token is valid (default: 30m)"),
+            opt("--uses", type=int, default=1, help="how many devices may use it (default: 1)"),
+            opt("--name-prefix", default="", metavar="PREFIX",
+                help="device ids become PREFIX + random, unless the device asks for --name"),
+            opt("--creator", help=argparse.SUPPRESS),
+            *FORMAT,
+        )),
+        Command("ls", "list tokens (never their secrets)", cmd_token_ls, FORMAT),
+        Command("revoke", "revoke a token by id", cmd_token_revoke, (
+            opt("id", help="token id, as 'enroll token ls' shows it"),
+            *FORMAT,
+        )),
+    )),
+    Command("device", "on the device: make keys locally and enroll (online or offline)", cmd_device, (
+        opt("--dir", required=True, help="identity directory on the device (made 0700)"),
+        one_of(
+            opt("--proxy", metavar="HOST:PORT",
+                help="enroll online through the proxy (checks it against --ca-pin first); "
+                     "default: $FLEET_PROXY when neither --csr-only nor --install is given"),
+            opt("--csr-only", action="store_true",
+                help="write DIR/request.json for the offline 'enroll sign'"),
+            opt("--install", metavar="BUNDLE", help="install a bundle from 'enroll sign'"),
+        ),
+        opt("--ca-pin", metavar="sha256:HEX", help="the fleet CA pin printed by 'enroll init'"),
+        TOKEN_FILE, TOKEN_ARGV,
+        opt("--server-name", help="name in the proxy certificate (default: the --proxy host)"),
+        opt("--name", help="ask for this device id (default: token prefix + random)"),
+        opt("--ssh-host-key", metavar="PUB",
+            help="existing sshd host public key to certify (default: make one in DIR)"),
+        opt("--service", action="append", default=[], metavar="NAME=HOST:PORT",
+            help="service the agent exposes (default: ssh=127.0.0.1:22; repeatable)"),
+        *FORMAT,
+    )),
+    Command("sign", "on the CA host: sign an offline request with a token", cmd_sign, (
+        opt("--csr", required=True, metavar="FILE", help="request.json from 'enroll device --csr-only'"),
+        TOKEN_FILE, TOKEN_ARGV,
+        opt("--out", metavar="FILE", help="write the bundle here (default: stdout)"),
+    )),
+    Command("user", "engineer and ops identities", subcommands=(
+        Command("add", "add an engineer; prints a one-time invite for 'tunnel login'", cmd_user_add, (
+            opt("name", help="user name (what they give to 'tunnel login --user')"),
+            opt("--role", action="append", default=[], help="role to hold (repeatable)"),
+            opt("--totp", action="store_true", help="also require a TOTP one-time code at login"),
+            *FORMAT,
+        )),
+        Command("ls", "list engineers", cmd_user_ls, FORMAT),
+        Command("lock", "lock an engineer out; cuts their open sessions", cmd_user_lock, (
+            NAME,
+            opt("--ttl", help="lock only for this long (e.g. 1h)"),
+            opt("--message", default="", help="reason, for the audit log"),
+            *FORMAT,
+        )),
+        Command("unlock", "lift a user lock (and reset failed logins)", cmd_user_unlock, (NAME, *FORMAT)),
+        Command("invite", "a new one-time invite (forgotten password)", cmd_user_invite, (NAME, *FORMAT)),
+        Command("roles", "replace the roles a user holds (acts at once)", cmd_user_roles, (
+            NAME,
+            opt("--role", action="append", default=[],
+                help="role to hold (repeatable); none given: the user holds no roles"),
+            *FORMAT,
+        )),
+        Command("issue", "issue a short-lived user certificate into DIR (key made here)", cmd_user_issue, (
+            opt("name", help="user name the certificate is for"),
+            opt("--role", action="append", default=[], help="role to hold (repeatable), e.g. admin"),
+            opt("--dir", required=True, help="identity directory to write (made 0700)"),
+            opt("--ttl", default="8h", help="certificate lifetime (default: 8h)"),
+            opt("--proxy", metavar="HOST:PORT",
+                help="proxy address for client.yaml (default: $FLEET_PROXY, else from fleet.yaml)"),
+            *FORMAT,
+        )),
+    )),
+    Command("cert", "list and revoke issued certificates", subcommands=(
+        Command("ls", "list certificates (unexpired unless --all)", cmd_cert_ls, (
+            one_of(opt("--user", metavar="NAME", help="only this user's certificates"),
+                   opt("--device", metavar="ID", help="only this device's certificates")),
+            opt("--all", action="store_true", help="include expired certificates"),
+            *FORMAT,
+        ), description="list certificates (unexpired unless --all), newest first"),
+        Command("revoke", "revoke a certificate by serial, or all of a user's", cmd_cert_revoke, (
+            opt("serial", nargs="?", metavar="SERIAL", help="hex serial, as 'enroll cert ls' shows it"),
+            opt("--user", metavar="NAME", help="revoke every valid certificate of this user"),
+            opt("--message", default="", help="why, for the audit log"),
+            *FORMAT,
+        ), description="revoke a certificate by serial, or every valid one of a user (--user); "
+                       "the proxy refuses it from the next connection"),
+    )),
+    Command("role", "label-based roles (Teleport-style YAML)", subcommands=(
+        Command("apply", "create or replace roles from a YAML file", cmd_role_apply, (
+            opt("-f", "--file", required=True, help="role YAML file, or - for stdin"),
+            *FORMAT,
+        ), description="create or replace roles from a YAML file (several documents allowed)"),
+        Command("ls", "list roles", cmd_role_ls, FORMAT),
+        Command("rm", "remove a role (its holders lose it at once)", cmd_role_rm, (
+            opt("name", help="role name"),
+            *FORMAT,
+        )),
+    )),
+    Command("devices", "list enrolled devices, optionally by id or label selector", cmd_devices,
+            (SELECTOR, *FORMAT)),
+    Command("relabel", "set or remove labels of a device (acts at once)", cmd_relabel, (
+        DEVICE,
+        opt("labels", nargs="*", metavar="K=V", help="labels to set"),
+        opt("--remove", action="append", default=[], metavar="KEY", help="label to remove (repeatable)"),
+        *FORMAT,
+    )),
+    Command("decommission", "retire a device: lifecycle decommissioned, certificate revoked",
+            cmd_decommission, (DEVICE, *FORMAT)),
+    Command("lock", "block a device's connections and sessions until unlocked", cmd_lock, (
+        DEVICE,
+        opt("--ttl", help="lock only for this long (e.g. 1h); default: until unlocked"),
+        opt("--message", default="", help="reason shown to engineers and in the audit log"),
+        *FORMAT,
+    )),
+    Command("unlock", "lift a device lock", cmd_unlock, (DEVICE, *FORMAT)),
+    Command("backup", "copy the registry while the proxy runs (SQLite online backup), then verify "
+            "the copy's audit chain", cmd_backup, (
+        opt("dest", metavar="DEST", help="new file to write (0600; never overwritten)"),
+        *FORMAT,
+    )),
+    clitools.completion_command(cmd_completion, "enroll"),
+))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--state", default=argparse.SUPPRESS, metavar="DIR",
-                        help="fleet state directory (default: $FLEET_STATE or the XDG data dir)")
-    parser = argparse.ArgumentParser(
-        prog="enroll", description=__doc__, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common],
-    )
-    parser.add_argument("--version", action=clitools.VersionAction)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add(name, func, help_text, **kw):
-        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common],
-                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
-        p.set_defaults(func=func)
-        return p
-
-    p = add("init", cmd_init, "create the fleet CA, SSH CAs, proxy certificate and registry (once)")
-    p.add_argument("--fleet", required=True, help="fleet name (lowercase letters, digits, '-')")
-    p.add_argument("--proxy-name", required=True, metavar="HOST", help="DNS name devices dial")
-    p.add_argument("--proxy-ip", action="append", default=[], metavar="IP",
-                   help="an IP address of the proxy to put in its certificate (repeatable)")
-    p.add_argument("--proxy-port", type=int, default=443, help="proxy UDP port (default: 443)")
-    p.add_argument("--device-lifetime", default="30d", help="device certificate lifetime (default: 30d)")
-    _format_arg(p)
-
-    token = add("token", None, "create, list and revoke join tokens")
-    tsub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
-
-    def tadd(name, func, help_text):
-        p = tsub.add_parser(name, help=help_text, description=help_text, parents=[common])
-        p.set_defaults(func=func)
-        return p
-
-    p = tadd("create", cmd_token_create, "create a join token; prints the secret once")
-    p.add_argument("--label", action="append", default=[], metavar="K=V",
-                   help="label every device enrolled with this token gets (repeatable)")
-    p.add_argument("--ttl", default="30m", help="how long the token is valid (default: 30m)")
-    p.add_argument("--uses", type=int, default=1, help="how many devices may use it (default: 1)")
-    p.add_argument("--name-prefix", default="", metavar="PREFIX",
-                   help="device ids become PREFIX + random, unless the device asks for --name")
-    p.add_argument("--creator", help=argparse.SUPPRESS)
-    _format_arg(p)
-    p = tadd("ls", cmd_token_ls, "list tokens (never their secrets)")
-    _format_arg(p)
-    p = tadd("revoke", cmd_token_revoke, "revoke a token by id")
-    p.add_argument("id", help="token id, as 'enroll token ls' shows it")
-    _format_arg(p)
-
-    p = add("device", cmd_device, "on the device: make keys locally and enroll (online or offline)")
-    p.add_argument("--dir", required=True, help="identity directory on the device (made 0700)")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--proxy", metavar="HOST:PORT",
-                      help="enroll online through the proxy (checks it against --ca-pin first); "
-                           "default: $FLEET_PROXY when neither --csr-only nor --install is given")
-    mode.add_argument("--csr-only", action="store_true",
-                      help="write DIR/request.json for the offline 'enroll sign'")
-    mode.add_argument("--install", metavar="BUNDLE", help="install a bundle from 'enroll sign'")
-    p.add_argument("--ca-pin", metavar="sha256:HEX", help="the fleet CA pin printed by 'enroll init'")
-    p.add_argument("--token-file", metavar="FILE",
-                   help="read the join token from FILE (- or --token alone: stdin, or a prompt on a terminal); "
-                        "default: $FLEET_TOKEN, else a prompt on a terminal")
-    p.add_argument("--token", dest="token_argv", action=ArgvSecretAction, env="FLEET_TOKEN",
-                   file_flag="--token-file", what="join token", help=argparse.SUPPRESS)
-    p.add_argument("--server-name", help="name in the proxy certificate (default: the --proxy host)")
-    p.add_argument("--name", help="ask for this device id (default: token prefix + random)")
-    p.add_argument("--ssh-host-key", metavar="PUB",
-                   help="existing sshd host public key to certify (default: make one in DIR)")
-    p.add_argument("--service", action="append", default=[], metavar="NAME=HOST:PORT",
-                   help="service the agent exposes (default: ssh=127.0.0.1:22; repeatable)")
-    _format_arg(p)
-
-    p = add("sign", cmd_sign, "on the CA host: sign an offline request with a token")
-    p.add_argument("--csr", required=True, metavar="FILE", help="request.json from 'enroll device --csr-only'")
-    p.add_argument("--token-file", metavar="FILE",
-                   help="read the join token from FILE (- or --token alone: stdin, or a prompt on a terminal); "
-                        "default: $FLEET_TOKEN, else a prompt on a terminal")
-    p.add_argument("--token", dest="token_argv", action=ArgvSecretAction, env="FLEET_TOKEN",
-                   file_flag="--token-file", what="join token", help=argparse.SUPPRESS)
-    p.add_argument("--out", metavar="FILE", help="write the bundle here (default: stdout)")
-
-    user = add("user", None, "engineer and ops identities")
-    usub = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
-    def uadd(name, func, help_text):
-        p = usub.add_parser(name, help=help_text, description=help_text, parents=[common])
-        p.set_defaults(func=func)
-        return p
-
-    p = uadd("add", cmd_user_add, "add an engineer; prints a one-time invite for 'tunnel login'")
-    p.add_argument("name", help="user name (what they give to 'tunnel login --user')")
-    p.add_argument("--role", action="append", default=[], help="role to hold (repeatable)")
-    p.add_argument("--totp", action="store_true", help="also require a TOTP one-time code at login")
-    _format_arg(p)
-    p = uadd("ls", cmd_user_ls, "list engineers")
-    _format_arg(p)
-    p = uadd("lock", cmd_user_lock, "lock an engineer out; cuts their open sessions")
-    p.add_argument("name", help="user name")
-    p.add_argument("--ttl", help="lock only for this long (e.g. 1h)")
-    p.add_argument("--message", default="", help="reason, for the audit log")
-    _format_arg(p)
-    p = uadd("unlock", cmd_user_unlock, "lift a user lock (and reset failed logins)")
-    p.add_argument("name", help="user name")
-    _format_arg(p)
-    p = uadd("invite", cmd_user_invite, "a new one-time invite (forgotten password)")
-    p.add_argument("name", help="user name")
-    _format_arg(p)
-    p = uadd("roles", cmd_user_roles, "replace the roles a user holds (acts at once)")
-    p.add_argument("name", help="user name")
-    p.add_argument("--role", action="append", default=[],
-                   help="role to hold (repeatable); none given: the user holds no roles")
-    _format_arg(p)
-
-    p = usub.add_parser("issue", parents=[common],
-                        help="issue a short-lived user certificate into DIR (key made here)",
-                        description="issue a short-lived user certificate into DIR (key made here)")
-    p.set_defaults(func=cmd_user_issue)
-    p.add_argument("name", help="user name the certificate is for")
-    p.add_argument("--role", action="append", default=[], help="role to hold (repeatable), e.g. admin")
-    p.add_argument("--dir", required=True, help="identity directory to write (made 0700)")
-    p.add_argument("--ttl", default="8h", help="certificate lifetime (default: 8h)")
-    p.add_argument("--proxy", metavar="HOST:PORT",
-                   help="proxy address for client.yaml (default: $FLEET_PROXY, else from fleet.yaml)")
-    _format_arg(p)
-
-    cert = add("cert", None, "list and revoke issued certificates")
-    csub = cert.add_subparsers(dest="cert_command", required=True, metavar="ACTION")
-    p = csub.add_parser("ls", parents=[common], help="list certificates (unexpired unless --all)",
-                        description="list certificates (unexpired unless --all), newest first")
-    who = p.add_mutually_exclusive_group()
-    who.add_argument("--user", metavar="NAME", help="only this user's certificates")
-    who.add_argument("--device", metavar="ID", help="only this device's certificates")
-    p.add_argument("--all", action="store_true", help="include expired certificates")
-    _format_arg(p)
-    p.set_defaults(func=cmd_cert_ls)
-    p = csub.add_parser("revoke", parents=[common], help="revoke a certificate by serial, or all of a user's",
-                        description="revoke a certificate by serial, or every valid one of a user "
-                                    "(--user); the proxy refuses it from the next connection")
-    p.add_argument("serial", nargs="?", metavar="SERIAL", help="hex serial, as 'enroll cert ls' shows it")
-    p.add_argument("--user", metavar="NAME", help="revoke every valid certificate of this user")
-    p.add_argument("--message", default="", help="why, for the audit log")
-    _format_arg(p)
-    p.set_defaults(func=cmd_cert_revoke)
-
-    role = add("role", None, "label-based roles (Teleport-style YAML)")
-    rsub = role.add_subparsers(dest="role_command", required=True, metavar="ACTION")
-    p = rsub.add_parser("apply", parents=[common], help="create or replace roles from a YAML file",
-                        description="create or replace roles from a YAML file (several documents allowed)")
-    p.add_argument("-f", "--file", required=True, help="role YAML file, or - for stdin")
-    _format_arg(p)
-    p.set_defaults(func=cmd_role_apply)
-    p = rsub.add_parser("ls", parents=[common], help="list roles")
-    _format_arg(p)
-    p.set_defaults(func=cmd_role_ls)
-    p = rsub.add_parser("rm", parents=[common], help="remove a role (its holders lose it at once)")
-    p.add_argument("name", help="role name")
-    _format_arg(p)
-    p.set_defaults(func=cmd_role_rm)
-
-    p = add("devices", cmd_devices, "list enrolled devices, optionally by id or label selector")
-    p.add_argument("selector", nargs="*", metavar="ID|SELECTOR",
-                   help="device ids, or label selectors (key=value, key!=value, 'key in (a,b)', "
-                        "key, !key; ANDed)")
-    _format_arg(p)
-
-    p = add("relabel", cmd_relabel, "set or remove labels of a device (acts at once)")
-    p.add_argument("device", help="device id")
-    p.add_argument("labels", nargs="*", metavar="K=V", help="labels to set")
-    p.add_argument("--remove", action="append", default=[], metavar="KEY",
-                   help="label to remove (repeatable)")
-    _format_arg(p)
-
-    p = add("decommission", cmd_decommission, "retire a device: lifecycle decommissioned, certificate revoked")
-    p.add_argument("device", help="device id")
-    _format_arg(p)
-
-    p = add("lock", cmd_lock, "block a device's connections and sessions until unlocked")
-    p.add_argument("device", help="device id")
-    p.add_argument("--ttl", help="lock only for this long (e.g. 1h); default: until unlocked")
-    p.add_argument("--message", default="", help="reason shown to engineers and in the audit log")
-    _format_arg(p)
-
-    p = add("unlock", cmd_unlock, "lift a device lock")
-    p.add_argument("device", help="device id")
-    _format_arg(p)
-
-    p = add("backup", cmd_backup, "copy the registry while the proxy runs (SQLite online backup), "
-            "then verify the copy's audit chain")
-    p.add_argument("dest", metavar="DEST", help="new file to write (0600; never overwritten)")
-    _format_arg(p)
-
-    p = add("completion", cmd_completion, "print a shell completion script (bash, zsh or fish)")
-    p.description += ("; load it with 'source <(enroll completion bash)' (zsh: the same with zsh), "
-                      "or 'enroll completion fish | source'")
-    p.add_argument("shell", choices=clitools.SHELLS, help="the shell to complete in")
-    return parser
-
-
-# Every user-facing error is one of these (labels, certificates, tokens, roles, users, admin
-# actions and enrollment raise ValueError subclasses).
-USER_ERRORS = (Refused, StateError, RegistryError, ValueError)
+    return ENROLL.parser()
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its errors become one line on stderr and an exit status.
+
+    The status comes from the error's type (``FleetError.exit_status``), never from its text.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.state = getattr(args, "state", None)
     try:
         return args.func(args)
-    except USER_ERRORS as exc:
+    except FleetError as exc:
+        print(f"enroll: error: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except ValueError as exc:  # a standard parser (a duration, a number) with no type of ours
         print(f"enroll: error: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     except FileNotFoundError as exc:
@@ -695,6 +639,8 @@ def main(argv: list[str] | None = None) -> int:
     except PermissionError as exc:
         print(f"enroll: error: permission denied: {exc.filename}", file=sys.stderr)
         return EXIT_REFUSED
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

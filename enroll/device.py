@@ -30,6 +30,7 @@ import yaml
 
 from enroll import certs
 from enroll import labels as labels_mod
+from enroll.errors import FleetError
 from enroll.files import make_private_dir, write_file, write_private
 from enroll.request import (
     BUNDLE_FIELDS,
@@ -43,7 +44,7 @@ from enroll.request import (
 HOST_KEY = "ssh_host_ed25519_key"
 
 
-class InstallError(ValueError):
+class InstallError(FleetError, ValueError, code="install"):
     """A bundle cannot be installed; the message says why."""
 
 

@@ -13,6 +13,8 @@ import json
 import re
 from dataclasses import dataclass
 
+from enroll.errors import FleetError
+
 LIFECYCLE = "lifecycle"
 LIFECYCLES = ("active", "maintenance", "decommissioned")
 
@@ -20,7 +22,7 @@ _KEY = re.compile(r"^[a-z0-9]([a-z0-9._/-]{0,61}[a-z0-9])?$")
 _MAX_VALUE = 255
 
 
-class LabelError(ValueError):
+class LabelError(FleetError, ValueError, code="label"):
     """A label or selector is malformed; the message says which and how to fix it."""
 
 

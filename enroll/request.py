@@ -19,6 +19,7 @@ import hashlib
 import json
 
 from enroll import certs
+from enroll.errors import FleetError
 
 REQUEST_VERSION = 1
 BUNDLE_VERSION = 2  # 2: signed by the fleet CA, every field (1 was unsigned)
@@ -43,7 +44,7 @@ MAX_SIGNATURE_BYTES = 8 * 1024  # the digests (10 x 64 hex) and a base64 ECDSA/E
 _BUNDLE_CONTEXT = b"fleet-tunnel enrollment bundle v2\n"
 
 
-class EnrollError(ValueError):
+class EnrollError(FleetError, ValueError, code="enrollment"):
     """Enrollment refused; the message says why and what to do."""
 
 

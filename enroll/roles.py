@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from enroll.certs import NAME_RE
+from enroll.errors import FleetError
 from enroll.state import parse_duration
 
 SUPPORTED_VERSIONS = ("v5", "v6", "v7")
@@ -48,7 +49,7 @@ spec:
 """
 
 
-class RoleError(ValueError):
+class RoleError(FleetError, ValueError, code="role"):
     """A role file is wrong; the message names the line and field."""
 
 

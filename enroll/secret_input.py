@@ -21,10 +21,12 @@ import os
 import shlex
 import sys
 
+from enroll.errors import FleetError
+
 MAX_SECRET_BYTES = 4096
 
 
-class SecretError(ValueError):
+class SecretError(FleetError, ValueError, code="secret"):
     """A secret could not be read; the message says from where and what to do."""
 
 

@@ -21,10 +21,11 @@ from pathlib import Path
 import yaml
 
 from enroll import certs
+from enroll.errors import FleetError
 from enroll.files import make_private_dir, write_file, write_private
 
 
-class StateError(RuntimeError):
+class StateError(FleetError, RuntimeError, code="state"):
     """The state directory is missing, incomplete or not writable; the message says what to do."""
 
 

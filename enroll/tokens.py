@@ -17,6 +17,7 @@ import secrets
 from dataclasses import dataclass
 
 from enroll import audit
+from enroll.errors import FleetError
 from enroll.labels import LIFECYCLE, validate
 from enroll.registry import Registry, iso, parse_iso
 
@@ -24,7 +25,7 @@ PREFIX = "ft1"
 _TOKEN = re.compile(r"^ft1\.([a-z0-9-]+)\.([0-9a-f]{10})\.([A-Za-z0-9_-]{43})$")
 
 
-class TokenError(ValueError):
+class TokenError(FleetError, ValueError, code="token"):
     """The token cannot be used; the message says why and what to do."""
 
 

@@ -35,6 +35,7 @@ import time
 
 from enroll import audit
 from enroll.certs import check_name
+from enroll.errors import FleetError
 from enroll.registry import Registry, iso, parse_iso
 from enroll.roles import Role, RoleError, parse_roles, role_from_spec
 
@@ -53,11 +54,11 @@ ALL_SOURCES = "*"
 GENERIC = "unknown user or wrong password"
 
 
-class UserError(ValueError):
+class UserError(FleetError, ValueError, code="user"):
     """The user action cannot be done; the message says why."""
 
 
-class LoginError(UserError):
+class LoginError(UserError, code="login"):
     """Login refused. ``retry_after`` is set when the account is being slowed down."""
 
     def __init__(self, message: str, retry_after: float | None = None):

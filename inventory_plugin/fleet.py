@@ -17,6 +17,8 @@ from pathlib import Path
 from ansible.errors import AnsibleParserError
 from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructable
 
+from enroll.errors import FleetError
+
 DOCUMENTATION = r"""
 name: fleet
 short_description: fleet-tunnel devices, grouped by label, reached through the tunnel
@@ -105,7 +107,7 @@ NAME = "fleet.tunnel.fleet"
 CONFIG_SUFFIXES = ("fleet.yml", "fleet.yaml")
 
 
-class FleetInventoryError(Exception):
+class FleetInventoryError(FleetError, code="inventory"):
     """The listing could not be fetched; the message says what to do."""
 
 

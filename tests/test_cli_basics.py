@@ -1,6 +1,7 @@
-"""CLI basics of both commands (issue 18): --version, help on every option, --format json on
-every command that lists or shows something, device ids among selectors, yes/no in tables,
-FLEET_PROXY, an absolute identity path in ssh_config, and shell completion scripts."""
+"""CLI basics of both commands (issue 18): one command table per CLI (parser and completion
+built from it), --version, help on every option, --format json on every command that lists or
+shows something, device ids among selectors, yes/no in tables, FLEET_PROXY, an absolute identity
+path in ssh_config, and shell completion scripts."""
 
 import argparse
 import json
@@ -14,8 +15,10 @@ import yaml
 from fleet import PY
 
 from enroll import clitools, output
+from enroll.cli import ENROLL
 from enroll.cli import build_parser as enroll_parser
 from enroll.cli import main as enroll_main
+from tunnel.cli import TUNNEL
 from tunnel.cli import build_parser as tunnel_parser
 
 # Commands whose output is not a result to format: long-running servers and forwards, byte
@@ -327,3 +330,80 @@ def test_zsh_and_fish_completion(prog):
     assert "-l format -r -f -a 'table json yaml'" in fish
     if shutil.which("fish"):
         assert subprocess.run(["fish", "-n"], input=fish, text=True).returncode == 0
+
+
+# --- one command table ----------------------------------------------------------------------
+
+
+def _tree(node):
+    """A completion node as plain data: options, positional choices, subcommands (with help)."""
+    return {"options": [(tuple(f), h, tuple(c), v) for f, h, c, v in node.options],
+            "values": node.values,
+            "subs": {name: (help_text, _tree(child)) for name, (help_text, child) in node.subs.items()}}
+
+
+@pytest.mark.parametrize(("program", "build"), [(TUNNEL, tunnel_parser), (ENROLL, enroll_parser)],
+                         ids=["tunnel", "enroll"])
+def test_completion_reads_the_table_the_parser_is_built_from(program, build):
+    # completion walks the table (and only an extension's own parser); argparse parses what the
+    # same table built: both must see the same commands, options, choices and help
+    from_table = _tree(clitools._Node.of_program(program))
+    from_parser = _tree(clitools._Node.of_parser(build()))
+    assert from_table == from_parser
+    assert from_table["subs"]  # not trivially equal
+
+
+def test_shared_groups_are_the_same_options_everywhere():
+    assert clitools.FORMATS == output.FORMATS
+    for prog, parser in _parsers():
+        for path, leaf in _leaves(parser, [prog]):
+            for action in leaf._actions:
+                if action.option_strings == ["--format"] and not path.startswith("tunnel audit"):
+                    assert action.help == clitools.FORMAT[0].kwargs["help"], path
+                if action.option_strings == ["--state"] and not path.startswith("tunnel audit"):
+                    assert action.help == clitools.STATE[0].kwargs["help"], path
+    engineer = [o.flags for o in clitools.ENGINEER]
+    for command in TUNNEL.commands:
+        if isinstance(command, clitools.Command) and clitools.ENGINEER[0] in command.args:
+            assert [a.flags for a in command.args[-2:]] == engineer, command.name
+
+
+def test_enroll_state_is_taken_at_every_level(monkeypatch):
+    parse = enroll_parser().parse_args
+    assert parse(["token", "ls"]).state is None
+    assert parse(["--state", "/a", "token", "ls"]).state == "/a"
+    assert parse(["token", "--state", "/b", "ls"]).state == "/b"
+    assert parse(["--state", "/a", "token", "ls", "--state", "/c"]).state == "/c"  # the nearest wins
+    assert parse(["devices", "--state", "/d"]).state == "/d"
+
+
+def test_every_table_command_runs_something():
+    def leaves(commands, path):
+        for command in commands:
+            if isinstance(command, clitools.Command):
+                if command.subcommands:
+                    assert command.run is None, path + [command.name]
+                    yield from leaves(command.subcommands, [*path, command.name])
+                else:
+                    yield [*path, command.name], command
+
+    for program in (TUNNEL, ENROLL):
+        for path, command in leaves(program.commands, [program.prog]):
+            assert callable(command.run) and command.help, path
+
+
+def test_secret_options_stay_off_argv(capsys):
+    # the hidden --token/--invite/--totp still refuse a value on the command line
+    with pytest.raises(SystemExit) as exit_:
+        enroll_parser().parse_args(["sign", "--csr", "r.json", "--token", "fleet.secret"])
+    assert exit_.value.code == 2 and "FLEET_TOKEN" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        tunnel_parser().parse_args(["login", "--proxy", "p:1", "--user", "a", "--invite", "abc"])
+    assert exit_.value.code == 2 and "FLEET_INVITE" in capsys.readouterr().err
+
+
+def test_the_builder_loads_only_the_standard_library():
+    code = "import sys, enroll.clitools; print('\\n'.join(sys.modules))"
+    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=30, check=True)
+    loaded = {m.split(".")[0] for m in out.stdout.split()}
+    assert not loaded & {"yaml", "cryptography", "sqlite_utils", "aioquic", "h2", "tunnel"}

@@ -12,13 +12,14 @@ import datetime as dt
 from dataclasses import dataclass
 
 from enroll import certs
+from enroll.errors import FleetError
 from enroll.registry import Device, Registry
 from tunnel.protocol import CLOSE_CODES
 
 CODES = CLOSE_CODES
 
 
-class Denied(Exception):  # noqa: N818 - reads as "raise Denied(...)"
+class Denied(FleetError):  # noqa: N818 - reads as "raise Denied(...)"
     def __init__(self, code: str, reason: str):
         super().__init__(reason)
         self.code = code

@@ -38,11 +38,12 @@ from pathlib import Path
 
 import yaml
 
+from enroll.errors import FleetError
 from enroll.labels import MAX_SERVICES, SERVICE_NAME_RULE, valid_service_name
 from enroll.state import parse_duration
 
 
-class ConfigError(ValueError):
+class ConfigError(FleetError, ValueError, code="config"):
     pass
 
 

@@ -12,17 +12,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from enroll import clitools, output
-from enroll.labels import LabelError, parse_selector
+from enroll.clitools import ENGINEER, FORMAT, STATE, Command, Extension, Program, Refused, opt
+from enroll.errors import EXIT_OK, EXIT_REFUSED, EXIT_RETIRED, EXIT_UNAVAILABLE, FleetError
+from enroll.labels import parse_selector
 from enroll.secret_input import ArgvSecretAction, read_secret
-from enroll.state import FleetState, StateError, default_state_dir, parse_duration
+from enroll.state import FleetState, default_state_dir, parse_duration
 from tunnel import log as tlog
-from tunnel.agent_config import ConfigError, split_host_port
+from tunnel.agent_config import split_host_port
 from tunnel.transport import TransportError
 
 if TYPE_CHECKING:  # the engineer client loads in the engineer commands only, never in `tunnel agent`
-    from tunnel.client import ClientError, UserIdentity
+    from tunnel.client import UserIdentity
 
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_CUT = 0, 1, 2, 3, 4
 
 EPILOG = """\
 exit status:
@@ -72,10 +73,10 @@ def cmd_proxy(args) -> int:
     anchor_every = parse_duration(args.anchor_every).total_seconds()
     anchor_dir = Path(args.anchor_dir) if args.anchor_dir else None
     if anchor_dir is not None and not (anchor_dir.is_dir() and os.access(anchor_dir, os.W_OK | os.X_OK)):
-        raise ValueError(f"--anchor-dir {anchor_dir} is not a writable directory: create it (on "
+        raise Refused(f"--anchor-dir {anchor_dir} is not a writable directory: create it (on "
                          "storage that is shipped off this host or write-once) or fix its permissions")
     if args.anonymous_rate <= 0:
-        raise ValueError("--anonymous-rate must be a positive number of requests per second")
+        raise Refused("--anonymous-rate must be a positive number of requests per second")
     from tunnel import metrics
 
     metrics_at = metrics.parse_listen(args.metrics_listen) if args.metrics_listen else None
@@ -99,12 +100,6 @@ def cmd_proxy(args) -> int:
     return EXIT_OK
 
 
-#: ``tunnel agent`` only: the proxy refused this device for good (decommissioned, revoked,
-#: unknown); a service manager should not restart it (systemd: RestartPreventExitStatus=5).
-#: Distinct from every engineer command's status (0-4).
-EXIT_RETIRED = 5
-
-
 def cmd_agent(args) -> int:
     from tunnel import agent_config
     from tunnel.agent import Agent
@@ -120,6 +115,8 @@ def cmd_agent(args) -> int:
             agent.stop()
 
     _run(run())
+    # refused for good (decommissioned, revoked, unknown): a service manager should not restart
+    # it (systemd: RestartPreventExitStatus=5); distinct from every engineer command's status
     return EXIT_RETIRED if agent.retired else EXIT_OK
 
 
@@ -299,7 +296,7 @@ def cmd_ssh(args) -> int:
     try:
         proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
     except OSError as exc:
-        raise ValueError(f"cannot run {argv[0]}: {exc.strerror or exc}: install the OpenSSH client") from None
+        raise Refused(f"cannot run {argv[0]}: {exc.strerror or exc}: install the OpenSSH client") from None
     # ssh owns the terminal: ^C and ^\ reach it (same process group); we only wait for it
     # and pass on what asks us to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -326,6 +323,11 @@ def cmd_ssh(args) -> int:
     if filt.exit_status is not None:
         return filt.exit_status
     return status if status >= 0 else 128 - status
+
+
+def _ssh_option(value: str) -> str:
+    """``-o Name=value`` as one ssh argument."""
+    return f"-o{value}"
 
 
 def cmd_kube(args) -> int:
@@ -374,237 +376,190 @@ def cmd_db(args) -> int:
     return EXIT_OK
 
 
-# --- parser ---------------------------------------------------------------------------------
+# --- the command table ----------------------------------------------------------------------
+
+LOGGING = (
+    opt("--log-format", choices=("text", "json"), default="text",
+        help="log lines on stderr as text or JSON lines (default: text)"),
+    opt("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+        help="least severe log lines to write (default: info)"),
+)
+CHECK = (opt("--no-check", dest="check", action="store_false",
+             help="do not open one session at start to check the device and service (by default "
+                  "a refusal exits 1 with the reason before anything listens); for a service that "
+                  "must not see an extra connection"),)
+LOCAL = (opt("--local", default="127.0.0.1:0", metavar="HOST:PORT",
+             help="local listen address (default: 127.0.0.1 and a free port)"),)
+DEVICE = opt("device", help="device id")
+IDENTITY_HOME = "(default: $FLEET_IDENTITY, else ~/.config/fleet-tunnel)"
 
 
-def _check_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-check", dest="check", action="store_false",
-                   help="do not open one session at start to check the device and service (by default "
-                        "a refusal exits 1 with the reason before anything listens); for a service that "
-                        "must not see an extra connection")
-
-
-def _format_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", choices=output.FORMATS, default="table",
-                   help="output format: table for people, json or yaml for scripts (default: table)")
+def _audit_commands(sub: argparse._SubParsersAction) -> None:
+    """``tunnel audit``: ops commands over the registry; they need the [server] extra
+    (sqlite-utils), which a device has not, so they are left out where it is missing."""
+    try:
+        from tunnel import audit_cmd
+    except ImportError:
+        return
+    audit_cmd.register(sub)
 
 
 def cmd_completion(args) -> int:
-    return clitools.print_completion(build_parser(), args.shell)
+    return clitools.print_completion(TUNNEL, args.shell)
+
+
+TUNNEL = Program("tunnel", __doc__, epilog=EPILOG, commands=(
+    Command("proxy", "run the proxy: agents and engineers on one UDP port", cmd_proxy, (
+        *STATE,
+        opt("--listen", default="0.0.0.0:443", metavar="HOST:PORT",
+            help="address for QUIC (UDP) and the TLS-over-TCP fallback (default: 0.0.0.0:443)"),
+        opt("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
+            help="drop a silent connection after this long; keep it above the agents' "
+                 "keepalive (default: 60, for the default 25 s keepalive)"),
+        opt("--anonymous-rate", type=float, default=20.0, metavar="PER_SECOND",
+            help="enrollments and logins accepted per second from all addresses together "
+                 "(bursts of twice that); each address is also limited to 5/s (default: 20)"),
+        opt("--anchor-dir", metavar="DIR",
+            help="append the audit log's head (SEQ:HASH) to DIR/audit-anchors.jsonl "
+                 "every --anchor-every and at shutdown; put DIR where it leaves this host "
+                 "or cannot be rewritten (see 'tunnel audit verify --anchor')"),
+        opt("--anchor-every", default="5m", metavar="DURATION",
+            help="how often to write an anchor when the log has grown (default: 5m)"),
+        opt("--metrics-listen", metavar="[HOST:]PORT",
+            help="serve Prometheus /metrics and /healthz over HTTP, unauthenticated (default: "
+                 "off); a bare PORT binds 127.0.0.1, anything wider must be named (0.0.0.0:9100)"),
+        *LOGGING,
+    )),
+    Command("agent", "run the agent on a device (dials out; listens on nothing)", cmd_agent, (
+        opt("--config", required=True, metavar="FILE", help="agent.yaml written by 'enroll device'"),
+        *LOGGING,
+    ), description="run the agent on a device (dials out; listens on nothing); exits 5 when the "
+                   "proxy refuses the device for good (decommissioned, revoked, unknown): "
+                   "re-enroll it rather than restart it"),
+    Command("proxy-command", "splice stdin/stdout to a device service (OpenSSH ProxyCommand)",
+            cmd_proxy_command, (
+        opt("device", help="device id (ssh's %%h)"),
+        opt("target", nargs="?", default="ssh", help="service name or port; 22 means ssh (default: ssh)"),
+        opt("--login", help="the login ssh will use (ssh's %%r): a login no role allows is refused at the dial"),
+        *ENGINEER,
+    )),
+    Command("forward", "listen locally; each connection becomes a session to a device service",
+            cmd_forward, (
+        DEVICE,
+        opt("service", help="service name as listed in the agent config (e.g. postgres, kube)"),
+        *LOCAL, *CHECK, *ENGINEER,
+    )),
+    Command("ls", "list the devices you may reach, with labels and online state", cmd_ls, (
+        opt("selector", nargs="*", metavar="ID|SELECTOR",
+            help="device ids, or label selectors (key=value, key!=value, 'key in (a,b)', "
+                 "key, !key; ANDed)"),
+        *FORMAT, *ENGINEER,
+    )),
+    Extension(_audit_commands),
+    Command("login", "log in to the proxy: a short-lived certificate for a key made here", cmd_login, (
+        opt("--proxy", required=True, default_env="FLEET_PROXY", metavar="HOST:PORT",
+            help="the proxy to log in to (default: $FLEET_PROXY)"),
+        opt("--user", required=True, help="your user name, as 'enroll user add' made it"),
+        opt("--invite-file", metavar="FILE",
+            help="first login: read the one-time invite from FILE (- or --invite alone: stdin, "
+                 "or a prompt on a terminal); default: $FLEET_INVITE"),
+        opt("--invite", dest="invite_argv", action=ArgvSecretAction, env="FLEET_INVITE",
+            file_flag="--invite-file", what="invite", help=argparse.SUPPRESS),
+        opt("--ca-pin", metavar="sha256:HEX", help="fleet CA pin (first login)"),
+        opt("--totp-file", metavar="FILE",
+            help="read the one-time code, if your account needs one, from FILE (- or --totp "
+                 "alone: stdin, or a prompt on a terminal); default: $FLEET_TOTP"),
+        opt("--totp", dest="totp_argv", action=ArgvSecretAction, env="FLEET_TOTP",
+            file_flag="--totp-file", what="one-time code", help=argparse.SUPPRESS),
+        opt("--ttl", help="ask for a shorter certificate (roles cap it with max_session_ttl)"),
+        opt("--password-stdin", action="store_true",
+            help="read the password from stdin (default: ask on the terminal)"),
+        opt("--server-name", help="name in the proxy certificate (default: the --proxy host)"),
+        opt("--identity", metavar="DIR", help=f"where to store the identity {IDENTITY_HOME}"),
+        *FORMAT,
+    )),
+    Command("logout", "remove your certificate and SSH certificates", cmd_logout, (
+        opt("--identity", metavar="DIR", help=f"identity directory {IDENTITY_HOME}"),
+        *FORMAT,
+    )),
+    Command("whoami", "your roles, certificate expiry and what you can reach", cmd_whoami,
+            (*FORMAT, *ENGINEER)),
+    Command("ssh-cert", "fetch the SSH certificate for LOGIN on DEVICE (used by ssh_config)",
+            cmd_ssh_cert, (
+        DEVICE,
+        opt("login", help="login name on the device"),
+        opt("--print-path", action="store_true", help="print the certificate's path"),
+        *FORMAT, *ENGINEER,
+    )),
+    Command("config", "print an ssh_config block for 'ssh LOGIN@DEVICE.fleet'", cmd_config, (
+        opt("--hosts", default="*.fleet", help="Host pattern (default: *.fleet; '*' for use with -F)"),
+        opt("--write", action="store_true", help="write it into the identity directory instead"),
+        *FORMAT, *ENGINEER,
+    )),
+    Command("ssh", "OpenSSH to LOGIN@DEVICE through the tunnel, with a per-session certificate",
+            cmd_ssh, (
+        opt("target", metavar="LOGIN@DEVICE", help="login name and device id"),
+        opt("command", nargs=argparse.REMAINDER, help="command to run on the device"),
+        opt("-o", dest="ssh_option", action="append", default=[], type=_ssh_option,
+            help="extra ssh option (repeatable)"),
+        *ENGINEER,
+    )),
+    Command("kube", "forward to a device's Kubernetes API and add a kubeconfig context", cmd_kube, (
+        DEVICE,
+        opt("--service", default="kube", help="the device's Kubernetes API service (default: kube)"),
+        *LOCAL,
+        opt("--kubeconfig", help="file to update (default: ~/.kube/config)"),
+        opt("--certificate-authority", metavar="FILE",
+            help="the device cluster's CA certificate, so kubectl verifies TLS"),
+        opt("--tls-server-name", help="name in the API server certificate (e.g. kubernetes)"),
+        opt("--client-certificate", metavar="FILE",
+            help="your client certificate for the device's cluster (with --client-key)"),
+        opt("--client-key", metavar="FILE", help="the key of --client-certificate"),
+        opt("--token-file", metavar="FILE",
+            help="a file holding your bearer token for the device's cluster (instead of a certificate)"),
+        *CHECK, *ENGINEER,
+    )),
+    Command("db", "forward to a device's database and print the connection string", cmd_db, (
+        DEVICE,
+        opt("--service", default="postgres", help="the device's database service (default: postgres)"),
+        *LOCAL,
+        opt("--db-user", help="user name to put in the connection string"),
+        opt("--database", help="database name to put in the connection string"),
+        *CHECK, *ENGINEER,
+    )),
+    Command("status", "connected agents: address, transport, sessions, bytes, migrations", cmd_status, (
+        opt("device", nargs="?", help="only this device"),
+        *FORMAT, *ENGINEER,
+    )),
+    clitools.completion_command(cmd_completion, "tunnel"),
+))
 
 
 def build_parser(*, ops: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tunnel", description=__doc__, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action=clitools.VersionAction)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    """The parser of ``TUNNEL``; ``ops=False`` (``tunnel agent``) leaves out the ops commands,
+    whose registry code a device has not installed (sqlite-utils alone: 4.5 MiB of an idle agent)."""
+    return TUNNEL.parser(extensions=ops)
 
-    def add(name, func, help_text):
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.set_defaults(func=func)
-        return p
-
-    def logging_args(p):
-        p.add_argument("--log-format", choices=("text", "json"), default="text",
-                       help="log lines on stderr as text or JSON lines (default: text)")
-        p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
-                       help="least severe log lines to write (default: info)")
-
-    def engineer_args(p):
-        p.add_argument("--identity", metavar="DIR",
-                       help="engineer identity directory (default: $FLEET_IDENTITY, else "
-                            "~/.config/fleet-tunnel)")
-        p.add_argument("--proxy", metavar="HOST:PORT",
-                       help="proxy to dial (default: $FLEET_PROXY, else the one in client.yaml)")
-
-    p = add("proxy", cmd_proxy, "run the proxy: agents and engineers on one UDP port")
-    p.add_argument("--state", metavar="DIR", help="fleet state directory (default: $FLEET_STATE or XDG data dir)")
-    p.add_argument("--listen", default="0.0.0.0:443", metavar="HOST:PORT",
-                   help="address for QUIC (UDP) and the TLS-over-TCP fallback (default: 0.0.0.0:443)")
-    p.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
-                   help="drop a silent connection after this long; keep it above the agents' "
-                        "keepalive (default: 60, for the default 25 s keepalive)")
-    p.add_argument("--anonymous-rate", type=float, default=20.0, metavar="PER_SECOND",
-                   help="enrollments and logins accepted per second from all addresses together "
-                        "(bursts of twice that); each address is also limited to 5/s (default: 20)")
-    p.add_argument("--anchor-dir", metavar="DIR",
-                   help="append the audit log's head (SEQ:HASH) to DIR/audit-anchors.jsonl "
-                        "every --anchor-every and at shutdown; put DIR where it leaves this host "
-                        "or cannot be rewritten (see 'tunnel audit verify --anchor')")
-    p.add_argument("--anchor-every", default="5m", metavar="DURATION",
-                   help="how often to write an anchor when the log has grown (default: 5m)")
-    p.add_argument("--metrics-listen", metavar="[HOST:]PORT",
-                   help="serve Prometheus /metrics and /healthz over HTTP, unauthenticated (default: "
-                        "off); a bare PORT binds 127.0.0.1, anything wider must be named (0.0.0.0:9100)")
-    logging_args(p)
-
-    p = add("agent", cmd_agent, "run the agent on a device (dials out; listens on nothing)")
-    p.description += ("; exits 5 when the proxy refuses the device for good (decommissioned, "
-                      "revoked, unknown): re-enroll it rather than restart it")
-    p.add_argument("--config", required=True, metavar="FILE", help="agent.yaml written by 'enroll device'")
-    logging_args(p)
-
-    p = add("proxy-command", cmd_proxy_command,
-            "splice stdin/stdout to a device service (OpenSSH ProxyCommand)")
-    p.add_argument("device", help="device id (ssh's %%h)")
-    p.add_argument("target", nargs="?", default="ssh", help="service name or port; 22 means ssh (default: ssh)")
-    p.add_argument("--login", help="the login ssh will use (ssh's %%r): a login no role allows is refused at the dial")
-    engineer_args(p)
-
-    p = add("forward", cmd_forward, "listen locally; each connection becomes a session to a device service")
-    p.add_argument("device", help="device id")
-    p.add_argument("service", help="service name as listed in the agent config (e.g. postgres, kube)")
-    p.add_argument("--local", default="127.0.0.1:0", metavar="HOST:PORT",
-                   help="local listen address (default: 127.0.0.1 and a free port)")
-    _check_arg(p)
-    engineer_args(p)
-
-    p = add("ls", cmd_ls, "list the devices you may reach, with labels and online state")
-    p.add_argument("selector", nargs="*", metavar="ID|SELECTOR",
-                   help="device ids, or label selectors (key=value, key!=value, 'key in (a,b)', "
-                        "key, !key; ANDed)")
-    _format_arg(p)
-    engineer_args(p)
-
-    try:  # ops' audit commands need the [server] extra (sqlite-utils); a device has none
-        if not ops:  # `tunnel agent`: sqlite-utils alone would be 4.5 MiB of an idle agent
-            raise ImportError
-        from tunnel import audit_cmd
-    except ImportError:
-        audit_cmd = None
-    if audit_cmd:
-        audit_cmd.register(sub)
-
-    p = add("login", cmd_login, "log in to the proxy: a short-lived certificate for a key made here")
-    proxy_env = os.environ.get("FLEET_PROXY") or None
-    p.add_argument("--proxy", required=proxy_env is None, default=proxy_env, metavar="HOST:PORT",
-                   help="the proxy to log in to (default: $FLEET_PROXY)")
-    p.add_argument("--user", required=True, help="your user name, as 'enroll user add' made it")
-    p.add_argument("--invite-file", metavar="FILE",
-                   help="first login: read the one-time invite from FILE (- or --invite alone: stdin, "
-                        "or a prompt on a terminal); default: $FLEET_INVITE")
-    p.add_argument("--invite", dest="invite_argv", action=ArgvSecretAction, env="FLEET_INVITE",
-                   file_flag="--invite-file", what="invite", help=argparse.SUPPRESS)
-    p.add_argument("--ca-pin", metavar="sha256:HEX", help="fleet CA pin (first login)")
-    p.add_argument("--totp-file", metavar="FILE",
-                   help="read the one-time code, if your account needs one, from FILE (- or --totp "
-                        "alone: stdin, or a prompt on a terminal); default: $FLEET_TOTP")
-    p.add_argument("--totp", dest="totp_argv", action=ArgvSecretAction, env="FLEET_TOTP",
-                   file_flag="--totp-file", what="one-time code", help=argparse.SUPPRESS)
-    p.add_argument("--ttl", help="ask for a shorter certificate (roles cap it with max_session_ttl)")
-    p.add_argument("--password-stdin", action="store_true",
-                   help="read the password from stdin (default: ask on the terminal)")
-    p.add_argument("--server-name", help="name in the proxy certificate (default: the --proxy host)")
-    p.add_argument("--identity", metavar="DIR",
-                   help="where to store the identity (default: $FLEET_IDENTITY, else ~/.config/fleet-tunnel)")
-    _format_arg(p)
-
-    p = add("logout", cmd_logout, "remove your certificate and SSH certificates")
-    p.add_argument("--identity", metavar="DIR",
-                   help="identity directory (default: $FLEET_IDENTITY, else ~/.config/fleet-tunnel)")
-    _format_arg(p)
-
-    p = add("whoami", cmd_whoami, "your roles, certificate expiry and what you can reach")
-    _format_arg(p)
-    engineer_args(p)
-
-    p = add("ssh-cert", cmd_ssh_cert, "fetch the SSH certificate for LOGIN on DEVICE (used by ssh_config)")
-    p.add_argument("device", help="device id")
-    p.add_argument("login", help="login name on the device")
-    p.add_argument("--print-path", action="store_true", help="print the certificate's path")
-    _format_arg(p)
-    engineer_args(p)
-
-    p = add("config", cmd_config, "print an ssh_config block for 'ssh LOGIN@DEVICE.fleet'")
-    p.add_argument("--hosts", default="*.fleet", help="Host pattern (default: *.fleet; '*' for use with -F)")
-    p.add_argument("--write", action="store_true", help="write it into the identity directory instead")
-    _format_arg(p)
-    engineer_args(p)
-
-    p = add("ssh", cmd_ssh, "OpenSSH to LOGIN@DEVICE through the tunnel, with a per-session certificate")
-    p.add_argument("target", metavar="LOGIN@DEVICE", help="login name and device id")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="command to run on the device")
-    p.add_argument("-o", dest="ssh_option", action="append", default=[], type=lambda o: f"-o{o}",
-                   help="extra ssh option (repeatable)")
-    engineer_args(p)
-
-    p = add("kube", cmd_kube, "forward to a device's Kubernetes API and add a kubeconfig context")
-    p.add_argument("device", help="device id")
-    p.add_argument("--service", default="kube", help="the device's Kubernetes API service (default: kube)")
-    p.add_argument("--local", default="127.0.0.1:0", metavar="HOST:PORT",
-                   help="local listen address (default: 127.0.0.1 and a free port)")
-    p.add_argument("--kubeconfig", help="file to update (default: ~/.kube/config)")
-    p.add_argument("--certificate-authority", metavar="FILE",
-                   help="the device cluster's CA certificate, so kubectl verifies TLS")
-    p.add_argument("--tls-server-name", help="name in the API server certificate (e.g. kubernetes)")
-    p.add_argument("--client-certificate", metavar="FILE",
-                   help="your client certificate for the device's cluster (with --client-key)")
-    p.add_argument("--client-key", metavar="FILE", help="the key of --client-certificate")
-    p.add_argument("--token-file", metavar="FILE",
-                   help="a file holding your bearer token for the device's cluster (instead of a certificate)")
-    _check_arg(p)
-    engineer_args(p)
-
-    p = add("db", cmd_db, "forward to a device's database and print the connection string")
-    p.add_argument("device", help="device id")
-    p.add_argument("--service", default="postgres", help="the device's database service (default: postgres)")
-    p.add_argument("--local", default="127.0.0.1:0", metavar="HOST:PORT",
-                   help="local listen address (default: 127.0.0.1 and a free port)")
-    p.add_argument("--db-user", help="user name to put in the connection string")
-    p.add_argument("--database", help="database name to put in the connection string")
-    _check_arg(p)
-    engineer_args(p)
-
-    p = add("status", cmd_status, "connected agents: address, transport, sessions, bytes, migrations")
-    p.add_argument("device", nargs="?", help="only this device")
-    _format_arg(p)
-    engineer_args(p)
-
-    p = add("completion", cmd_completion, "print a shell completion script (bash, zsh or fish)")
-    p.description += ("; load it with 'source <(tunnel completion bash)' (zsh: the same with zsh), "
-                      "or 'tunnel completion fish | source'")
-    p.add_argument("shell", choices=clitools.SHELLS, help="the shell to complete in")
-    return parser
-
-
-def exit_status(exc: ClientError) -> int:
-    """3 when the proxy is unreachable or the connection to it ended, 4 for a cut session."""
-    if exc.code == "cut":
-        return EXIT_CUT
-    if exc.code == "unreachable":
-        return EXIT_UNAVAILABLE
-    return EXIT_REFUSED
-
-
-class _NotRaised(Exception):
-    """Stands in for ClientError while the engineer client is not loaded (nothing raises it)."""
-
-
-def _client_error() -> type[Exception]:
-    """``tunnel.client.ClientError`` once the client is loaded: only its commands raise it.
-
-    An ``except`` clause evaluates this only when an exception is on its way, so ``tunnel agent``
-    never loads the engineer client just to name an error it cannot get.
-    """
-    client = sys.modules.get("tunnel.client")
-    return client.ClientError if client is not None else _NotRaised
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its errors become one line on stderr and an exit status.
+
+    The status comes from the error's type: ``FleetError.exit_status`` (a ``ClientError``'s
+    follows its code: unreachable 3, cut 4, else 1), never from message text. Naming the
+    root here loads nothing: ``tunnel agent`` never imports the engineer client.
+    """
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(ops=argv[:1] != ["agent"]).parse_args(argv)
     try:
         return args.func(args)
-    except _client_error() as exc:
-        print(f"tunnel: error: {exc}", file=sys.stderr)
-        return exit_status(exc)
-    except TransportError as exc:
+    except TransportError as exc:  # the connection ended under a command, outside the client
         print(f"tunnel: error: the connection to the proxy ended: {exc.reason or exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except (ConfigError, StateError, LabelError, ValueError) as exc:
+    except FleetError as exc:
+        print(f"tunnel: error: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except ValueError as exc:  # a standard parser (a duration, a number) with no type of ours
         print(f"tunnel: error: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     except KeyboardInterrupt:

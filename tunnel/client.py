@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from enroll import certs
+from enroll.errors import EXIT_CUT, EXIT_REFUSED, EXIT_UNAVAILABLE, FleetError
 from tunnel import wire
 from tunnel.agent_config import split_host_port
 from tunnel.protocol import ALPN_USER, CLOSE_NAMES, read_header, read_reply
@@ -33,16 +34,17 @@ from tunnel.transport import Connection, ErrorCode, Stream, TLSIdentity, Transpo
 PING_INTERVAL, DEAD_AFTER = 2.0, 10.0
 
 
-class ClientError(RuntimeError):
+class ClientError(FleetError, RuntimeError):
     """Something the engineer must fix or know: printed as one line.
 
-    The exit status follows ``code`` (see ``tunnel.cli.exit_status``): ``unreachable`` → 3,
-    ``cut`` (an open session did not end cleanly) → 4, anything else → 1.
+    ``exit_status`` follows ``code``: ``unreachable`` → 3, ``cut`` (an open session did not
+    end cleanly) → 4, anything else → 1.
     """
 
     def __init__(self, message: str, code: str = "error"):
         super().__init__(message)
         self.code = code
+        self.exit_status = {"unreachable": EXIT_UNAVAILABLE, "cut": EXIT_CUT}.get(code, EXIT_REFUSED)
 
 
 def default_identity_dir() -> Path:

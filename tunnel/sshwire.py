@@ -18,6 +18,8 @@ import os
 import re
 import struct
 
+from enroll.errors import FleetError
+
 IDENTIFICATION = b"SSH-2.0-fleet-tunnel\r\n"
 MSG_DISCONNECT = 1
 #: RFC 4253 §11.1 reason codes we use: refused (exit 1) and proxy unreachable (exit 3);
@@ -68,7 +70,7 @@ def refusal(reason: str, code: int = BY_APPLICATION) -> bytes:
     return IDENTIFICATION + disconnect(PREFIX + reason, code)
 
 
-class DecodeError(ValueError):
+class DecodeError(FleetError, ValueError, code="ssh_decode"):
     pass
 
 

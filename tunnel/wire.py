@@ -19,6 +19,8 @@ import json
 import struct
 from dataclasses import dataclass, field
 
+from enroll.errors import FleetError
+
 VERSION = 1
 MAX_PAYLOAD = 4096
 _PREFIX = struct.Struct("!BBH")
@@ -39,7 +41,7 @@ KINDS: dict[int, tuple[str, dict[str, tuple[type, bool]]]] = {
 KIND_BY_NAME = {name: kind for kind, (name, _) in KINDS.items()}
 
 
-class HeaderError(ValueError):
+class HeaderError(FleetError, ValueError):
     """A header that cannot be accepted. ``code`` is stable, the message is for people."""
 
     def __init__(self, code: str, message: str):

@@ -24,10 +24,12 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
+from enroll.errors import FleetError
+
 # --------------------------------------------------------------------------- certificates
 
 
-class CertificateRejected(Exception):  # noqa: N818
+class CertificateRejected(FleetError, code="certificate_rejected"):  # noqa: N818
     """A peer certificate failed verification. ``expired`` distinguishes validity-period errors."""
 
     def __init__(self, reason: str, *, expired: bool = False) -> None:
