@@ -10,12 +10,13 @@ from pathlib import Path
 
 # Only what `enroll device` needs is imported here: a device has no sqlite-utils. Commands for
 # the CA host import the registry-backed modules when they run.
-from enroll import certs, clitools, device, output
+from enroll import certs, clitools, device, names, output
+from enroll.durations import parse_duration
 from enroll.errors import RegistryError
 from enroll.labels import parse_assignments, parse_selector
 from enroll.request import parse_request, read_bundle_file
 from enroll.secret_input import ArgvSecretAction, env_command, read_secret
-from enroll.state import FleetState, StateError, default_state_dir, parse_duration
+from enroll.state import FleetState, StateError, default_state_dir
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
@@ -98,7 +99,7 @@ def cmd_token_create(args) -> int:
 
     state = _state(args)
     labels = parse_assignments(args.label)
-    if args.name_prefix and not certs.NAME_RE.match(args.name_prefix + "x"):
+    if args.name_prefix and not names.is_name(args.name_prefix + "x"):
         raise Refused(f"bad --name-prefix {args.name_prefix!r}: use lowercase letters, digits and '-'")
     with state.registry() as reg:
         secret, row = tokens.create(

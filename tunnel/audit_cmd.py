@@ -14,10 +14,11 @@ import sys
 from pathlib import Path
 
 from enroll import audit, output
+from enroll.durations import parse_duration
 from enroll.files import write_file
 from enroll.labels import parse_selector
 from enroll.registry import iso
-from enroll.state import FleetState, default_state_dir, parse_duration
+from enroll.state import FleetState, default_state_dir
 
 FORMATS = ("table", "json", "jsonl")
 TABLE_COLUMNS = ["seq", "time", "type", "actor", "device", "labels", "result", "details"]

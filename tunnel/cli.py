@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from enroll import clitools, output
+from enroll.addresses import split_host_port
+from enroll.durations import parse_duration
 from enroll.labels import LabelError, parse_selector
 from enroll.secret_input import ArgvSecretAction, read_secret
-from enroll.state import FleetState, StateError, default_state_dir, parse_duration
+from enroll.state import FleetState, StateError, default_state_dir
 from tunnel import log as tlog
-from tunnel.agent_config import ConfigError, split_host_port
+from tunnel.agent_config import ConfigError
 from tunnel.transport import TransportError
 
 if TYPE_CHECKING:  # the engineer client loads in the engineer commands only, never in `tunnel agent`

@@ -23,8 +23,8 @@ from pathlib import Path
 import yaml
 
 from enroll import certs
+from enroll.addresses import split_host_port
 from tunnel import wire
-from tunnel.agent_config import split_host_port
 from tunnel.protocol import ALPN_USER, CLOSE_NAMES, read_header, read_reply
 from tunnel.splice import SocketEnds, StdioEnds, StreamEnds, describe, reset_on_close, splice
 from tunnel.transport import Connection, ErrorCode, Stream, TLSIdentity, TransportError, dial
@@ -210,7 +210,6 @@ async def anonymous_request(
     The proxy is checked against ``ca`` or, for a first contact, the CA ``ca_pin`` before any
     secret is sent. Returns the reply body; raises Refusal or ClientError.
     """
-    from tunnel.agent_config import split_host_port
     from tunnel.protocol import ALPN_ENROLL
 
     host, port = split_host_port(proxy, "--proxy")

@@ -914,9 +914,9 @@ class Proxy:
     async def _login(self, stream: Stream, args: dict, remote: str) -> None:
         """Password (+TOTP) or one-time invite → a short-lived user certificate for a local key."""
         from enroll import certs, users
+        from enroll.durations import parse_duration
         from enroll.enrollment import issue_user
         from enroll.roles import session_ttl
-        from enroll.state import parse_duration
 
         name = str(args.get("user", ""))
         if self._logins_pending >= MAX_PENDING_LOGINS:
