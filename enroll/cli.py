@@ -181,9 +181,12 @@ def cmd_device(args) -> int:
                           "--token-file FILE (- reads stdin)")
         from enroll import online
 
+        if args.exchange is None:  # enroll knows no transport: the `enroll` command injects one
+            raise Refused("online enrollment needs the tunnel transport: run the installed 'enroll' "
+                          "command (python -m tunnel.enroll_cli), not python -m enroll.cli")
         print(f"enrolling through {args.proxy} ...", file=sys.stderr)
         summary = online.run(
-            directory, args.proxy, token, args.ca_pin, name=args.name,
+            directory, args.proxy, token, args.ca_pin, exchange=args.exchange, name=args.name,
             server_name=args.server_name, services=services,
             ssh_host_key=Path(args.ssh_host_key) if args.ssh_host_key else None,
         )
@@ -681,10 +684,12 @@ def build_parser() -> argparse.ArgumentParser:
 USER_ERRORS = (Refused, StateError, RegistryError, ValueError)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, exchange=None) -> int:
+    """``exchange``: how ``enroll device --proxy`` talks to the proxy (see :mod:`enroll.online`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args.state = getattr(args, "state", None)
+    args.exchange = exchange
     try:
         return args.func(args)
     except USER_ERRORS as exc:
