@@ -22,11 +22,14 @@ import yaml
 
 from enroll import certs
 from enroll.durations import parse_duration
+from enroll.errors import FleetError
 from enroll.files import make_private_dir, write_file, write_private
 
 
-class StateError(RuntimeError):
+class StateError(FleetError, RuntimeError):
     """The state directory is missing, incomplete or not writable; the message says what to do."""
+
+    code = "state"
 
 
 def default_state_dir() -> Path:

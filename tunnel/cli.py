@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 from enroll import clitools, output
 from enroll.addresses import split_host_port
 from enroll.durations import parse_duration
+from enroll.errors import FleetError
 from enroll.labels import LabelError, parse_selector
 from enroll.secret_input import ArgvSecretAction, read_secret
-from enroll.state import FleetState, StateError, default_state_dir
 from tunnel import log as tlog
 from tunnel.agent_config import ConfigError
 from tunnel.transport import TransportError
@@ -65,6 +65,7 @@ def _run(coro) -> None:
 
 
 def cmd_proxy(args) -> int:
+    from enroll.state import FleetState, default_state_dir  # the CA host's: never on a device
     from tunnel.proxy import Proxy
 
     tlog.setup(args.log_format, args.log_level)
@@ -471,13 +472,9 @@ def build_parser(*, ops: bool = True) -> argparse.ArgumentParser:
     _format_arg(p)
     engineer_args(p)
 
-    try:  # ops' audit commands need the [server] extra (sqlite-utils); a device has none
-        if not ops:  # `tunnel agent`: sqlite-utils alone would be 4.5 MiB of an idle agent
-            raise ImportError
+    if ops:  # ops' commands over the registry; never loaded by `tunnel agent` (see audit_cmd.py)
         from tunnel import audit_cmd
-    except ImportError:
-        audit_cmd = None
-    if audit_cmd:
+
         audit_cmd.register(sub)
 
     p = add("login", cmd_login, "log in to the proxy: a short-lived certificate for a key made here")
@@ -606,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     except TransportError as exc:
         print(f"tunnel: error: the connection to the proxy ended: {exc.reason or exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except (ConfigError, StateError, LabelError, ValueError) as exc:
+    except (ConfigError, FleetError, LabelError, ValueError) as exc:
         print(f"tunnel: error: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     except KeyboardInterrupt:
