@@ -504,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proxy-name", required=True, metavar="HOST", help="DNS name devices dial")
     p.add_argument("--proxy-ip", action="append", default=[], metavar="IP",
                    help="an IP address of the proxy to put in its certificate (repeatable)")
-    p.add_argument("--proxy-port", type=int, default=443, help="proxy UDP port (default: 443)")
+    p.add_argument("--proxy-port", type=int, default=443, help="proxy port, UDP (QUIC) and TCP (TLS) (default: 443)")
     p.add_argument("--device-lifetime", default="30d", help="device certificate lifetime (default: 30d)")
     _format_arg(p)
 

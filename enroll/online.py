@@ -2,11 +2,11 @@
 
 ``enroll`` is the lower layer and knows no transport: the caller injects ``exchange``, one
 request/reply with the proxy on its anonymous channel (the ``tunnel`` package supplies it:
-:func:`tunnel.enroll_cli.exchange`, wired in by the installed ``enroll`` command). The contract
-this module relies on: the exchange checks the proxy against ``ca_pin`` (a certificate in the
-proxy's chain must match the pin and have signed the proxy's certificate) before it sends
-anything — so the token is never sent to anyone but this fleet's proxy — and it raises a
-:class:`~enroll.errors.FleetError` saying what went wrong (unreachable, TLS intercepted,
+:func:`tunnel.enroll_cli.enroll_exchange`, wired in by the installed ``enroll`` command). The
+contract this module relies on: the exchange checks the proxy against ``ca_pin`` (a certificate
+in the proxy's chain must match the pin and have signed the proxy's certificate) before it sends
+anything — so the token is never sent to anyone but this fleet's proxy — and it raises an
+:class:`~enroll.request.EnrollError` saying what went wrong (unreachable, TLS intercepted,
 refused). This module builds the request and checks the reply: the bundle that comes back is
 installed through the same check as an offline one (:func:`enroll.device.verify_bundle`: the
 CA's signature over every field, the SSH host certificate, size caps) before anything is

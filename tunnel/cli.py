@@ -423,7 +423,7 @@ def build_parser(*, ops: bool = True) -> argparse.ArgumentParser:
         p.add_argument("--proxy", metavar="HOST:PORT",
                        help="proxy to dial (default: $FLEET_PROXY, else the one in client.yaml)")
 
-    p = add("proxy", cmd_proxy, "run the proxy: agents and engineers on one UDP port")
+    p = add("proxy", cmd_proxy, "run the proxy: agents and engineers on one port (UDP and TCP)")
     p.add_argument("--state", metavar="DIR", help="fleet state directory (default: $FLEET_STATE or XDG data dir)")
     p.add_argument("--listen", default="0.0.0.0:443", metavar="HOST:PORT",
                    help="address for QUIC (UDP) and the TLS-over-TCP fallback (default: 0.0.0.0:443)")

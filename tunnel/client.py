@@ -1,4 +1,4 @@
-"""The engineer's side: one QUIC connection to the proxy, a stream per session.
+"""The engineer's side: one connection to the proxy (QUIC, or TLS over TCP), a stream per session.
 
 Used by ``tunnel proxy-command`` (ssh's ProxyCommand), ``tunnel forward`` (kubectl, psql, a
 browser), ``tunnel ls`` and ``tunnel status``. The engineer's identity lives in one directory

@@ -2,7 +2,7 @@
 
 ``enroll`` is the lower layer and never imports ``tunnel``; only ``enroll device --proxy``
 (online enrollment, on the device) needs to reach the proxy. This top-layer launcher is the
-console script's entry point: it hands :func:`enroll.cli.main` the :func:`exchange` below,
+console script's entry point: it hands :func:`enroll.cli.main` the :func:`enroll_exchange` below,
 which dials the proxy's anonymous channel with the same transports (QUIC, TLS over TCP) and the
 same pinning as ``tunnel login``. The transport loads only when a device enrolls online; every
 other ``enroll`` command starts as fast as before.
@@ -16,7 +16,7 @@ from enroll import cli
 from enroll.request import EnrollError
 
 
-async def exchange(proxy: str, op: str, args: dict, *, ca_pin: str, server_name: str | None,
+async def enroll_exchange(proxy: str, op: str, args: dict, *, ca_pin: str, server_name: str | None,
                    timeout: float) -> dict:
     """One anonymous request to the proxy, pinned to ``ca_pin`` before anything is sent.
 
@@ -35,7 +35,7 @@ async def exchange(proxy: str, op: str, args: dict, *, ca_pin: str, server_name:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(argv, exchange=exchange)
+    return cli.main(argv, exchange=enroll_exchange)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The proxy: admits agents and engineers on one UDP port and routes each session to its device.
+"""The proxy: admits agents and engineers on one port (QUIC over UDP, TLS over TCP) and routes each session.
 
 Three kinds of peer, told apart by ALPN before any stream is accepted:
 
