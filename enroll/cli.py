@@ -12,11 +12,10 @@ from pathlib import Path
 # the CA host import the registry-backed modules when they run.
 from enroll import certs, clitools, device, names, output
 from enroll.durations import parse_duration
-from enroll.errors import RegistryError
+from enroll.errors import FleetError, RegistryError
 from enroll.labels import parse_assignments, parse_selector
 from enroll.request import parse_request, read_bundle_file
 from enroll.secret_input import ArgvSecretAction, env_command, read_secret
-from enroll.state import FleetState, StateError, default_state_dir
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
@@ -48,7 +47,9 @@ def _actor(args) -> str:
     return args.creator if getattr(args, "creator", None) else f"admin:{getpass.getuser()}"
 
 
-def _state(args) -> FleetState:
+def _state(args):
+    from enroll.state import FleetState, default_state_dir  # CA host only: not `enroll device`
+
     return FleetState(Path(args.state) if args.state else default_state_dir())
 
 
@@ -69,6 +70,8 @@ def _done(args, info: dict, text: str) -> None:
 
 
 def cmd_init(args) -> int:
+    from enroll.state import FleetState, default_state_dir
+
     root = Path(args.state) if args.state else default_state_dir()
     state = FleetState.create(
         root,
@@ -681,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Every user-facing error is one of these (labels, certificates, tokens, roles, users, admin
 # actions and enrollment raise ValueError subclasses).
-USER_ERRORS = (Refused, StateError, RegistryError, ValueError)
+USER_ERRORS = (Refused, FleetError, RegistryError, ValueError)
 
 
 def main(argv: list[str] | None = None, *, exchange=None) -> int:

@@ -8,9 +8,9 @@ are read with ``ast`` from the source, all of them: at the top, inside functions
 ``TYPE_CHECKING``. A new module fails :func:`test_every_module_has_a_layer` until it is given
 its place here (and in the README's layout section when it opens a new layer).
 
-What a device runs (``tunnel agent``) loads only the core, the support helpers, identity, the
-transport and the agent (:data:`DEVICE_LAYERS`), plus the ``tunnel`` command's own parser; checked
-statically here and at run time below (``tests/transport/test_imports.py`` checks the heavy
+What a device runs (``tunnel agent``, ``enroll device``) loads only the core, the support
+helpers, identity, the transport and the agent (:data:`DEVICE_LAYERS`), plus the command's own
+CLI modules; checked statically here and at run time below (``tests/transport/test_imports.py`` checks the heavy
 third-party pieces: h2, aioquic.asyncio, SQLite).
 """
 
@@ -260,6 +260,19 @@ def test_tunnel_agent_command_loads_only_device_layers():
     assert not beyond, f"`tunnel agent` loads: {beyond}"
     commands = {m for m, layer in layers.items() if layer == "cli"}
     assert commands <= {"tunnel.cli", "enroll.clitools", "enroll.output", "enroll.secret_input"}
+
+
+def test_enroll_device_loads_only_device_layers(tmp_path):
+    loaded = _loaded_after(
+        "from enroll.cli import main\n"
+        f"assert main(['device', '--dir', {str(tmp_path / 'd')!r}, '--csr-only']) == 0"
+    )
+    layers = {m: LAYER_OF[m][1] for m in loaded if m in LAYER_OF}
+    beyond = sorted(f"{m} ({layer})" for m, layer in layers.items()
+                    if layer not in DEVICE_LAYERS | {"cli"})
+    assert not beyond, f"`enroll device` loads: {beyond}"
+    assert {m for m, layer in layers.items() if layer == "cli"} <= \
+        {"enroll.cli", "enroll.clitools", "enroll.output", "enroll.secret_input"}
 
 
 def test_enroll_alone_has_no_transport_and_says_what_to_run(tmp_path):
