@@ -225,7 +225,7 @@ def _rule(node, where: str) -> Rule:
     if "logins" in fields:
         logins = _strings(fields["logins"], f"{where}.logins")
         for login in logins:
-            if login != "*" and not _LOGIN_RE.match(login):
+            if login != "*" and not _LOGIN_RE.fullmatch(login):  # ^…$ alone: "root\n" too
                 raise _err(fields["logins"], f"bad login {login!r}: use a Unix user name")
     services = _strings(fields["services"], f"{where}.services") if "services" in fields else None
     return Rule(labels, logins, services)

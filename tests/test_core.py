@@ -99,3 +99,16 @@ def test_a_device_asking_for_a_name_with_a_newline_is_refused_audited_and_spends
         assert not list(reg.db["devices"].rows) and not list(reg.db["certs"].rows)
     denied = [e for e in fleet.audit() if e["type"] == "device.enroll.denied"]
     assert len(denied) == 1 and "bad device name" in denied[0]["reason"]
+
+
+def test_label_keys_and_role_logins_with_a_trailing_newline_are_refused():
+    from enroll.labels import LabelError, validate_key
+
+    with pytest.raises(LabelError, match="bad label key"):
+        validate_key("customer\n")
+    assert validate_key("customer") == "customer"
+    role = ("kind: role\nversion: v7\nmetadata:\n  name: ops\nspec:\n  allow:\n"
+            "    node_labels: {'*': '*'}\n    logins: [\"root\\n\"]\n")
+    with pytest.raises(RoleError, match="bad login"):
+        parse_roles(role)
+    assert parse_roles(role.replace("root\\n", "root"))[0].allow.logins == ("root",)
