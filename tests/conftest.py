@@ -65,7 +65,9 @@ def _spawning_functions(path: str) -> frozenset[str]:
     except (OSError, SyntaxError):
         return frozenset()
     direct, calls = set(), {}
-    for node in ast.walk(tree):
+    # module-level functions and methods: each walked once, with what is nested in it
+    nodes = [n for top in tree.body for n in (top.body if isinstance(top, ast.ClassDef) else [top])]
+    for node in nodes:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
             spawns, names = _called_names(node)
             calls.setdefault(node.name, set()).update(names)
