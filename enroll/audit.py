@@ -28,7 +28,7 @@ set is stored once in ``audit_labelsets`` and events point at it (``audit.labels
 with time), so a selector is evaluated once per distinct label set with the shared
 :mod:`enroll.labels` semantics, then the matching events are fetched through the index.
 
-Event types are stable names (:data:`EVENT_TYPES`).
+Event types are stable names (:data:`enroll.events.EVENT_TYPES`).
 """
 
 from __future__ import annotations
@@ -44,37 +44,12 @@ from dataclasses import dataclass
 import sqlite_utils
 
 from enroll.errors import FleetError
+from enroll.events import EVENT_TYPES
 from enroll.labels import Selector
 from enroll.registry import iso
 
 GENESIS = "0" * 64
 _CHAINED = ("seq", "time", "type", "actor", "actor_roles", "device", "labels", "result", "reason", "fields")
-
-#: Stable event type names. Producers: enroll/ (tokens, enrollment, admin), the proxy, and user
-#: login (user.login, user.login.failed). ``anonymous.refused`` sums up the refused requests of
-#: one source of certificate-less peers over one window (fields count, codes, first, last).
-EVENT_TYPES = (
-    "token.create",
-    "token.revoke",
-    "device.enroll",
-    "device.enroll.denied",
-    "cert.issue",
-    "cert.revoke",
-    "device.connect",
-    "device.disconnect",
-    "device.migrate",
-    "device.reconnect",
-    "device.relabel",
-    "device.decommission",
-    "device.lock",
-    "device.unlock",
-    "user.login",
-    "user.login.failed",
-    "session.start",
-    "session.end",
-    "access.denied",
-    "anonymous.refused",
-)
 
 #: Fields that every exported/queried event carries at top level (``null`` when absent).
 TOP_FIELDS = ("service", "login", "session", "remote", "bytes_to_device", "bytes_from_device", "duration")

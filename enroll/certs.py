@@ -27,6 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from enroll.errors import FleetError
 from enroll.labels import canonical_json
+from enroll.names import NAME_RULE, is_name
 
 FLEET_ARC = "2.25.166496121068501678861767238488010321711"
 OID_LABELS = x509.ObjectIdentifier(FLEET_ARC + ".1")
@@ -38,8 +39,6 @@ KIND_EKU = {
 }
 KINDS = tuple(KIND_EKU)
 
-NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-FLEET_RE = NAME_RE
 SUPPORTED_CURVES = (ec.SECP256R1, ec.SECP384R1)
 
 
@@ -52,11 +51,8 @@ def utcnow() -> dt.datetime:
 
 
 def check_name(name: str, what: str = "device name") -> str:
-    if not NAME_RE.match(name or ""):
-        raise CertError(
-            f"bad {what} {name!r}: use 1-63 lowercase letters, digits and '-', "
-            "starting and ending with a letter or digit"
-        )
+    if not is_name(name):
+        raise CertError(f"bad {what} {name!r}: use {NAME_RULE}")
     return name
 
 

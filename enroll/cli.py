@@ -10,13 +10,13 @@ from pathlib import Path
 
 # Only what `enroll device` needs is imported here: a device has no sqlite-utils. Commands for
 # the CA host import the registry-backed modules when they run.
-from enroll import certs, clitools, device, output
+from enroll import certs, clitools, device, names, output
 from enroll.clitools import FORMAT, STATE, Command, Program, Refused, one_of, opt
+from enroll.durations import parse_duration
 from enroll.errors import EXIT_OK, EXIT_REFUSED, FleetError
 from enroll.labels import parse_assignments, parse_selector
 from enroll.request import parse_request, read_bundle_file
 from enroll.secret_input import ArgvSecretAction, env_command, read_secret
-from enroll.state import FleetState, default_state_dir, parse_duration
 
 EPILOG = """\
 exit status:
@@ -42,7 +42,9 @@ def _actor(args) -> str:
     return args.creator if getattr(args, "creator", None) else f"admin:{getpass.getuser()}"
 
 
-def _state(args) -> FleetState:
+def _state(args):
+    from enroll.state import FleetState, default_state_dir  # CA host only: not `enroll device`
+
     return FleetState(Path(args.state) if args.state else default_state_dir())
 
 
@@ -58,6 +60,8 @@ def _done(args, info: dict, text: str) -> None:
 
 
 def cmd_init(args) -> int:
+    from enroll.state import FleetState, default_state_dir
+
     root = Path(args.state) if args.state else default_state_dir()
     state = FleetState.create(
         root,
@@ -88,7 +92,7 @@ def cmd_token_create(args) -> int:
 
     state = _state(args)
     labels = parse_assignments(args.label)
-    if args.name_prefix and not certs.NAME_RE.match(args.name_prefix + "x"):
+    if args.name_prefix and not names.is_name(args.name_prefix + "x"):
         raise Refused(f"bad --name-prefix {args.name_prefix!r}: use lowercase letters, digits and '-'")
     with state.registry() as reg:
         secret, row = tokens.create(
@@ -170,9 +174,12 @@ def cmd_device(args) -> int:
                           "--token-file FILE (- reads stdin)")
         from enroll import online
 
+        if args.exchange is None:  # enroll knows no transport: the `enroll` command injects one
+            raise Refused("online enrollment needs the tunnel transport: run the installed 'enroll' "
+                          "command (python -m tunnel.enroll_cli), not python -m enroll.cli")
         print(f"enrolling through {args.proxy} ...", file=sys.stderr)
         summary = online.run(
-            directory, args.proxy, token, args.ca_pin, name=args.name,
+            directory, args.proxy, token, args.ca_pin, exchange=args.exchange, name=args.name,
             server_name=args.server_name, services=services,
             ssh_host_key=Path(args.ssh_host_key) if args.ssh_host_key else None,
         )
@@ -484,7 +491,7 @@ ENROLL = Program("enroll", __doc__, epilog=EPILOG, inherit=STATE, commands=(
         opt("--proxy-name", required=True, metavar="HOST", help="DNS name devices dial"),
         opt("--proxy-ip", action="append", default=[], metavar="IP",
             help="an IP address of the proxy to put in its certificate (repeatable)"),
-        opt("--proxy-port", type=int, default=443, help="proxy UDP port (default: 443)"),
+        opt("--proxy-port", type=int, default=443, help="proxy port, UDP (QUIC) and TCP (TLS) (default: 443)"),
         opt("--device-lifetime", default="30d", help="device certificate lifetime (default: 30d)"),
         *FORMAT,
     )),
@@ -618,13 +625,16 @@ def build_parser() -> argparse.ArgumentParser:
     return ENROLL.parser()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, exchange=None) -> int:
     """Run one command; its errors become one line on stderr and an exit status.
 
     The status comes from the error's type (``FleetError.exit_status``), never from its text.
+    ``exchange``: how ``enroll device --proxy`` talks to the proxy (see :mod:`enroll.online`);
+    the installed ``enroll`` command (``tunnel/enroll_cli.py``) injects the tunnel's.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.exchange = exchange
     try:
         return args.func(args)
     except FleetError as exc:

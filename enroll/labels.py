@@ -27,7 +27,7 @@ class LabelError(FleetError, ValueError, code="label"):
 
 
 def validate_key(key: str) -> str:
-    if not _KEY.match(key):
+    if not (isinstance(key, str) and _KEY.fullmatch(key)):  # not ^…$ alone: a trailing newline
         raise LabelError(
             f"bad label key {key!r}: use 1-63 lowercase letters, digits, '.', '-', '_' or '/', "
             "starting and ending with a letter or digit"

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from enroll.certs import NAME_RE
+from enroll.durations import parse_duration
 from enroll.errors import FleetError
-from enroll.state import parse_duration
+from enroll.names import is_name
 
 SUPPORTED_VERSIONS = ("v5", "v6", "v7")
 DEFAULT_SERVICES = ("ssh",)
@@ -226,7 +226,7 @@ def _rule(node, where: str) -> Rule:
     if "logins" in fields:
         logins = _strings(fields["logins"], f"{where}.logins")
         for login in logins:
-            if login != "*" and not _LOGIN_RE.match(login):
+            if login != "*" and not _LOGIN_RE.fullmatch(login):  # ^…$ alone: "root\n" too
                 raise _err(fields["logins"], f"bad login {login!r}: use a Unix user name")
     services = _strings(fields["services"], f"{where}.services") if "services" in fields else None
     return Rule(labels, logins, services)
@@ -250,7 +250,7 @@ def parse_roles(text: str) -> list[Role]:
             raise _err(version or doc, f"version must be one of {', '.join(SUPPORTED_VERSIONS)}")
         meta = _mapping(top.get("metadata") or doc, "metadata", {"name", "description", "labels"})
         name_node = meta.get("name")
-        if name_node is None or not NAME_RE.match(str(name_node.value)):
+        if name_node is None or not is_name(str(name_node.value)):
             raise _err(name_node or doc, "metadata.name must be 1-63 lowercase letters, digits and '-'")
         if "spec" not in top:
             raise _err(doc, "spec is missing")

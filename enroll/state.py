@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from enroll import certs
+from enroll.durations import parse_duration
 from enroll.errors import FleetError
 from enroll.files import make_private_dir, write_file, write_private
 
@@ -28,21 +29,14 @@ from enroll.files import make_private_dir, write_file, write_private
 class StateError(FleetError, RuntimeError, code="state"):
     """The state directory is missing, incomplete or not writable; the message says what to do."""
 
+    code = "state"
+
 
 def default_state_dir() -> Path:
     if env := os.environ.get("FLEET_STATE"):
         return Path(env)
     data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local/share")
     return Path(data) / "fleet-tunnel"
-
-
-def parse_duration(text: str) -> dt.timedelta:
-    """``90s``, ``30m``, ``8h``, ``30d``, ``2w`` → timedelta."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-    text = str(text).strip()
-    if len(text) >= 2 and text[-1] in units and text[:-1].isdigit() and int(text[:-1]) > 0:
-        return dt.timedelta(seconds=int(text[:-1]) * units[text[-1]])
-    raise ValueError(f"bad duration {text!r}: use a positive number with s, m, h, d or w (e.g. 30m)")
 
 
 @dataclass

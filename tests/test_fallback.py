@@ -142,7 +142,7 @@ def test_intercepting_middlebox_gets_a_clear_error_and_no_secrets(world, tmp_pat
     dev.block_udp("wifi", True)
     with fleet.state.registry() as reg:
         token, _ = tokens.create(reg, fleet.state.fleet, labels={"customer": "acme"})
-    out = dev.run([PY, "-m", "enroll.cli", "device", "--dir", str(tmp_path / "d"), "--proxy", fleet.address,
+    out = dev.run([PY, "-m", "tunnel.enroll_cli", "device", "--dir", str(tmp_path / "d"), "--proxy", fleet.address,
                    "--server-name", "proxy.test", "--token-file", "-", "--ca-pin", fleet.pin],
                   input=token + "\n", check=False)
     assert out.returncode == 1

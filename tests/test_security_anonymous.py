@@ -18,6 +18,7 @@ from enroll import device, tokens
 from enroll.online import enroll_online
 from enroll.request import EnrollError
 from tunnel.client import Refusal, exchange
+from tunnel.enroll_cli import enroll_exchange
 from tunnel.protocol import ALPN_ENROLL
 from tunnel.ratelimit import OTHER_SOURCES, RateLimiter, RefusalTally, source_of
 from tunnel.transport import connect as quic_connect
@@ -130,7 +131,7 @@ def test_bogus_enrollments_from_many_addresses_are_limited_globally_and_summed_u
 
     def attempt(token, directory, name=None):
         try:
-            return asyncio.run(enroll_online(directory, fleet.address, token, fleet.pin,
+            return asyncio.run(enroll_online(directory, fleet.address, token, fleet.pin, exchange=enroll_exchange,
                                              server_name="proxy.test", name=name))
         except EnrollError as exc:
             return str(exc)

@@ -245,7 +245,7 @@ def test_signed_fields_that_disagree_with_the_certificate_are_refused(fleet, cas
 # --- the online path goes through the same check ----------------------------------------------------
 
 
-def test_online_enrollment_refuses_an_altered_bundle(fleet, attacker, tmp_path, monkeypatch):
+def test_online_enrollment_refuses_an_altered_bundle(fleet, attacker, tmp_path):
     """The proxy is pinned, but the bundle it relays is checked like an offline one all the same."""
     directory = tmp_path / "online"
     genuine = _sign(fleet, tmp_path / "genuine", "online-x")
@@ -258,8 +258,7 @@ def test_online_enrollment_refuses_an_altered_bundle(fleet, attacker, tmp_path, 
         bundle["ssh_user_ca"] = attacker.ssh_ca_public("user")
         return bundle
 
-    monkeypatch.setattr(online, "anonymous_request", relay)
     with pytest.raises(device.InstallError, match="'ssh_user_ca' differs"):
-        asyncio.run(online.enroll_online(directory, "127.0.0.1:9", "ft1.x", pin(fleet)))
+        asyncio.run(online.enroll_online(directory, "127.0.0.1:9", "ft1.x", pin(fleet), exchange=relay))
     assert not (directory / "device.crt").exists() and not (directory / "user_ca.pub").exists()
     assert genuine["version"] == 2

@@ -73,7 +73,7 @@ def catch_while_dialing(argv, *, env=None, stdin_data: bytes | None = None) -> t
 
 @pytest.mark.parametrize("how", ["env", "stdin", "file"])
 def test_enroll_device_token_is_not_on_its_command_line(fleet, tmp_path, how):
-    argv = [PY, "-m", "enroll.cli", "device", "--dir", str(tmp_path / "d"), "--proxy", "PROXY",
+    argv = [PY, "-m", "tunnel.enroll_cli", "device", "--dir", str(tmp_path / "d"), "--proxy", "PROXY",
             "--server-name", "proxy.test", "--ca-pin", fleet.pin]
     env, data = {}, None
     if how == "env":
@@ -87,7 +87,7 @@ def test_enroll_device_token_is_not_on_its_command_line(fleet, tmp_path, how):
         path.chmod(0o600)
         argv += ["--token-file", str(path)]
     cmdline, environ_mode = catch_while_dialing(argv, env=env, stdin_data=data)
-    assert b"enroll.cli\0device" in cmdline  # it is the process we mean
+    assert b"tunnel.enroll_cli\0device" in cmdline  # it is the process we mean
     assert DASH_TOKEN.encode() not in cmdline and b"dash-first-secret" not in cmdline
     assert environ_mode & 0o077 == 0  # /proc/PID/environ: owner only, unlike cmdline
 

@@ -200,6 +200,7 @@ def test_enroll_cli_user_issue_writes_private_key(fleet):
 
 def test_online_enrollment_checks_the_pin_before_sending_the_token(fleet, tmp_path):
     from enroll import tokens
+    from tunnel.enroll_cli import main as enroll_main  # the installed `enroll`: with a transport
 
     fleet.start_proxy()
     with fleet.state.registry() as reg:

@@ -1,1 +1,1 @@
-"""fleet-tunnel: devices dial out over one QUIC connection; engineers reach them through it."""
+"""fleet-tunnel: devices dial out over one connection (QUIC, or TLS over TCP where UDP is blocked); engineers reach them through it."""

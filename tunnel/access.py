@@ -20,10 +20,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from enroll import users
+from enroll.addresses import ascii_port
+from enroll.labels import SERVICE_NAME_RULE, valid_service_name
 from enroll.registry import Device, Registry
 from enroll.roles import Role, check, visible
 from tunnel.admission import Denied, Peer, check_device
-from tunnel.agent_config import SERVICE_NAME_RULE, ascii_port, valid_service_name
 
 
 @dataclass(frozen=True)

@@ -32,41 +32,26 @@ Every problem is reported as one ConfigError naming the field.
 from __future__ import annotations
 
 import datetime as dt
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from enroll.addresses import AddressError, split_host_port
+from enroll.durations import parse_duration
 from enroll.errors import FleetError
 from enroll.labels import MAX_SERVICES, SERVICE_NAME_RULE, valid_service_name
-from enroll.state import parse_duration
 
 
 class ConfigError(FleetError, ValueError, code="config"):
-    pass
+    """agent.yaml is missing or wrong; the message names the file and the field."""
 
 
-
-
-def ascii_port(text: str) -> int | None:
-    """``text`` as a port number if it is 1–5 ASCII digits within 1..65535, else None.
-
-    ``str.isdigit`` (and ``int``) also accept Unicode digits such as fullwidth ``４３``; a port
-    is only ever spelled in ASCII here.
-    """
-    if not (isinstance(text, str) and re.fullmatch(r"[0-9]{1,5}", text)):
-        return None
-    port = int(text)
-    return port if 1 <= port < 65536 else None
-
-
-def split_host_port(text: str, what: str, allow_zero: bool = False) -> tuple[str, int]:
-    host, sep, port = str(text).rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not re.fullmatch(r"[0-9]{1,5}", port) or not (0 if allow_zero else 1) <= int(port) < 65536:
-        raise ConfigError(f"{what}: expected HOST:PORT, got {text!r}")
-    return host, int(port)
+def _address(text, what: str) -> tuple[str, int]:
+    try:
+        return split_host_port(text, what)
+    except AddressError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -190,7 +175,7 @@ def load(path: Path | str) -> AgentConfig:
     for i, p in enumerate(need("proxies", list)):
         if not isinstance(p, dict) or "address" not in p:
             raise ConfigError(f"{path}: proxies[{i}] needs an 'address: HOST:PORT'")
-        host, port = split_host_port(p["address"], f"proxies[{i}].address")
+        host, port = _address(p["address"], f"proxies[{i}].address")
         via = p.get("via") or ()
         via = (via,) if isinstance(via, str) else via
         if not isinstance(via, list | tuple) or not all(isinstance(v, str) and v for v in via):
@@ -209,7 +194,7 @@ def load(path: Path | str) -> AgentConfig:
         if not valid_service_name(name):
             raise ConfigError(f"{path}: services.{name}: a service name is {SERVICE_NAME_RULE}; "
                               "rename it (engineers and roles use this name)")
-        services[name] = split_host_port(addr, f"services.{name}")
+        services[name] = _address(addr, f"services.{name}")
     return AgentConfig(
         path=path,
         device_id=need("device_id", str),

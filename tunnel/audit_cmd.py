@@ -2,6 +2,13 @@
 
 These commands read the registry directly (``--state DIR``, else $FLEET_STATE), so they run on
 the host that holds registry.db, while the proxy keeps writing.
+
+Where they sit in the layers: ops commands over the registry, in the CLI layer (above storage),
+registered by ``tunnel``'s parser for every command but ``tunnel agent``. Registering them needs
+only the standard library and the pure core; the registry code (:mod:`enroll.audit`,
+:mod:`enroll.registry`: SQLite, the ``[server]`` extra) loads when an audit command runs, through
+:func:`_registry_code`, which says what to install where it is missing. So a device never loads
+SQLite for them, and no ``except ImportError`` hides a broken import.
 """
 
 from __future__ import annotations
@@ -13,11 +20,13 @@ import os
 import sys
 from pathlib import Path
 
-from enroll import audit, output
+from enroll import output
+from enroll.durations import parse_duration
+from enroll.errors import FleetError
+from enroll.events import EVENT_TYPES
 from enroll.files import write_file
 from enroll.labels import parse_selector
-from enroll.registry import iso
-from enroll.state import FleetState, default_state_dir, parse_duration
+from enroll.state import FleetState, default_state_dir
 
 FORMATS = ("table", "json", "jsonl")
 TABLE_COLUMNS = ["seq", "time", "type", "actor", "device", "labels", "result", "details"]
@@ -57,7 +66,7 @@ TIME (--since, --until) is a duration back from now (90d, 8h, 30m, 2w, 45s) or a
 RFC 3339 time or date (2024-05-01T12:00:00Z, 2024-05-01T14:00:00+02:00, 2024-05-01 =
 midnight UTC). Both ends are inclusive.
 
-event types: {', '.join(audit.EVENT_TYPES)}
+event types: {', '.join(EVENT_TYPES)}
 
 output (--format): table (default), json (one array), jsonl (one event per line). JSON
 events carry seq, time, type, actor, actor_roles, device, labels, service, login, session,
@@ -99,6 +108,31 @@ all the good ones before it. With --output, each run that exported events append
 example (cron or a systemd timer):
   tunnel audit export --output /var/log/fleet/audit.jsonl --cursor /var/lib/fleet/audit.cursor
 """
+
+
+class ServerExtraMissing(FleetError, RuntimeError):
+    """An audit command ran where the registry code is not installed."""
+
+    code = "server_extra_missing"
+
+
+def _registry_code():
+    """:mod:`enroll.audit` (and with it the registry), loaded when an audit command runs."""
+    try:
+        from enroll import audit
+    except ModuleNotFoundError as exc:
+        if exc.name != "sqlite_utils":
+            raise
+        raise ServerExtraMissing(
+            "tunnel audit reads the registry, on the proxy/CA host: install the server extra "
+            "there (pip install 'fleet-tunnel[server]')") from None
+    return audit
+
+
+def _iso(moment: dt.datetime) -> str:
+    from enroll.registry import iso
+
+    return iso(moment)
 
 
 def _state(args) -> FleetState:
@@ -143,12 +177,13 @@ def _details(rec: dict) -> str:
 
 
 def cmd_query(args) -> int:
+    audit = _registry_code()
     selector = parse_selector(args.selector)
     now = dt.datetime.now(dt.UTC)
     since = parse_time(args.since, "--since", now) if args.since else None
     until = parse_time(args.until, "--until", now) if args.until else None
     if since and until and since > until:
-        raise ValueError(f"--since ({iso(since)}) is after --until ({iso(until)}): swap them")
+        raise ValueError(f"--since ({_iso(since)}) is after --until ({_iso(until)}): swap them")
     actor = args.actor or (f"user:{args.user}" if args.user else None)
     with _state(args).registry() as reg:
         types = audit.resolve_types(reg.db, args.event or [])
@@ -180,6 +215,7 @@ def read_anchor(value: str) -> tuple[int, str]:
 
     Of a large file (an export output) only the last MiB is read: its last events are the anchor.
     """
+    audit = _registry_code()
     path = Path(value)
     if ":" in value and not path.exists():
         return audit.parse_anchor(value)
@@ -202,6 +238,7 @@ def read_anchor(value: str) -> tuple[int, str]:
 
 
 def cmd_verify(args) -> int:
+    audit = _registry_code()
     anchor = None
     if args.anchor:
         anchor = read_anchor(args.anchor)
@@ -249,7 +286,7 @@ def _read_cursor(path: Path) -> tuple[int, str | None]:
 
 
 def _write_cursor(path: Path, seq: int, digest: str) -> None:
-    body = json.dumps({"seq": seq, "hash": digest, "updated": iso(dt.datetime.now(dt.UTC))}) + "\n"
+    body = json.dumps({"seq": seq, "hash": digest, "updated": _iso(dt.datetime.now(dt.UTC))}) + "\n"
     write_file(path, body)
 
 
@@ -281,6 +318,7 @@ def _recover_output(path: Path) -> tuple[int, str] | None:
 
 
 def cmd_export(args) -> int:
+    audit = _registry_code()
     cursor = Path(args.cursor) if args.cursor else None
     out_path = Path(args.output) if args.output else None
     if args.after is not None:

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from enroll import clitools, output
+from enroll.addresses import split_host_port
 from enroll.clitools import ENGINEER, FORMAT, STATE, Command, Extension, Program, Refused, opt
+from enroll.durations import parse_duration
 from enroll.errors import EXIT_OK, EXIT_REFUSED, EXIT_RETIRED, EXIT_UNAVAILABLE, FleetError
 from enroll.labels import parse_selector
 from enroll.secret_input import ArgvSecretAction, read_secret
-from enroll.state import FleetState, default_state_dir, parse_duration
 from tunnel import log as tlog
-from tunnel.agent_config import split_host_port
 from tunnel.transport import TransportError
 
 if TYPE_CHECKING:  # the engineer client loads in the engineer commands only, never in `tunnel agent`
@@ -64,6 +64,7 @@ def _run(coro) -> None:
 
 
 def cmd_proxy(args) -> int:
+    from enroll.state import FleetState, default_state_dir  # the CA host's: never on a device
     from tunnel.proxy import Proxy
 
     tlog.setup(args.log_format, args.log_level)
@@ -395,12 +396,11 @@ IDENTITY_HOME = "(default: $FLEET_IDENTITY, else ~/.config/fleet-tunnel)"
 
 
 def _audit_commands(sub: argparse._SubParsersAction) -> None:
-    """``tunnel audit``: ops commands over the registry; they need the [server] extra
-    (sqlite-utils), which a device has not, so they are left out where it is missing."""
-    try:
-        from tunnel import audit_cmd
-    except ImportError:
-        return
+    """``tunnel audit``: ops commands over the registry, in the CLI layer. Registering them needs
+    only the core; their SQLite code (the [server] extra) loads when one runs, and says what to
+    install where it is missing. ``tunnel agent`` never registers them (see ``build_parser``)."""
+    from tunnel import audit_cmd
+
     audit_cmd.register(sub)
 
 
@@ -409,7 +409,7 @@ def cmd_completion(args) -> int:
 
 
 TUNNEL = Program("tunnel", __doc__, epilog=EPILOG, commands=(
-    Command("proxy", "run the proxy: agents and engineers on one UDP port", cmd_proxy, (
+    Command("proxy", "run the proxy: agents and engineers on one port (UDP and TCP)", cmd_proxy, (
         *STATE,
         opt("--listen", default="0.0.0.0:443", metavar="HOST:PORT",
             help="address for QUIC (UDP) and the TLS-over-TCP fallback (default: 0.0.0.0:443)"),

@@ -1,4 +1,4 @@
-"""The engineer's side: one QUIC connection to the proxy, a stream per session.
+"""The engineer's side: one connection to the proxy (QUIC, or TLS over TCP), a stream per session.
 
 Used by ``tunnel proxy-command`` (ssh's ProxyCommand), ``tunnel forward`` (kubectl, psql, a
 browser), ``tunnel ls`` and ``tunnel status``. The engineer's identity lives in one directory
@@ -23,9 +23,9 @@ from pathlib import Path
 import yaml
 
 from enroll import certs
+from enroll.addresses import split_host_port
 from enroll.errors import EXIT_CUT, EXIT_REFUSED, EXIT_UNAVAILABLE, FleetError
 from tunnel import wire
-from tunnel.agent_config import split_host_port
 from tunnel.protocol import ALPN_USER, CLOSE_NAMES, read_header, read_reply
 from tunnel.splice import SocketEnds, StdioEnds, StreamEnds, describe, reset_on_close, splice
 from tunnel.transport import Connection, ErrorCode, Stream, TLSIdentity, TransportError, dial
@@ -212,7 +212,6 @@ async def anonymous_request(
     The proxy is checked against ``ca`` or, for a first contact, the CA ``ca_pin`` before any
     secret is sent. Returns the reply body; raises Refusal or ClientError.
     """
-    from tunnel.agent_config import split_host_port
     from tunnel.protocol import ALPN_ENROLL
 
     host, port = split_host_port(proxy, "--proxy")

@@ -1,4 +1,4 @@
-"""The proxy: admits agents and engineers on one UDP port and routes each session to its device.
+"""The proxy: admits agents and engineers on one port (QUIC over UDP, TLS over TCP) and routes each session.
 
 Three kinds of peer, told apart by ALPN before any stream is accepted:
 
@@ -914,9 +914,9 @@ class Proxy:
     async def _login(self, stream: Stream, args: dict, remote: str) -> None:
         """Password (+TOTP) or one-time invite → a short-lived user certificate for a local key."""
         from enroll import certs, users
+        from enroll.durations import parse_duration
         from enroll.enrollment import issue_user
         from enroll.roles import session_ttl
-        from enroll.state import parse_duration
 
         name = str(args.get("user", ""))
         if self._logins_pending >= MAX_PENDING_LOGINS:

@@ -1,4 +1,4 @@
-"""Stream headers: the first bytes of every QUIC stream, as a sans-I/O codec.
+"""Stream headers: the first bytes of every stream (QUIC or HTTP/2), as a sans-I/O codec.
 
 Every stream starts with one header saying what it is for; after the header the stream carries
 raw bytes (an SSH session, a PostgreSQL connection…). A header is::

@@ -42,12 +42,12 @@ def test_tunnel_agent_command_loads_no_engineer_client():
     mods = _modules_after(
         "from tunnel import cli\ncli.build_parser(ops=False).parse_args(['agent', '--config', 'x'])"
     )
-    assert "tunnel.agent_config" in mods
-    assert not mods & {"tunnel.client", "tunnel.engineer", "tunnel.proxy"}
+    assert "tunnel.cli" in mods
+    assert not mods & {"tunnel.client", "tunnel.engineer", "tunnel.proxy", "enroll.state"}
 
 
 def test_client_errors_still_reach_the_user_as_a_refusal():
-    # main() names ClientError lazily: an engineer command's refusal still exits 1 with its text
+    # an engineer command's refusal exits 1 with its text (ClientError's exit_status)
     out = subprocess.run(
         [sys.executable, "-m", "tunnel.cli", "status", "--identity", "/nonexistent-fleet-identity"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,

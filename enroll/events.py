@@ -1,0 +1,34 @@
+"""The audit log's event types: a stable vocabulary, shared by writers and readers (pure core).
+
+Scripts, SIEM rules and ``tunnel audit query --event`` name these; they never change meaning.
+They live apart from :mod:`enroll.audit` (the chain in the registry, which needs SQLite) so that
+a command can list them in its help on a host without the registry code.
+"""
+
+from __future__ import annotations
+
+#: Stable event type names. Producers: enroll/ (tokens, enrollment, admin), the proxy, and user
+#: login (user.login, user.login.failed). ``anonymous.refused`` sums up the refused requests of
+#: one source of certificate-less peers over one window (fields count, codes, first, last).
+EVENT_TYPES = (
+    "token.create",
+    "token.revoke",
+    "device.enroll",
+    "device.enroll.denied",
+    "cert.issue",
+    "cert.revoke",
+    "device.connect",
+    "device.disconnect",
+    "device.migrate",
+    "device.reconnect",
+    "device.relabel",
+    "device.decommission",
+    "device.lock",
+    "device.unlock",
+    "user.login",
+    "user.login.failed",
+    "session.start",
+    "session.end",
+    "access.denied",
+    "anonymous.refused",
+)
