@@ -65,7 +65,7 @@ def test_bad_client_refused_and_nothing_delivered(pki, who, code, words):
             with pytest.raises(TransportError) as info:
                 await _connect(h, identity, ca=pki.ca)
             err = info.value
-            assert err.code == code, err
+            assert err.wire_code == code, err
             assert err.remote and not err.application
             assert words in err.reason
             await asyncio.sleep(0.05)
@@ -97,7 +97,7 @@ def test_anonymous_alpn_still_rejects_a_bad_certificate(pki):
         async with running_server(pki) as h:
             with pytest.raises(TransportError) as info:
                 await _connect(h, pki.foreign_device, ca=pki.ca, alpn=ENROLL_ALPN)
-            assert info.value.code == BAD_CERT
+            assert info.value.wire_code == BAD_CERT
             assert h.authorized == []
 
     run(main())
@@ -127,7 +127,8 @@ def test_client_rejects_untrusted_server(pki, server_name, words):
                     keepalive=None,
                 )
             err = info.value
-            assert err.code == BAD_CERT and not err.remote, err
+            assert err.wire_code == BAD_CERT and not err.remote, err
+            assert err.code == "tls" and err.exit_status == 3
             assert "server certificate" in err.reason
             assert words in err.reason
         finally:
@@ -155,14 +156,14 @@ def test_authorize_refused_code_and_reason_and_no_stream(pki):
             await s.write(b"early data that must never be delivered")
             err = await client.wait_closed()
             assert isinstance(err, TransportError)
-            assert (err.code, err.reason, err.application, err.remote) == (
+            assert (err.wire_code, err.reason, err.application, err.remote) == (
                 4001, "device revoked", True, True,
             )
             with pytest.raises(TransportError):
                 await s.read()
             with pytest.raises(TransportError) as info:
                 await client.accept_stream()
-            assert info.value.code == 4001
+            assert info.value.wire_code == 4001 and info.value.code == "refused"
             assert delivered == []
 
     run(main())
@@ -213,6 +214,6 @@ def test_authorize_crash_closes_with_authorize_failed(pki):
         async with running_server(pki, authorize=authorize) as h:
             client = await _connect(h, pki.device)
             err = await client.wait_closed()
-            assert err.code == 3 and err.reason == "authorization failed"
+            assert err.wire_code == 3 and err.reason == "authorization failed"
 
     run(main())

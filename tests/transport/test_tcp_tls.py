@@ -43,7 +43,7 @@ def test_mtls_success_both_ways(pki):
             client.close()
             assert await client.wait_closed() is None
             err = await server_conn.wait_closed()
-            assert err.remote and err.application and err.code == 0
+            assert err.remote and err.application and err.wire_code == 0
 
     run(main())
 
@@ -64,7 +64,7 @@ def test_bad_client_refused_and_nothing_delivered(pki, who, codes, words):
             with pytest.raises(TransportError) as info:
                 await tcp_dial(h, identity, ca=pki.ca)
             err = info.value
-            assert err.code in codes, err
+            assert err.wire_code in codes, err
             assert err.remote and not err.application
             assert words in err.reason
             await asyncio.sleep(0.05)
@@ -97,7 +97,8 @@ def test_server_certificate_from_foreign_ca_says_interception(pki):
             with pytest.raises(TransportError) as info:
                 await tcp_dial(h, pki.device)
             err = info.value
-            assert err.code == BAD_CERT and not err.remote and not err.application
+            assert err.wire_code == BAD_CERT and not err.remote and not err.application
+            assert (err.code, err.exit_status) == ("intercepted", 3)
             assert err.reason.startswith(
                 "the network is intercepting TLS: presented issuer CN=foreign CA; "
                 "exempt proxy.test (127.0.0.1:"
@@ -114,8 +115,8 @@ def test_right_ca_wrong_name_is_not_called_interception(pki):
             with pytest.raises(TransportError) as info:
                 await tcp_dial(h, pki.device, server_name="other.test")
             err = info.value
-            assert err.code == BAD_CERT and "server certificate" in err.reason
-            assert "intercepting" not in err.reason
+            assert err.wire_code == BAD_CERT and "server certificate" in err.reason
+            assert "intercepting" not in err.reason and err.code == "tls"
 
     run(main())
 
@@ -151,7 +152,7 @@ def test_wrong_pin_refused_before_any_application_stream(pki, case):
             with pytest.raises(TransportError) as info:
                 await tcp_dial(h, None, ca_pin=spki_pin(pki.ca), alpn=ENROLL_ALPN)
             err = info.value
-            assert err.code == BAD_CERT and not err.remote
+            assert err.wire_code == BAD_CERT and not err.remote
             assert "the network is intercepting TLS: presented issuer CN=foreign CA" in err.reason
             await asyncio.sleep(0.1)
             assert [c.peer_streams for c in server_conns] == [0]  # only the hello
@@ -177,14 +178,14 @@ def test_authorize_refused_code_and_reason_and_no_stream(pki):
             s = await client.open_stream()
             await s.write(b"early data that must never be delivered")
             err = await client.wait_closed()
-            assert (err.code, err.reason, err.application, err.remote) == (
+            assert (err.wire_code, err.reason, err.application, err.remote) == (
                 4001, "device revoked", True, True,
             )
             with pytest.raises(TransportError):
                 await s.read()
             with pytest.raises(TransportError) as info:
                 await client.accept_stream()
-            assert info.value.code == 4001
+            assert info.value.wire_code == 4001 and info.value.code == "refused"
             assert delivered == []
 
     run(main())
@@ -228,7 +229,7 @@ def test_authorize_crash_closes_with_authorize_failed(pki):
         async with running_tcp_server(pki, authorize=authorize) as h:
             client = await tcp_dial(h, pki.device)
             err = await client.wait_closed()
-            assert err.code == 3 and err.reason == "authorization failed"
+            assert err.wire_code == 3 and err.reason == "authorization failed"
 
     run(main())
 
@@ -245,12 +246,12 @@ def test_unreachable_and_not_a_fleet_server(pki):
         with pytest.raises(TransportError) as info:
             await tcp.connect("127.0.0.1", port, identity=pki.device, server_name=SERVER_NAME,
                               alpn=ALPN, handshake_timeout=0.5, keepalive=None)
-        assert "timed out" in info.value.reason
+        assert "timed out" in info.value.reason and info.value.code == "timeout"
         srv.close()
         # nothing listening
         with pytest.raises(TransportError) as info:
             await tcp.connect("127.0.0.1", port, identity=pki.device, server_name=SERVER_NAME,
                               alpn=ALPN, keepalive=None)
-        assert "cannot reach" in info.value.reason
+        assert "cannot reach" in info.value.reason and info.value.code == "unreachable"
 
     run(main())

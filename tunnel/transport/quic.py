@@ -70,6 +70,7 @@ from .base import (
     TransportError,
 )
 from .policy import (
+    CRYPTO_ERROR_BASE,
     DEFAULT_SEND_HIGH_WATER,
     DEFAULT_STREAM_WINDOW,
     CertificateRejected,
@@ -196,6 +197,8 @@ class _FleetTLSContext(tls.Context):
     """aioquic's TLS context plus chain verification against the pinned fleet CA."""
 
     _fleet: _TLSPolicy
+    #: the certificate check that failed this handshake, if one did
+    fleet_rejection: CertificateRejected | None = None
 
     def _fleet_verify(self, purpose: Any, server_name: str | None) -> None:
         try:
@@ -211,6 +214,7 @@ class _FleetTLSContext(tls.Context):
                 server_name=server_name,
             )
         except CertificateRejected as exc:
+            self.fleet_rejection = exc  # its kind (interception or not) for the close
             raise _alert(exc) from exc
 
     def _server_handle_certificate(self, input_buf: Any) -> None:
@@ -329,6 +333,8 @@ class _Protocol:
         self._timer_at: float | None = None
         self._transmit_handle: asyncio.Handle | None = None
         self._touched = False
+        #: the connection ended because the idle timer fired (its kind is ``timeout``)
+        self.idle_expired = False
         #: server: the demultiplexer's connection ID bookkeeping
         self.on_cid_issued: Any = None
         self.on_cid_retired: Any = None
@@ -363,7 +369,11 @@ class _Protocol:
         now = max(self._timer_at or 0.0, self._loop.time())
         self._timer = None
         self._timer_at = None
+        closing = self._quic._close_event is not None
         self._quic.handle_timer(now=now)
+        if not closing and self._quic._close_event is not None:
+            # the timer itself ended the connection: nothing was heard for the idle timeout
+            self.idle_expired = True
         self._process_events()
         self.transmit()
         self.owner._after_io()
@@ -500,7 +510,8 @@ class _QuicStream(BufferedReads, Stream):
         if self._conn._error is not None:
             raise self._conn._error
         if self._fin_sent:
-            raise TransportError(ErrorCode.INTERNAL, "write after write_eof()", remote=False)
+            raise TransportError(ErrorCode.INTERNAL, "write after write_eof()", remote=False,
+                                 kind="internal")
 
     async def write(self, data: bytes) -> None:
         view = memoryview(bytes(data))
@@ -676,7 +687,8 @@ class _QuicConnection(Connection):
         if self._error is not None:
             raise self._error
         if not self._authorized:
-            raise TransportError(ErrorCode.INTERNAL, "connection not authorized yet", remote=False)
+            raise TransportError(ErrorCode.INTERNAL, "connection not authorized yet", remote=False,
+                                 kind="internal")
         sid = self._quic.get_next_available_stream_id()
         stream = _QuicStream(self, sid)
         self._streams[sid] = stream
@@ -880,7 +892,19 @@ class _QuicConnection(Connection):
         reason = ev.reason_phrase
         if not application and not remote:
             reason = describe_close(ev.error_code, reason, application=False)
-        self._fail(TransportError(ev.error_code, reason, application=application, remote=remote))
+        rejection = getattr(self._quic.tls, "fleet_rejection", None)
+        kind = None
+        if self._protocol.idle_expired:
+            kind = "timeout"
+        elif rejection is not None and rejection.intercepted:
+            kind = "intercepted"
+        elif not application and ev.error_code and not (
+            CRYPTO_ERROR_BASE <= ev.error_code <= CRYPTO_ERROR_BASE + 0xFF
+        ):
+            kind = "protocol"
+        self._fail(TransportError(
+            ev.error_code, reason, application=application, remote=remote, kind=kind
+        ))
 
     def _fail(self, error: TransportError) -> None:
         if self._error is not None:
@@ -1299,7 +1323,8 @@ async def connect(
         conn.close(ErrorCode.NO_ERROR, "handshake timeout")
         conn._terminate()
         raise TransportError(
-            0, f"handshake with {host}:{port} timed out", application=False, remote=False
+            0, f"handshake with {host}:{port} timed out", application=False, remote=False,
+            kind="timeout",
         ) from None
     except TransportError:
         # Keep the socket around for the closing period, then it is closed by _terminate().

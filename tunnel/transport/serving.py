@@ -39,8 +39,8 @@ class AuthorizedServerConnection:
                 async with asyncio.timeout(server._authorize_timeout):
                     await result
         except Refused as exc:
-            log.info("refused %s: %s %s", self.remote_address, exc.code, exc.reason)
-            self.close(exc.code, exc.reason)
+            log.info("refused %s: %s %s", self.remote_address, exc.wire_code, exc.reason)
+            self.close(exc.wire_code, exc.reason)
             return
         except Exception:
             log.exception("authorize() failed for %s", self.remote_address)

@@ -41,9 +41,9 @@ fleet-enroll/1 -- and the bytes inside are always HTTP/2):
   Idle pool streams are invisible to both applications.
 * Connection close: GOAWAY whose additional data is the UTF-8 JSON object
   ``{"code": int, "reason": str, "application": bool}``; the peer raises
-  ``TransportError(code, reason, application=..., remote=True)``. ``Refused(code, reason)``
-  from ``authorize()`` therefore reaches the client as an application close with that code and
-  reason. Certificate problems found by the server after the TLS handshake (no certificate on a
+  ``TransportError(wire_code, reason, application=..., remote=True)`` (kind ``refused`` for an
+  application close). ``Refused(wire_code, reason)`` from ``authorize()`` therefore reaches the
+  client as an application close with that code and reason. Certificate problems found by the server after the TLS handshake (no certificate on a
   non-anonymous ALPN, ``verify_peer_chain`` failures) close with ``application=False`` and code
   ``0x100 + TLS alert`` (116, 42, 45), like QUIC's CRYPTO_ERROR codes; problems OpenSSL finds
   during the handshake reach the client as a real TLS alert, mapped to the same codes. The
@@ -314,7 +314,8 @@ def _ssl_error(exc: BaseException, *, host: str) -> TransportError:
             application=False,
             remote=True,
         )
-    return TransportError(0, f"TLS failure with {host}: {exc}", application=False, remote=False)
+    return TransportError(0, f"TLS failure with {host}: {exc}", application=False, remote=False,
+                          kind="tls")
 
 
 def _close_payload(code: int, reason: str, application: bool) -> bytes:
@@ -336,7 +337,8 @@ def _parse_goaway(event: ConnectionTerminated) -> TransportError:
             name = ErrorCodes(code).name
         except ValueError:
             name = f"error {code:#x}"
-        return TransportError(code, f"HTTP/2 GOAWAY {name}", application=False, remote=True)
+        return TransportError(code, f"HTTP/2 GOAWAY {name}", application=False, remote=True,
+                              kind="protocol" if code else "closed")
 
 
 # ------------------------------------------------------------------------------- protocol
@@ -630,7 +632,8 @@ class _TcpStream(BufferedReads, Stream):
         if self._conn._error is not None:
             raise self._conn._error
         if self._fin_sent:
-            raise TransportError(ErrorCode.INTERNAL, "write after write_eof()", remote=False)
+            raise TransportError(ErrorCode.INTERNAL, "write after write_eof()", remote=False,
+                                 kind="internal")
 
     async def write(self, data: bytes) -> None:
         view = memoryview(bytes(data))
@@ -866,7 +869,8 @@ class _TcpConnection(Connection):
         if self._error is not None:
             raise self._error
         if not self._authorized:
-            raise TransportError(ErrorCode.INTERNAL, "connection not authorized yet", remote=False)
+            raise TransportError(ErrorCode.INTERNAL, "connection not authorized yet", remote=False,
+                                 kind="internal")
         if self._is_client:
             return await self._open_client_stream(STREAM_PATH)
         while True:
@@ -969,7 +973,7 @@ class _TcpConnection(Connection):
             self._flush()  # h2 queued a GOAWAY
             self._fail(TransportError(
                 ErrorCodes.PROTOCOL_ERROR, f"HTTP/2 protocol error: {exc}",
-                application=False, remote=False,
+                application=False, remote=False, kind="protocol",
             ))
             self._transport.close()
             return
@@ -1069,7 +1073,8 @@ class _TcpConnection(Connection):
         log.warning("closing the TLS/TCP connection from %s (ALPN %s, %s): %s", self.remote_address,
                     self.alpn, "with certificate" if self.peer_certificate is not None else
                     "no certificate", reason)
-        self._fail(TransportError(ErrorCodes.ENHANCE_YOUR_CALM, reason, application=False, remote=False))
+        self._fail(TransportError(ErrorCodes.ENHANCE_YOUR_CALM, reason, application=False, remote=False,
+                                  kind="protocol"))
         self._send_goaway(ErrorCodes.ENHANCE_YOUR_CALM, reason, application=False)
         self._protocol.stop_reading()
         self._close_transport()
@@ -1216,7 +1221,7 @@ class _TcpConnection(Connection):
             return
         if self._loop.time() - self.last_received >= self._idle_timeout:
             reason = f"Idle timeout: nothing heard for {self._idle_timeout:g}s"
-            self._fail(TransportError(0, reason, application=False, remote=False))
+            self._fail(TransportError(0, reason, application=False, remote=False, kind="timeout"))
             self._send_goaway(0, reason, application=False)
             self._close_transport()
         else:
@@ -1228,7 +1233,7 @@ class _TcpConnection(Connection):
         """A TCP connection is bound to its 4-tuple: always raises TransportError."""
         raise TransportError(
             ErrorCode.INTERNAL, "TCP connections cannot migrate; reconnect",
-            application=False, remote=False,
+            application=False, remote=False, kind="internal",
         )
 
 
@@ -1468,25 +1473,29 @@ async def connect(
             host, port, server_name, alpn, local_addr, max(1.0, deadline - loop.time())
         )
         reason = f"server certificate not accepted by the pinned fleet CA: {exc.verify_message}"
+        kind = "tls"
         if leaf is not None:
             try:
                 verify_server_leaf(leaf, [], trust, server_name=server_name, host=label)
             except CertificateRejected as rej:
                 reason = rej.reason
+                kind = "intercepted" if rej.intercepted else "tls"
         raise TransportError(
-            _crypto(_ALERT_BAD_CERTIFICATE), reason, application=False, remote=False
+            _crypto(_ALERT_BAD_CERTIFICATE), reason, application=False, remote=False, kind=kind
         ) from None
     except ssl.SSLError as exc:
         raise _ssl_error(exc, host=label) from None
     except TimeoutError:
         protocol.abort()
         raise TransportError(
-            0, f"TLS handshake with {host}:{port} timed out", application=False, remote=False
+            0, f"TLS handshake with {host}:{port} timed out", application=False, remote=False,
+            kind="timeout",
         ) from None
     except OSError as exc:
         protocol.abort()
         raise TransportError(
-            0, f"cannot reach {host}:{port} over TCP: {exc}", application=False, remote=False
+            0, f"cannot reach {host}:{port} over TCP: {exc}", application=False, remote=False,
+            kind="unreachable",
         ) from None
     except BaseException:
         protocol.abort()  # cancelled (e.g. lost a race): drop the half-open connection
@@ -1497,8 +1506,8 @@ async def connect(
         idle_timeout=idle_timeout, server_name=server_name,
     )
 
-    def fail(code: int, reason: str, *, remote: bool = False) -> TransportError:
-        err = TransportError(code, reason, application=False, remote=remote)
+    def fail(code: int, reason: str, *, remote: bool = False, kind: str | None = None) -> TransportError:
+        err = TransportError(code, reason, application=False, remote=remote, kind=kind)
         conn._fail(err)
         conn._closed_locally = True
         conn._transport.abort()
@@ -1518,15 +1527,16 @@ async def connect(
             await asyncio.shield(conn._hello_done)
     except TimeoutError:
         raise fail(0, f"no fleet hello from {host}:{port} within {handshake_timeout:g}s "
-                      "(not a fleet proxy, or the network interferes)") from None
+                      "(not a fleet proxy, or the network interferes)", kind="timeout") from None
     except TransportError:
         conn._close_transport()
         raise
     except BaseException:  # cancelled (e.g. lost a race)
-        fail(0, "connect() cancelled")
+        fail(0, "connect() cancelled", kind="closed")
         raise
     if conn._hello_headers.get(":status") != "200":
-        raise fail(0, f"{label} answered the fleet hello with {conn._hello_headers}")
+        raise fail(0, f"{label} answered the fleet hello with {conn._hello_headers}",
+                   kind="protocol")
     try:
         offered = x509.load_pem_x509_certificates(bytes(conn._hello_body))
     except ValueError:
@@ -1539,7 +1549,8 @@ async def connect(
         intermediates = [c for c in offered if c != trust]
         verify_server_leaf(leaf, intermediates, trust, server_name=server_name, host=label)
     except CertificateRejected as exc:
-        raise fail(_crypto(_ALERT_BAD_CERTIFICATE), exc.reason) from None
+        raise fail(_crypto(_ALERT_BAD_CERTIFICATE), exc.reason,
+                   kind="intercepted" if exc.intercepted else "tls") from None
     conn.peer_ca = trust
     with contextlib.suppress(ValueError):
         theirs = float(conn._hello_headers.get("fleet-idle-timeout", ""))
