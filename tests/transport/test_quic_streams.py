@@ -215,7 +215,7 @@ def test_migration_mid_transfer_byte_exact(pki):
             [conn] = h.server.connections
             assert conn.remote_address == client.local_address
             assert conn._quic.fleet_peer_moves >= 1  # in-flight declared lost on the move
-            assert conn._quic._configuration.initial_rtt == 0.333
+            assert conn._quic.fleet_initial_rtt() == 0.333
             print(f"\nmigration: data resumed {1000 * (marks['resumed'] - marks['migrated']):.1f}"
                   " ms after migrate()")
             client.close()
@@ -239,9 +239,9 @@ def test_migration_on_idle_stream_then_continues(pki):
             assert await s.read() == b"BEFORE"
             await asyncio.sleep(0.2)  # idle
             spare = client._quic.fleet_spare_peer_cids()
-            old_cid = client._quic._peer_cid.cid
+            old_cid = client._quic.fleet_peer_cid()
             await client.migrate(("127.0.0.2", 0))
-            assert client._quic._peer_cid.cid != old_cid and spare > 0
+            assert client._quic.fleet_peer_cid() != old_cid and spare > 0
             t0 = time.monotonic()
             await s.write(b"after")
             assert await s.read() == b"AFTER"

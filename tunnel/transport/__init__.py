@@ -1,7 +1,7 @@
 """Transport layer of fleet-tunnel: connections carrying many bidirectional streams.
 
-``base`` declares the transport-neutral interface; ``quic`` implements it on aioquic (the only
-module importing aioquic); ``tcp`` implements it as TLS over TCP with HTTP/2 framing (h2) for
+``base`` declares the transport-neutral interface; ``quic`` implements it on aioquic (with
+``aioquic_compat``, the only modules importing aioquic; every aioquic private is in the latter); ``tcp`` implements it as TLS over TCP with HTTP/2 framing (h2) for
 networks that block UDP; ``race.happy_eyeballs`` picks whichever connects first; ``policy``
 holds the pure decision logic.
 

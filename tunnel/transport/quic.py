@@ -1,22 +1,8 @@
-"""QUIC transport on aioquic 1.7.2 -- the only module of fleet-tunnel that imports aioquic.
+"""QUIC transport on aioquic 1.7.2: the asyncio adapter around aioquic's sans-I/O connection.
 
-aioquic internals touched (all checked by ``_check_aioquic_internals()`` at import):
-
-* mutual TLS: each server connection's ``tls.Context`` gets ``_request_client_certificate = True``
-  and its class is switched to ``_FleetTLSContext``, a subclass that hooks
-  ``_server_handle_certificate`` (missing certificate on a non-anonymous ALPN -> alert 116),
-  ``_server_handle_certificate_verify`` (after aioquic checked the CertificateVerify signature,
-  the chain is verified against the pinned CA) and ``_client_handle_certificate_verify`` (the
-  server chain is verified against the pinned CA before aioquic's own cadata check). The switch
-  happens in ``_FleetQuicConnection._initialize``. Server connections are created by ``_Demux``
-  as plain ``QuicConnection`` objects; ``create_protocol`` switches their class to
-  ``_FleetQuicConnection`` before any packet is processed.
-* credit on consumption: ``_FleetQuicConnection._write_stream_limits`` replaces aioquic's
-  "double the window when half of it *arrived*" with ``policy.next_receive_limit`` applied to the
-  bytes the application *read*.
-* send backpressure: the writer looks at ``QuicStreamSender._buffer_start/_buffer_stop``.
-* migration: in flight packets are declared lost with ``QuicPacketRecovery._on_packets_lost``
-  (as a non-congestion event) on a rebind (client) or peer address change (server).
+aioquic is the QUIC engine; every use of its private members (the mTLS hooks, credit on
+consumption, loss on migration, read-only views of its state) lives in ``aioquic_compat``,
+checked at import against the exact pin. This module only calls aioquic's public API.
 
 Nothing of ``aioquic.asyncio`` is used: ``_Protocol`` drives the ``QuicConnection`` on the
 event loop and ``_Demux`` routes the proxy's shared socket by connection ID, both over
@@ -27,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import itertools
 import logging
 import socket
@@ -35,27 +20,19 @@ import ssl
 from collections import deque
 from typing import Any
 
-import aioquic
-from aioquic import tls
 from aioquic.buffer import Buffer
 from aioquic.quic import events
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
-from aioquic.quic.connection import (
-    MAX_STREAM_DATA_FRAME_CAPACITY,
-    QuicConnection,
-    QuicConnectionState,
-)
+from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import (
-    QuicFrameType,
     QuicPacketType,
     encode_quic_version_negotiation,
     pull_quic_header,
 )
-from aioquic.quic.recovery import QuicPacketRecovery
-from aioquic.quic.stream import QuicStream
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from .aioquic_compat import AIOQUIC_VERSION, FleetQuicConnection, TLSPolicy, adopt  # noqa: F401
 from .base import (
     Address,
     Authorize,
@@ -73,22 +50,17 @@ from .policy import (
     CRYPTO_ERROR_BASE,
     DEFAULT_SEND_HIGH_WATER,
     DEFAULT_STREAM_WINDOW,
-    CertificateRejected,
     bind_address,
     describe_close,
-    next_receive_limit,
     normalize_address,
-    pinned_ca,
     send_allowance,
     socket_address,
-    verify_peer_chain,
 )
 from .serving import AuthorizedServerConnection, BufferedReads, wake
 from .udp import DatagramEndpoint, tune_buffers
 
 log = logging.getLogger(__name__)
 
-AIOQUIC_VERSION = "1.7.2"
 #: RFC 9002 initial RTT; long enough that path validation survives a 600 ms satellite RTT.
 INITIAL_RTT = 0.333
 
@@ -120,199 +92,6 @@ def stale_handshakes(started: dict[Any, float], now: float,
     return [key for key, t in started.items() if now - t >= timeout]
 
 
-def _check_aioquic_internals() -> None:
-    """Fail loudly at import if the aioquic internals this module patches are not there."""
-    problems: list[str] = []
-    if aioquic.__version__ != AIOQUIC_VERSION:
-        problems.append(f"aioquic {aioquic.__version__} installed, {AIOQUIC_VERSION} required")
-    ctx = tls.Context(is_client=False)
-    for attr in ("_request_client_certificate", "_peer_certificate", "_peer_certificate_chain",
-                 "alpn_negotiated", "_server_name"):
-        if not hasattr(ctx, attr):
-            problems.append(f"tls.Context.{attr}")
-    for meth in ("_server_handle_certificate", "_server_handle_certificate_verify",
-                 "_client_handle_certificate_verify"):
-        if not callable(getattr(tls.Context, meth, None)):
-            problems.append(f"tls.Context.{meth}()")
-    for meth in ("_initialize", "_write_stream_limits", "_on_max_stream_data_delivery",
-                 "receive_datagram", "change_connection_id"):
-        if not callable(getattr(QuicConnection, meth, None)):
-            problems.append(f"QuicConnection.{meth}()")
-    write_limits = getattr(QuicConnection, "_write_stream_limits", None)
-    if callable(write_limits) and list(inspect.signature(write_limits).parameters) != [
-        "self", "builder", "space", "stream"
-    ]:
-        problems.append("QuicConnection._write_stream_limits(builder, space, stream)")
-    on_lost = getattr(QuicPacketRecovery, "_on_packets_lost", None)
-    if not callable(on_lost) or not {"congestion_event", "now", "packets", "space"} <= set(
-        inspect.signature(on_lost).parameters
-    ):
-        problems.append("QuicPacketRecovery._on_packets_lost(congestion_event, now, packets, space)")
-    qs = QuicStream(stream_id=0, max_stream_data_local=1)
-    for obj, attrs in (
-        (qs, ("max_stream_data_local", "max_stream_data_local_sent")),
-        (qs.sender, ("_buffer_start", "_buffer_stop", "is_finished")),
-        (qs.receiver, ("_buffer", "highest_offset", "is_finished")),
-    ):
-        problems += [f"{type(obj).__name__}.{a}" for a in attrs if not hasattr(obj, a)]
-    for meth in ("receive_datagram", "datagrams_to_send", "get_timer", "handle_timer",
-                 "next_event", "connect", "close"):
-        if not callable(getattr(QuicConnection, meth, None)):
-            problems.append(f"QuicConnection.{meth}()")
-    if "host_cid_length" not in inspect.signature(pull_quic_header).parameters:
-        problems.append("aioquic.quic.packet.pull_quic_header(buf, host_cid_length)")
-    if problems:
-        raise ImportError(
-            "tunnel.transport.quic relies on aioquic==1.7.2 internals that are missing: "
-            + ", ".join(problems)
-        )
-
-
-_check_aioquic_internals()
-
-
-# ------------------------------------------------------------------------------------ TLS
-
-
-class _AlertCertificateRequired(tls.Alert):
-    description = tls.AlertDescription.certificate_required
-
-
-class _TLSPolicy:
-    def __init__(
-        self, ca: x509.Certificate | None, anonymous_alpns: frozenset[str], pin: str | None = None
-    ) -> None:
-        self.ca = ca
-        self.anonymous_alpns = anonymous_alpns
-        #: client only: trust the CA in the server's chain whose key matches this pin
-        self.pin = pin
-
-
-def _alert(exc: CertificateRejected) -> tls.Alert:
-    cls = tls.AlertCertificateExpired if exc.expired else tls.AlertBadCertificate
-    return cls(exc.reason)
-
-
-class _FleetTLSContext(tls.Context):
-    """aioquic's TLS context plus chain verification against the pinned fleet CA."""
-
-    _fleet: _TLSPolicy
-    #: the certificate check that failed this handshake, if one did
-    fleet_rejection: CertificateRejected | None = None
-
-    def _fleet_verify(self, purpose: Any, server_name: str | None) -> None:
-        try:
-            chain = list(self._peer_certificate_chain)
-            ca = self._fleet.ca
-            if self._fleet.pin is not None:
-                ca = pinned_ca(self._peer_certificate, chain, self._fleet.pin)
-            verify_peer_chain(
-                self._peer_certificate,
-                chain,
-                ca,
-                purpose=purpose,
-                server_name=server_name,
-            )
-        except CertificateRejected as exc:
-            self.fleet_rejection = exc  # its kind (interception or not) for the close
-            raise _alert(exc) from exc
-
-    def _server_handle_certificate(self, input_buf: Any) -> None:
-        super()._server_handle_certificate(input_buf)
-        if (
-            self._peer_certificate is None
-            and self.alpn_negotiated not in self._fleet.anonymous_alpns
-        ):
-            raise _AlertCertificateRequired(
-                f"a client certificate is required for ALPN {self.alpn_negotiated!r}"
-            )
-
-    def _server_handle_certificate_verify(self, input_buf: Any) -> None:
-        # aioquic checks the CertificateVerify signature (possession of the key) ...
-        super()._server_handle_certificate_verify(input_buf)
-        # ... and we check the chain, validity and clientAuth EKU.
-        self._fleet_verify("client", None)
-
-    def _client_handle_certificate_verify(self, input_buf: Any) -> None:
-        # Ours first for a clear reason; aioquic then checks signature + cadata chain again
-        # (with a pin there is no cadata: aioquic checks the signature only, ours the chain).
-        self._fleet_verify("server", self._server_name)
-        super()._client_handle_certificate_verify(input_buf)
-
-
-# ------------------------------------------------------------------------- connection core
-
-
-class _FleetQuicConnection(QuicConnection):
-    """QuicConnection with mTLS hooks, credit on consumption and loss-on-migration."""
-
-    def _fleet_setup(self, policy: _TLSPolicy, window: int) -> None:
-        self._fleet_policy = policy
-        self._fleet_window = window
-        #: bytes the application has read, per stream id (credit is granted from these)
-        self._fleet_consumed: dict[int, int] = {}
-        #: server: how often the peer address changed (in-flight packets were declared lost)
-        self.fleet_peer_moves = 0
-
-    def _initialize(self, peer_cid: bytes) -> None:
-        super()._initialize(peer_cid)
-        assert type(self.tls) is tls.Context, type(self.tls)
-        self.tls.__class__ = _FleetTLSContext
-        self.tls._fleet = self._fleet_policy
-        if not self._is_client:
-            self.tls._request_client_certificate = True
-
-    def _write_stream_limits(self, builder: Any, space: Any, stream: QuicStream) -> None:
-        # Replaces aioquic's credit-on-arrival (doubling) with credit on consumption.
-        if stream.max_stream_data_local and not stream.receiver.is_finished:
-            stream.max_stream_data_local = next_receive_limit(
-                self._fleet_consumed.get(stream.stream_id, 0),
-                stream.max_stream_data_local,
-                self._fleet_window,
-            )
-        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
-            buf = builder.start_frame(
-                QuicFrameType.MAX_STREAM_DATA,
-                capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
-                handler=self._on_max_stream_data_delivery,
-                handler_args=(stream,),
-            )
-            buf.push_uint_var(stream.stream_id)
-            buf.push_uint_var(stream.max_stream_data_local)
-            stream.max_stream_data_local_sent = stream.max_stream_data_local
-
-    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
-        before = self._network_paths[0].addr if self._network_paths else None
-        super().receive_datagram(data, addr, now)
-        if (
-            not self._is_client
-            and before is not None
-            and self._handshake_complete
-            and self._network_paths
-            and self._network_paths[0].addr != before
-        ):
-            # The peer moved: what is in flight went to the old address. Retransmit now
-            # rather than after PTO back-off (RESEARCH.md: 37-952 ms -> 1-11 ms).
-            self.fleet_declare_in_flight_lost(now)
-            self.fleet_peer_moves += 1
-
-    def fleet_declare_in_flight_lost(self, now: float) -> int:
-        count = 0
-        loss = self._loss
-        for space in loss.spaces:
-            packets = list(space.sent_packets.values())
-            if packets:
-                count += len(packets)
-                loss._on_packets_lost(
-                    congestion_event=False, now=now, packets=packets, space=space
-                )
-        loss._pto_count = 0
-        return count
-
-    def fleet_spare_peer_cids(self) -> int:
-        return len(self._peer_cid_available)
-
-
 class _Protocol:
     """Drives one ``QuicConnection`` on the event loop: datagrams in, events out, transmit, timer.
 
@@ -325,7 +104,7 @@ class _Protocol:
 
     owner: _QuicConnection
 
-    def __init__(self, quic: _FleetQuicConnection, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, quic: FleetQuicConnection, loop: asyncio.AbstractEventLoop) -> None:
         self._quic = quic
         self._loop = loop
         self.endpoint: DatagramEndpoint | None = None
@@ -333,8 +112,6 @@ class _Protocol:
         self._timer_at: float | None = None
         self._transmit_handle: asyncio.Handle | None = None
         self._touched = False
-        #: the connection ended because the idle timer fired (its kind is ``timeout``)
-        self.idle_expired = False
         #: server: the demultiplexer's connection ID bookkeeping
         self.on_cid_issued: Any = None
         self.on_cid_retired: Any = None
@@ -369,11 +146,7 @@ class _Protocol:
         now = max(self._timer_at or 0.0, self._loop.time())
         self._timer = None
         self._timer_at = None
-        closing = self._quic._close_event is not None
         self._quic.handle_timer(now=now)
-        if not closing and self._quic._close_event is not None:
-            # the timer itself ended the connection: nothing was heard for the idle timeout
-            self.idle_expired = True
         self._process_events()
         self.transmit()
         self.owner._after_io()
@@ -475,16 +248,12 @@ class _QuicStream(BufferedReads, Stream):
     @property
     def receive_buffered(self) -> int:
         """Bytes received but not yet read: our buffer + aioquic's reorder buffer."""
-        qs = self._conn._quic._streams.get(self.id)
-        return self._rbuf_len + (len(qs.receiver._buffer) if qs is not None else 0)
+        return self._rbuf_len + self._conn._quic.fleet_stream_buffers(self.id)[0]
 
     @property
     def send_buffered(self) -> int:
         """Bytes written but not yet acknowledged by the peer."""
-        qs = self._conn._quic._streams.get(self.id)
-        if qs is None:
-            return 0
-        return qs.sender._buffer_stop - qs.sender._buffer_start
+        return self._conn._quic.fleet_stream_buffers(self.id)[1]
 
     # -- reading
 
@@ -601,7 +370,7 @@ class _QuicConnection(Connection):
     ) -> None:
         self._protocol = protocol
         protocol.owner = self
-        self._quic: _FleetQuicConnection = protocol._quic  # type: ignore[assignment]
+        self._quic: FleetQuicConnection = protocol._quic
         self._loop = asyncio.get_running_loop()
         self._is_client = is_client
         self._family = family
@@ -641,8 +410,8 @@ class _QuicConnection(Connection):
 
     @property
     def remote_address(self) -> Address:
-        paths = self._quic._network_paths
-        return normalize_address(paths[0].addr) if paths else ("", 0)
+        addr = self._quic.fleet_peer_addr()
+        return normalize_address(addr) if addr is not None else ("", 0)
 
     @property
     def local_address(self) -> Address:
@@ -656,15 +425,12 @@ class _QuicConnection(Connection):
     @property
     def rtt(self) -> float | None:
         """Smoothed round-trip time of the current path in seconds (None before a sample)."""
-        loss = self._quic._loss
-        return loss._rtt_smoothed if getattr(loss, "_rtt_initialized", False) else None
+        return self._quic.fleet_rtt()
 
     @property
     def idle_timeout(self) -> float:
         """The negotiated idle timeout: nothing heard for this long ends the connection."""
-        local = self._quic._configuration.idle_timeout
-        remote = getattr(self._quic, "_remote_max_idle_timeout", None)
-        return min(local, remote) if remote else local
+        return self._quic.fleet_idle_timeout()
 
     def _on_send_error(self, exc: Exception) -> None:
         self.send_errors += 1
@@ -707,18 +473,14 @@ class _QuicConnection(Connection):
                 self._accept_waiter = None
 
     def _consumed(self, stream: _QuicStream, total: int) -> None:
-        self._quic._fleet_consumed[stream.id] = total
-        qs = self._quic._streams.get(stream.id)
-        if qs is not None and qs.max_stream_data_local and next_receive_limit(
-            total, qs.max_stream_data_local, self._quic._fleet_window
-        ) != qs.max_stream_data_local:
+        if self._quic.fleet_consumed(stream.id, total):
             self._protocol.transmit_soon()
         self._maybe_forget(stream)
 
     def _maybe_forget(self, stream: _QuicStream) -> None:
         if stream._done():
             self._streams.pop(stream.id, None)
-            self._quic._fleet_consumed.pop(stream.id, None)
+            self._quic.fleet_forget(stream.id)
 
     # -- close
 
@@ -845,9 +607,9 @@ class _QuicConnection(Connection):
             wake(self._pings.get(event.uid))
         elif isinstance(event, events.HandshakeCompleted):
             self.alpn = event.alpn_protocol or ""
-            self.peer_certificate = self._quic.tls._peer_certificate
+            self.peer_certificate = self._quic.fleet_peer_certificate()
             self._remote = self.remote_address
-            self._remote_raw = self._quic._network_paths[0].addr
+            self._remote_raw = self._quic.fleet_peer_addr()
             if not self._is_client:
                 self._server_conn_handshake_done()
         elif isinstance(event, events.ConnectionTerminated):
@@ -861,7 +623,7 @@ class _QuicConnection(Connection):
         if (
             self._is_client
             and not self._confirmed.done()
-            and self._quic._handshake_confirmed
+            and self._quic.fleet_handshake_confirmed()
         ):
             self._confirmed.set_result(None)
 
@@ -870,10 +632,10 @@ class _QuicConnection(Connection):
         self._check_close()
         if self._error is not None:
             return
-        paths = self._quic._network_paths
-        if self._remote is not None and paths and paths[0].addr != self._remote_raw:
+        raw = self._quic.fleet_peer_addr()
+        if self._remote is not None and raw is not None and raw != self._remote_raw:
             # cheap raw comparison per datagram; normalise only on a change
-            self._remote_raw = paths[0].addr
+            self._remote_raw = raw
             old, self._remote = self._remote, self.remote_address
             if old != self._remote:
                 self._report_path(PathChange(old, self._remote))
@@ -884,17 +646,17 @@ class _QuicConnection(Connection):
                 wake(stream._write_waiter)
 
     def _check_close(self) -> None:
-        ev = self._quic._close_event
-        if ev is None or self._error is not None:
+        closing = self._quic.fleet_close()
+        if closing is None or self._error is not None:
             return
+        ev, remote = closing
         application = ev.frame_type is None
-        remote = self._quic._state == QuicConnectionState.DRAINING
         reason = ev.reason_phrase
         if not application and not remote:
             reason = describe_close(ev.error_code, reason, application=False)
-        rejection = getattr(self._quic.tls, "fleet_rejection", None)
+        rejection = self._quic.fleet_rejection()
         kind = None
-        if self._protocol.idle_expired:
+        if self._quic.fleet_idle_expired:
             kind = "timeout"
         elif rejection is not None and rejection.intercepted:
             kind = "intercepted"
@@ -1118,7 +880,7 @@ class _Demux:
                 protocol.flush()
             except Exception:  # one broken connection must not starve the others
                 log.exception("QUIC connection failed handling a batch")
-            if protocol in self._half_open and protocol._quic._handshake_complete:
+            if protocol in self._half_open and protocol._quic.fleet_handshake_complete():
                 del self._half_open[protocol]
 
     def _start(self, dcid: bytes) -> _Protocol:
@@ -1306,8 +1068,8 @@ async def connect(
         config.certificate = identity.cert_chain[0]
         config.certificate_chain = list(identity.cert_chain[1:])
         config.private_key = identity.key
-    quic = _FleetQuicConnection(configuration=config)
-    quic._fleet_setup(_TLSPolicy(trust, frozenset(), ca_pin if trust is None else None), stream_window)
+    quic = FleetQuicConnection(configuration=config)
+    quic.fleet_setup(TLSPolicy(trust, frozenset(), ca_pin if trust is None else None), stream_window)
 
     sock = _udp_socket(local_addr, family)
     protocol = _Protocol(quic, loop)
@@ -1378,7 +1140,7 @@ async def serve(
     config.certificate = identity.cert_chain[0]
     config.certificate_chain = list(identity.cert_chain[1:])
     config.private_key = identity.key
-    policy = _TLSPolicy(identity.ca, frozenset(anonymous_alpns))
+    policy = TLSPolicy(identity.ca, frozenset(anonymous_alpns))
 
     server = _QuicServer(
         authorize=authorize,
@@ -1390,11 +1152,7 @@ async def serve(
 
     def create_protocol(connection: QuicConnection) -> _Protocol:
         # The demultiplexer builds plain QuicConnections; adopt them before any packet.
-        assert type(connection) is QuicConnection, type(connection)
-        connection.__class__ = _FleetQuicConnection
-        assert isinstance(connection, _FleetQuicConnection)
-        connection._fleet_setup(policy, stream_window)
-        protocol = _Protocol(connection, loop)
+        protocol = _Protocol(adopt(connection, policy, stream_window), loop)
         conn = _ServerConnection(protocol, server)
         server._connections.add(conn)
         return protocol
