@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import socket
 import ssl
-from collections import deque
 from typing import Any
 
 from aioquic.buffer import Buffer
@@ -42,10 +40,10 @@ from .base import (
     PathChange,
     Server,
     Stream,
-    StreamReset,
     TLSIdentity,
     TransportError,
 )
+from .core import CoreConnection, CoreStream
 from .policy import (
     CRYPTO_ERROR_BASE,
     DEFAULT_SEND_HIGH_WATER,
@@ -56,7 +54,7 @@ from .policy import (
     send_allowance,
     socket_address,
 )
-from .serving import AuthorizedServerConnection, BufferedReads, wake
+from .serving import AuthorizedServerConnection
 from .udp import DatagramEndpoint, tune_buffers
 
 log = logging.getLogger(__name__)
@@ -212,11 +210,71 @@ def _client_endpoint(loop: asyncio.AbstractEventLoop, sock: socket.socket,
     )
 
 
-# ------------------------------------------------------------------------------- streams
+# ------------------------------------------------------------------------------- session
 
 
-class _QuicStream(BufferedReads, Stream):
-    """A bidirectional QUIC stream.
+class _QuicSession:
+    """The core's wire over aioquic: stream data, FIN, resets, credit and PINGs.
+
+    Send room is the stream's send high-water mark (``policy.send_allowance``) measured on
+    what aioquic holds unacknowledged; credit is granted as the application reads
+    (``FleetQuicConnection.fleet_consumed``). Every send asks for one transmit per loop
+    iteration, however many writes.
+    """
+
+    max_reset_code = (1 << 62) - 1
+
+    def __init__(self, protocol: _Protocol, send_high_water: int) -> None:
+        self._protocol = protocol
+        self._quic: FleetQuicConnection = protocol._quic
+        self.send_high_water = send_high_water
+
+    def send_room(self, stream: CoreStream) -> int:
+        return send_allowance(self._quic.fleet_stream_buffers(stream.id)[1],
+                              self.send_high_water, stream._write_blocked)
+
+    def send_data(self, stream_id: int, data: bytes) -> None:
+        self._quic.send_stream_data(stream_id, data)
+        self._protocol.transmit_soon()
+
+    def send_fin(self, stream_id: int) -> None:
+        self._quic.send_stream_data(stream_id, b"", end_stream=True)
+        self._protocol.transmit_soon()
+
+    def send_reset(self, stream_id: int, code: int, *, sending: bool, receiving: bool) -> None:
+        if sending:
+            self._quic.reset_stream(stream_id, code)
+        if receiving:
+            with contextlib.suppress(ValueError):  # aioquic: unknown stream
+                self._quic.stop_stream(stream_id, code)
+        self._protocol.transmit_soon()
+
+    def consumed(self, stream_id: int, n: int, total: int) -> None:
+        if self._quic.fleet_consumed(stream_id, total):
+            self._protocol.transmit_soon()
+
+    def discarded(self, stream_id: int, n: int) -> None:
+        pass  # a reset stream needs no credit back: its peer stops sending
+
+    def forget(self, stream_id: int) -> None:
+        self._quic.fleet_forget(stream_id)
+
+    def buffered(self, stream_id: int) -> tuple[int, int]:
+        return self._quic.fleet_stream_buffers(stream_id)
+
+    def send_ping(self, uid: int) -> None:
+        self._quic.send_ping(uid)
+        self._protocol.transmit()
+
+    def close(self, code: int, reason: str, first: bool) -> None:
+        self._protocol.close(error_code=code, reason_phrase=reason)
+
+
+# --------------------------------------------------------------------------- connections
+
+
+class _QuicConnection(CoreConnection):
+    """A QUIC connection: the core's streams over one aioquic ``QuicConnection``.
 
     Memory bound per stream: the receiving side holds at most ``stream_window`` bytes that the
     application has not read yet (aioquic's reorder buffer included), because credit is granted
@@ -225,139 +283,6 @@ class _QuicStream(BufferedReads, Stream):
     waits (see ``policy.send_allowance``). Defaults: 1 MiB each.
     """
 
-    def __init__(self, conn: _QuicConnection, stream_id: int) -> None:
-        self.id = stream_id
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        self._conn = conn
-        self._rbuf: deque[bytes] = deque()
-        self._rbuf_len = 0
-        self._eof = False
-        self._read_error: TransportError | None = None
-        self._write_error: TransportError | None = None
-        self._fin_sent = False
-        self._read_waiter: asyncio.Future[None] | None = None
-        self._write_waiter: asyncio.Future[None] | None = None
-        self._write_blocked = False
-
-    def __repr__(self) -> str:
-        return f"<QuicStream {self.id} sent={self.bytes_sent} received={self.bytes_received}>"
-
-    # -- measurements (used by tests and metrics)
-
-    @property
-    def receive_buffered(self) -> int:
-        """Bytes received but not yet read: our buffer + aioquic's reorder buffer."""
-        return self._rbuf_len + self._conn._quic.fleet_stream_buffers(self.id)[0]
-
-    @property
-    def send_buffered(self) -> int:
-        """Bytes written but not yet acknowledged by the peer."""
-        return self._conn._quic.fleet_stream_buffers(self.id)[1]
-
-    # -- reading
-
-    def _consumed(self, n: int) -> None:
-        self._conn._consumed(self, self.bytes_received)
-
-    def _feed(self, data: bytes, end: bool) -> None:
-        if self._read_error is None:
-            if data:
-                self._rbuf.append(data)
-                self._rbuf_len += len(data)
-            if end:
-                self._eof = True
-        wake(self._read_waiter)
-        if end and not self._rbuf:  # FIN after all was read (and maybe our own FIN): done
-            self._conn._maybe_forget(self)
-
-    # -- writing
-
-    def _check_writable(self) -> None:
-        if self._write_error is not None:
-            raise self._write_error
-        if self._conn._error is not None:
-            raise self._conn._error
-        if self._fin_sent:
-            raise TransportError(ErrorCode.INTERNAL, "write after write_eof()", remote=False,
-                                 kind="internal")
-
-    async def write(self, data: bytes) -> None:
-        view = memoryview(bytes(data))
-        high_water = self._conn._send_high_water
-        while True:
-            self._check_writable()
-            allow = send_allowance(self.send_buffered, high_water, self._write_blocked)
-            if allow == 0:
-                self._write_blocked = True
-                self._conn._blocked_writers.add(self)
-                self._write_waiter = self._conn._loop.create_future()
-                try:
-                    await self._write_waiter
-                finally:
-                    self._write_waiter = None
-                    self._conn._blocked_writers.discard(self)
-                continue
-            self._write_blocked = False
-            if not view:
-                return
-            chunk, view = view[:allow], view[allow:]
-            self._conn._quic.send_stream_data(self.id, bytes(chunk))
-            self.bytes_sent += len(chunk)
-            self._conn._protocol.transmit_soon()
-            if not view:
-                return
-
-    def write_eof(self) -> None:
-        if self._fin_sent or self._write_error is not None or self._conn._error is not None:
-            return
-        self._fin_sent = True
-        self._conn._quic.send_stream_data(self.id, b"", end_stream=True)
-        self._conn._protocol.transmit_soon()
-        self._conn._maybe_forget(self)
-
-    def reset(self, code: int = 0) -> None:
-        err = StreamReset(code, "reset locally", remote=False)
-        quic = self._conn._quic
-        if self._conn._error is None:
-            if self._write_error is None:
-                quic.reset_stream(self.id, code)
-            if self._read_error is None and not self._eof:
-                with contextlib.suppress(ValueError):  # aioquic: unknown stream
-                    quic.stop_stream(self.id, code)
-            self._conn._protocol.transmit_soon()
-        self._write_error = self._write_error or err
-        self._read_error = self._read_error or err
-        self._rbuf.clear()
-        self._rbuf_len = 0
-        wake(self._read_waiter)
-        wake(self._write_waiter)
-        self._conn._maybe_forget(self)
-
-    # -- events
-
-    def _on_peer_reset(self, code: int) -> None:
-        self._read_error = StreamReset(code, "stream reset by peer", remote=True)
-        self._rbuf.clear()
-        self._rbuf_len = 0
-        wake(self._read_waiter)
-        self._conn._maybe_forget(self)
-
-    def _on_stop_sending(self, code: int) -> None:
-        self._write_error = StreamReset(code, "peer stopped reading", remote=True)
-        wake(self._write_waiter)
-        self._conn._maybe_forget(self)
-
-    def _done(self) -> bool:
-        read_done = self._read_error is not None or (self._eof and not self._rbuf)
-        write_done = self._write_error is not None or self._fin_sent
-        return read_done and write_done
-
-
-# --------------------------------------------------------------------------- connections
-
-
-class _QuicConnection(Connection):
     transport_name = "quic"
 
     def __init__(
@@ -368,39 +293,16 @@ class _QuicConnection(Connection):
         send_high_water: int,
         family: int | None = None,
     ) -> None:
+        super().__init__(is_client=is_client)
         self._protocol = protocol
         protocol.owner = self
         self._quic: FleetQuicConnection = protocol._quic
-        self._loop = asyncio.get_running_loop()
-        self._is_client = is_client
+        self._session = _QuicSession(protocol, send_high_water)
         self._family = family
-        self._send_high_water = send_high_water
-        self.peer_certificate: x509.Certificate | None = None
-        self.alpn = ""
-        self.on_path_change = None
-        self._streams: dict[int, _QuicStream] = {}
         self._max_peer_stream = -1
-        self._accept: deque[_QuicStream] = deque()
-        self._accept_waiter: asyncio.Future[None] | None = None
-        self._pending: list[_QuicStream] = []  # server: peer streams before authorization
-        self._authorized = is_client
-        self._blocked_writers: set[_QuicStream] = set()
-        self._error: TransportError | None = None
-        self._closed_locally = False
-        self._terminated = asyncio.Event()
         self._confirmed: asyncio.Future[None] = self._loop.create_future()
-        self._pings: dict[int, asyncio.Future[None]] = {}
-        self._ping_ids = itertools.count(1)
-        self._keepalive_task: asyncio.Task[None] | None = None
         self._remote: Address | None = None
         self._remote_raw: Any = None
-        self.migrations = 0
-        self.path_changes: list[PathChange] = []
-        #: loop.time() of the last datagram received from the peer (liveness of the path)
-        self.last_received = self._loop.time()
-        #: called as ``on_send_error(exc)`` when the socket reports a failed send
-        self.on_send_error: Any = None
-        self.send_errors = 0
 
     def __repr__(self) -> str:
         side = "client" if self._is_client else "server"
@@ -419,10 +321,6 @@ class _QuicConnection(Connection):
         return normalize_address(endpoint.sockname) if endpoint is not None else ("", 0)
 
     @property
-    def is_closed(self) -> bool:
-        return self._error is not None
-
-    @property
     def rtt(self) -> float | None:
         """Smoothed round-trip time of the current path in seconds (None before a sample)."""
         return self._quic.fleet_rtt()
@@ -432,70 +330,11 @@ class _QuicConnection(Connection):
         """The negotiated idle timeout: nothing heard for this long ends the connection."""
         return self._quic.fleet_idle_timeout()
 
-    def _on_send_error(self, exc: Exception) -> None:
-        self.send_errors += 1
-        cb = self.on_send_error
-        if cb is not None:
-            try:
-                cb(exc)
-            except Exception:
-                log.exception("on_send_error callback failed")
-
-    def send_ping(self) -> None:
-        """Send one PING now without waiting for its acknowledgement (a liveness probe)."""
-        if self._error is None:
-            self._quic.send_ping(0)
-            self._protocol.transmit()
-
     # -- streams
 
     async def open_stream(self) -> Stream:
-        if self._error is not None:
-            raise self._error
-        if not self._authorized:
-            raise TransportError(ErrorCode.INTERNAL, "connection not authorized yet", remote=False,
-                                 kind="internal")
-        sid = self._quic.get_next_available_stream_id()
-        stream = _QuicStream(self, sid)
-        self._streams[sid] = stream
-        return stream
-
-    async def accept_stream(self) -> Stream:
-        while True:
-            if self._accept:
-                return self._accept.popleft()
-            if self._error is not None:
-                raise self._error
-            self._accept_waiter = self._loop.create_future()
-            try:
-                await self._accept_waiter
-            finally:
-                self._accept_waiter = None
-
-    def _consumed(self, stream: _QuicStream, total: int) -> None:
-        if self._quic.fleet_consumed(stream.id, total):
-            self._protocol.transmit_soon()
-        self._maybe_forget(stream)
-
-    def _maybe_forget(self, stream: _QuicStream) -> None:
-        if stream._done():
-            self._streams.pop(stream.id, None)
-            self._quic.fleet_forget(stream.id)
-
-    # -- close
-
-    def close(self, code: int = 0, reason: str = "") -> None:
-        if self._error is None:
-            self._closed_locally = True
-            self._fail(TransportError(code, reason or "closed locally", remote=False))
-        self._protocol.close(error_code=code, reason_phrase=reason)
-
-    async def wait_closed(self) -> TransportError | None:
-        """Wait until the connection is over. None if we closed it, else why it ended."""
-        await self._terminated.wait()
-        return None if self._closed_locally else self._error
-
-    # -- ping / keepalive
+        self._check_open()
+        return self._add_stream(CoreStream(self, self._quic.get_next_available_stream_id()))
 
     async def ping(self, timeout: float) -> float:
         """Round-trip time of a PING (includes the peer's ACK delay, <= 25 ms with aioquic).
@@ -503,30 +342,7 @@ class _QuicConnection(Connection):
         Raises TimeoutError if no acknowledgement arrives within ``timeout`` seconds, or the
         TransportError that closed the connection.
         """
-        if self._error is not None:
-            raise self._error
-        uid = next(self._ping_ids)
-        fut: asyncio.Future[None] = self._loop.create_future()
-        self._pings[uid] = fut
-        start = self._loop.time()
-        self._quic.send_ping(uid)
-        self._protocol.transmit()
-        try:
-            async with asyncio.timeout(timeout):
-                await fut
-        except TimeoutError:
-            raise TimeoutError(f"no PING acknowledgement within {timeout:g}s") from None
-        finally:
-            self._pings.pop(uid, None)
-        return self._loop.time() - start
-
-    async def _keepalive(self, interval: float) -> None:
-        while self._error is None:
-            await asyncio.sleep(interval)
-            if self._error is not None:
-                return
-            self._quic.send_ping(0)  # uid 0: nobody waits for it
-            self._protocol.transmit()
+        return await super().ping(timeout)
 
     # -- migration
 
@@ -557,19 +373,9 @@ class _QuicConnection(Connection):
         self.migrations += 1
         self._report_path(PathChange(old_local, self.local_address))
 
-    def _report_path(self, change: PathChange) -> None:
-        self.path_changes.append(change)
-        del self.path_changes[:-16]
-        cb = self.on_path_change
-        if cb is not None:
-            try:
-                cb(change)
-            except Exception:
-                log.exception("on_path_change callback failed")
-
     # -- event plumbing
 
-    def _stream_for_event(self, sid: int) -> _QuicStream | None:
+    def _stream_for_event(self, sid: int) -> CoreStream | None:
         stream = self._streams.get(sid)
         if stream is not None:
             return stream
@@ -581,30 +387,27 @@ class _QuicConnection(Connection):
                 self._quic.stop_stream(sid, ErrorCode.STREAM_ABORTED)
             return None
         self._max_peer_stream = sid
-        stream = _QuicStream(self, sid)
-        self._streams[sid] = stream
-        if self._authorized:
-            self._accept.append(stream)
-            wake(self._accept_waiter)
-        else:
-            self._pending.append(stream)
+        stream = CoreStream(self, sid)
+        self._deliver(stream)
         return stream
 
     def _on_event(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.StreamDataReceived):
             stream = self._stream_for_event(event.stream_id)
             if stream is not None:
-                stream._feed(event.data, event.end_stream)
+                stream.feed(event.data)
+                if event.end_stream:
+                    stream.feed_eof()
         elif isinstance(event, events.StreamReset):
             stream = self._stream_for_event(event.stream_id)
             if stream is not None:
-                stream._on_peer_reset(event.error_code)
+                stream.on_peer_reset(event.error_code)
         elif isinstance(event, events.StopSendingReceived):
             stream = self._streams.get(event.stream_id)
             if stream is not None:
-                stream._on_stop_sending(event.error_code)
+                stream.on_stop_sending(event.error_code)
         elif isinstance(event, events.PingAcknowledged):
-            wake(self._pings.get(event.uid))
+            self._ping_acked(event.uid)
         elif isinstance(event, events.HandshakeCompleted):
             self.alpn = event.alpn_protocol or ""
             self.peer_certificate = self._quic.fleet_peer_certificate()
@@ -639,11 +442,9 @@ class _QuicConnection(Connection):
             old, self._remote = self._remote, self.remote_address
             if old != self._remote:
                 self._report_path(PathChange(old, self._remote))
-        for stream in list(self._blocked_writers):
-            if stream._write_error is not None or send_allowance(
-                stream.send_buffered, self._send_high_water, True
-            ):
-                wake(stream._write_waiter)
+        if self._blocked_writers:
+            room = self._session.send_room
+            self._wake_writers(lambda stream: room(stream) > 0)
 
     def _check_close(self) -> None:
         closing = self._quic.fleet_close()
@@ -654,55 +455,33 @@ class _QuicConnection(Connection):
         reason = ev.reason_phrase
         if not application and not remote:
             reason = describe_close(ev.error_code, reason, application=False)
-        rejection = self._quic.fleet_rejection()
-        kind = None
-        if self._quic.fleet_idle_expired:
-            kind = "timeout"
-        elif rejection is not None and rejection.intercepted:
-            kind = "intercepted"
-        elif not application and ev.error_code and not (
-            CRYPTO_ERROR_BASE <= ev.error_code <= CRYPTO_ERROR_BASE + 0xFF
-        ):
-            kind = "protocol"
         self._fail(TransportError(
-            ev.error_code, reason, application=application, remote=remote, kind=kind
+            ev.error_code, reason, application=application, remote=remote,
+            kind=self._close_kind(ev.error_code, application),
         ))
 
-    def _fail(self, error: TransportError) -> None:
-        if self._error is not None:
-            return
-        self._error = error
+    def _close_kind(self, code: int, application: bool) -> str | None:
+        """What the close was, from what happened (never from its text); None: the default."""
+        rejection = self._quic.fleet_rejection()
+        if self._quic.fleet_idle_expired:
+            return "timeout"
+        if rejection is not None and rejection.intercepted:
+            return "intercepted"
+        if not application and code and not CRYPTO_ERROR_BASE <= code <= CRYPTO_ERROR_BASE + 0xFF:
+            return "protocol"
+        return None
+
+    def _on_fail(self, error: TransportError) -> None:
         if not self._confirmed.done():
             self._confirmed.set_exception(error)
             self._confirmed.exception()  # mark retrieved
-        for fut in self._pings.values():
-            if not fut.done():
-                fut.set_exception(error)
-                fut.exception()
-        wake(self._accept_waiter)
-        for stream in list(self._streams.values()):
-            wake(stream._read_waiter)
-            wake(stream._write_waiter)
-        if self._keepalive_task is not None:
-            self._keepalive_task.cancel()
-        self._pending.clear()
 
-    def _terminate(self) -> None:
-        if self._error is None:
-            self._fail(TransportError(0, "connection terminated", remote=False))
-        if self._terminated.is_set():
-            return
-        self._terminated.set()
+    def _on_terminated(self) -> None:
         if self._is_client and self._protocol.endpoint is not None:
             self._loop.call_soon(self._protocol.endpoint.close)
         self._protocol.stop()
-        self._on_terminated()
 
-    # server hooks (overridden in _ServerConnection)
     def _server_conn_handshake_done(self) -> None:  # pragma: no cover - server only
-        pass
-
-    def _on_terminated(self) -> None:
         pass
 
 
@@ -1099,7 +878,7 @@ async def connect(
         conn._terminate()
         raise
     if keepalive:
-        conn._keepalive_task = loop.create_task(conn._keepalive(keepalive))
+        conn.start_keepalive(keepalive)
     release_free_heap()
     return conn
 

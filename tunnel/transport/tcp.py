@@ -117,6 +117,7 @@ from .base import (
     TLSIdentity,
     TransportError,
 )
+from .core import CoreConnection, CoreStream, wake
 from .policy import (
     CRYPTO_ERROR_BASE,
     DEFAULT_SEND_HIGH_WATER,
@@ -129,7 +130,7 @@ from .policy import (
     verify_peer_chain,
     verify_server_leaf,
 )
-from .serving import AuthorizedServerConnection, BufferedReads, wake
+from .serving import AuthorizedServerConnection
 
 log = logging.getLogger(__name__)
 
@@ -557,165 +558,86 @@ class _Protocol(asyncio.Protocol):
         return self.tcp.get_write_buffer_size() if self.tcp is not None else 0
 
 
-# ------------------------------------------------------------------------------- streams
+# ------------------------------------------------------------------------------- session
 
 
-class _TcpStream(BufferedReads, Stream):
-    """A bidirectional HTTP/2 stream with the QUIC stream's contract.
+class _TcpSession:
+    """The core's wire over h2: stream DATA within the peer's window, END_STREAM, RST_STREAM,
+    WINDOW_UPDATE as the application reads, PING.
 
-    Memory bound: the receiving side holds at most ``stream_window`` unread bytes (HTTP/2 flow
-    control; credit is returned via ``acknowledge_received_data`` only as ``read()`` consumes).
-    ``write()`` hands data to HTTP/2 only within the peer's window and while the connection's
-    TLS write buffer is below the send high-water mark, else it waits.
+    Send room is the stream's HTTP/2 window (one frame at most), and none while the
+    connection's TLS write buffer is above the send high-water mark: that bounds the bytes
+    buffered for the whole TCP connection (one ordered byte pipe) rather than per stream.
     """
 
-    def __init__(self, conn: _TcpConnection, stream_id: int) -> None:
-        self.id = stream_id
-        self.bytes_sent = 0
-        self.bytes_received = 0
+    max_reset_code = MAX_H2_CODE
+
+    def __init__(self, conn: _TcpConnection) -> None:
         self._conn = conn
-        self._rbuf: deque[bytes] = deque()
-        self._rbuf_len = 0
-        self._eof = False
-        self._read_error: TransportError | None = None
-        self._write_error: TransportError | None = None
-        self._fin_sent = False
-        self._read_waiter: asyncio.Future[None] | None = None
-        self._write_waiter: asyncio.Future[None] | None = None
 
-    def __repr__(self) -> str:
-        return f"<TcpStream {self.id} sent={self.bytes_sent} received={self.bytes_received}>"
-
-    @property
-    def receive_buffered(self) -> int:
-        """Bytes received but not yet read (never above the stream window)."""
-        return self._rbuf_len
-
-    @property
-    def send_buffered(self) -> int:
-        """Bytes written on this *connection* not yet handed to the kernel (shared by streams)."""
-        return self._conn.send_buffered
-
-    # -- reading
-
-    def _consumed(self, n: int) -> None:
-        self._conn._ack(self.id, n)
-        self._conn._maybe_forget(self)
-
-    def _feed(self, data: bytes, flow_len: int) -> None:
-        if flow_len > len(data):  # padding: nothing to hold, credit it back now
-            self._conn._ack(self.id, flow_len - len(data))
-        if self._read_error is not None or self._eof:
-            self._conn._ack(self.id, len(data))
-        elif data:
-            self._rbuf.append(data)
-            self._rbuf_len += len(data)
-        wake(self._read_waiter)
-
-    def _feed_eof(self) -> None:
-        if self._read_error is None:
-            self._eof = True
-        wake(self._read_waiter)
-        self._conn._maybe_forget(self)
-
-    def _drop_unread(self) -> None:
-        if self._rbuf_len:
-            self._conn._ack(self.id, self._rbuf_len)
-        self._rbuf.clear()
-        self._rbuf_len = 0
-
-    # -- writing
-
-    def _check_writable(self) -> None:
-        if self._write_error is not None:
-            raise self._write_error
-        if self._conn._error is not None:
-            raise self._conn._error
-        if self._fin_sent:
-            raise TransportError(ErrorCode.INTERNAL, "write after write_eof()", remote=False,
-                                 kind="internal")
-
-    async def write(self, data: bytes) -> None:
-        view = memoryview(bytes(data))
+    def send_room(self, stream: CoreStream) -> int:
         conn = self._conn
-        h2 = conn._h2
-        while True:
-            self._check_writable()
-            window = 0
-            if not conn._protocol.paused:
-                try:
-                    window = h2.local_flow_control_window(self.id)
-                except StreamClosedError:  # the peer reset it and h2 already forgot it
-                    self._write_error = self._write_error or StreamReset(
-                        ErrorCode.STREAM_ABORTED, "stream closed by peer", remote=True
-                    )
-                    continue
-            if not view:
-                return
-            n = min(len(view), window, h2.max_outbound_frame_size)
-            if n <= 0:
-                conn._blocked_writers.add(self)
-                self._write_waiter = conn._loop.create_future()
-                try:
-                    await self._write_waiter
-                finally:
-                    self._write_waiter = None
-                    conn._blocked_writers.discard(self)
-                continue
-            chunk, view = view[:n], view[n:]
-            h2.send_data(self.id, bytes(chunk))
-            self.bytes_sent += n
-            conn._flush()
+        if conn._protocol.paused:
+            return 0
+        try:
+            window = conn._h2.local_flow_control_window(stream.id)
+        except StreamClosedError:  # the peer reset it and h2 already forgot it
+            stream._write_error = stream._write_error or StreamReset(
+                ErrorCode.STREAM_ABORTED, "stream closed by peer", remote=True
+            )
+            return 0
+        return min(window, conn._h2.max_outbound_frame_size)
 
-    def write_eof(self) -> None:
-        if self._fin_sent or self._write_error is not None or self._conn._error is not None:
-            return
-        self._fin_sent = True
-        with contextlib.suppress(StreamClosedError):
-            self._conn._h2.end_stream(self.id)
+    def send_data(self, stream_id: int, data: bytes) -> None:
+        self._conn._h2.send_data(stream_id, data)
         self._conn._flush()
-        self._conn._maybe_forget(self)
 
-    def reset(self, code: int = 0) -> None:
-        """Abort both directions (RST_STREAM ``code``; HTTP/2 codes are 32 bits)."""
-        if not 0 <= code <= MAX_H2_CODE:
-            raise ValueError(f"reset code {code} does not fit HTTP/2's 32 bits")
-        err = StreamReset(code, "reset locally", remote=False)
-        conn = self._conn
-        if conn._error is None and not (self._write_error and self._read_error):
-            with contextlib.suppress(StreamClosedError, H2Error):
-                conn._h2.reset_stream(self.id, code)
-            conn._flush()
-        self._write_error = self._write_error or err
-        self._read_error = self._read_error or err
-        self._drop_unread()
-        wake(self._read_waiter)
-        wake(self._write_waiter)
-        conn._maybe_forget(self)
+    def send_fin(self, stream_id: int) -> None:
+        with contextlib.suppress(StreamClosedError):
+            self._conn._h2.end_stream(stream_id)
+        self._conn._flush()
 
-    # -- events
+    def send_reset(self, stream_id: int, code: int, *, sending: bool, receiving: bool) -> None:
+        # RST_STREAM aborts both directions at once (RESET_STREAM + STOP_SENDING in QUIC terms)
+        with contextlib.suppress(StreamClosedError, H2Error):
+            self._conn._h2.reset_stream(stream_id, code)
+        self._conn._flush()
 
-    def _on_peer_reset(self, code: int) -> None:
-        err = StreamReset(code, "stream reset by peer", remote=True)
-        self._read_error = self._read_error or err
-        self._write_error = self._write_error or StreamReset(
-            code, "peer stopped reading", remote=True
-        )
-        self._drop_unread()
-        wake(self._read_waiter)
-        wake(self._write_waiter)
-        self._conn._maybe_forget(self)
+    def consumed(self, stream_id: int, n: int, total: int) -> None:
+        self._conn._ack(stream_id, n)
 
-    def _done(self) -> bool:
-        read_done = self._read_error is not None or (self._eof and not self._rbuf)
-        write_done = self._write_error is not None or self._fin_sent
-        return read_done and write_done
+    def discarded(self, stream_id: int, n: int) -> None:
+        self._conn._ack(stream_id, n)  # dropped unread: its window is free again
+
+    def forget(self, stream_id: int) -> None:
+        wake(self._conn._stream_slot_waiter)
+
+    def buffered(self, stream_id: int) -> tuple[int, int]:
+        # received bytes all sit in the core's buffer; sent ones in the connection's TLS buffer
+        return 0, self._conn.send_buffered
+
+    def send_ping(self, uid: int) -> None:
+        self._conn._h2.ping(uid.to_bytes(8, "big"))
+        self._conn._flush()
+
+    def close(self, code: int, reason: str, first: bool) -> None:
+        if first:
+            self._conn._send_goaway(code, reason, application=True)
+        self._conn._close_transport()
 
 
 # --------------------------------------------------------------------------- connections
 
 
-class _TcpConnection(Connection):
+class _TcpConnection(CoreConnection):
+    """A TLS/TCP connection: the core's streams as HTTP/2 streams (see the module docstring).
+
+    Memory bound per stream: the receiving side holds at most ``stream_window`` unread bytes
+    (HTTP/2 flow control; credit is returned via ``acknowledge_received_data`` only as
+    ``read()`` consumes); ``write()`` hands data to HTTP/2 only within the peer's window and
+    while the connection's TLS write buffer is below the send high-water mark, else it waits.
+    """
+
     transport_name = "tcp"
 
     def __init__(
@@ -728,20 +650,19 @@ class _TcpConnection(Connection):
         idle_timeout: float,
         server_name: str = "",
     ) -> None:
+        super().__init__(is_client=is_client)
         self._protocol = protocol
         self._transport = protocol
-        self._loop = asyncio.get_running_loop()
-        self._is_client = is_client
+        self._session = _TcpSession(self)
         self._stream_window = stream_window
         self._send_high_water = send_high_water
         self._server_name = server_name
         self._transport.set_write_buffer_limits(
             high=send_high_water, low=send_high_water // 2
         )
-        self.peer_certificate: x509.Certificate | None = _peer_leaf(self._transport)
+        self.peer_certificate = _peer_leaf(self._transport)
         sslobj = self._transport.get_extra_info("ssl_object")
-        self.alpn: str = (sslobj.selected_alpn_protocol() if sslobj else None) or ""
-        self.on_path_change = None
+        self.alpn = (sslobj.selected_alpn_protocol() if sslobj else None) or ""
         #: the fleet CA the server sent in the hello (client side)
         self.peer_ca: x509.Certificate | None = None
         config = H2Configuration(client_side=is_client, header_encoding="utf-8")
@@ -758,19 +679,7 @@ class _TcpConnection(Connection):
         self._h2_started = False
         #: server side: the control-frame budget of this peer (see ControlFrameMeter)
         self._meter: ControlFrameMeter | None = None
-        self._streams: dict[int, _TcpStream] = {}
-        self._accept: deque[_TcpStream] = deque()
-        self._accept_waiter: asyncio.Future[None] | None = None
-        self._pending: list[_TcpStream] = []  # server: peer streams before authorization
-        self._authorized = is_client
-        self._blocked_writers: set[_TcpStream] = set()
         self._stream_slot_waiter: asyncio.Future[None] | None = None
-        self._error: TransportError | None = None
-        self._closed_locally = False
-        self._terminated = asyncio.Event()
-        self._pings: dict[bytes, asyncio.Future[None]] = {}
-        self._ping_seq = 0
-        self._keepalive_task: asyncio.Task[None] | None = None
         self._idle_timeout = idle_timeout
         self._idle_handle: asyncio.TimerHandle | None = None
         self._close_handle: asyncio.TimerHandle | None = None
@@ -783,16 +692,6 @@ class _TcpConnection(Connection):
         self._reverse_pool: deque[int] = deque()
         self._reverse_target = 0
         self._pool_waiter: asyncio.Future[None] | None = None
-        #: streams the peer opened (delivered or held), for tests and metrics
-        self.peer_streams = 0
-        self.rtt: float | None = None
-        #: loop.time() of the last bytes received from the peer
-        self.last_received = self._loop.time()
-        #: present for parity with QUIC (a TCP socket reports send errors as connection loss)
-        self.on_send_error: Any = None
-        self.send_errors = 0
-        self.migrations = 0
-        self.path_changes: list[Any] = []
         protocol.attach(self)
 
     def __repr__(self) -> str:
@@ -812,8 +711,12 @@ class _TcpConnection(Connection):
         return normalize_address(sock) if sock else ("", 0)
 
     @property
-    def is_closed(self) -> bool:
-        return self._error is not None
+    def rtt(self) -> float | None:
+        """Round-trip time of the last ``ping()`` (None before one was answered).
+
+        A TCP socket reports send errors as a lost connection: ``on_send_error`` never fires.
+        """
+        return self._ping_rtt
 
     @property
     def idle_timeout(self) -> float:
@@ -851,26 +754,13 @@ class _TcpConnection(Connection):
             self._h2.acknowledge_received_data(n, sid)
         self._flush()
 
-    def _wake_writers(self) -> None:
-        for stream in list(self._blocked_writers):
-            wake(stream._write_waiter)
-
-    def _maybe_forget(self, stream: _TcpStream) -> None:
-        if stream._done():
-            self._streams.pop(stream.id, None)
-            wake(self._stream_slot_waiter)
-
     # -- streams
 
     async def open_stream(self) -> Stream:
         """Open a stream: a ``POST /fleet/stream`` request on the client side (no round trip);
         on the server side claim one of the client's idle reverse streams (no round trip while
         the pool lasts; see the module docstring)."""
-        if self._error is not None:
-            raise self._error
-        if not self._authorized:
-            raise TransportError(ErrorCode.INTERNAL, "connection not authorized yet", remote=False,
-                                 kind="internal")
+        self._check_open()
         if self._is_client:
             return await self._open_client_stream(STREAM_PATH)
         while True:
@@ -888,12 +778,11 @@ class _TcpConnection(Connection):
                 self._h2.send_headers(sid, [(":status", "200")])
             except StreamClosedError:  # the client withdrew it meanwhile: take the next
                 continue
-            stream = _TcpStream(self, sid)
-            self._streams[sid] = stream
+            stream = self._add_stream(CoreStream(self, sid))
             self._flush()
             return stream
 
-    async def _open_client_stream(self, path: str) -> _TcpStream:
+    async def _open_client_stream(self, path: str) -> CoreStream:
         while True:
             if self._error is not None:
                 raise self._error
@@ -905,9 +794,9 @@ class _TcpConnection(Connection):
             finally:
                 self._stream_slot_waiter = None
         sid = self._h2.get_next_available_stream_id()
-        stream = _TcpStream(self, sid)
+        stream = CoreStream(self, sid)
         if path == STREAM_PATH:
-            self._streams[sid] = stream
+            self._add_stream(stream)
         self._h2.send_headers(sid, self._request_headers(path))
         self._flush()
         return stream
@@ -922,27 +811,6 @@ class _TcpConnection(Connection):
         if path == HELLO_PATH:
             headers.append(("fleet-idle-timeout", f"{self._idle_timeout:g}"))
         return headers
-
-    async def accept_stream(self) -> Stream:
-        while True:
-            if self._accept:
-                return self._accept.popleft()
-            if self._error is not None:
-                raise self._error
-            self._accept_waiter = self._loop.create_future()
-            try:
-                await self._accept_waiter
-            finally:
-                self._accept_waiter = None
-
-    def _deliver(self, stream: _TcpStream) -> None:
-        self.peer_streams += 1
-        self._streams[stream.id] = stream
-        if self._authorized:
-            self._accept.append(stream)
-            wake(self._accept_waiter)
-        else:
-            self._pending.append(stream)
 
     def _replenish_pool(self) -> None:
         """Client: keep ``_reverse_target`` idle reverse requests open at the server."""
@@ -995,13 +863,15 @@ class _TcpConnection(Connection):
             if stream is None:
                 self._ack(sid, event.flow_controlled_length)  # forgotten or unknown stream
             else:
-                stream._feed(event.data, event.flow_controlled_length)
+                if event.flow_controlled_length > len(event.data):  # padding: credit it now
+                    self._ack(sid, event.flow_controlled_length - len(event.data))
+                stream.feed(event.data)
         elif isinstance(event, StreamEnded):
             sid = event.stream_id
             if sid == self._hello_sid:
                 wake(self._hello_done)
             elif (stream := self._streams.get(sid)) is not None:
-                stream._feed_eof()
+                stream.feed_eof()
             elif sid in self._reverse_pool and not self._is_client:
                 # the client withdrew a pool request: it is of no use any more
                 self._reverse_pool.remove(sid)
@@ -1012,8 +882,9 @@ class _TcpConnection(Connection):
                 if self._is_client:
                     self._replenish_pool()
             stream = self._streams.get(sid)
-            if stream is not None:
-                stream._on_peer_reset(int(event.error_code))
+            if stream is not None:  # RST_STREAM ends both directions
+                stream.on_peer_reset(int(event.error_code))
+                stream.on_stop_sending(int(event.error_code))
             wake(self._stream_slot_waiter)
         elif isinstance(event, RequestReceived):
             self._on_request(event)
@@ -1023,7 +894,7 @@ class _TcpConnection(Connection):
             self._wake_writers()
             wake(self._stream_slot_waiter)
         elif isinstance(event, PingAckReceived):
-            wake(self._pings.get(bytes(event.ping_data)))
+            self._ping_acked(int.from_bytes(event.ping_data, "big"))
         elif isinstance(event, ConnectionTerminated):
             self._fail(_parse_goaway(event))
             self._transport.close()
@@ -1034,7 +905,7 @@ class _TcpConnection(Connection):
         sid = event.stream_id
         if path == STREAM_PATH:
             self._h2.send_headers(sid, [(":status", "200")])
-            self._deliver(_TcpStream(self, sid))
+            self._deliver(CoreStream(self, sid))
         elif path == REVERSE_PATH:
             self._reverse_pool.append(sid)
             wake(self._pool_waiter)
@@ -1054,7 +925,7 @@ class _TcpConnection(Connection):
         elif sid in self._reverse_pool:
             # the server claimed an idle reverse stream: it is a server-opened stream now
             self._reverse_pool.remove(sid)
-            self._deliver(_TcpStream(self, sid))
+            self._deliver(CoreStream(self, sid))
             self._replenish_pool()
 
     def _frame_budget(self) -> FrameBudget:
@@ -1083,11 +954,7 @@ class _TcpConnection(Connection):
 
     def close(self, code: int = 0, reason: str = "") -> None:
         """Close with ``code``/``reason`` (a GOAWAY, see the module docstring)."""
-        if self._error is None:
-            self._closed_locally = True
-            self._fail(TransportError(code, reason or "closed locally", remote=False))
-            self._send_goaway(code, reason, application=True)
-        self._close_transport()
+        super().close(code, reason)
 
     def _send_goaway(self, code: int, reason: str, *, application: bool) -> None:
         if not self._h2_started:
@@ -1127,85 +994,25 @@ class _TcpConnection(Connection):
     def _peer_label(self) -> str:
         return self._server_name or "the peer"
 
-    async def wait_closed(self) -> TransportError | None:
-        """Wait until the connection is over. None if we closed it, else why it ended."""
-        await self._terminated.wait()
-        return None if self._closed_locally else self._error
-
-    def _fail(self, error: TransportError) -> None:
-        if self._error is not None:
-            return
-        self._error = error
+    def _on_fail(self, error: TransportError) -> None:
         if not self._hello_done.done():
             self._hello_done.set_exception(error)
             self._hello_done.exception()
-        for fut in self._pings.values():
-            if not fut.done():
-                fut.set_exception(error)
-                fut.exception()
-        wake(self._accept_waiter)
         wake(self._pool_waiter)
         wake(self._stream_slot_waiter)
-        for stream in list(self._streams.values()):
-            wake(stream._read_waiter)
-            wake(stream._write_waiter)
-        if self._keepalive_task is not None:
-            self._keepalive_task.cancel()
         if self._idle_handle is not None:
             self._idle_handle.cancel()
-        self._pending.clear()
-
-    def _terminate(self) -> None:
-        if self._error is None:
-            self._fail(TransportError(0, "connection terminated", remote=False))
-        if self._terminated.is_set():
-            return
-        self._terminated.set()
-        if self._close_handle is not None:
-            self._close_handle.cancel()
-        self._on_terminated()
 
     def _on_terminated(self) -> None:
-        pass
+        if self._close_handle is not None:
+            self._close_handle.cancel()
 
-    # -- ping / keepalive / idle
-
-    def _send_ping(self, payload: bytes) -> None:
-        self._h2.ping(payload)
-        self._flush()
-
-    def send_ping(self) -> None:
-        """Send one PING now without waiting for its acknowledgement (a liveness probe)."""
-        if self._error is None:
-            self._send_ping(b"\0" * 8)
+    # -- ping / idle
 
     async def ping(self, timeout: float) -> float:
         """Round-trip time of an HTTP/2 PING (through the TCP send queue: a full send buffer
         delays it). Raises TimeoutError, or the TransportError that closed the connection."""
-        if self._error is not None:
-            raise self._error
-        self._ping_seq += 1
-        payload = self._ping_seq.to_bytes(8, "big")
-        fut: asyncio.Future[None] = self._loop.create_future()
-        self._pings[payload] = fut
-        start = self._loop.time()
-        self._send_ping(payload)
-        try:
-            async with asyncio.timeout(timeout):
-                await fut
-        except TimeoutError:
-            raise TimeoutError(f"no PING acknowledgement within {timeout:g}s") from None
-        finally:
-            self._pings.pop(payload, None)
-        self.rtt = self._loop.time() - start
-        return self.rtt
-
-    async def _keepalive(self, interval: float) -> None:
-        while self._error is None:
-            await asyncio.sleep(interval)
-            if self._error is not None:
-                return
-            self._send_ping(b"\0" * 8)
+        return await super().ping(timeout)
 
     def _arm_idle(self) -> None:
         if self._idle_timeout and self._idle_timeout > 0 and self._error is None:
@@ -1561,7 +1368,7 @@ async def connect(
         conn._reverse_target = max(0, min(64, int(conn._hello_headers["fleet-reverse-pool"])))
     conn._replenish_pool()
     if keepalive:
-        conn._keepalive_task = loop.create_task(conn._keepalive(keepalive))
+        conn.start_keepalive(keepalive)
     return conn
 
 
