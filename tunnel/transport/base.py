@@ -175,12 +175,29 @@ class Stream(abc.ABC):
 
 
 class Connection(abc.ABC):
+    """One connection to a peer carrying many streams: everything callers may use of it.
+
+    Both transports implement all of it on ``core.CoreConnection``; where TLS/TCP cannot do
+    what QUIC does (migrate, report send errors), the member says so and stays harmless.
+    """
+
     #: which transport carries it: "quic" or "tcp" (shown by ``tunnel status``, audited)
     transport_name: str = "?"
+    #: the peer's verified leaf certificate (None on an anonymous ALPN without one)
     peer_certificate: x509.Certificate | None
+    #: the ALPN both sides agreed on
     alpn: str
-    #: Called as ``on_path_change(PathChange)`` whenever the peer address changes.
+    #: Called as ``on_path_change(PathChange)`` whenever the peer address changes (QUIC only).
     on_path_change: Callable[[PathChange], None] | None
+    #: Called as ``on_send_error(exc)`` when the socket reports a failed send (QUIC only: a
+    #: TCP socket reports it as the connection's loss).
+    on_send_error: Callable[[Exception], None] | None
+    #: loop.time() of the last bytes received from the peer (liveness of the path)
+    last_received: float
+    #: counters for status and metrics: failed sends, migrations, the last path changes
+    send_errors: int
+    migrations: int
+    path_changes: list[PathChange]
 
     @property
     @abc.abstractmethod
@@ -189,6 +206,25 @@ class Connection(abc.ABC):
     @property
     @abc.abstractmethod
     def local_address(self) -> Address: ...
+
+    @property
+    @abc.abstractmethod
+    def is_closed(self) -> bool:
+        """The connection is over (or closing): nothing new can be sent on it."""
+
+    @property
+    @abc.abstractmethod
+    def rtt(self) -> float | None:
+        """Round-trip time in seconds (QUIC: smoothed estimate; TCP: last ``ping()``)."""
+
+    @property
+    @abc.abstractmethod
+    def idle_timeout(self) -> float:
+        """Nothing heard for this long ends the connection (the smaller of both sides')."""
+
+    @abc.abstractmethod
+    def send_ping(self) -> None:
+        """Send one PING now without waiting for its acknowledgement (a liveness probe)."""
 
     @abc.abstractmethod
     async def open_stream(self) -> Stream: ...
