@@ -7,8 +7,7 @@ import socket
 import time
 
 import pytest
-from test_tcp_helpers import running_tcp_server
-from transport_helpers import ALPN, SERVER_NAME, run, running_server
+from transport_helpers import ALPN, SERVER_NAME, run, running_server, running_tcp_server
 
 from tunnel.transport import TransportError, connect, happy_eyeballs, tcp
 from tunnel.transport.race import error_rank

@@ -313,6 +313,11 @@ class FleetQuicConnection(QuicConnection):
             return 0, 0
         return len(qs.receiver._buffer), qs.sender._buffer_stop - qs.sender._buffer_start
 
+    def fleet_stream_credit(self, stream_id: int) -> int | None:
+        """The highest offset we allow the peer to send on a stream (None: unknown stream)."""
+        qs = self._streams.get(stream_id)
+        return qs.max_stream_data_local if qs is not None else None
+
     def fleet_streams(self) -> int:
         """Streams aioquic still holds (tests, memory checks)."""
         return len(self._streams)

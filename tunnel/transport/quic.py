@@ -300,6 +300,9 @@ class _QuicConnection(CoreConnection):
         self._session = _QuicSession(protocol, send_high_water)
         self._family = family
         self._max_peer_stream = -1
+        #: peer stream IDs below ``_max_peer_stream`` not seen yet (their data overtaken by a
+        #: later stream's): still new when they come
+        self._peer_gaps: set[int] = set()
         self._confirmed: asyncio.Future[None] = self._loop.create_future()
         self._remote: Address | None = None
         self._remote_raw: Any = None
@@ -334,7 +337,11 @@ class _QuicConnection(CoreConnection):
 
     async def open_stream(self) -> Stream:
         self._check_open()
-        return self._add_stream(CoreStream(self, self._quic.get_next_available_stream_id()))
+        sid = self._quic.get_next_available_stream_id()
+        # aioquic creates a stream (and moves to the next ID) on its first send: do it now, with
+        # no data and no frame, so streams opened before any is written get distinct IDs
+        self._quic.send_stream_data(sid, b"")
+        return self._add_stream(CoreStream(self, sid))
 
     async def ping(self, timeout: float) -> float:
         """Round-trip time of a PING (includes the peer's ACK delay, <= 25 ms with aioquic).
@@ -380,13 +387,20 @@ class _QuicConnection(CoreConnection):
         if stream is not None:
             return stream
         peer_initiated = (sid & 1) == (0 if not self._is_client else 1)
-        if not peer_initiated or sid <= self._max_peer_stream:
-            return None  # already forgotten
+        if not peer_initiated:
+            return None  # ours, already forgotten
         if sid & 2:  # unidirectional: not part of the protocol
             with contextlib.suppress(ValueError):
                 self._quic.stop_stream(sid, ErrorCode.STREAM_ABORTED)
             return None
-        self._max_peer_stream = sid
+        if sid <= self._max_peer_stream:
+            if sid not in self._peer_gaps:
+                return None  # already forgotten
+            self._peer_gaps.discard(sid)
+        else:
+            first = self._max_peer_stream + 4 if self._max_peer_stream >= 0 else sid & 3
+            self._peer_gaps.update(range(first, sid, 4))
+            self._max_peer_stream = sid
         stream = CoreStream(self, sid)
         self._deliver(stream)
         return stream
