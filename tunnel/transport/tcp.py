@@ -69,23 +69,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
-import secrets
 import socket
 import ssl
-import tempfile
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import (
-    BestAvailableEncryption,
-    Encoding,
-    PrivateFormat,
-)
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
@@ -118,445 +108,51 @@ from .base import (
     TransportError,
 )
 from .core import CoreConnection, CoreStream, wake
+from .h2wire import (  # noqa: F401  (the budget names are re-exported for tests)
+    ALERT_BAD_CERTIFICATE,
+    ALERT_CERTIFICATE_EXPIRED,
+    ALERT_CERTIFICATE_REQUIRED,
+    ALERT_NO_APPLICATION_PROTOCOL,
+    ANONYMOUS_BUDGET,
+    AUTHENTICATED_BUDGET,
+    CLIENT_PREFACE,
+    HELLO_PATH,
+    MAX_CONCURRENT_STREAMS,
+    MAX_FRAME_SIZE,
+    MAX_H2_CODE,
+    REVERSE_PATH,
+    REVERSE_POOL,
+    STREAM_PATH,
+    ControlFrameMeter,
+    FrameBudget,
+    close_payload,
+    crypto,
+    parse_goaway,
+)
 from .policy import (
-    CRYPTO_ERROR_BASE,
     DEFAULT_SEND_HIGH_WATER,
     DEFAULT_STREAM_WINDOW,
     CertificateRejected,
     ca_for_pin,
-    describe_close,
     normalize_address,
-    tls_alert_from_ssl_reason,
     verify_peer_chain,
     verify_server_leaf,
 )
 from .serving import AuthorizedServerConnection
+from .tls_records import (
+    TLSProtocol,
+    client_context,
+    peer_leaf,
+    pem,
+    probe_leaf,
+    server_context,
+    ssl_error,
+)
 
 log = logging.getLogger(__name__)
 
-#: Idle server-openable streams the client keeps ready (sent to the client in the hello).
-REVERSE_POOL = 8
-#: HTTP/2 MAX_CONCURRENT_STREAMS each side allows (client-opened + pool, both directions).
-MAX_CONCURRENT_STREAMS = 512
-#: HTTP/2 MAX_FRAME_SIZE we accept: fewer, larger DATA frames (fewer Python calls per MB).
-MAX_FRAME_SIZE = 64 * 1024
-#: Largest reset / close code HTTP/2 can carry in RST_STREAM.
-MAX_H2_CODE = 0xFFFFFFFF
 #: How long close() waits for the TLS close_notify exchange before aborting the socket.
 CLOSE_GRACE = 1.0
-
-HELLO_PATH = "/fleet/hello"
-STREAM_PATH = "/fleet/stream"
-REVERSE_PATH = "/fleet/reverse"
-
-_ALERT_BAD_CERTIFICATE = 42
-_ALERT_CERTIFICATE_EXPIRED = 45
-_ALERT_CERTIFICATE_REQUIRED = 116
-_ALERT_NO_APPLICATION_PROTOCOL = 120
-
-
-def _crypto(alert: int) -> int:
-    return CRYPTO_ERROR_BASE + alert
-
-
-# ------------------------------------------------------------------ control-frame budget
-
-#: What an HTTP/2 client sends first (RFC 9113 3.4); the server's meter skips it.
-CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-_FRAME_HEADER = 9
-_DATA_FRAME = 0x0
-
-
-@dataclass(frozen=True)
-class FrameBudget:
-    """Control frames a peer may send: ``rate`` per second on average, ``burst`` at once."""
-
-    rate: float
-    burst: float
-
-
-#: Before authorization and for peers without a certificate (enrollment, login): one request
-#: needs about 25 control frames (SETTINGS and its ACK, the hello, the reverse pool, one
-#: stream, a few WINDOW_UPDATEs, GOAWAY).
-ANONYMOUS_BUDGET = FrameBudget(rate=20, burst=200)
-#: Authenticated agents and engineers: a WINDOW_UPDATE per 512 KiB we send per stream and for
-#: the connection, a few frames per session opened, a PING a second. Far above that, far
-#: below what stalls the event loop (h2 handles about 50,000 small frames a second).
-AUTHENTICATED_BUDGET = FrameBudget(rate=1000, burst=4000)
-
-
-class ControlFrameMeter:
-    """Counts the control frames in what a peer sends, before h2 parses them (sans-I/O).
-
-    HTTP/2 lets a peer make us work without sending data: SETTINGS and PING must be answered,
-    WINDOW_UPDATE, RST_STREAM, PRIORITY and HEADERS/CONTINUATION each cost a parse and state
-    changes, and an empty DATA frame costs as much as a full one. Every frame except a DATA
-    frame with payload takes one token from a bucket of ``budget.burst`` refilled at
-    ``budget.rate`` per second; :meth:`feed` says False as soon as a frame finds the bucket
-    empty, and the caller closes the connection (ENHANCE_YOUR_CALM) without handing the bytes
-    to h2. Only the 9-byte frame headers are read; payloads are skipped, also across chunks.
-    """
-
-    def __init__(self, budget: FrameBudget, now: float, *, server_side: bool = True):
-        self.budget = budget
-        self.tokens = float(budget.burst)
-        self.last = now
-        self.frames = 0  # control frames counted so far
-        self._skip = len(CLIENT_PREFACE) if server_side else 0  # bytes to pass over
-        self._header = b""  # a frame header split across chunks
-
-    def feed(self, data: bytes, now: float, budget: FrameBudget | None = None) -> bool:
-        if budget is not None and budget != self.budget:
-            # Let in (authorized): the larger burst is there at once, the spent frames stay spent.
-            self.tokens += max(0.0, budget.burst - self.budget.burst)
-            self.budget = budget
-        self.tokens = min(self.budget.burst, self.tokens + (now - self.last) * self.budget.rate)
-        self.last = now
-        view = memoryview(data)
-        pos, end = 0, len(data)
-        while pos < end:
-            if self._skip:
-                step = min(self._skip, end - pos)
-                self._skip -= step
-                pos += step
-                continue
-            need = _FRAME_HEADER - len(self._header)
-            if need < _FRAME_HEADER or end - pos < _FRAME_HEADER:
-                self._header += bytes(view[pos:pos + need])
-                pos += min(need, end - pos)
-                if len(self._header) < _FRAME_HEADER:
-                    break
-                header, self._header = self._header, b""
-            else:
-                header = view[pos:pos + _FRAME_HEADER]
-                pos += _FRAME_HEADER
-            length = int.from_bytes(header[0:3], "big")
-            self._skip = length
-            if header[3] == _DATA_FRAME and length:
-                continue
-            self.frames += 1
-            if self.tokens < 1:
-                return False
-            self.tokens -= 1
-        return True
-
-
-
-
-# ------------------------------------------------------------------------------------ TLS
-
-
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(Encoding.PEM)
-
-
-def _load_identity(ctx: ssl.SSLContext, identity: TLSIdentity) -> None:
-    """``load_cert_chain`` needs files: write them to a private temp dir, key encrypted."""
-    password = secrets.token_urlsafe(32).encode()
-    key_pem = identity.key.private_bytes(
-        Encoding.PEM, PrivateFormat.PKCS8, BestAvailableEncryption(password)
-    )
-    with tempfile.TemporaryDirectory(prefix="fleet-tls-") as tmp:
-        cert_path = os.path.join(tmp, "chain.pem")
-        key_path = os.path.join(tmp, "key.pem")
-        for path, data in ((cert_path, b"".join(_pem(c) for c in identity.cert_chain)),
-                           (key_path, key_pem)):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        ctx.load_cert_chain(cert_path, key_path, password=password)
-
-
-def _server_context(identity: TLSIdentity, alpns: list[str]) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.verify_mode = ssl.CERT_OPTIONAL  # anonymous ALPNs; required-ness is checked per ALPN
-    ctx.load_verify_locations(cadata=_pem(identity.ca).decode())
-    _load_identity(ctx, identity)
-    ctx.set_alpn_protocols(list(alpns))
-    ctx.num_tickets = 0  # no resumption: every connection proves its certificate
-    return ctx
-
-
-def _client_context(
-    identity: TLSIdentity | None, alpn: str, trust: x509.Certificate | None
-) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    if trust is not None:
-        ctx.load_verify_locations(cadata=_pem(trust).decode())  # check_hostname stays on
-    else:  # ca_pin: the CA comes in the hello and is checked against the pin before any data
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    if identity is not None:
-        _load_identity(ctx, identity)
-    ctx.set_alpn_protocols([alpn])
-    return ctx
-
-
-def _peer_leaf(transport: asyncio.BaseTransport) -> x509.Certificate | None:
-    sslobj = transport.get_extra_info("ssl_object")
-    der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
-    return x509.load_der_x509_certificate(der) if der else None
-
-
-def _ssl_error(exc: BaseException, *, host: str) -> TransportError:
-    """A TLS alert from the peer (or a TLS failure here) as a QUIC-like transport error."""
-    reason = getattr(exc, "reason", None)
-    alert = tls_alert_from_ssl_reason(reason)
-    if alert is not None:
-        code = _crypto(alert)
-        what = f"{host} refused our TLS handshake"
-        if alert in (43, 45, 46, 48, 42, 116):
-            what = f"{host} rejected our client certificate"
-        return TransportError(
-            code,
-            describe_close(code, f"{what} ({reason})", application=False),
-            application=False,
-            remote=True,
-        )
-    return TransportError(0, f"TLS failure with {host}: {exc}", application=False, remote=False,
-                          kind="tls")
-
-
-def _close_payload(code: int, reason: str, application: bool) -> bytes:
-    return json.dumps(
-        {"code": int(code), "reason": reason[:1000], "application": bool(application)}
-    ).encode()
-
-
-def _parse_goaway(event: ConnectionTerminated) -> TransportError:
-    try:
-        msg = json.loads(event.additional_data or b"")
-        return TransportError(
-            int(msg["code"]), str(msg["reason"]), application=bool(msg["application"]),
-            remote=True,
-        )
-    except (ValueError, KeyError, TypeError):
-        code = int(event.error_code or 0)
-        try:
-            name = ErrorCodes(code).name
-        except ValueError:
-            name = f"error {code:#x}"
-        return TransportError(code, f"HTTP/2 GOAWAY {name}", application=False, remote=True,
-                              kind="protocol" if code else "closed")
-
-
-# ------------------------------------------------------------------------------- protocol
-
-
-class _Protocol(asyncio.Protocol):
-    """TLS over a plain TCP transport through ``ssl.MemoryBIO`` (not asyncio's sslproto).
-
-    Doing TLS ourselves means a handshake failure still *sends* its alert (asyncio drops it),
-    so a client whose certificate OpenSSL rejected learns why; a rejected handshake is logged
-    by the server; and a TLS alert after the handshake (TLS 1.3 clients finish before the server
-    judged their certificate) is reported to the owner with its reason.
-
-    It also acts as the owner's transport (write/close/abort/get_extra_info/buffer limits).
-    ``on_ready(protocol, exc)`` is called once, when the handshake succeeded (exc None) or
-    failed. Decrypted bytes and the loss are buffered until ``attach(owner)``.
-    """
-
-    def __init__(
-        self,
-        ctx: ssl.SSLContext,
-        *,
-        server_side: bool,
-        on_ready: Any,
-        handshake_timeout: float,
-        server_hostname: str | None = None,
-    ) -> None:
-        self._ctx = ctx
-        self._server_side = server_side
-        self._server_hostname = server_hostname
-        self._on_ready = on_ready
-        self._handshake_timeout = handshake_timeout
-        self.owner: _TcpConnection | None = None
-        self.tcp: asyncio.Transport | None = None
-        self.sslobj: ssl.SSLObject | None = None
-        self._in = ssl.MemoryBIO()
-        self._out = ssl.MemoryBIO()
-        self._state = "handshake"  # -> "open" -> "closed"
-        self._timer: asyncio.TimerHandle | None = None
-        self._early: list[bytes] = []
-        self._lost: tuple[Exception | None] | None = None
-        self.paused = False
-
-    # -- asyncio.Protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.tcp = transport  # type: ignore[assignment]
-        self.sslobj = self._ctx.wrap_bio(
-            self._in, self._out, server_side=self._server_side,
-            server_hostname=self._server_hostname,
-        )
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._handshake_timeout, self._on_handshake_timeout)
-        self._handshake()
-
-    def data_received(self, data: bytes) -> None:
-        if self._state == "closed":
-            return  # nothing more is read from a closed connection: do not buffer it either
-        self._in.write(data)
-        if self._state == "handshake":
-            self._handshake()
-        elif self._state == "open":
-            self._read()
-
-    def eof_received(self) -> bool | None:
-        return None  # close the transport; connection_lost follows
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._state == "handshake":
-            self._ready(exc or ConnectionResetError("connection closed during the TLS handshake"))
-        self._state = "closed"
-        self._lost_with(exc)
-
-    def pause_writing(self) -> None:
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        if self.owner is not None:
-            self.owner._wake_writers()
-
-    # -- TLS
-
-    def _flush_tls(self) -> None:
-        data = self._out.read()
-        if data and self.tcp is not None and not self.tcp.is_closing():
-            self.tcp.write(data)
-
-    def _handshake(self) -> None:
-        assert self.sslobj is not None and self.tcp is not None
-        try:
-            self.sslobj.do_handshake()
-        except ssl.SSLWantReadError:
-            self._flush_tls()
-            return
-        except (ssl.SSLError, ValueError) as exc:  # ValueError: bad server_hostname
-            self._flush_tls()  # the alert telling the peer why
-            self._state = "closed"
-            self.tcp.close()
-            self._ready(exc)
-            return
-        self._flush_tls()
-        self._state = "open"
-        self._ready(None)
-        if self._state == "open" and self._in.pending:
-            self._read()
-
-    def _on_handshake_timeout(self) -> None:
-        if self._state == "handshake" and self.tcp is not None:
-            self._state = "closed"
-            self.tcp.abort()
-            self._ready(TimeoutError("TLS handshake timed out"))
-
-    def _ready(self, exc: BaseException | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        cb, self._on_ready = self._on_ready, None
-        if cb is not None:
-            cb(self, exc)
-
-    def _read(self) -> None:
-        assert self.sslobj is not None and self.tcp is not None
-        chunks: list[bytes] = []
-        end: tuple[Exception | None] | None = None
-        while True:
-            try:
-                chunk = self.sslobj.read(1 << 18)
-            except ssl.SSLWantReadError:
-                break
-            except ssl.SSLZeroReturnError:  # close_notify
-                end = (None,)
-                break
-            except ssl.SSLError as exc:  # an alert, or garbage
-                end = (exc,)
-                break
-            if not chunk:
-                end = (None,)
-                break
-            chunks.append(chunk)
-        self._flush_tls()  # post-handshake messages (key update) may need an answer
-        if chunks:
-            data = b"".join(chunks) if len(chunks) > 1 else chunks[0]
-            if self.owner is None:
-                self._early.append(data)
-            else:
-                self.owner._on_data(data)
-        if end is not None:
-            self._state = "closed"
-            self.tcp.close()
-            self._lost_with(end[0])
-
-    def _lost_with(self, exc: Exception | None) -> None:
-        if self.owner is None:
-            if self._lost is None:
-                self._lost = (exc,)
-        else:
-            self.owner._on_lost(exc)
-
-    def attach(self, owner: _TcpConnection) -> None:
-        self.owner = owner
-        for data in self._early:
-            owner._on_data(data)
-        self._early.clear()
-        if self._lost is not None:
-            owner._on_lost(self._lost[0])
-
-    # -- transport surface for the owner
-
-    def write(self, data: bytes) -> None:
-        if self._state != "open" or self.sslobj is None:
-            return
-        self.sslobj.write(data)
-        self._flush_tls()
-
-    def close(self) -> None:
-        if self.tcp is None or self.tcp.is_closing():
-            return
-        if self._state == "open" and self.sslobj is not None:
-            with contextlib.suppress(ssl.SSLError):
-                self.sslobj.unwrap()  # queues close_notify; WantRead: we do not wait for theirs
-            self._flush_tls()
-        self._state = "closed"
-        if self.tcp.can_write_eof():
-            # Half-close: a peer that is writing right now still reads our last frames (the
-            # GOAWAY with a refusal's reason); a full close would answer its data with a reset
-            # that destroys them. The owner aborts the socket after CLOSE_GRACE.
-            self.tcp.write_eof()
-        else:
-            self.tcp.close()
-
-    def abort(self) -> None:
-        self._state = "closed"
-        if self.tcp is not None:
-            self.tcp.abort()
-
-    def stop_reading(self) -> None:
-        """Read nothing more from the peer (an abusive one): the kernel's buffers push back."""
-        if self.tcp is not None and not self.tcp.is_closing():
-            with contextlib.suppress(RuntimeError):
-                self.tcp.pause_reading()
-
-    def is_closing(self) -> bool:
-        return self.tcp is None or self.tcp.is_closing()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name == "ssl_object":
-            return self.sslobj
-        return self.tcp.get_extra_info(name, default) if self.tcp is not None else default
-
-    def set_write_buffer_limits(self, high: int, low: int) -> None:
-        assert self.tcp is not None
-        self.tcp.set_write_buffer_limits(high=high, low=low)
-
-    def get_write_buffer_size(self) -> int:
-        return self.tcp.get_write_buffer_size() if self.tcp is not None else 0
-
 
 # ------------------------------------------------------------------------------- session
 
@@ -642,7 +238,7 @@ class _TcpConnection(CoreConnection):
 
     def __init__(
         self,
-        protocol: _Protocol,
+        protocol: TLSProtocol,
         *,
         is_client: bool,
         stream_window: int,
@@ -660,7 +256,7 @@ class _TcpConnection(CoreConnection):
         self._transport.set_write_buffer_limits(
             high=send_high_water, low=send_high_water // 2
         )
-        self.peer_certificate = _peer_leaf(self._transport)
+        self.peer_certificate = peer_leaf(self._transport)
         sslobj = self._transport.get_extra_info("ssl_object")
         self.alpn = (sslobj.selected_alpn_protocol() if sslobj else None) or ""
         #: the fleet CA the server sent in the hello (client side)
@@ -896,7 +492,7 @@ class _TcpConnection(CoreConnection):
         elif isinstance(event, PingAckReceived):
             self._ping_acked(int.from_bytes(event.ping_data, "big"))
         elif isinstance(event, ConnectionTerminated):
-            self._fail(_parse_goaway(event))
+            self._fail(parse_goaway(event))
             self._transport.close()
 
     def _on_request(self, event: RequestReceived) -> None:  # server side
@@ -962,7 +558,7 @@ class _TcpConnection(CoreConnection):
         h2_code = code if 0 <= code <= MAX_H2_CODE else ErrorCodes.INTERNAL_ERROR
         with contextlib.suppress(H2Error):
             self._h2.close_connection(
-                error_code=h2_code, additional_data=_close_payload(code, reason, application)
+                error_code=h2_code, additional_data=close_payload(code, reason, application)
             )
         self._flush()
 
@@ -983,7 +579,7 @@ class _TcpConnection(CoreConnection):
     def _on_lost(self, exc: Exception | None) -> None:
         if self._error is None:
             if isinstance(exc, ssl.SSLError):
-                self._fail(_ssl_error(exc, host=self._peer_label()))
+                self._fail(ssl_error(exc, host=self._peer_label()))
             else:
                 detail = f": {exc}" if exc else ""
                 self._fail(TransportError(
@@ -1045,7 +641,7 @@ class _TcpConnection(CoreConnection):
 
 
 class _ServerConnection(AuthorizedServerConnection, _TcpConnection):
-    def __init__(self, protocol: _Protocol, server: _TcpServer) -> None:
+    def __init__(self, protocol: TLSProtocol, server: _TcpServer) -> None:
         super().__init__(
             protocol,
             is_client=False,
@@ -1068,19 +664,19 @@ class _ServerConnection(AuthorizedServerConnection, _TcpConnection):
         """After the TLS handshake: certificate policy, then hello/authorize."""
         server = self._server
         if self.alpn not in server._alpns:
-            self._refuse(_crypto(_ALERT_NO_APPLICATION_PROTOCOL),
+            self._refuse(crypto(ALERT_NO_APPLICATION_PROTOCOL),
                          f"no application protocol in common (offered none of {server._alpns})")
             return
         if self.peer_certificate is None and self.alpn not in server._anonymous:
-            self._refuse(_crypto(_ALERT_CERTIFICATE_REQUIRED),
+            self._refuse(crypto(ALERT_CERTIFICATE_REQUIRED),
                          f"a client certificate is required for ALPN {self.alpn!r}")
             return
         if self.peer_certificate is not None:
             try:
                 verify_peer_chain(self.peer_certificate, [], server._ca, purpose="client")
             except CertificateRejected as exc:
-                alert = _ALERT_CERTIFICATE_EXPIRED if exc.expired else _ALERT_BAD_CERTIFICATE
-                self._refuse(_crypto(alert), exc.reason)
+                alert = ALERT_CERTIFICATE_EXPIRED if exc.expired else ALERT_BAD_CERTIFICATE
+                self._refuse(crypto(alert), exc.reason)
                 return
         self._start_h2()
         self._authorize_task = self._loop.create_task(self._authorize_and_run())
@@ -1143,13 +739,13 @@ class _TcpServer(Server):
         chain = [identity.ca] + [
             c for c in identity.cert_chain[1:] if c != identity.ca
         ]
-        self._hello_pem = b"".join(_pem(c) for c in chain)
+        self._hello_pem = b"".join(pem(c) for c in chain)
         self._connections: set[_ServerConnection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._aserver: asyncio.Server | None = None
         self._closed = asyncio.Event()
 
-    def _made(self, protocol: _Protocol, exc: BaseException | None) -> None:
+    def _made(self, protocol: TLSProtocol, exc: BaseException | None) -> None:
         if exc is not None:
             log.info("TLS handshake from %s failed: %s",
                      protocol.get_extra_info("peername"), exc)
@@ -1196,30 +792,6 @@ class _TcpServer(Server):
 # ------------------------------------------------------------------------- entry points
 
 
-async def _probe_leaf(
-    host: str, port: int, server_name: str, alpn: str, local_addr: Any, timeout: float
-) -> x509.Certificate | None:
-    """The certificate a server presents, fetched without verifying it and without sending
-    ours -- only to word the error when verification failed."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols([alpn])
-    loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(timeout):
-            transport, _ = await loop.create_connection(
-                asyncio.Protocol, host, port, ssl=ctx, server_hostname=server_name,
-                local_addr=local_addr, ssl_handshake_timeout=timeout,
-            )
-    except (OSError, TimeoutError):
-        return None
-    try:
-        return _peer_leaf(transport)
-    finally:
-        transport.abort()
-
-
 def _host_label(host: str, port: int, server_name: str) -> str:
     return server_name if server_name == host else f"{server_name} ({host}:{port})"
 
@@ -1254,11 +826,11 @@ async def connect(
         raise ValueError("connect() needs identity, ca (the pinned fleet CA) or ca_pin")
     loop = asyncio.get_running_loop()
     label = _host_label(host, port, server_name)
-    ctx = _client_context(identity, alpn, trust)
+    ctx = client_context(identity, alpn, trust)
     deadline = loop.time() + handshake_timeout
     ready: asyncio.Future[None] = loop.create_future()
 
-    def on_ready(_: _Protocol, exc: BaseException | None) -> None:
+    def on_ready(_: TLSProtocol, exc: BaseException | None) -> None:
         if ready.done():
             return
         if exc is None:
@@ -1266,7 +838,7 @@ async def connect(
         else:
             ready.set_exception(exc)
 
-    protocol = _Protocol(
+    protocol = TLSProtocol(
         ctx, server_side=False, on_ready=on_ready, handshake_timeout=handshake_timeout,
         server_hostname=server_name,
     )
@@ -1276,7 +848,7 @@ async def connect(
             await ready
     except ssl.SSLCertVerificationError as exc:
         assert trust is not None
-        leaf = await _probe_leaf(
+        leaf = await probe_leaf(
             host, port, server_name, alpn, local_addr, max(1.0, deadline - loop.time())
         )
         reason = f"server certificate not accepted by the pinned fleet CA: {exc.verify_message}"
@@ -1288,10 +860,10 @@ async def connect(
                 reason = rej.reason
                 kind = "intercepted" if rej.intercepted else "tls"
         raise TransportError(
-            _crypto(_ALERT_BAD_CERTIFICATE), reason, application=False, remote=False, kind=kind
+            crypto(ALERT_BAD_CERTIFICATE), reason, application=False, remote=False, kind=kind
         ) from None
     except ssl.SSLError as exc:
-        raise _ssl_error(exc, host=label) from None
+        raise ssl_error(exc, host=label) from None
     except TimeoutError:
         protocol.abort()
         raise TransportError(
@@ -1322,7 +894,7 @@ async def connect(
         return err
 
     if conn.alpn != alpn:
-        raise fail(_crypto(_ALERT_NO_APPLICATION_PROTOCOL),
+        raise fail(crypto(ALERT_NO_APPLICATION_PROTOCOL),
                    f"{label} did not agree on ALPN {alpn!r} over TLS/TCP")
     try:
         conn._start_h2()
@@ -1356,7 +928,7 @@ async def connect(
         intermediates = [c for c in offered if c != trust]
         verify_server_leaf(leaf, intermediates, trust, server_name=server_name, host=label)
     except CertificateRejected as exc:
-        raise fail(_crypto(_ALERT_BAD_CERTIFICATE), exc.reason,
+        raise fail(crypto(ALERT_BAD_CERTIFICATE), exc.reason,
                    kind="intercepted" if exc.intercepted else "tls") from None
     conn.peer_ca = trust
     with contextlib.suppress(ValueError):
@@ -1410,10 +982,10 @@ async def serve(
         send_high_water=send_high_water,
         reverse_pool=reverse_pool,
     )
-    ctx = _server_context(identity, list(alpns))
+    ctx = server_context(identity, list(alpns))
     loop = asyncio.get_running_loop()
     server._aserver = await loop.create_server(
-        lambda: _Protocol(
+        lambda: TLSProtocol(
             ctx, server_side=True, on_ready=server._made, handshake_timeout=handshake_timeout
         ),
         host,
