@@ -4,6 +4,10 @@ Same surface as ``quic.py`` (``connect``/``serve`` keyword names and meaning, ``
 ``Stream``, ``TransportError``/``StreamReset``/``Refused`` semantics), so the proxy, the agent and
 the engineer client do not know which transport they hold.
 
+This module is the asyncio adapter: ``tls_records.TLSProtocol`` carries TLS over the socket,
+``h2session.FleetH2Session`` is the protocol below (sans-I/O), and the streams are the shared
+core's (``core.py``). It keeps connecting, serving, authorizing, the idle timer and closing.
+
 Why HTTP/2 through h2 rather than a home-made framing
 ------------------------------------------------------
 * h2 is a small, pure-Python, well-kept sans-IO implementation (python-hyper; the HTTP/2 stack
@@ -72,29 +76,11 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections import deque
 from typing import Any
 
 from cryptography import x509
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.errors import ErrorCodes
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    PingAckReceived,
-    RemoteSettingsChanged,
-    RequestReceived,
-    ResponseReceived,
-    StreamEnded,
-    WindowUpdated,
-)
-from h2.events import (
-    StreamReset as H2StreamReset,
-)
-from h2.exceptions import H2Error, StreamClosedError
-from h2.settings import SettingCodes, Settings
 
+from . import h2session as wire
 from .base import (
     Address,
     Authorize,
@@ -108,6 +94,7 @@ from .base import (
     TransportError,
 )
 from .core import CoreConnection, CoreStream, wake
+from .h2session import FleetH2Session
 from .h2wire import (  # noqa: F401  (the budget names are re-exported for tests)
     ALERT_BAD_CERTIFICATE,
     ALERT_CERTIFICATE_EXPIRED,
@@ -175,28 +162,25 @@ class _TcpSession:
         conn = self._conn
         if conn._protocol.paused:
             return 0
-        try:
-            window = conn._h2.local_flow_control_window(stream.id)
-        except StreamClosedError:  # the peer reset it and h2 already forgot it
+        room = conn._wire.send_room(stream.id)
+        if room is None:  # the peer reset it and h2 already forgot it
             stream._write_error = stream._write_error or StreamReset(
                 ErrorCode.STREAM_ABORTED, "stream closed by peer", remote=True
             )
             return 0
-        return min(window, conn._h2.max_outbound_frame_size)
+        return room
 
     def send_data(self, stream_id: int, data: bytes) -> None:
-        self._conn._h2.send_data(stream_id, data)
+        self._conn._wire.send_data(stream_id, data)
         self._conn._flush()
 
     def send_fin(self, stream_id: int) -> None:
-        with contextlib.suppress(StreamClosedError):
-            self._conn._h2.end_stream(stream_id)
+        self._conn._wire.end_stream(stream_id)
         self._conn._flush()
 
     def send_reset(self, stream_id: int, code: int, *, sending: bool, receiving: bool) -> None:
         # RST_STREAM aborts both directions at once (RESET_STREAM + STOP_SENDING in QUIC terms)
-        with contextlib.suppress(StreamClosedError, H2Error):
-            self._conn._h2.reset_stream(stream_id, code)
+        self._conn._wire.reset_stream(stream_id, code)
         self._conn._flush()
 
     def consumed(self, stream_id: int, n: int, total: int) -> None:
@@ -213,7 +197,7 @@ class _TcpSession:
         return 0, self._conn.send_buffered
 
     def send_ping(self, uid: int) -> None:
-        self._conn._h2.ping(uid.to_bytes(8, "big"))
+        self._conn._wire.ping(uid)
         self._conn._flush()
 
     def close(self, code: int, reason: str, first: bool) -> None:
@@ -261,32 +245,17 @@ class _TcpConnection(CoreConnection):
         self.alpn = (sslobj.selected_alpn_protocol() if sslobj else None) or ""
         #: the fleet CA the server sent in the hello (client side)
         self.peer_ca: x509.Certificate | None = None
-        config = H2Configuration(client_side=is_client, header_encoding="utf-8")
-        self._h2 = H2Connection(config=config)
-        # Our settings from the first SETTINGS frame on (h2 sends ``local_settings`` in the
-        # preface); until the peer read them it assumes the smaller HTTP/2 defaults.
-        self._h2.local_settings = Settings(client=is_client, initial_values={
-            SettingCodes.INITIAL_WINDOW_SIZE: stream_window,
-            SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
-            SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
-            SettingCodes.MAX_HEADER_LIST_SIZE: 16384,
-        })
-        self._h2.max_inbound_frame_size = MAX_FRAME_SIZE
-        self._h2_started = False
-        #: server side: the control-frame budget of this peer (see ControlFrameMeter)
-        self._meter: ControlFrameMeter | None = None
+        #: the fleet protocol over HTTP/2, sans-I/O (this class feeds it and writes its bytes)
+        self._wire = FleetH2Session(
+            client=is_client, stream_window=stream_window, server_name=server_name
+        )
         self._stream_slot_waiter: asyncio.Future[None] | None = None
         self._idle_timeout = idle_timeout
         self._idle_handle: asyncio.TimerHandle | None = None
         self._close_handle: asyncio.TimerHandle | None = None
-        # hello (client: the answer; server: nothing)
-        self._hello_sid: int | None = None
-        self._hello_headers: dict[str, str] = {}
-        self._hello_body = bytearray()
+        #: client: the server's hello answer arrived
         self._hello_done: asyncio.Future[None] = self._loop.create_future()
-        # reverse streams: client = its idle pool requests; server = claimable ones
-        self._reverse_pool: deque[int] = deque()
-        self._reverse_target = 0
+        #: server: waiting for the client to offer a reverse request
         self._pool_waiter: asyncio.Future[None] | None = None
         protocol.attach(self)
 
@@ -324,30 +293,27 @@ class _TcpConnection(CoreConnection):
         """Bytes handed to TLS but not yet to the kernel (bounded by the send high-water)."""
         return self._transport.get_write_buffer_size()
 
+    @property
+    def _h2(self) -> Any:
+        """h2's connection under the session (tests and memory checks look at it)."""
+        return self._wire.h2
+
     # -- h2 plumbing
 
     def _start_h2(self) -> None:
-        self._h2.initiate_connection()
-        # Connection window = sum of all stream windows: it never binds before the per-stream
-        # windows do, so one stalled stream cannot starve the others (as with QUIC).
-        target = min(MAX_CONCURRENT_STREAMS * self._stream_window, 2**31 - 1)
-        grow = target - self._h2.inbound_flow_control_window
-        if grow > 0:
-            self._h2.increment_flow_control_window(grow)
-        self._h2_started = True
+        self._wire.start()
         self._flush()
         self._arm_idle()
 
     def _flush(self) -> None:
-        data = self._h2.data_to_send()
+        data = self._wire.data_to_send()
         if data and not self._transport.is_closing():
             self._transport.write(data)
 
     def _ack(self, sid: int, n: int) -> None:
         if n <= 0 or self._error is not None:
             return
-        with contextlib.suppress(H2Error):
-            self._h2.acknowledge_received_data(n, sid)
+        self._wire.ack(sid, n)
         self._flush()
 
     # -- streams
@@ -357,194 +323,102 @@ class _TcpConnection(CoreConnection):
         on the server side claim one of the client's idle reverse streams (no round trip while
         the pool lasts; see the module docstring)."""
         self._check_open()
-        if self._is_client:
-            return await self._open_client_stream(STREAM_PATH)
         while True:
             if self._error is not None:
                 raise self._error
-            if not self._reverse_pool:
-                self._pool_waiter = self._loop.create_future()
-                try:
-                    await self._pool_waiter
-                finally:
-                    self._pool_waiter = None
-                continue
-            sid = self._reverse_pool.popleft()
-            try:
-                self._h2.send_headers(sid, [(":status", "200")])
-            except StreamClosedError:  # the client withdrew it meanwhile: take the next
-                continue
-            stream = self._add_stream(CoreStream(self, sid))
-            self._flush()
-            return stream
-
-    async def _open_client_stream(self, path: str) -> CoreStream:
-        while True:
-            if self._error is not None:
-                raise self._error
-            if self._h2.open_outbound_streams < self._h2.remote_settings.max_concurrent_streams:
+            if self._is_client and self._wire.can_open_stream():
+                sid = self._wire.open_stream()
                 break
-            self._stream_slot_waiter = self._loop.create_future()
+            if not self._is_client and (sid := self._wire.claim_reverse()) is not None:
+                break
+            waiter = self._loop.create_future()
+            if self._is_client:  # a stream slot frees when one ends or the peer allows more
+                self._stream_slot_waiter = waiter
+            else:  # the client offers a new reverse request about one round trip later
+                self._pool_waiter = waiter
             try:
-                await self._stream_slot_waiter
+                await waiter
             finally:
-                self._stream_slot_waiter = None
-        sid = self._h2.get_next_available_stream_id()
-        stream = CoreStream(self, sid)
-        if path == STREAM_PATH:
-            self._add_stream(stream)
-        self._h2.send_headers(sid, self._request_headers(path))
+                self._stream_slot_waiter = self._pool_waiter = None
+        stream = self._add_stream(CoreStream(self, sid))
         self._flush()
         return stream
 
-    def _request_headers(self, path: str, end: bool = False) -> list[tuple[str, str]]:
-        headers = [
-            (":method", "GET" if end else "POST"),
-            (":scheme", "https"),
-            (":authority", self._server_name or "fleet"),
-            (":path", path),
-        ]
-        if path == HELLO_PATH:
-            headers.append(("fleet-idle-timeout", f"{self._idle_timeout:g}"))
-        return headers
-
     def _replenish_pool(self) -> None:
-        """Client: keep ``_reverse_target`` idle reverse requests open at the server."""
-        h2 = self._h2
-        while (
-            self._error is None
-            and len(self._reverse_pool) < self._reverse_target
-            and h2.open_outbound_streams < h2.remote_settings.max_concurrent_streams
-        ):
-            sid = h2.get_next_available_stream_id()
-            h2.send_headers(sid, self._request_headers(REVERSE_PATH))
-            self._reverse_pool.append(sid)
+        """Client: keep the hello's number of idle reverse requests open at the server."""
+        if self._error is None:
+            self._wire.replenish_pool()
         self._flush()
 
     # -- incoming
 
     def _on_data(self, data: bytes) -> None:
         self.last_received = self._loop.time()
-        if self._error is not None or not self._h2_started:
+        if self._error is not None or not self._wire.started:
             return
-        if self._meter is not None and not self._meter.feed(data, self.last_received, self._frame_budget()):
-            self._calm_down()
-            return
-        try:
-            events = self._h2.receive_data(data)
-        except H2Error as exc:
-            log.info("HTTP/2 protocol error from %s: %s", self.remote_address, exc)
-            self._flush()  # h2 queued a GOAWAY
-            self._fail(TransportError(
-                ErrorCodes.PROTOCOL_ERROR, f"HTTP/2 protocol error: {exc}",
-                application=False, remote=False, kind="protocol",
-            ))
-            self._transport.close()
-            return
-        for event in events:
-            try:
-                self._on_event(event)
-            except H2Error as exc:  # e.g. a stream the peer closed meanwhile
-                log.debug("ignored h2 error on %s: %s", event, exc)
+        for event in self._wire.receive(data, self.last_received, self._frame_budget()):
+            self._on_wire_event(event)
+            if self._error is not None and isinstance(event, wire.Closed):
+                return
         self._flush()
 
-    def _on_event(self, event: Any) -> None:
-        if isinstance(event, DataReceived):
-            sid = event.stream_id
-            if sid == self._hello_sid:
-                self._hello_body += event.data
-                self._ack(sid, event.flow_controlled_length)
-                return
-            stream = self._streams.get(sid)
-            if stream is None:
-                self._ack(sid, event.flow_controlled_length)  # forgotten or unknown stream
+    def _on_wire_event(self, event: wire.Event) -> None:
+        if isinstance(event, wire.StreamData):
+            stream = self._streams.get(event.stream_id)
+            if stream is None:  # forgotten or unknown stream
+                self._ack(event.stream_id, event.flow_len)
             else:
-                if event.flow_controlled_length > len(event.data):  # padding: credit it now
-                    self._ack(sid, event.flow_controlled_length - len(event.data))
+                if event.flow_len > len(event.data):  # padding: credit it now
+                    self._ack(event.stream_id, event.flow_len - len(event.data))
                 stream.feed(event.data)
-        elif isinstance(event, StreamEnded):
-            sid = event.stream_id
-            if sid == self._hello_sid:
-                wake(self._hello_done)
-            elif (stream := self._streams.get(sid)) is not None:
+        elif isinstance(event, wire.StreamEnd):
+            if (stream := self._streams.get(event.stream_id)) is not None:
                 stream.feed_eof()
-            elif sid in self._reverse_pool and not self._is_client:
-                # the client withdrew a pool request: it is of no use any more
-                self._reverse_pool.remove(sid)
-        elif isinstance(event, H2StreamReset):
-            sid = event.stream_id
-            if sid in self._reverse_pool:
-                self._reverse_pool.remove(sid)
-                if self._is_client:
-                    self._replenish_pool()
-            stream = self._streams.get(sid)
-            if stream is not None:  # RST_STREAM ends both directions
-                stream.on_peer_reset(int(event.error_code))
-                stream.on_stop_sending(int(event.error_code))
+        elif isinstance(event, wire.StreamAborted):
+            if (stream := self._streams.get(event.stream_id)) is not None:
+                stream.on_peer_reset(event.code)  # RST_STREAM ends both directions
+                stream.on_stop_sending(event.code)
             wake(self._stream_slot_waiter)
-        elif isinstance(event, RequestReceived):
-            self._on_request(event)
-        elif isinstance(event, ResponseReceived):
-            self._on_response(event)
-        elif isinstance(event, WindowUpdated | RemoteSettingsChanged):
+        elif isinstance(event, wire.PeerStream):
+            self._deliver(CoreStream(self, event.stream_id))
+        elif isinstance(event, wire.PoolGrew):
+            wake(self._pool_waiter)
+        elif isinstance(event, wire.HelloRequested):
+            self._on_hello_request(event.headers)
+        elif isinstance(event, wire.HelloAnswered):
+            wake(self._hello_done)
+        elif isinstance(event, wire.SendRoom):
             self._wake_writers()
             wake(self._stream_slot_waiter)
-        elif isinstance(event, PingAckReceived):
-            self._ping_acked(int.from_bytes(event.ping_data, "big"))
-        elif isinstance(event, ConnectionTerminated):
-            self._fail(parse_goaway(event))
-            self._transport.close()
+        elif isinstance(event, wire.PingAnswered):
+            self._ping_acked(event.uid)
+        elif isinstance(event, wire.Closed):
+            self._on_closed(event)
 
-    def _on_request(self, event: RequestReceived) -> None:  # server side
-        headers = dict(event.headers or [])
-        path = headers.get(":path", "")
-        sid = event.stream_id
-        if path == STREAM_PATH:
-            self._h2.send_headers(sid, [(":status", "200")])
-            self._deliver(CoreStream(self, sid))
-        elif path == REVERSE_PATH:
-            self._reverse_pool.append(sid)
-            wake(self._pool_waiter)
-        elif path == HELLO_PATH and self._hello_sid is None:
-            self._hello_sid = sid
-            self._on_hello_request(headers)
-        else:
-            self._h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+    def _on_closed(self, event: wire.Closed) -> None:
+        self._flush()  # our GOAWAY, if the session queued one
+        err = event.error
+        if event.stop_reading:
+            # Too many control frames: nothing more is read from the peer; handlers waiting
+            # on the connection see the reason.
+            log.warning("closing the TLS/TCP connection from %s (ALPN %s, %s): %s",
+                        self.remote_address, self.alpn,
+                        "with certificate" if self.peer_certificate is not None else
+                        "no certificate", err.reason)
+            self._fail(err)
+            self._protocol.stop_reading()
+            self._close_transport()
+            return
+        if not err.remote:
+            log.info("HTTP/2 protocol error from %s: %s", self.remote_address, err.reason)
+        self._fail(err)
+        self._transport.close()
 
     def _on_hello_request(self, headers: dict[str, str]) -> None:  # pragma: no cover
         raise NotImplementedError  # server only
 
-    def _on_response(self, event: ResponseReceived) -> None:  # client side
-        sid = event.stream_id
-        if sid == self._hello_sid:
-            self._hello_headers = dict(event.headers or [])
-        elif sid in self._reverse_pool:
-            # the server claimed an idle reverse stream: it is a server-opened stream now
-            self._reverse_pool.remove(sid)
-            self._deliver(CoreStream(self, sid))
-            self._replenish_pool()
-
     def _frame_budget(self) -> FrameBudget:
         return AUTHENTICATED_BUDGET
-
-    def _calm_down(self) -> None:
-        """The peer sent more control frames than its budget: GOAWAY(ENHANCE_YOUR_CALM), close.
-
-        Nothing more is read from it; handlers waiting on the connection see the reason.
-        """
-        meter, self._meter = self._meter, None
-        assert meter is not None
-        reason = (f"too many HTTP/2 control frames ({meter.frames} SETTINGS, PING, WINDOW_UPDATE, "
-                  f"RST_STREAM, PRIORITY, HEADERS or empty DATA; allowed: {meter.budget.burst:g} at "
-                  f"once, {meter.budget.rate:g} a second)")
-        log.warning("closing the TLS/TCP connection from %s (ALPN %s, %s): %s", self.remote_address,
-                    self.alpn, "with certificate" if self.peer_certificate is not None else
-                    "no certificate", reason)
-        self._fail(TransportError(ErrorCodes.ENHANCE_YOUR_CALM, reason, application=False, remote=False,
-                                  kind="protocol"))
-        self._send_goaway(ErrorCodes.ENHANCE_YOUR_CALM, reason, application=False)
-        self._protocol.stop_reading()
-        self._close_transport()
 
     # -- close
 
@@ -553,13 +427,7 @@ class _TcpConnection(CoreConnection):
         super().close(code, reason)
 
     def _send_goaway(self, code: int, reason: str, *, application: bool) -> None:
-        if not self._h2_started:
-            self._start_h2()
-        h2_code = code if 0 <= code <= MAX_H2_CODE else ErrorCodes.INTERNAL_ERROR
-        with contextlib.suppress(H2Error):
-            self._h2.close_connection(
-                error_code=h2_code, additional_data=close_payload(code, reason, application)
-            )
+        self._wire.goaway(code, reason, application=application)
         self._flush()
 
     def _close_transport(self) -> None:
@@ -652,7 +520,7 @@ class _ServerConnection(AuthorizedServerConnection, _TcpConnection):
         self._server = server
         self._authorize_task: asyncio.Task[None] | None = None
         # Sees exactly the bytes h2 sees: both start with the client preface after _begin().
-        self._meter = ControlFrameMeter(ANONYMOUS_BUDGET, self._loop.time())
+        self._wire.meter = ControlFrameMeter(ANONYMOUS_BUDGET, self._loop.time())
 
     def _frame_budget(self) -> FrameBudget:
         """Strict until authorize() let the peer in, and for good if it has no certificate."""
@@ -697,14 +565,7 @@ class _ServerConnection(AuthorizedServerConnection, _TcpConnection):
             if 0 < theirs < self._idle_timeout:
                 self._idle_timeout = theirs
                 self._arm_idle()
-        sid = self._hello_sid
-        assert sid is not None
-        self._h2.send_headers(sid, [
-            (":status", "200"),
-            ("fleet-reverse-pool", str(server._reverse_pool)),
-            ("fleet-idle-timeout", f"{self._idle_timeout:g}"),
-        ])
-        self._h2.send_data(sid, server._hello_pem, end_stream=True)
+        self._wire.answer_hello(server._reverse_pool, self._idle_timeout, server._hello_pem)
 
 
 
@@ -898,9 +759,7 @@ async def connect(
                    f"{label} did not agree on ALPN {alpn!r} over TLS/TCP")
     try:
         conn._start_h2()
-        sid = conn._h2.get_next_available_stream_id()
-        conn._hello_sid = sid
-        conn._h2.send_headers(sid, conn._request_headers(HELLO_PATH, end=True), end_stream=True)
+        conn._wire.send_hello(conn._idle_timeout)
         conn._flush()
         async with asyncio.timeout(max(0.0, deadline - loop.time())):
             await asyncio.shield(conn._hello_done)
@@ -913,11 +772,11 @@ async def connect(
     except BaseException:  # cancelled (e.g. lost a race)
         fail(0, "connect() cancelled", kind="closed")
         raise
-    if conn._hello_headers.get(":status") != "200":
-        raise fail(0, f"{label} answered the fleet hello with {conn._hello_headers}",
+    if conn._wire.hello_headers.get(":status") != "200":
+        raise fail(0, f"{label} answered the fleet hello with {conn._wire.hello_headers}",
                    kind="protocol")
     try:
-        offered = x509.load_pem_x509_certificates(bytes(conn._hello_body))
+        offered = x509.load_pem_x509_certificates(bytes(conn._wire.hello_body))
     except ValueError:
         offered = []
     leaf = conn.peer_certificate
@@ -932,12 +791,12 @@ async def connect(
                    kind="intercepted" if exc.intercepted else "tls") from None
     conn.peer_ca = trust
     with contextlib.suppress(ValueError):
-        theirs = float(conn._hello_headers.get("fleet-idle-timeout", ""))
+        theirs = float(conn._wire.hello_headers.get("fleet-idle-timeout", ""))
         if 0 < theirs < conn._idle_timeout:
             conn._idle_timeout = theirs
             conn._arm_idle()
     with contextlib.suppress(ValueError):
-        conn._reverse_target = max(0, min(64, int(conn._hello_headers["fleet-reverse-pool"])))
+        conn._wire.reverse_target = max(0, min(64, int(conn._wire.hello_headers["fleet-reverse-pool"])))
     conn._replenish_pool()
     if keepalive:
         conn.start_keepalive(keepalive)
