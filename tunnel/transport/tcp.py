@@ -7,8 +7,9 @@ the engineer client do not know which transport they hold.
 This module is the asyncio adapter: ``tls_records.TLSProtocol`` carries TLS over the socket,
 ``h2session.FleetH2Session`` is the protocol below (sans-I/O), and the streams are the shared
 core's (``core.py``). It keeps connecting, serving, authorizing, the idle timer and closing.
-(About 850 lines, 60 % of them this docstring's protocol description, ``connect()``'s
-certificate and hello checks and the server: what is left is one adapter, not worth cutting.)
+(About 850 lines: this protocol description, the adapter, ``connect()``'s certificate and
+hello checks and the server. What stands alone -- TLS records, the h2 session, the stream core --
+is already apart.)
 
 Why HTTP/2 through h2 rather than a home-made framing
 ------------------------------------------------------
