@@ -130,3 +130,25 @@ def test_ipv6_migration_keeps_the_family(pki):
             client.close()
 
     run(main())
+
+
+def test_pinned_ca_mismatch_is_kind_intercepted(pki):
+    # enrollment over QUIC knows only the CA pin: a server whose chain has no CA matching it is
+    # told as an interception, by kind (the wording is for people, the kind for code)
+    from transport_helpers import ENROLL_ALPN
+
+    from tunnel.transport import TransportError
+    from tunnel.transport.policy import spki_pin
+
+    async def main():
+        async with running_server(pki, identity=pki.foreign_server) as h:
+            host, port = h.server.address[:2]
+            with pytest.raises(TransportError) as info:
+                await connect(host, port, identity=None, ca_pin=spki_pin(pki.ca),
+                              server_name=SERVER_NAME, alpn=ENROLL_ALPN, keepalive=None)
+            err = info.value
+            assert err.code == "intercepted" and not err.remote, err
+            assert "intercepting TLS" in err.reason
+            assert h.authorized == []
+
+    run(main())
