@@ -420,7 +420,7 @@ def test_agent_kill9_mid_transfer_ends_sessions_with_an_error(fleet, counting_ec
         if sig == signal.SIGSTOP:
             agent.kill()
     assert agent.wait(5) == -signal.SIGKILL
-    assert getattr(error, "code", None) == CLOSE_CODES["unresponsive"], error
+    assert getattr(error, "wire_code", None) == CLOSE_CODES["unresponsive"], error
     wait_until(lambda: not fleet.online(ops, "robot-1"), 10, 0.2, "robot-1 listed offline")
     end = wait_until(lambda: [e for e in fleet.audit() if e["type"] == "session.end"], 10, 0.1, "session.end")[0]
     assert end["result"] == "error" and "robot-1 stopped answering" in end["reason"], end

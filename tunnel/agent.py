@@ -334,9 +334,9 @@ class Agent:
             except TransportError as exc:
                 if "intercepting TLS" in exc.reason:
                     self._interception = exc.reason  # told to the proxy once we get through
-                code = CLOSE_NAMES.get(exc.code, exc.code) if exc.application else exc.code
-                if exc.application and exc.code in CLOSE_NAMES:
-                    self._refused = (CLOSE_NAMES[exc.code], exc.reason or "")
+                code = CLOSE_NAMES.get(exc.wire_code, exc.wire_code) if exc.application else exc.wire_code
+                if exc.application and exc.wire_code in CLOSE_NAMES:
+                    self._refused = (CLOSE_NAMES[exc.wire_code], exc.reason or "")
                 event(log, "dial failed", level=logging.WARNING, endpoint=ep.address,
                       uplink=route.uplink, code=code, reason=exc.reason)
                 continue
@@ -394,19 +394,19 @@ class Agent:
                     return t.result()
             if closed in done and closed.result() is not None:
                 err = closed.result()
-                self._closed_code = err.code if err.application else None
+                self._closed_code = err.wire_code if err.application else None
                 self._closed_reason = err.reason or ""
-                return CLOSE_NAMES.get(err.code, err.reason) if err.application else err.reason
+                return CLOSE_NAMES.get(err.wire_code, err.reason) if err.application else err.reason
             return "closed"
         except TransportError as exc:
             # Refused after the handshake (during the hello) or cut while a stream was open:
             # the connection's close code is what the reconnect decision needs.
-            err = exc if exc.application and exc.code in CLOSE_NAMES else None
+            err = exc if exc.application and exc.wire_code in CLOSE_NAMES else None
             if err is None and conn.is_closed:
                 with contextlib.suppress(Exception):
                     err = await asyncio.wait_for(conn.wait_closed(), 1.0)
             if err is not None and err.application:
-                self._closed_code, self._closed_reason = err.code, err.reason or ""
+                self._closed_code, self._closed_reason = err.wire_code, err.reason or ""
             return exc.reason or "transport error"
         finally:
             for t in tasks:

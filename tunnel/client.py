@@ -106,8 +106,8 @@ class Refusal(ClientError):
 
 def closed_error(exc: TransportError) -> ClientError:
     """Why the proxy closed the connection, as the engineer should read it."""
-    if exc.application and exc.code in CLOSE_NAMES:
-        return ClientError(f"the proxy refused this identity: {exc.reason}", CLOSE_NAMES[exc.code])
+    if exc.application and exc.wire_code in CLOSE_NAMES:
+        return ClientError(f"the proxy refused this identity: {exc.reason}", CLOSE_NAMES[exc.wire_code])
     return ClientError(f"the connection to the proxy ended: {exc.reason or exc}", "unreachable")
 
 
@@ -126,7 +126,7 @@ class Client:
                 alpn=ALPN_USER, keepalive=15.0, handshake_timeout=timeout,
             )
         except TransportError as exc:
-            if exc.application and exc.code in CLOSE_NAMES:
+            if exc.application and exc.wire_code in CLOSE_NAMES:
                 raise closed_error(exc) from None
             raise ClientError(f"cannot connect to the proxy {host}:{port}: {exc.reason or exc}",
                               "unreachable") from None

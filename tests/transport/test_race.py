@@ -7,8 +7,7 @@ import socket
 import time
 
 import pytest
-from test_tcp_helpers import running_tcp_server
-from transport_helpers import ALPN, SERVER_NAME, run, running_server
+from transport_helpers import ALPN, SERVER_NAME, run, running_server, running_tcp_server
 
 from tunnel.transport import TransportError, connect, happy_eyeballs, tcp
 from tunnel.transport.race import error_rank
@@ -114,13 +113,14 @@ def test_loser_that_connects_anyway_is_closed():
 @pytest.mark.parametrize(
     ("e1", "e2", "expect"),
     [
-        (TransportError(0, "handshake with x timed out", application=False),
+        (TransportError(0, "handshake with x timed out", application=False, kind="timeout"),
          TransportError(4001, "device revoked", application=True, remote=True), "device revoked"),
         (TransportError(0x12A, "the network is intercepting TLS: presented issuer CN=X; exempt h "
-                        "from inspection", application=False),
-         TransportError(0, "TLS handshake with x timed out", application=False), "intercepting"),
-        (TransportError(0, "a timed out", application=False),
-         TransportError(0, "b timed out", application=False), "a timed out"),
+                        "from inspection", application=False, kind="intercepted"),
+         TransportError(0, "TLS handshake with x timed out", application=False, kind="timeout"),
+         "intercepting"),
+        (TransportError(0, "a timed out", application=False, kind="timeout"),
+         TransportError(0, "b timed out", application=False, kind="timeout"), "a timed out"),
     ],
 )
 def test_both_fail_most_informative_error_wins(e1, e2, expect):
@@ -139,8 +139,12 @@ def test_error_rank_order():
     refusal = TransportError(2, "no", application=True, remote=True)
     tls = TransportError(0x100 + 48, "unknown ca", application=False, remote=True)
     lost = TransportError(0, "connection lost", application=False, remote=True)
-    timeout = TransportError(0, "handshake with h timed out", application=False)
+    timeout = TransportError(0, "handshake with h timed out", application=False, kind="timeout")
+    assert (refusal.code, tls.code, lost.code) == ("refused", "tls", "closed")
     assert error_rank(refusal) > error_rank(tls) > error_rank(lost) > error_rank(timeout)
+    # the kind decides, never the text: a timeout worded like a refusal still ranks lowest
+    worded = TransportError(0, "refused: intercepting TLS", application=False, kind="timeout")
+    assert error_rank(worded) == error_rank(timeout)
     assert error_rank(ValueError("x")) == 0
 
 

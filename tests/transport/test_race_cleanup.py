@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from test_tcp_helpers import running_tcp_server
-from transport_helpers import ALPN, SERVER_NAME, run, running_server
+from transport_helpers import ALPN, SERVER_NAME, run, running_server, running_tcp_server
 
 from tunnel.transport import connect, happy_eyeballs, tcp
 

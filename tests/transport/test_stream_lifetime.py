@@ -12,8 +12,15 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from test_tcp_helpers import running_tcp_server, tcp_dial
-from transport_helpers import ALPN, SERVER_NAME, read_all, run, running_server
+from transport_helpers import (
+    ALPN,
+    SERVER_NAME,
+    read_all,
+    run,
+    running_server,
+    running_tcp_server,
+    tcp_dial,
+)
 
 from tunnel.transport import TransportError, connect
 

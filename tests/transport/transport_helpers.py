@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tunnel.transport import TLSIdentity, serve
+from tunnel.transport import TLSIdentity, connect, serve
 
 ALPN = "fleet/1"
 ENROLL_ALPN = "fleet-enroll/1"
@@ -166,11 +166,15 @@ async def running_server(
     pki: PKI,
     *,
     host: str = "127.0.0.1",
+    identity: TLSIdentity | None = None,
     authorize=None,
     on_connection=None,
     anonymous_alpns=(ENROLL_ALPN,),
+    serve=serve,
     **kw,
 ):
+    """A loopback server of one transport (``serve``: QUIC's by default) recording what
+    reached the application."""
     h = Harness()
 
     async def default_authorize(conn):
@@ -183,7 +187,7 @@ async def running_server(
     h.server = await serve(
         host,
         0,
-        identity=pki.server,
+        identity=identity or pki.server,
         alpns=[ALPN, ENROLL_ALPN],
         anonymous_alpns=list(anonymous_alpns),
         authorize=authorize or default_authorize,
@@ -204,3 +208,70 @@ async def read_all(stream, max_bytes: int = 65536) -> bytes:
         if not chunk:
             return bytes(out)
         out += chunk
+
+
+@contextlib.asynccontextmanager
+async def running_tcp_server(pki: PKI, **kw):
+    from tunnel.transport import tcp
+
+    async with running_server(pki, serve=tcp.serve, **kw) as h:
+        yield h
+
+
+async def tcp_dial(h, identity, **kw):
+    from tunnel.transport import tcp
+
+    return await dial(h, identity, connect=tcp.connect, **kw)
+
+
+async def dial(h, identity, *, connect=connect, **kw):
+    """Connect to the harness's server with ``identity`` (None: no client certificate)."""
+    host, port = h.server.address[:2]
+    kw.setdefault("server_name", SERVER_NAME)
+    kw.setdefault("alpn", ALPN)
+    kw.setdefault("keepalive", None)
+    return await connect(host, port, identity=identity, **kw)
+
+
+@dataclass(frozen=True)
+class Transport:
+    """One transport under the contract suite: how to serve and dial it, and the few places
+    where the wire differs (documented in ``tunnel/transport/tcp.py``)."""
+
+    name: str
+
+    @property
+    def module(self):
+        from tunnel.transport import quic, tcp
+
+        return quic if self.name == "quic" else tcp
+
+    def server(self, pki: PKI, **kw):
+        return running_server(pki, serve=self.module.serve, **kw)
+
+    async def dial(self, h, identity, **kw):
+        return await dial(h, identity, connect=self.module.connect, **kw)
+
+    def silence(self, h, server_conn) -> None:
+        """The server stops reading: nothing the client sends is answered."""
+        if self.name == "quic":
+            h.server._transport.pause_reading()
+        else:
+            server_conn._protocol.tcp.pause_reading()
+
+    def unsilence(self, h, server_conn) -> None:
+        if self.name == "quic":
+            h.server._transport.resume_reading()
+        else:
+            server_conn._protocol.tcp.resume_reading()
+
+    @property
+    def send_slack(self) -> int:
+        """How far past the high-water mark the sender's buffer may be: TLS/TCP measures the
+        connection's TLS buffer, which one frame (64 KiB + TLS overhead) may overshoot."""
+        return 0 if self.name == "quic" else 64 * 1024 + 1024
+
+
+@pytest.fixture(params=["quic", "tcp"])
+def transport(request) -> Transport:
+    return Transport(request.param)

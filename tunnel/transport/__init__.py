@@ -1,9 +1,12 @@
 """Transport layer of fleet-tunnel: connections carrying many bidirectional streams.
 
-``base`` declares the transport-neutral interface; ``quic`` implements it on aioquic (the only
-module importing aioquic); ``tcp`` implements it as TLS over TCP with HTTP/2 framing (h2) for
-networks that block UDP; ``race.happy_eyeballs`` picks whichever connects first; ``policy``
-holds the pure decision logic.
+``base`` declares the transport-neutral interface and the errors (each with a kind);
+``core`` holds the stream/connection logic both transports share, reaching the wire through a
+small session interface; ``quic`` implements it on aioquic (``aioquic_compat`` holds every use
+of aioquic's private members; ``quic_demux`` the server's shared socket); ``tcp`` as TLS over TCP
+with HTTP/2 framing (``tls_records``: the TLS record layer; ``h2session``: the fleet protocol
+over h2, sans-I/O) for networks that block UDP; ``race.happy_eyeballs`` picks whichever
+connects first; ``policy`` holds the pure decision logic.
 
 ``connect``/``serve`` are the QUIC ones (as before); ``tcp_connect``/``tcp_serve`` take the same
 arguments and are imported on first use (``tcp`` pulls in h2, which a device on QUIC never needs).

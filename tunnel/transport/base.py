@@ -16,6 +16,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from enroll.errors import EXIT_REFUSED, EXIT_UNAVAILABLE, FleetError
+
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 Address = tuple[Any, ...]
 
@@ -47,45 +49,97 @@ class ErrorCode(enum.IntEnum):
     STREAM_ABORTED = 5  # stream dropped because its connection was refused/closed
 
 
-class TransportError(Exception):
+#: The kinds of transport failure (``TransportError.code``): stable names callers decide by,
+#: never by message text. A dial failure, a connection that ended and a stream reset each have
+#: exactly one.
+KINDS = {
+    "timeout": "nothing (or not enough) came back in time: handshake, hello or idle timeout",
+    "tls": "the TLS handshake or a certificate check failed (either side)",
+    "intercepted": "a certificate not of the fleet's PKI was presented: TLS interception",
+    "refused": "the peer's application closed the connection (a refusal, a cut, a shutdown)",
+    "unreachable": "the peer could not be reached (no route, connection refused)",
+    "protocol": "the peer broke the wire protocol (HTTP/2 or QUIC error, not a fleet proxy)",
+    "closed": "the connection ended otherwise: closed locally, or lost without a reason",
+    "reset": "the stream was reset (by the peer or locally)",
+    "internal": "the transport was used wrongly (write after write_eof, not authorized yet...)",
+}
+
+
+def default_kind(wire_code: int, *, application: bool, remote: bool) -> str:
+    """The kind a close implies when its raiser did not name one (pure).
+
+    An application close by the peer is its application's decision (``refused``); a close
+    with a QUIC CRYPTO_ERROR code (0x100 + TLS alert, also used over TLS/TCP) is ``tls``;
+    anything else is ``closed``.
+    """
+    if application and remote:
+        return "refused"
+    if not application and 0x100 <= wire_code <= 0x1FF:
+        return "tls"
+    return "closed"
+
+
+class TransportError(FleetError):
     """The connection (or an operation on it) failed.
 
-    ``code``/``reason`` are the values from the CONNECTION_CLOSE that ended the connection.
-    ``application`` is True for an application close (the peer's caller chose ``code``), False
-    for a transport/TLS level close (``code`` is a QUIC transport error code, e.g. 0x100 + TLS
-    alert). ``remote`` is True when the peer closed us.
+    ``code`` is the kind of failure (one of ``KINDS``: what callers decide by). ``wire_code``
+    and ``reason`` are the values from the CONNECTION_CLOSE (or GOAWAY) that ended the
+    connection. ``application`` is True for an application close (the peer's caller chose
+    ``wire_code``), False for a transport/TLS level close (``wire_code`` is a QUIC transport
+    error code, e.g. 0x100 + TLS alert). ``remote`` is True when the peer closed us.
+    ``exit_status`` is 3 (unavailable): a command that meets it could not use the proxy.
     """
 
+    exit_status = EXIT_UNAVAILABLE
+
     def __init__(
-        self, code: int = 0, reason: str = "", *, application: bool = True, remote: bool = False
+        self, wire_code: int = 0, reason: str = "", *, application: bool = True,
+        remote: bool = False, kind: str | None = None,
     ) -> None:
-        self.code = int(code)
+        self.wire_code = int(wire_code)
         self.reason = reason
         self.application = application
         self.remote = remote
-        super().__init__(code, reason)
+        if kind is None:
+            kind = default_kind(self.wire_code, application=application, remote=remote)
+        assert kind in KINDS, kind
+        self.code = kind
+        super().__init__(wire_code, reason)
 
     def __str__(self) -> str:
         who = "peer" if self.remote else "local"
         kind = "application" if self.application else "transport"
-        return f"{kind} close by {who}: code {self.code:#x}: {self.reason}"
+        return f"{kind} close by {who}: code {self.wire_code:#x}: {self.reason}"
 
 
 class StreamReset(TransportError):
-    """The stream was reset (RESET_STREAM / STOP_SENDING by the peer, or reset() locally)."""
+    """The stream was reset (RESET_STREAM / STOP_SENDING by the peer, or reset() locally).
+
+    Its kind is always ``reset``; ``wire_code`` is the reset's application code.
+    """
+
+    def __init__(
+        self, wire_code: int = 0, reason: str = "", *, application: bool = True,
+        remote: bool = False,
+    ) -> None:
+        super().__init__(wire_code, reason, application=application, remote=remote, kind="reset")
 
     def __str__(self) -> str:
         who = "peer" if self.remote else "local"
-        return f"stream reset by {who}: code {self.code}: {self.reason}"
+        return f"stream reset by {who}: code {self.wire_code}: {self.reason}"
 
 
-class Refused(Exception):  # noqa: N818 - the name is the contract with callers of serve()
-    """Raise from ``authorize(conn)`` to refuse a peer; the peer sees TransportError(code, reason)."""
+class Refused(FleetError):  # noqa: N818 - the name is the contract with callers of serve()
+    """Raise from ``authorize(conn)`` to refuse a peer; the peer sees
+    ``TransportError(wire_code, reason)`` of kind ``refused``."""
 
-    def __init__(self, code: int = ErrorCode.REFUSED, reason: str = "refused") -> None:
-        self.code = int(code)
+    code = "refused"
+    exit_status = EXIT_REFUSED
+
+    def __init__(self, wire_code: int = ErrorCode.REFUSED, reason: str = "refused") -> None:
+        self.wire_code = int(wire_code)
         self.reason = reason
-        super().__init__(code, reason)
+        super().__init__(wire_code, reason)
 
 
 @dataclass(frozen=True)
@@ -121,12 +175,29 @@ class Stream(abc.ABC):
 
 
 class Connection(abc.ABC):
+    """One connection to a peer carrying many streams: everything callers may use of it.
+
+    Both transports implement all of it on ``core.CoreConnection``; where TLS/TCP cannot do
+    what QUIC does (migrate, report send errors), the member says so and stays harmless.
+    """
+
     #: which transport carries it: "quic" or "tcp" (shown by ``tunnel status``, audited)
     transport_name: str = "?"
+    #: the peer's verified leaf certificate (None on an anonymous ALPN without one)
     peer_certificate: x509.Certificate | None
+    #: the ALPN both sides agreed on
     alpn: str
-    #: Called as ``on_path_change(PathChange)`` whenever the peer address changes.
+    #: Called as ``on_path_change(PathChange)`` whenever the peer address changes (QUIC only).
     on_path_change: Callable[[PathChange], None] | None
+    #: Called as ``on_send_error(exc)`` when the socket reports a failed send (QUIC only: a
+    #: TCP socket reports it as the connection's loss).
+    on_send_error: Callable[[Exception], None] | None
+    #: loop.time() of the last bytes received from the peer (liveness of the path)
+    last_received: float
+    #: counters for status and metrics: failed sends, migrations, the last path changes
+    send_errors: int
+    migrations: int
+    path_changes: list[PathChange]
 
     @property
     @abc.abstractmethod
@@ -135,6 +206,25 @@ class Connection(abc.ABC):
     @property
     @abc.abstractmethod
     def local_address(self) -> Address: ...
+
+    @property
+    @abc.abstractmethod
+    def is_closed(self) -> bool:
+        """The connection is over (or closing): nothing new can be sent on it."""
+
+    @property
+    @abc.abstractmethod
+    def rtt(self) -> float | None:
+        """Round-trip time in seconds (QUIC: smoothed estimate; TCP: last ``ping()``)."""
+
+    @property
+    @abc.abstractmethod
+    def idle_timeout(self) -> float:
+        """Nothing heard for this long ends the connection (the smaller of both sides')."""
+
+    @abc.abstractmethod
+    def send_ping(self) -> None:
+        """Send one PING now without waiting for its acknowledgement (a liveness probe)."""
 
     @abc.abstractmethod
     async def open_stream(self) -> Stream: ...

@@ -30,12 +30,14 @@ from enroll.errors import FleetError
 
 
 class CertificateRejected(FleetError, code="certificate_rejected"):  # noqa: N818
-    """A peer certificate failed verification. ``expired`` distinguishes validity-period errors."""
+    """A peer certificate failed verification. ``expired`` distinguishes validity-period errors;
+    ``intercepted`` says the certificate is not of the fleet's PKI at all (TLS interception)."""
 
-    def __init__(self, reason: str, *, expired: bool = False) -> None:
+    def __init__(self, reason: str, *, expired: bool = False, intercepted: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.expired = expired
+        self.intercepted = intercepted
 
 
 def _utcnow() -> datetime.datetime:
@@ -64,7 +66,8 @@ def pinned_ca(
     issuer = leaf.issuer.rfc4514_string() if leaf is not None else "none"
     raise CertificateRejected(
         f"the server's certificate does not chain to the pinned fleet CA ({pin}); presented "
-        f"issuer: {issuer}. If the network is intercepting TLS, exempt the proxy from inspection"
+        f"issuer: {issuer}. If the network is intercepting TLS, exempt the proxy from inspection",
+        intercepted=True,
     )
 
 
@@ -347,7 +350,8 @@ def verify_server_leaf(
         if leaf is None or chains_to(leaf, intermediates, ca):
             raise
         raise CertificateRejected(
-            f"{interception_message(leaf, host)} ({exc.reason})", expired=exc.expired
+            f"{interception_message(leaf, host)} ({exc.reason})", expired=exc.expired,
+            intercepted=True,
         ) from exc
 
 
@@ -364,7 +368,8 @@ def ca_for_pin(
             return cert
     raise CertificateRejected(
         f"{interception_message(leaf, host)} (no certificate offered by the server matches the "
-        f"pinned fleet CA {pin})"
+        f"pinned fleet CA {pin})",
+        intercepted=True,
     )
 
 

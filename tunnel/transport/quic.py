@@ -1,61 +1,32 @@
-"""QUIC transport on aioquic 1.7.2 -- the only module of fleet-tunnel that imports aioquic.
+"""QUIC transport on aioquic 1.7.2: the asyncio adapter around aioquic's sans-I/O connection.
 
-aioquic internals touched (all checked by ``_check_aioquic_internals()`` at import):
-
-* mutual TLS: each server connection's ``tls.Context`` gets ``_request_client_certificate = True``
-  and its class is switched to ``_FleetTLSContext``, a subclass that hooks
-  ``_server_handle_certificate`` (missing certificate on a non-anonymous ALPN -> alert 116),
-  ``_server_handle_certificate_verify`` (after aioquic checked the CertificateVerify signature,
-  the chain is verified against the pinned CA) and ``_client_handle_certificate_verify`` (the
-  server chain is verified against the pinned CA before aioquic's own cadata check). The switch
-  happens in ``_FleetQuicConnection._initialize``. Server connections are created by ``_Demux``
-  as plain ``QuicConnection`` objects; ``create_protocol`` switches their class to
-  ``_FleetQuicConnection`` before any packet is processed.
-* credit on consumption: ``_FleetQuicConnection._write_stream_limits`` replaces aioquic's
-  "double the window when half of it *arrived*" with ``policy.next_receive_limit`` applied to the
-  bytes the application *read*.
-* send backpressure: the writer looks at ``QuicStreamSender._buffer_start/_buffer_stop``.
-* migration: in flight packets are declared lost with ``QuicPacketRecovery._on_packets_lost``
-  (as a non-congestion event) on a rebind (client) or peer address change (server).
+aioquic is the QUIC engine; every use of its private members (the mTLS hooks, credit on
+consumption, loss on migration, read-only views of its state) lives in ``aioquic_compat``,
+checked at import against the exact pin. This module only calls aioquic's public API.
 
 Nothing of ``aioquic.asyncio`` is used: ``_Protocol`` drives the ``QuicConnection`` on the
-event loop and ``_Demux`` routes the proxy's shared socket by connection ID, both over
+event loop and ``Demux`` routes the proxy's shared socket by connection ID, both over
 ``udp.DatagramEndpoint`` (batched reads, one transmit per connection per batch, GSO sends).
+(About 760 lines: the driver, the connection and the entry points are one adapter; the server's
+demultiplexer is already apart in ``quic_demux``.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
-import itertools
 import logging
 import socket
 import ssl
-from collections import deque
 from typing import Any
 
-import aioquic
-from aioquic import tls
-from aioquic.buffer import Buffer
 from aioquic.quic import events
-from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
-from aioquic.quic.connection import (
-    MAX_STREAM_DATA_FRAME_CAPACITY,
-    QuicConnection,
-    QuicConnectionState,
-)
-from aioquic.quic.packet import (
-    QuicFrameType,
-    QuicPacketType,
-    encode_quic_version_negotiation,
-    pull_quic_header,
-)
-from aioquic.quic.recovery import QuicPacketRecovery
-from aioquic.quic.stream import QuicStream
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from .aioquic_compat import AIOQUIC_VERSION, FleetQuicConnection, TLSPolicy, adopt  # noqa: F401
 from .base import (
     Address,
     Authorize,
@@ -65,249 +36,35 @@ from .base import (
     PathChange,
     Server,
     Stream,
-    StreamReset,
     TLSIdentity,
     TransportError,
 )
+from .core import CoreConnection, CoreStream
 from .policy import (
+    CRYPTO_ERROR_BASE,
     DEFAULT_SEND_HIGH_WATER,
     DEFAULT_STREAM_WINDOW,
-    CertificateRejected,
     bind_address,
     describe_close,
-    next_receive_limit,
     normalize_address,
-    pinned_ca,
     send_allowance,
     socket_address,
-    verify_peer_chain,
 )
-from .serving import AuthorizedServerConnection, BufferedReads, wake
+from .quic_demux import (  # noqa: F401  (the admission rules are re-exported for tests)
+    MAX_HALF_OPEN,
+    MAX_NEW_PER_BATCH,
+    SERVER_HANDSHAKE_TIMEOUT,
+    Demux,
+    admit_initial,
+    stale_handshakes,
+)
+from .serving import AuthorizedServerConnection
 from .udp import DatagramEndpoint, tune_buffers
 
 log = logging.getLogger(__name__)
 
-AIOQUIC_VERSION = "1.7.2"
 #: RFC 9002 initial RTT; long enough that path validation survives a 600 ms satellite RTT.
 INITIAL_RTT = 0.333
-
-#: server: handshakes in progress at once; an Initial beyond it is dropped before any state or
-#: crypto (the client retransmits it after its probe timeout, ~1 s, and gets in when there is room)
-MAX_HALF_OPEN = 512
-#: server: new handshakes started per read batch; the rest of the batch's Initials are dropped
-#: (each costs a key exchange and a signature: 16 keep one batch around 50-100 ms on a slow CPU)
-MAX_NEW_PER_BATCH = 16
-#: server: a handshake not complete after this long is dropped without a word (agents give up
-#: after 3 s; left alone aioquic would keep it and resend its flight until the idle timeout)
-SERVER_HANDSHAKE_TIMEOUT = 10.0
-
-
-def admit_initial(half_open: int, new_in_batch: int, *, max_half_open: int = MAX_HALF_OPEN,
-                  max_new_per_batch: int = MAX_NEW_PER_BATCH) -> bool:
-    """Whether the server starts a handshake for one more Initial (pure; see ``_Demux``).
-
-    Overload must degrade, not collapse: past either bound the Initial is dropped before a
-    ``QuicConnection`` exists, so a handshake storm costs a header parse per datagram, while
-    connected peers (processed first in every batch) keep their keepalives answered.
-    """
-    return half_open < max_half_open and new_in_batch < max_new_per_batch
-
-
-def stale_handshakes(started: dict[Any, float], now: float,
-                     timeout: float = SERVER_HANDSHAKE_TIMEOUT) -> list[Any]:
-    """The half-open connections (key -> loop time the first Initial arrived) past ``timeout``."""
-    return [key for key, t in started.items() if now - t >= timeout]
-
-
-def _check_aioquic_internals() -> None:
-    """Fail loudly at import if the aioquic internals this module patches are not there."""
-    problems: list[str] = []
-    if aioquic.__version__ != AIOQUIC_VERSION:
-        problems.append(f"aioquic {aioquic.__version__} installed, {AIOQUIC_VERSION} required")
-    ctx = tls.Context(is_client=False)
-    for attr in ("_request_client_certificate", "_peer_certificate", "_peer_certificate_chain",
-                 "alpn_negotiated", "_server_name"):
-        if not hasattr(ctx, attr):
-            problems.append(f"tls.Context.{attr}")
-    for meth in ("_server_handle_certificate", "_server_handle_certificate_verify",
-                 "_client_handle_certificate_verify"):
-        if not callable(getattr(tls.Context, meth, None)):
-            problems.append(f"tls.Context.{meth}()")
-    for meth in ("_initialize", "_write_stream_limits", "_on_max_stream_data_delivery",
-                 "receive_datagram", "change_connection_id"):
-        if not callable(getattr(QuicConnection, meth, None)):
-            problems.append(f"QuicConnection.{meth}()")
-    write_limits = getattr(QuicConnection, "_write_stream_limits", None)
-    if callable(write_limits) and list(inspect.signature(write_limits).parameters) != [
-        "self", "builder", "space", "stream"
-    ]:
-        problems.append("QuicConnection._write_stream_limits(builder, space, stream)")
-    on_lost = getattr(QuicPacketRecovery, "_on_packets_lost", None)
-    if not callable(on_lost) or not {"congestion_event", "now", "packets", "space"} <= set(
-        inspect.signature(on_lost).parameters
-    ):
-        problems.append("QuicPacketRecovery._on_packets_lost(congestion_event, now, packets, space)")
-    qs = QuicStream(stream_id=0, max_stream_data_local=1)
-    for obj, attrs in (
-        (qs, ("max_stream_data_local", "max_stream_data_local_sent")),
-        (qs.sender, ("_buffer_start", "_buffer_stop", "is_finished")),
-        (qs.receiver, ("_buffer", "highest_offset", "is_finished")),
-    ):
-        problems += [f"{type(obj).__name__}.{a}" for a in attrs if not hasattr(obj, a)]
-    for meth in ("receive_datagram", "datagrams_to_send", "get_timer", "handle_timer",
-                 "next_event", "connect", "close"):
-        if not callable(getattr(QuicConnection, meth, None)):
-            problems.append(f"QuicConnection.{meth}()")
-    if "host_cid_length" not in inspect.signature(pull_quic_header).parameters:
-        problems.append("aioquic.quic.packet.pull_quic_header(buf, host_cid_length)")
-    if problems:
-        raise ImportError(
-            "tunnel.transport.quic relies on aioquic==1.7.2 internals that are missing: "
-            + ", ".join(problems)
-        )
-
-
-_check_aioquic_internals()
-
-
-# ------------------------------------------------------------------------------------ TLS
-
-
-class _AlertCertificateRequired(tls.Alert):
-    description = tls.AlertDescription.certificate_required
-
-
-class _TLSPolicy:
-    def __init__(
-        self, ca: x509.Certificate | None, anonymous_alpns: frozenset[str], pin: str | None = None
-    ) -> None:
-        self.ca = ca
-        self.anonymous_alpns = anonymous_alpns
-        #: client only: trust the CA in the server's chain whose key matches this pin
-        self.pin = pin
-
-
-def _alert(exc: CertificateRejected) -> tls.Alert:
-    cls = tls.AlertCertificateExpired if exc.expired else tls.AlertBadCertificate
-    return cls(exc.reason)
-
-
-class _FleetTLSContext(tls.Context):
-    """aioquic's TLS context plus chain verification against the pinned fleet CA."""
-
-    _fleet: _TLSPolicy
-
-    def _fleet_verify(self, purpose: Any, server_name: str | None) -> None:
-        try:
-            chain = list(self._peer_certificate_chain)
-            ca = self._fleet.ca
-            if self._fleet.pin is not None:
-                ca = pinned_ca(self._peer_certificate, chain, self._fleet.pin)
-            verify_peer_chain(
-                self._peer_certificate,
-                chain,
-                ca,
-                purpose=purpose,
-                server_name=server_name,
-            )
-        except CertificateRejected as exc:
-            raise _alert(exc) from exc
-
-    def _server_handle_certificate(self, input_buf: Any) -> None:
-        super()._server_handle_certificate(input_buf)
-        if (
-            self._peer_certificate is None
-            and self.alpn_negotiated not in self._fleet.anonymous_alpns
-        ):
-            raise _AlertCertificateRequired(
-                f"a client certificate is required for ALPN {self.alpn_negotiated!r}"
-            )
-
-    def _server_handle_certificate_verify(self, input_buf: Any) -> None:
-        # aioquic checks the CertificateVerify signature (possession of the key) ...
-        super()._server_handle_certificate_verify(input_buf)
-        # ... and we check the chain, validity and clientAuth EKU.
-        self._fleet_verify("client", None)
-
-    def _client_handle_certificate_verify(self, input_buf: Any) -> None:
-        # Ours first for a clear reason; aioquic then checks signature + cadata chain again
-        # (with a pin there is no cadata: aioquic checks the signature only, ours the chain).
-        self._fleet_verify("server", self._server_name)
-        super()._client_handle_certificate_verify(input_buf)
-
-
-# ------------------------------------------------------------------------- connection core
-
-
-class _FleetQuicConnection(QuicConnection):
-    """QuicConnection with mTLS hooks, credit on consumption and loss-on-migration."""
-
-    def _fleet_setup(self, policy: _TLSPolicy, window: int) -> None:
-        self._fleet_policy = policy
-        self._fleet_window = window
-        #: bytes the application has read, per stream id (credit is granted from these)
-        self._fleet_consumed: dict[int, int] = {}
-        #: server: how often the peer address changed (in-flight packets were declared lost)
-        self.fleet_peer_moves = 0
-
-    def _initialize(self, peer_cid: bytes) -> None:
-        super()._initialize(peer_cid)
-        assert type(self.tls) is tls.Context, type(self.tls)
-        self.tls.__class__ = _FleetTLSContext
-        self.tls._fleet = self._fleet_policy
-        if not self._is_client:
-            self.tls._request_client_certificate = True
-
-    def _write_stream_limits(self, builder: Any, space: Any, stream: QuicStream) -> None:
-        # Replaces aioquic's credit-on-arrival (doubling) with credit on consumption.
-        if stream.max_stream_data_local and not stream.receiver.is_finished:
-            stream.max_stream_data_local = next_receive_limit(
-                self._fleet_consumed.get(stream.stream_id, 0),
-                stream.max_stream_data_local,
-                self._fleet_window,
-            )
-        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
-            buf = builder.start_frame(
-                QuicFrameType.MAX_STREAM_DATA,
-                capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
-                handler=self._on_max_stream_data_delivery,
-                handler_args=(stream,),
-            )
-            buf.push_uint_var(stream.stream_id)
-            buf.push_uint_var(stream.max_stream_data_local)
-            stream.max_stream_data_local_sent = stream.max_stream_data_local
-
-    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
-        before = self._network_paths[0].addr if self._network_paths else None
-        super().receive_datagram(data, addr, now)
-        if (
-            not self._is_client
-            and before is not None
-            and self._handshake_complete
-            and self._network_paths
-            and self._network_paths[0].addr != before
-        ):
-            # The peer moved: what is in flight went to the old address. Retransmit now
-            # rather than after PTO back-off (RESEARCH.md: 37-952 ms -> 1-11 ms).
-            self.fleet_declare_in_flight_lost(now)
-            self.fleet_peer_moves += 1
-
-    def fleet_declare_in_flight_lost(self, now: float) -> int:
-        count = 0
-        loss = self._loss
-        for space in loss.spaces:
-            packets = list(space.sent_packets.values())
-            if packets:
-                count += len(packets)
-                loss._on_packets_lost(
-                    congestion_event=False, now=now, packets=packets, space=space
-                )
-        loss._pto_count = 0
-        return count
-
-    def fleet_spare_peer_cids(self) -> int:
-        return len(self._peer_cid_available)
-
 
 class _Protocol:
     """Drives one ``QuicConnection`` on the event loop: datagrams in, events out, transmit, timer.
@@ -321,7 +78,7 @@ class _Protocol:
 
     owner: _QuicConnection
 
-    def __init__(self, quic: _FleetQuicConnection, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, quic: FleetQuicConnection, loop: asyncio.AbstractEventLoop) -> None:
         self._quic = quic
         self._loop = loop
         self.endpoint: DatagramEndpoint | None = None
@@ -429,11 +186,71 @@ def _client_endpoint(loop: asyncio.AbstractEventLoop, sock: socket.socket,
     )
 
 
-# ------------------------------------------------------------------------------- streams
+# ------------------------------------------------------------------------------- session
 
 
-class _QuicStream(BufferedReads, Stream):
-    """A bidirectional QUIC stream.
+class _QuicSession:
+    """The core's wire over aioquic: stream data, FIN, resets, credit and PINGs.
+
+    Send room is the stream's send high-water mark (``policy.send_allowance``) measured on
+    what aioquic holds unacknowledged; credit is granted as the application reads
+    (``FleetQuicConnection.fleet_consumed``). Every send asks for one transmit per loop
+    iteration, however many writes.
+    """
+
+    max_reset_code = (1 << 62) - 1
+
+    def __init__(self, protocol: _Protocol, send_high_water: int) -> None:
+        self._protocol = protocol
+        self._quic: FleetQuicConnection = protocol._quic
+        self.send_high_water = send_high_water
+
+    def send_room(self, stream: CoreStream) -> int:
+        return send_allowance(self._quic.fleet_stream_buffers(stream.id)[1],
+                              self.send_high_water, stream._write_blocked)
+
+    def send_data(self, stream_id: int, data: bytes) -> None:
+        self._quic.send_stream_data(stream_id, data)
+        self._protocol.transmit_soon()
+
+    def send_fin(self, stream_id: int) -> None:
+        self._quic.send_stream_data(stream_id, b"", end_stream=True)
+        self._protocol.transmit_soon()
+
+    def send_reset(self, stream_id: int, code: int, *, sending: bool, receiving: bool) -> None:
+        if sending:
+            self._quic.reset_stream(stream_id, code)
+        if receiving:
+            with contextlib.suppress(ValueError):  # aioquic: unknown stream
+                self._quic.stop_stream(stream_id, code)
+        self._protocol.transmit_soon()
+
+    def consumed(self, stream_id: int, n: int, total: int) -> None:
+        if self._quic.fleet_consumed(stream_id, total):
+            self._protocol.transmit_soon()
+
+    def discarded(self, stream_id: int, n: int) -> None:
+        pass  # a reset stream needs no credit back: its peer stops sending
+
+    def forget(self, stream_id: int) -> None:
+        self._quic.fleet_forget(stream_id)
+
+    def buffered(self, stream_id: int) -> tuple[int, int]:
+        return self._quic.fleet_stream_buffers(stream_id)
+
+    def send_ping(self, uid: int) -> None:
+        self._quic.send_ping(uid)
+        self._protocol.transmit()
+
+    def close(self, code: int, reason: str, first: bool) -> None:
+        self._protocol.close(error_code=code, reason_phrase=reason)
+
+
+# --------------------------------------------------------------------------- connections
+
+
+class _QuicConnection(CoreConnection):
+    """A QUIC connection: the core's streams over one aioquic ``QuicConnection``.
 
     Memory bound per stream: the receiving side holds at most ``stream_window`` bytes that the
     application has not read yet (aioquic's reorder buffer included), because credit is granted
@@ -442,142 +259,6 @@ class _QuicStream(BufferedReads, Stream):
     waits (see ``policy.send_allowance``). Defaults: 1 MiB each.
     """
 
-    def __init__(self, conn: _QuicConnection, stream_id: int) -> None:
-        self.id = stream_id
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        self._conn = conn
-        self._rbuf: deque[bytes] = deque()
-        self._rbuf_len = 0
-        self._eof = False
-        self._read_error: TransportError | None = None
-        self._write_error: TransportError | None = None
-        self._fin_sent = False
-        self._read_waiter: asyncio.Future[None] | None = None
-        self._write_waiter: asyncio.Future[None] | None = None
-        self._write_blocked = False
-
-    def __repr__(self) -> str:
-        return f"<QuicStream {self.id} sent={self.bytes_sent} received={self.bytes_received}>"
-
-    # -- measurements (used by tests and metrics)
-
-    @property
-    def receive_buffered(self) -> int:
-        """Bytes received but not yet read: our buffer + aioquic's reorder buffer."""
-        qs = self._conn._quic._streams.get(self.id)
-        return self._rbuf_len + (len(qs.receiver._buffer) if qs is not None else 0)
-
-    @property
-    def send_buffered(self) -> int:
-        """Bytes written but not yet acknowledged by the peer."""
-        qs = self._conn._quic._streams.get(self.id)
-        if qs is None:
-            return 0
-        return qs.sender._buffer_stop - qs.sender._buffer_start
-
-    # -- reading
-
-    def _consumed(self, n: int) -> None:
-        self._conn._consumed(self, self.bytes_received)
-
-    def _feed(self, data: bytes, end: bool) -> None:
-        if self._read_error is None:
-            if data:
-                self._rbuf.append(data)
-                self._rbuf_len += len(data)
-            if end:
-                self._eof = True
-        wake(self._read_waiter)
-        if end and not self._rbuf:  # FIN after all was read (and maybe our own FIN): done
-            self._conn._maybe_forget(self)
-
-    # -- writing
-
-    def _check_writable(self) -> None:
-        if self._write_error is not None:
-            raise self._write_error
-        if self._conn._error is not None:
-            raise self._conn._error
-        if self._fin_sent:
-            raise TransportError(ErrorCode.INTERNAL, "write after write_eof()", remote=False)
-
-    async def write(self, data: bytes) -> None:
-        view = memoryview(bytes(data))
-        high_water = self._conn._send_high_water
-        while True:
-            self._check_writable()
-            allow = send_allowance(self.send_buffered, high_water, self._write_blocked)
-            if allow == 0:
-                self._write_blocked = True
-                self._conn._blocked_writers.add(self)
-                self._write_waiter = self._conn._loop.create_future()
-                try:
-                    await self._write_waiter
-                finally:
-                    self._write_waiter = None
-                    self._conn._blocked_writers.discard(self)
-                continue
-            self._write_blocked = False
-            if not view:
-                return
-            chunk, view = view[:allow], view[allow:]
-            self._conn._quic.send_stream_data(self.id, bytes(chunk))
-            self.bytes_sent += len(chunk)
-            self._conn._protocol.transmit_soon()
-            if not view:
-                return
-
-    def write_eof(self) -> None:
-        if self._fin_sent or self._write_error is not None or self._conn._error is not None:
-            return
-        self._fin_sent = True
-        self._conn._quic.send_stream_data(self.id, b"", end_stream=True)
-        self._conn._protocol.transmit_soon()
-        self._conn._maybe_forget(self)
-
-    def reset(self, code: int = 0) -> None:
-        err = StreamReset(code, "reset locally", remote=False)
-        quic = self._conn._quic
-        if self._conn._error is None:
-            if self._write_error is None:
-                quic.reset_stream(self.id, code)
-            if self._read_error is None and not self._eof:
-                with contextlib.suppress(ValueError):  # aioquic: unknown stream
-                    quic.stop_stream(self.id, code)
-            self._conn._protocol.transmit_soon()
-        self._write_error = self._write_error or err
-        self._read_error = self._read_error or err
-        self._rbuf.clear()
-        self._rbuf_len = 0
-        wake(self._read_waiter)
-        wake(self._write_waiter)
-        self._conn._maybe_forget(self)
-
-    # -- events
-
-    def _on_peer_reset(self, code: int) -> None:
-        self._read_error = StreamReset(code, "stream reset by peer", remote=True)
-        self._rbuf.clear()
-        self._rbuf_len = 0
-        wake(self._read_waiter)
-        self._conn._maybe_forget(self)
-
-    def _on_stop_sending(self, code: int) -> None:
-        self._write_error = StreamReset(code, "peer stopped reading", remote=True)
-        wake(self._write_waiter)
-        self._conn._maybe_forget(self)
-
-    def _done(self) -> bool:
-        read_done = self._read_error is not None or (self._eof and not self._rbuf)
-        write_done = self._write_error is not None or self._fin_sent
-        return read_done and write_done
-
-
-# --------------------------------------------------------------------------- connections
-
-
-class _QuicConnection(Connection):
     transport_name = "quic"
 
     def __init__(
@@ -588,39 +269,19 @@ class _QuicConnection(Connection):
         send_high_water: int,
         family: int | None = None,
     ) -> None:
+        super().__init__(is_client=is_client)
         self._protocol = protocol
         protocol.owner = self
-        self._quic: _FleetQuicConnection = protocol._quic  # type: ignore[assignment]
-        self._loop = asyncio.get_running_loop()
-        self._is_client = is_client
+        self._quic: FleetQuicConnection = protocol._quic
+        self._session = _QuicSession(protocol, send_high_water)
         self._family = family
-        self._send_high_water = send_high_water
-        self.peer_certificate: x509.Certificate | None = None
-        self.alpn = ""
-        self.on_path_change = None
-        self._streams: dict[int, _QuicStream] = {}
         self._max_peer_stream = -1
-        self._accept: deque[_QuicStream] = deque()
-        self._accept_waiter: asyncio.Future[None] | None = None
-        self._pending: list[_QuicStream] = []  # server: peer streams before authorization
-        self._authorized = is_client
-        self._blocked_writers: set[_QuicStream] = set()
-        self._error: TransportError | None = None
-        self._closed_locally = False
-        self._terminated = asyncio.Event()
+        #: peer stream IDs below ``_max_peer_stream`` not seen yet (their data overtaken by a
+        #: later stream's): still new when they come
+        self._peer_gaps: set[int] = set()
         self._confirmed: asyncio.Future[None] = self._loop.create_future()
-        self._pings: dict[int, asyncio.Future[None]] = {}
-        self._ping_ids = itertools.count(1)
-        self._keepalive_task: asyncio.Task[None] | None = None
         self._remote: Address | None = None
         self._remote_raw: Any = None
-        self.migrations = 0
-        self.path_changes: list[PathChange] = []
-        #: loop.time() of the last datagram received from the peer (liveness of the path)
-        self.last_received = self._loop.time()
-        #: called as ``on_send_error(exc)`` when the socket reports a failed send
-        self.on_send_error: Any = None
-        self.send_errors = 0
 
     def __repr__(self) -> str:
         side = "client" if self._is_client else "server"
@@ -630,8 +291,8 @@ class _QuicConnection(Connection):
 
     @property
     def remote_address(self) -> Address:
-        paths = self._quic._network_paths
-        return normalize_address(paths[0].addr) if paths else ("", 0)
+        addr = self._quic.fleet_peer_addr()
+        return normalize_address(addr) if addr is not None else ("", 0)
 
     @property
     def local_address(self) -> Address:
@@ -639,89 +300,24 @@ class _QuicConnection(Connection):
         return normalize_address(endpoint.sockname) if endpoint is not None else ("", 0)
 
     @property
-    def is_closed(self) -> bool:
-        return self._error is not None
-
-    @property
     def rtt(self) -> float | None:
         """Smoothed round-trip time of the current path in seconds (None before a sample)."""
-        loss = self._quic._loss
-        return loss._rtt_smoothed if getattr(loss, "_rtt_initialized", False) else None
+        return self._quic.fleet_rtt()
 
     @property
     def idle_timeout(self) -> float:
         """The negotiated idle timeout: nothing heard for this long ends the connection."""
-        local = self._quic._configuration.idle_timeout
-        remote = getattr(self._quic, "_remote_max_idle_timeout", None)
-        return min(local, remote) if remote else local
-
-    def _on_send_error(self, exc: Exception) -> None:
-        self.send_errors += 1
-        cb = self.on_send_error
-        if cb is not None:
-            try:
-                cb(exc)
-            except Exception:
-                log.exception("on_send_error callback failed")
-
-    def send_ping(self) -> None:
-        """Send one PING now without waiting for its acknowledgement (a liveness probe)."""
-        if self._error is None:
-            self._quic.send_ping(0)
-            self._protocol.transmit()
+        return self._quic.fleet_idle_timeout()
 
     # -- streams
 
     async def open_stream(self) -> Stream:
-        if self._error is not None:
-            raise self._error
-        if not self._authorized:
-            raise TransportError(ErrorCode.INTERNAL, "connection not authorized yet", remote=False)
+        self._check_open()
         sid = self._quic.get_next_available_stream_id()
-        stream = _QuicStream(self, sid)
-        self._streams[sid] = stream
-        return stream
-
-    async def accept_stream(self) -> Stream:
-        while True:
-            if self._accept:
-                return self._accept.popleft()
-            if self._error is not None:
-                raise self._error
-            self._accept_waiter = self._loop.create_future()
-            try:
-                await self._accept_waiter
-            finally:
-                self._accept_waiter = None
-
-    def _consumed(self, stream: _QuicStream, total: int) -> None:
-        self._quic._fleet_consumed[stream.id] = total
-        qs = self._quic._streams.get(stream.id)
-        if qs is not None and qs.max_stream_data_local and next_receive_limit(
-            total, qs.max_stream_data_local, self._quic._fleet_window
-        ) != qs.max_stream_data_local:
-            self._protocol.transmit_soon()
-        self._maybe_forget(stream)
-
-    def _maybe_forget(self, stream: _QuicStream) -> None:
-        if stream._done():
-            self._streams.pop(stream.id, None)
-            self._quic._fleet_consumed.pop(stream.id, None)
-
-    # -- close
-
-    def close(self, code: int = 0, reason: str = "") -> None:
-        if self._error is None:
-            self._closed_locally = True
-            self._fail(TransportError(code, reason or "closed locally", remote=False))
-        self._protocol.close(error_code=code, reason_phrase=reason)
-
-    async def wait_closed(self) -> TransportError | None:
-        """Wait until the connection is over. None if we closed it, else why it ended."""
-        await self._terminated.wait()
-        return None if self._closed_locally else self._error
-
-    # -- ping / keepalive
+        # aioquic creates a stream (and moves to the next ID) on its first send: do it now, with
+        # no data and no frame, so streams opened before any is written get distinct IDs
+        self._quic.send_stream_data(sid, b"")
+        return self._add_stream(CoreStream(self, sid))
 
     async def ping(self, timeout: float) -> float:
         """Round-trip time of a PING (includes the peer's ACK delay, <= 25 ms with aioquic).
@@ -729,30 +325,7 @@ class _QuicConnection(Connection):
         Raises TimeoutError if no acknowledgement arrives within ``timeout`` seconds, or the
         TransportError that closed the connection.
         """
-        if self._error is not None:
-            raise self._error
-        uid = next(self._ping_ids)
-        fut: asyncio.Future[None] = self._loop.create_future()
-        self._pings[uid] = fut
-        start = self._loop.time()
-        self._quic.send_ping(uid)
-        self._protocol.transmit()
-        try:
-            async with asyncio.timeout(timeout):
-                await fut
-        except TimeoutError:
-            raise TimeoutError(f"no PING acknowledgement within {timeout:g}s") from None
-        finally:
-            self._pings.pop(uid, None)
-        return self._loop.time() - start
-
-    async def _keepalive(self, interval: float) -> None:
-        while self._error is None:
-            await asyncio.sleep(interval)
-            if self._error is not None:
-                return
-            self._quic.send_ping(0)  # uid 0: nobody waits for it
-            self._protocol.transmit()
+        return await super().ping(timeout)
 
     # -- migration
 
@@ -783,59 +356,53 @@ class _QuicConnection(Connection):
         self.migrations += 1
         self._report_path(PathChange(old_local, self.local_address))
 
-    def _report_path(self, change: PathChange) -> None:
-        self.path_changes.append(change)
-        del self.path_changes[:-16]
-        cb = self.on_path_change
-        if cb is not None:
-            try:
-                cb(change)
-            except Exception:
-                log.exception("on_path_change callback failed")
-
     # -- event plumbing
 
-    def _stream_for_event(self, sid: int) -> _QuicStream | None:
+    def _stream_for_event(self, sid: int) -> CoreStream | None:
         stream = self._streams.get(sid)
         if stream is not None:
             return stream
         peer_initiated = (sid & 1) == (0 if not self._is_client else 1)
-        if not peer_initiated or sid <= self._max_peer_stream:
-            return None  # already forgotten
+        if not peer_initiated:
+            return None  # ours, already forgotten
         if sid & 2:  # unidirectional: not part of the protocol
             with contextlib.suppress(ValueError):
                 self._quic.stop_stream(sid, ErrorCode.STREAM_ABORTED)
             return None
-        self._max_peer_stream = sid
-        stream = _QuicStream(self, sid)
-        self._streams[sid] = stream
-        if self._authorized:
-            self._accept.append(stream)
-            wake(self._accept_waiter)
+        if sid <= self._max_peer_stream:
+            if sid not in self._peer_gaps:
+                return None  # already forgotten
+            self._peer_gaps.discard(sid)
         else:
-            self._pending.append(stream)
+            first = self._max_peer_stream + 4 if self._max_peer_stream >= 0 else sid & 3
+            self._peer_gaps.update(range(first, sid, 4))
+            self._max_peer_stream = sid
+        stream = CoreStream(self, sid)
+        self._deliver(stream)
         return stream
 
     def _on_event(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.StreamDataReceived):
             stream = self._stream_for_event(event.stream_id)
             if stream is not None:
-                stream._feed(event.data, event.end_stream)
+                stream.feed(event.data)
+                if event.end_stream:
+                    stream.feed_eof()
         elif isinstance(event, events.StreamReset):
             stream = self._stream_for_event(event.stream_id)
             if stream is not None:
-                stream._on_peer_reset(event.error_code)
+                stream.on_peer_reset(event.error_code)
         elif isinstance(event, events.StopSendingReceived):
             stream = self._streams.get(event.stream_id)
             if stream is not None:
-                stream._on_stop_sending(event.error_code)
+                stream.on_stop_sending(event.error_code)
         elif isinstance(event, events.PingAcknowledged):
-            wake(self._pings.get(event.uid))
+            self._ping_acked(event.uid)
         elif isinstance(event, events.HandshakeCompleted):
             self.alpn = event.alpn_protocol or ""
-            self.peer_certificate = self._quic.tls._peer_certificate
+            self.peer_certificate = self._quic.fleet_peer_certificate()
             self._remote = self.remote_address
-            self._remote_raw = self._quic._network_paths[0].addr
+            self._remote_raw = self._quic.fleet_peer_addr()
             if not self._is_client:
                 self._server_conn_handshake_done()
         elif isinstance(event, events.ConnectionTerminated):
@@ -849,7 +416,7 @@ class _QuicConnection(Connection):
         if (
             self._is_client
             and not self._confirmed.done()
-            and self._quic._handshake_confirmed
+            and self._quic.fleet_handshake_confirmed()
         ):
             self._confirmed.set_result(None)
 
@@ -858,65 +425,53 @@ class _QuicConnection(Connection):
         self._check_close()
         if self._error is not None:
             return
-        paths = self._quic._network_paths
-        if self._remote is not None and paths and paths[0].addr != self._remote_raw:
+        raw = self._quic.fleet_peer_addr()
+        if self._remote is not None and raw is not None and raw != self._remote_raw:
             # cheap raw comparison per datagram; normalise only on a change
-            self._remote_raw = paths[0].addr
+            self._remote_raw = raw
             old, self._remote = self._remote, self.remote_address
             if old != self._remote:
                 self._report_path(PathChange(old, self._remote))
-        for stream in list(self._blocked_writers):
-            if stream._write_error is not None or send_allowance(
-                stream.send_buffered, self._send_high_water, True
-            ):
-                wake(stream._write_waiter)
+        if self._blocked_writers:
+            room = self._session.send_room
+            self._wake_writers(lambda stream: room(stream) > 0)
 
     def _check_close(self) -> None:
-        ev = self._quic._close_event
-        if ev is None or self._error is not None:
+        closing = self._quic.fleet_close()
+        if closing is None or self._error is not None:
             return
+        ev, remote = closing
         application = ev.frame_type is None
-        remote = self._quic._state == QuicConnectionState.DRAINING
         reason = ev.reason_phrase
         if not application and not remote:
             reason = describe_close(ev.error_code, reason, application=False)
-        self._fail(TransportError(ev.error_code, reason, application=application, remote=remote))
+        self._fail(TransportError(
+            ev.error_code, reason, application=application, remote=remote,
+            kind=self._close_kind(ev.error_code, application),
+        ))
 
-    def _fail(self, error: TransportError) -> None:
-        if self._error is not None:
-            return
-        self._error = error
+    def _close_kind(self, code: int, application: bool) -> str | None:
+        """What the close was, from what happened (never from its text); None: the default."""
+        rejection = self._quic.fleet_rejection()
+        if self._quic.fleet_idle_expired:
+            return "timeout"
+        if rejection is not None and rejection.intercepted:
+            return "intercepted"
+        if not application and code and not CRYPTO_ERROR_BASE <= code <= CRYPTO_ERROR_BASE + 0xFF:
+            return "protocol"
+        return None
+
+    def _on_fail(self, error: TransportError) -> None:
         if not self._confirmed.done():
             self._confirmed.set_exception(error)
             self._confirmed.exception()  # mark retrieved
-        for fut in self._pings.values():
-            if not fut.done():
-                fut.set_exception(error)
-                fut.exception()
-        wake(self._accept_waiter)
-        for stream in list(self._streams.values()):
-            wake(stream._read_waiter)
-            wake(stream._write_waiter)
-        if self._keepalive_task is not None:
-            self._keepalive_task.cancel()
-        self._pending.clear()
 
-    def _terminate(self) -> None:
-        if self._error is None:
-            self._fail(TransportError(0, "connection terminated", remote=False))
-        if self._terminated.is_set():
-            return
-        self._terminated.set()
+    def _on_terminated(self) -> None:
         if self._is_client and self._protocol.endpoint is not None:
             self._loop.call_soon(self._protocol.endpoint.close)
         self._protocol.stop()
-        self._on_terminated()
 
-    # server hooks (overridden in _ServerConnection)
     def _server_conn_handshake_done(self) -> None:  # pragma: no cover - server only
-        pass
-
-    def _on_terminated(self) -> None:
         pass
 
 
@@ -951,7 +506,7 @@ class _QuicServer(Server):
         self._connections: set[_ServerConnection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._endpoint: DatagramEndpoint | None = None
-        self._demux: _Demux | None = None
+        self._demux: Demux | None = None
         self._closed = asyncio.Event()
 
     @property
@@ -991,183 +546,6 @@ class _QuicServer(Server):
                 t.cancel()
             if still:
                 await asyncio.gather(*still, return_exceptions=True)
-
-
-class _Demux:
-    """The proxy's shared UDP socket: routes datagrams to connections by connection ID.
-
-    Replaces aioquic's asyncio ``QuicServer`` (same rules: version negotiation for unknown
-    versions, a new connection only for an Initial of at least 1200 bytes, IDs registered and
-    retired as the connection issues them) but receives in batches: each datagram is fed to its
-    connection, and at the end of the batch every connection touched handles its events and
-    transmits once, in the order the batch first touched them.
-
-    Handshakes are admitted, not just accepted (``admit_initial``): Initials for new connections
-    are held until the end of the batch, after the connections already known have handled their
-    datagrams and transmitted, so a storm of new agents delays nobody's keepalive; at most
-    ``max_new_per_batch`` are started per batch and ``max_half_open`` at once (the rest are
-    dropped before any state exists and come back with the client's retransmission); and a
-    handshake still not complete after ``handshake_timeout`` is dropped.
-    """
-
-    def __init__(
-        self,
-        configuration: QuicConfiguration,
-        create_protocol: Any,
-        *,
-        max_half_open: int = MAX_HALF_OPEN,
-        max_new_per_batch: int = MAX_NEW_PER_BATCH,
-        handshake_timeout: float = SERVER_HANDSHAKE_TIMEOUT,
-    ) -> None:
-        self._configuration = configuration
-        self._create_protocol = create_protocol
-        self._protocols: dict[bytes, _Protocol] = {}
-        self._touched: dict[_Protocol, None] = {}
-        self._initials: list[tuple[bytes, Any, bytes]] = []
-        #: half-open connections -> loop time their first Initial arrived
-        self._half_open: dict[_Protocol, float] = {}
-        self._sweep: asyncio.TimerHandle | None = None
-        self._loop = asyncio.get_running_loop()
-        self.max_half_open = max_half_open
-        self.max_new_per_batch = max_new_per_batch
-        self.handshake_timeout = handshake_timeout
-        #: counters (tests, diagnostics)
-        self.initials_dropped = 0
-        self.handshakes_timed_out = 0
-        self._warned_at = -1e9
-        self.endpoint: DatagramEndpoint | None = None
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        buf = Buffer(data=data)
-        try:
-            header = pull_quic_header(buf, host_cid_length=self._configuration.connection_id_length)
-        except ValueError:
-            return
-        if (
-            header.packet_type != QuicPacketType.VERSION_NEGOTIATION
-            and header.version is not None
-            and header.version not in self._configuration.supported_versions
-        ):
-            assert self.endpoint is not None
-            self.endpoint.send([(encode_quic_version_negotiation(
-                source_cid=header.destination_cid,
-                destination_cid=header.source_cid,
-                supported_versions=self._configuration.supported_versions,
-            ), addr)])
-            return
-        protocol = self._protocols.get(header.destination_cid)
-        if protocol is not None:
-            protocol.receive(data, addr)
-            self._touched[protocol] = None
-        elif (
-            len(data) >= SMALLEST_MAX_DATAGRAM_SIZE
-            and header.packet_type == QuicPacketType.INITIAL
-        ):
-            self._initials.append((data, addr, header.destination_cid))  # after the known ones
-
-    def batch_end(self) -> None:
-        self._flush_touched()  # connected peers first: their ACKs and keepalive answers leave now
-        initials, self._initials = self._initials, []
-        started = dropped = 0
-        for data, addr, dcid in initials:
-            protocol = self._protocols.get(dcid)  # a retransmitted Initial in the same batch
-            if protocol is None:
-                if not admit_initial(len(self._half_open), started,
-                                     max_half_open=self.max_half_open,
-                                     max_new_per_batch=self.max_new_per_batch):
-                    dropped += 1
-                    continue
-                started += 1
-                protocol = self._start(dcid)
-            protocol.receive(data, addr)
-            self._touched[protocol] = None
-        self._flush_touched()
-        if dropped:
-            self.initials_dropped += dropped
-            self._warn_overload()
-
-    def _flush_touched(self) -> None:
-        touched = list(self._touched)
-        self._touched.clear()
-        for protocol in touched:
-            try:
-                protocol.flush()
-            except Exception:  # one broken connection must not starve the others
-                log.exception("QUIC connection failed handling a batch")
-            if protocol in self._half_open and protocol._quic._handshake_complete:
-                del self._half_open[protocol]
-
-    def _start(self, dcid: bytes) -> _Protocol:
-        connection = QuicConnection(
-            configuration=self._configuration,
-            original_destination_connection_id=dcid,
-        )
-        protocol: _Protocol = self._create_protocol(connection)
-        protocol.endpoint = self.endpoint
-        protocol.on_cid_issued = self._cid_issued
-        protocol.on_cid_retired = self._cid_retired
-        protocol.on_terminated = self._terminated
-        self._protocols[dcid] = protocol
-        self._protocols[connection.host_cid] = protocol
-        protocol.cids.update((dcid, connection.host_cid))
-        self._half_open[protocol] = self._loop.time()
-        if self._sweep is None:
-            self._sweep = self._loop.call_later(1.0, self._sweep_half_open)
-        return protocol
-
-    def _sweep_half_open(self) -> None:
-        """Drop handshakes older than ``handshake_timeout`` (checked every second while any)."""
-        self._sweep = None
-        for protocol in stale_handshakes(self._half_open, self._loop.time(),
-                                         self.handshake_timeout):
-            self.handshakes_timed_out += 1
-            self._half_open.pop(protocol, None)
-            self._terminated(protocol)
-            protocol.owner._terminate()  # silently: no CONNECTION_CLOSE to a peer that left
-        if self._half_open:
-            self._sweep = self._loop.call_later(1.0, self._sweep_half_open)
-
-    def _warn_overload(self) -> None:
-        now = self._loop.time()
-        if now - self._warned_at >= 10.0:
-            self._warned_at = now
-            log.warning(
-                "QUIC handshake overload: %d Initials dropped so far (%d handshakes in progress, "
-                "at most %d at once and %d new per read batch); clients retry",
-                self.initials_dropped, len(self._half_open), self.max_half_open,
-                self.max_new_per_batch,
-            )
-
-    def _cid_issued(self, cid: bytes, protocol: _Protocol) -> None:
-        self._protocols[cid] = protocol
-        protocol.cids.add(cid)
-
-    def _cid_retired(self, cid: bytes, protocol: _Protocol) -> None:
-        protocol.cids.discard(cid)
-        if self._protocols.get(cid) is protocol:
-            del self._protocols[cid]
-
-    def _terminated(self, protocol: _Protocol) -> None:
-        # Only this connection's own IDs: a scan of the whole table (~8 IDs per connection) per
-        # termination was 61 % of the proxy's CPU at 2,000-5,000 agents (py-spy), and the
-        # stall it caused made keepalives late, connections time out, and more terminations.
-        self._half_open.pop(protocol, None)
-        for cid in protocol.cids:
-            if self._protocols.get(cid) is protocol:
-                del self._protocols[cid]
-        protocol.cids.clear()
-
-    def close(self) -> None:
-        """Close every connection still known (half-open ones included) and the socket."""
-        if self._sweep is not None:
-            self._sweep.cancel()
-            self._sweep = None
-        self._initials.clear()
-        for protocol in set(self._protocols.values()):
-            protocol.close()
-        self._protocols.clear()
-        if self.endpoint is not None:
-            self.endpoint.close()
 
 
 # ------------------------------------------------------------------------- entry points
@@ -1282,8 +660,8 @@ async def connect(
         config.certificate = identity.cert_chain[0]
         config.certificate_chain = list(identity.cert_chain[1:])
         config.private_key = identity.key
-    quic = _FleetQuicConnection(configuration=config)
-    quic._fleet_setup(_TLSPolicy(trust, frozenset(), ca_pin if trust is None else None), stream_window)
+    quic = FleetQuicConnection(configuration=config)
+    quic.fleet_setup(TLSPolicy(trust, frozenset(), ca_pin if trust is None else None), stream_window)
 
     sock = _udp_socket(local_addr, family)
     protocol = _Protocol(quic, loop)
@@ -1299,7 +677,8 @@ async def connect(
         conn.close(ErrorCode.NO_ERROR, "handshake timeout")
         conn._terminate()
         raise TransportError(
-            0, f"handshake with {host}:{port} timed out", application=False, remote=False
+            0, f"handshake with {host}:{port} timed out", application=False, remote=False,
+            kind="timeout",
         ) from None
     except TransportError:
         # Keep the socket around for the closing period, then it is closed by _terminate().
@@ -1312,7 +691,7 @@ async def connect(
         conn._terminate()
         raise
     if keepalive:
-        conn._keepalive_task = loop.create_task(conn._keepalive(keepalive))
+        conn.start_keepalive(keepalive)
     release_free_heap()
     return conn
 
@@ -1353,7 +732,7 @@ async def serve(
     config.certificate = identity.cert_chain[0]
     config.certificate_chain = list(identity.cert_chain[1:])
     config.private_key = identity.key
-    policy = _TLSPolicy(identity.ca, frozenset(anonymous_alpns))
+    policy = TLSPolicy(identity.ca, frozenset(anonymous_alpns))
 
     server = _QuicServer(
         authorize=authorize,
@@ -1365,11 +744,7 @@ async def serve(
 
     def create_protocol(connection: QuicConnection) -> _Protocol:
         # The demultiplexer builds plain QuicConnections; adopt them before any packet.
-        assert type(connection) is QuicConnection, type(connection)
-        connection.__class__ = _FleetQuicConnection
-        assert isinstance(connection, _FleetQuicConnection)
-        connection._fleet_setup(policy, stream_window)
-        protocol = _Protocol(connection, loop)
+        protocol = _Protocol(adopt(connection, policy, stream_window), loop)
         conn = _ServerConnection(protocol, server)
         server._connections.add(conn)
         return protocol
@@ -1382,7 +757,7 @@ async def serve(
     except OSError:
         sock.close()
         raise
-    demux = _Demux(config, create_protocol)
+    demux = Demux(config, create_protocol)
     demux.endpoint = DatagramEndpoint(loop, sock, demux.datagram_received, demux.batch_end)
     server._endpoint = demux.endpoint
     server._demux = demux

@@ -14,28 +14,25 @@ import contextlib
 from collections.abc import Awaitable, Callable
 
 from .base import Connection, TransportError
-from .policy import CRYPTO_ERROR_BASE
 
 Dial = Callable[[], Awaitable[Connection]]
 #: how long the race waits for a cancelled attempt to finish its clean-up
 LOSER_CLEANUP = 1.0
 
 
-def error_rank(exc: BaseException) -> int:
-    """How much an attempt's failure tells the user (higher: show this one).
+#: how much a failure of each kind tells the user (see ``error_rank``)
+_RANK = {"refused": 3, "intercepted": 3, "tls": 2, "timeout": 0}
 
-    3: the server (or a middlebox) answered and said no -- an application refusal, or the TLS
-       interception diagnosis; 2: a TLS / certificate failure; 1: another transport error
-       (unreachable, closed); 0: a timeout or anything else.
+
+def error_rank(exc: BaseException) -> int:
+    """How much an attempt's failure tells the user (higher: show this one), by its kind.
+
+    3: the server (or a middlebox) answered and said no -- ``refused``, or ``intercepted``;
+    2: ``tls`` (a TLS / certificate failure); 1: another transport error (``unreachable``,
+    ``closed``, ``protocol``...); 0: a ``timeout`` or anything that is not a TransportError.
     """
     if isinstance(exc, TransportError):
-        if "intercepting TLS" in exc.reason or (exc.application and exc.remote):
-            return 3
-        if CRYPTO_ERROR_BASE <= exc.code <= CRYPTO_ERROR_BASE + 0xFF:
-            return 2
-        if "timed out" in exc.reason or "within" in exc.reason:
-            return 0
-        return 1
+        return _RANK.get(exc.code, 1)
     return 0
 
 

@@ -4,6 +4,13 @@ Same surface as ``quic.py`` (``connect``/``serve`` keyword names and meaning, ``
 ``Stream``, ``TransportError``/``StreamReset``/``Refused`` semantics), so the proxy, the agent and
 the engineer client do not know which transport they hold.
 
+This module is the asyncio adapter: ``tls_records.TLSProtocol`` carries TLS over the socket,
+``h2session.FleetH2Session`` is the protocol below (sans-I/O), and the streams are the shared
+core's (``core.py``). It keeps connecting, serving, authorizing, the idle timer and closing.
+(About 850 lines: this protocol description, the adapter, ``connect()``'s certificate and
+hello checks and the server. What stands alone -- TLS records, the h2 session, the stream core --
+is already apart.)
+
 Why HTTP/2 through h2 rather than a home-made framing
 ------------------------------------------------------
 * h2 is a small, pure-Python, well-kept sans-IO implementation (python-hyper; the HTTP/2 stack
@@ -41,9 +48,9 @@ fleet-enroll/1 -- and the bytes inside are always HTTP/2):
   Idle pool streams are invisible to both applications.
 * Connection close: GOAWAY whose additional data is the UTF-8 JSON object
   ``{"code": int, "reason": str, "application": bool}``; the peer raises
-  ``TransportError(code, reason, application=..., remote=True)``. ``Refused(code, reason)``
-  from ``authorize()`` therefore reaches the client as an application close with that code and
-  reason. Certificate problems found by the server after the TLS handshake (no certificate on a
+  ``TransportError(wire_code, reason, application=..., remote=True)`` (kind ``refused`` for an
+  application close). ``Refused(wire_code, reason)`` from ``authorize()`` therefore reaches the
+  client as an application close with that code and reason. Certificate problems found by the server after the TLS handshake (no certificate on a
   non-anonymous ALPN, ``verify_peer_chain`` failures) close with ``application=False`` and code
   ``0x100 + TLS alert`` (116, 42, 45), like QUIC's CRYPTO_ERROR codes; problems OpenSSL finds
   during the handshake reach the client as a real TLS alert, mapped to the same codes. The
@@ -69,42 +76,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
-import secrets
 import socket
 import ssl
-import tempfile
-from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import (
-    BestAvailableEncryption,
-    Encoding,
-    PrivateFormat,
-)
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.errors import ErrorCodes
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    PingAckReceived,
-    RemoteSettingsChanged,
-    RequestReceived,
-    ResponseReceived,
-    StreamEnded,
-    WindowUpdated,
-)
-from h2.events import (
-    StreamReset as H2StreamReset,
-)
-from h2.exceptions import H2Error, StreamClosedError
-from h2.settings import SettingCodes, Settings
 
+from . import h2session as wire
 from .base import (
     Address,
     Authorize,
@@ -117,607 +96,136 @@ from .base import (
     TLSIdentity,
     TransportError,
 )
+from .core import CoreConnection, CoreStream, wake
+from .h2session import FleetH2Session
+from .h2wire import (  # noqa: F401  (the budget names are re-exported for tests)
+    ALERT_BAD_CERTIFICATE,
+    ALERT_CERTIFICATE_EXPIRED,
+    ALERT_CERTIFICATE_REQUIRED,
+    ALERT_NO_APPLICATION_PROTOCOL,
+    ANONYMOUS_BUDGET,
+    AUTHENTICATED_BUDGET,
+    CLIENT_PREFACE,
+    HELLO_PATH,
+    MAX_CONCURRENT_STREAMS,
+    MAX_FRAME_SIZE,
+    MAX_H2_CODE,
+    REVERSE_PATH,
+    REVERSE_POOL,
+    STREAM_PATH,
+    ControlFrameMeter,
+    FrameBudget,
+    close_payload,
+    crypto,
+    parse_goaway,
+)
 from .policy import (
-    CRYPTO_ERROR_BASE,
     DEFAULT_SEND_HIGH_WATER,
     DEFAULT_STREAM_WINDOW,
     CertificateRejected,
     ca_for_pin,
-    describe_close,
     normalize_address,
-    tls_alert_from_ssl_reason,
     verify_peer_chain,
     verify_server_leaf,
 )
-from .serving import AuthorizedServerConnection, BufferedReads, wake
+from .serving import AuthorizedServerConnection
+from .tls_records import (
+    TLSProtocol,
+    client_context,
+    peer_leaf,
+    pem,
+    probe_leaf,
+    server_context,
+    ssl_error,
+)
 
 log = logging.getLogger(__name__)
 
-#: Idle server-openable streams the client keeps ready (sent to the client in the hello).
-REVERSE_POOL = 8
-#: HTTP/2 MAX_CONCURRENT_STREAMS each side allows (client-opened + pool, both directions).
-MAX_CONCURRENT_STREAMS = 512
-#: HTTP/2 MAX_FRAME_SIZE we accept: fewer, larger DATA frames (fewer Python calls per MB).
-MAX_FRAME_SIZE = 64 * 1024
-#: Largest reset / close code HTTP/2 can carry in RST_STREAM.
-MAX_H2_CODE = 0xFFFFFFFF
 #: How long close() waits for the TLS close_notify exchange before aborting the socket.
 CLOSE_GRACE = 1.0
 
-HELLO_PATH = "/fleet/hello"
-STREAM_PATH = "/fleet/stream"
-REVERSE_PATH = "/fleet/reverse"
-
-_ALERT_BAD_CERTIFICATE = 42
-_ALERT_CERTIFICATE_EXPIRED = 45
-_ALERT_CERTIFICATE_REQUIRED = 116
-_ALERT_NO_APPLICATION_PROTOCOL = 120
+# ------------------------------------------------------------------------------- session
 
 
-def _crypto(alert: int) -> int:
-    return CRYPTO_ERROR_BASE + alert
+class _TcpSession:
+    """The core's wire over h2: stream DATA within the peer's window, END_STREAM, RST_STREAM,
+    WINDOW_UPDATE as the application reads, PING.
 
-
-# ------------------------------------------------------------------ control-frame budget
-
-#: What an HTTP/2 client sends first (RFC 9113 3.4); the server's meter skips it.
-CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-_FRAME_HEADER = 9
-_DATA_FRAME = 0x0
-
-
-@dataclass(frozen=True)
-class FrameBudget:
-    """Control frames a peer may send: ``rate`` per second on average, ``burst`` at once."""
-
-    rate: float
-    burst: float
-
-
-#: Before authorization and for peers without a certificate (enrollment, login): one request
-#: needs about 25 control frames (SETTINGS and its ACK, the hello, the reverse pool, one
-#: stream, a few WINDOW_UPDATEs, GOAWAY).
-ANONYMOUS_BUDGET = FrameBudget(rate=20, burst=200)
-#: Authenticated agents and engineers: a WINDOW_UPDATE per 512 KiB we send per stream and for
-#: the connection, a few frames per session opened, a PING a second. Far above that, far
-#: below what stalls the event loop (h2 handles about 50,000 small frames a second).
-AUTHENTICATED_BUDGET = FrameBudget(rate=1000, burst=4000)
-
-
-class ControlFrameMeter:
-    """Counts the control frames in what a peer sends, before h2 parses them (sans-I/O).
-
-    HTTP/2 lets a peer make us work without sending data: SETTINGS and PING must be answered,
-    WINDOW_UPDATE, RST_STREAM, PRIORITY and HEADERS/CONTINUATION each cost a parse and state
-    changes, and an empty DATA frame costs as much as a full one. Every frame except a DATA
-    frame with payload takes one token from a bucket of ``budget.burst`` refilled at
-    ``budget.rate`` per second; :meth:`feed` says False as soon as a frame finds the bucket
-    empty, and the caller closes the connection (ENHANCE_YOUR_CALM) without handing the bytes
-    to h2. Only the 9-byte frame headers are read; payloads are skipped, also across chunks.
+    Send room is the stream's HTTP/2 window (one frame at most), and none while the
+    connection's TLS write buffer is above the send high-water mark: that bounds the bytes
+    buffered for the whole TCP connection (one ordered byte pipe) rather than per stream.
     """
 
-    def __init__(self, budget: FrameBudget, now: float, *, server_side: bool = True):
-        self.budget = budget
-        self.tokens = float(budget.burst)
-        self.last = now
-        self.frames = 0  # control frames counted so far
-        self._skip = len(CLIENT_PREFACE) if server_side else 0  # bytes to pass over
-        self._header = b""  # a frame header split across chunks
+    max_reset_code = MAX_H2_CODE
 
-    def feed(self, data: bytes, now: float, budget: FrameBudget | None = None) -> bool:
-        if budget is not None and budget != self.budget:
-            # Let in (authorized): the larger burst is there at once, the spent frames stay spent.
-            self.tokens += max(0.0, budget.burst - self.budget.burst)
-            self.budget = budget
-        self.tokens = min(self.budget.burst, self.tokens + (now - self.last) * self.budget.rate)
-        self.last = now
-        view = memoryview(data)
-        pos, end = 0, len(data)
-        while pos < end:
-            if self._skip:
-                step = min(self._skip, end - pos)
-                self._skip -= step
-                pos += step
-                continue
-            need = _FRAME_HEADER - len(self._header)
-            if need < _FRAME_HEADER or end - pos < _FRAME_HEADER:
-                self._header += bytes(view[pos:pos + need])
-                pos += min(need, end - pos)
-                if len(self._header) < _FRAME_HEADER:
-                    break
-                header, self._header = self._header, b""
-            else:
-                header = view[pos:pos + _FRAME_HEADER]
-                pos += _FRAME_HEADER
-            length = int.from_bytes(header[0:3], "big")
-            self._skip = length
-            if header[3] == _DATA_FRAME and length:
-                continue
-            self.frames += 1
-            if self.tokens < 1:
-                return False
-            self.tokens -= 1
-        return True
-
-
-
-
-# ------------------------------------------------------------------------------------ TLS
-
-
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(Encoding.PEM)
-
-
-def _load_identity(ctx: ssl.SSLContext, identity: TLSIdentity) -> None:
-    """``load_cert_chain`` needs files: write them to a private temp dir, key encrypted."""
-    password = secrets.token_urlsafe(32).encode()
-    key_pem = identity.key.private_bytes(
-        Encoding.PEM, PrivateFormat.PKCS8, BestAvailableEncryption(password)
-    )
-    with tempfile.TemporaryDirectory(prefix="fleet-tls-") as tmp:
-        cert_path = os.path.join(tmp, "chain.pem")
-        key_path = os.path.join(tmp, "key.pem")
-        for path, data in ((cert_path, b"".join(_pem(c) for c in identity.cert_chain)),
-                           (key_path, key_pem)):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        ctx.load_cert_chain(cert_path, key_path, password=password)
-
-
-def _server_context(identity: TLSIdentity, alpns: list[str]) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.verify_mode = ssl.CERT_OPTIONAL  # anonymous ALPNs; required-ness is checked per ALPN
-    ctx.load_verify_locations(cadata=_pem(identity.ca).decode())
-    _load_identity(ctx, identity)
-    ctx.set_alpn_protocols(list(alpns))
-    ctx.num_tickets = 0  # no resumption: every connection proves its certificate
-    return ctx
-
-
-def _client_context(
-    identity: TLSIdentity | None, alpn: str, trust: x509.Certificate | None
-) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    if trust is not None:
-        ctx.load_verify_locations(cadata=_pem(trust).decode())  # check_hostname stays on
-    else:  # ca_pin: the CA comes in the hello and is checked against the pin before any data
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    if identity is not None:
-        _load_identity(ctx, identity)
-    ctx.set_alpn_protocols([alpn])
-    return ctx
-
-
-def _peer_leaf(transport: asyncio.BaseTransport) -> x509.Certificate | None:
-    sslobj = transport.get_extra_info("ssl_object")
-    der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
-    return x509.load_der_x509_certificate(der) if der else None
-
-
-def _ssl_error(exc: BaseException, *, host: str) -> TransportError:
-    """A TLS alert from the peer (or a TLS failure here) as a QUIC-like transport error."""
-    reason = getattr(exc, "reason", None)
-    alert = tls_alert_from_ssl_reason(reason)
-    if alert is not None:
-        code = _crypto(alert)
-        what = f"{host} refused our TLS handshake"
-        if alert in (43, 45, 46, 48, 42, 116):
-            what = f"{host} rejected our client certificate"
-        return TransportError(
-            code,
-            describe_close(code, f"{what} ({reason})", application=False),
-            application=False,
-            remote=True,
-        )
-    return TransportError(0, f"TLS failure with {host}: {exc}", application=False, remote=False)
-
-
-def _close_payload(code: int, reason: str, application: bool) -> bytes:
-    return json.dumps(
-        {"code": int(code), "reason": reason[:1000], "application": bool(application)}
-    ).encode()
-
-
-def _parse_goaway(event: ConnectionTerminated) -> TransportError:
-    try:
-        msg = json.loads(event.additional_data or b"")
-        return TransportError(
-            int(msg["code"]), str(msg["reason"]), application=bool(msg["application"]),
-            remote=True,
-        )
-    except (ValueError, KeyError, TypeError):
-        code = int(event.error_code or 0)
-        try:
-            name = ErrorCodes(code).name
-        except ValueError:
-            name = f"error {code:#x}"
-        return TransportError(code, f"HTTP/2 GOAWAY {name}", application=False, remote=True)
-
-
-# ------------------------------------------------------------------------------- protocol
-
-
-class _Protocol(asyncio.Protocol):
-    """TLS over a plain TCP transport through ``ssl.MemoryBIO`` (not asyncio's sslproto).
-
-    Doing TLS ourselves means a handshake failure still *sends* its alert (asyncio drops it),
-    so a client whose certificate OpenSSL rejected learns why; a rejected handshake is logged
-    by the server; and a TLS alert after the handshake (TLS 1.3 clients finish before the server
-    judged their certificate) is reported to the owner with its reason.
-
-    It also acts as the owner's transport (write/close/abort/get_extra_info/buffer limits).
-    ``on_ready(protocol, exc)`` is called once, when the handshake succeeded (exc None) or
-    failed. Decrypted bytes and the loss are buffered until ``attach(owner)``.
-    """
-
-    def __init__(
-        self,
-        ctx: ssl.SSLContext,
-        *,
-        server_side: bool,
-        on_ready: Any,
-        handshake_timeout: float,
-        server_hostname: str | None = None,
-    ) -> None:
-        self._ctx = ctx
-        self._server_side = server_side
-        self._server_hostname = server_hostname
-        self._on_ready = on_ready
-        self._handshake_timeout = handshake_timeout
-        self.owner: _TcpConnection | None = None
-        self.tcp: asyncio.Transport | None = None
-        self.sslobj: ssl.SSLObject | None = None
-        self._in = ssl.MemoryBIO()
-        self._out = ssl.MemoryBIO()
-        self._state = "handshake"  # -> "open" -> "closed"
-        self._timer: asyncio.TimerHandle | None = None
-        self._early: list[bytes] = []
-        self._lost: tuple[Exception | None] | None = None
-        self.paused = False
-
-    # -- asyncio.Protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.tcp = transport  # type: ignore[assignment]
-        self.sslobj = self._ctx.wrap_bio(
-            self._in, self._out, server_side=self._server_side,
-            server_hostname=self._server_hostname,
-        )
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._handshake_timeout, self._on_handshake_timeout)
-        self._handshake()
-
-    def data_received(self, data: bytes) -> None:
-        if self._state == "closed":
-            return  # nothing more is read from a closed connection: do not buffer it either
-        self._in.write(data)
-        if self._state == "handshake":
-            self._handshake()
-        elif self._state == "open":
-            self._read()
-
-    def eof_received(self) -> bool | None:
-        return None  # close the transport; connection_lost follows
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._state == "handshake":
-            self._ready(exc or ConnectionResetError("connection closed during the TLS handshake"))
-        self._state = "closed"
-        self._lost_with(exc)
-
-    def pause_writing(self) -> None:
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        if self.owner is not None:
-            self.owner._wake_writers()
-
-    # -- TLS
-
-    def _flush_tls(self) -> None:
-        data = self._out.read()
-        if data and self.tcp is not None and not self.tcp.is_closing():
-            self.tcp.write(data)
-
-    def _handshake(self) -> None:
-        assert self.sslobj is not None and self.tcp is not None
-        try:
-            self.sslobj.do_handshake()
-        except ssl.SSLWantReadError:
-            self._flush_tls()
-            return
-        except (ssl.SSLError, ValueError) as exc:  # ValueError: bad server_hostname
-            self._flush_tls()  # the alert telling the peer why
-            self._state = "closed"
-            self.tcp.close()
-            self._ready(exc)
-            return
-        self._flush_tls()
-        self._state = "open"
-        self._ready(None)
-        if self._state == "open" and self._in.pending:
-            self._read()
-
-    def _on_handshake_timeout(self) -> None:
-        if self._state == "handshake" and self.tcp is not None:
-            self._state = "closed"
-            self.tcp.abort()
-            self._ready(TimeoutError("TLS handshake timed out"))
-
-    def _ready(self, exc: BaseException | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        cb, self._on_ready = self._on_ready, None
-        if cb is not None:
-            cb(self, exc)
-
-    def _read(self) -> None:
-        assert self.sslobj is not None and self.tcp is not None
-        chunks: list[bytes] = []
-        end: tuple[Exception | None] | None = None
-        while True:
-            try:
-                chunk = self.sslobj.read(1 << 18)
-            except ssl.SSLWantReadError:
-                break
-            except ssl.SSLZeroReturnError:  # close_notify
-                end = (None,)
-                break
-            except ssl.SSLError as exc:  # an alert, or garbage
-                end = (exc,)
-                break
-            if not chunk:
-                end = (None,)
-                break
-            chunks.append(chunk)
-        self._flush_tls()  # post-handshake messages (key update) may need an answer
-        if chunks:
-            data = b"".join(chunks) if len(chunks) > 1 else chunks[0]
-            if self.owner is None:
-                self._early.append(data)
-            else:
-                self.owner._on_data(data)
-        if end is not None:
-            self._state = "closed"
-            self.tcp.close()
-            self._lost_with(end[0])
-
-    def _lost_with(self, exc: Exception | None) -> None:
-        if self.owner is None:
-            if self._lost is None:
-                self._lost = (exc,)
-        else:
-            self.owner._on_lost(exc)
-
-    def attach(self, owner: _TcpConnection) -> None:
-        self.owner = owner
-        for data in self._early:
-            owner._on_data(data)
-        self._early.clear()
-        if self._lost is not None:
-            owner._on_lost(self._lost[0])
-
-    # -- transport surface for the owner
-
-    def write(self, data: bytes) -> None:
-        if self._state != "open" or self.sslobj is None:
-            return
-        self.sslobj.write(data)
-        self._flush_tls()
-
-    def close(self) -> None:
-        if self.tcp is None or self.tcp.is_closing():
-            return
-        if self._state == "open" and self.sslobj is not None:
-            with contextlib.suppress(ssl.SSLError):
-                self.sslobj.unwrap()  # queues close_notify; WantRead: we do not wait for theirs
-            self._flush_tls()
-        self._state = "closed"
-        if self.tcp.can_write_eof():
-            # Half-close: a peer that is writing right now still reads our last frames (the
-            # GOAWAY with a refusal's reason); a full close would answer its data with a reset
-            # that destroys them. The owner aborts the socket after CLOSE_GRACE.
-            self.tcp.write_eof()
-        else:
-            self.tcp.close()
-
-    def abort(self) -> None:
-        self._state = "closed"
-        if self.tcp is not None:
-            self.tcp.abort()
-
-    def stop_reading(self) -> None:
-        """Read nothing more from the peer (an abusive one): the kernel's buffers push back."""
-        if self.tcp is not None and not self.tcp.is_closing():
-            with contextlib.suppress(RuntimeError):
-                self.tcp.pause_reading()
-
-    def is_closing(self) -> bool:
-        return self.tcp is None or self.tcp.is_closing()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name == "ssl_object":
-            return self.sslobj
-        return self.tcp.get_extra_info(name, default) if self.tcp is not None else default
-
-    def set_write_buffer_limits(self, high: int, low: int) -> None:
-        assert self.tcp is not None
-        self.tcp.set_write_buffer_limits(high=high, low=low)
-
-    def get_write_buffer_size(self) -> int:
-        return self.tcp.get_write_buffer_size() if self.tcp is not None else 0
-
-
-# ------------------------------------------------------------------------------- streams
-
-
-class _TcpStream(BufferedReads, Stream):
-    """A bidirectional HTTP/2 stream with the QUIC stream's contract.
-
-    Memory bound: the receiving side holds at most ``stream_window`` unread bytes (HTTP/2 flow
-    control; credit is returned via ``acknowledge_received_data`` only as ``read()`` consumes).
-    ``write()`` hands data to HTTP/2 only within the peer's window and while the connection's
-    TLS write buffer is below the send high-water mark, else it waits.
-    """
-
-    def __init__(self, conn: _TcpConnection, stream_id: int) -> None:
-        self.id = stream_id
-        self.bytes_sent = 0
-        self.bytes_received = 0
+    def __init__(self, conn: _TcpConnection) -> None:
         self._conn = conn
-        self._rbuf: deque[bytes] = deque()
-        self._rbuf_len = 0
-        self._eof = False
-        self._read_error: TransportError | None = None
-        self._write_error: TransportError | None = None
-        self._fin_sent = False
-        self._read_waiter: asyncio.Future[None] | None = None
-        self._write_waiter: asyncio.Future[None] | None = None
 
-    def __repr__(self) -> str:
-        return f"<TcpStream {self.id} sent={self.bytes_sent} received={self.bytes_received}>"
-
-    @property
-    def receive_buffered(self) -> int:
-        """Bytes received but not yet read (never above the stream window)."""
-        return self._rbuf_len
-
-    @property
-    def send_buffered(self) -> int:
-        """Bytes written on this *connection* not yet handed to the kernel (shared by streams)."""
-        return self._conn.send_buffered
-
-    # -- reading
-
-    def _consumed(self, n: int) -> None:
-        self._conn._ack(self.id, n)
-        self._conn._maybe_forget(self)
-
-    def _feed(self, data: bytes, flow_len: int) -> None:
-        if flow_len > len(data):  # padding: nothing to hold, credit it back now
-            self._conn._ack(self.id, flow_len - len(data))
-        if self._read_error is not None or self._eof:
-            self._conn._ack(self.id, len(data))
-        elif data:
-            self._rbuf.append(data)
-            self._rbuf_len += len(data)
-        wake(self._read_waiter)
-
-    def _feed_eof(self) -> None:
-        if self._read_error is None:
-            self._eof = True
-        wake(self._read_waiter)
-        self._conn._maybe_forget(self)
-
-    def _drop_unread(self) -> None:
-        if self._rbuf_len:
-            self._conn._ack(self.id, self._rbuf_len)
-        self._rbuf.clear()
-        self._rbuf_len = 0
-
-    # -- writing
-
-    def _check_writable(self) -> None:
-        if self._write_error is not None:
-            raise self._write_error
-        if self._conn._error is not None:
-            raise self._conn._error
-        if self._fin_sent:
-            raise TransportError(ErrorCode.INTERNAL, "write after write_eof()", remote=False)
-
-    async def write(self, data: bytes) -> None:
-        view = memoryview(bytes(data))
+    def send_room(self, stream: CoreStream) -> int:
         conn = self._conn
-        h2 = conn._h2
-        while True:
-            self._check_writable()
-            window = 0
-            if not conn._protocol.paused:
-                try:
-                    window = h2.local_flow_control_window(self.id)
-                except StreamClosedError:  # the peer reset it and h2 already forgot it
-                    self._write_error = self._write_error or StreamReset(
-                        ErrorCode.STREAM_ABORTED, "stream closed by peer", remote=True
-                    )
-                    continue
-            if not view:
-                return
-            n = min(len(view), window, h2.max_outbound_frame_size)
-            if n <= 0:
-                conn._blocked_writers.add(self)
-                self._write_waiter = conn._loop.create_future()
-                try:
-                    await self._write_waiter
-                finally:
-                    self._write_waiter = None
-                    conn._blocked_writers.discard(self)
-                continue
-            chunk, view = view[:n], view[n:]
-            h2.send_data(self.id, bytes(chunk))
-            self.bytes_sent += n
-            conn._flush()
+        if conn._protocol.paused:
+            return 0
+        room = conn._wire.send_room(stream.id)
+        if room is None:  # the peer reset it and h2 already forgot it
+            stream._write_error = stream._write_error or StreamReset(
+                ErrorCode.STREAM_ABORTED, "stream closed by peer", remote=True
+            )
+            return 0
+        return room
 
-    def write_eof(self) -> None:
-        if self._fin_sent or self._write_error is not None or self._conn._error is not None:
-            return
-        self._fin_sent = True
-        with contextlib.suppress(StreamClosedError):
-            self._conn._h2.end_stream(self.id)
+    def send_data(self, stream_id: int, data: bytes) -> None:
+        self._conn._wire.send_data(stream_id, data)
         self._conn._flush()
-        self._conn._maybe_forget(self)
 
-    def reset(self, code: int = 0) -> None:
-        """Abort both directions (RST_STREAM ``code``; HTTP/2 codes are 32 bits)."""
-        if not 0 <= code <= MAX_H2_CODE:
-            raise ValueError(f"reset code {code} does not fit HTTP/2's 32 bits")
-        err = StreamReset(code, "reset locally", remote=False)
-        conn = self._conn
-        if conn._error is None and not (self._write_error and self._read_error):
-            with contextlib.suppress(StreamClosedError, H2Error):
-                conn._h2.reset_stream(self.id, code)
-            conn._flush()
-        self._write_error = self._write_error or err
-        self._read_error = self._read_error or err
-        self._drop_unread()
-        wake(self._read_waiter)
-        wake(self._write_waiter)
-        conn._maybe_forget(self)
+    def send_fin(self, stream_id: int) -> None:
+        self._conn._wire.end_stream(stream_id)
+        self._conn._flush()
 
-    # -- events
+    def send_reset(self, stream_id: int, code: int, *, sending: bool, receiving: bool) -> None:
+        # RST_STREAM aborts both directions at once (RESET_STREAM + STOP_SENDING in QUIC terms)
+        self._conn._wire.reset_stream(stream_id, code)
+        self._conn._flush()
 
-    def _on_peer_reset(self, code: int) -> None:
-        err = StreamReset(code, "stream reset by peer", remote=True)
-        self._read_error = self._read_error or err
-        self._write_error = self._write_error or StreamReset(
-            code, "peer stopped reading", remote=True
-        )
-        self._drop_unread()
-        wake(self._read_waiter)
-        wake(self._write_waiter)
-        self._conn._maybe_forget(self)
+    def consumed(self, stream_id: int, n: int, total: int) -> None:
+        self._conn._ack(stream_id, n)
 
-    def _done(self) -> bool:
-        read_done = self._read_error is not None or (self._eof and not self._rbuf)
-        write_done = self._write_error is not None or self._fin_sent
-        return read_done and write_done
+    def discarded(self, stream_id: int, n: int) -> None:
+        self._conn._ack(stream_id, n)  # dropped unread: its window is free again
+
+    def forget(self, stream_id: int) -> None:
+        wake(self._conn._stream_slot_waiter)
+
+    def buffered(self, stream_id: int) -> tuple[int, int]:
+        # received bytes all sit in the core's buffer; sent ones in the connection's TLS buffer
+        return 0, self._conn.send_buffered
+
+    def send_ping(self, uid: int) -> None:
+        self._conn._wire.ping(uid)
+        self._conn._flush()
+
+    def close(self, code: int, reason: str, first: bool) -> None:
+        if first:
+            self._conn._send_goaway(code, reason, application=True)
+        self._conn._close_transport()
 
 
 # --------------------------------------------------------------------------- connections
 
 
-class _TcpConnection(Connection):
+class _TcpConnection(CoreConnection):
+    """A TLS/TCP connection: the core's streams as HTTP/2 streams (see the module docstring).
+
+    Memory bound per stream: the receiving side holds at most ``stream_window`` unread bytes
+    (HTTP/2 flow control; credit is returned via ``acknowledge_received_data`` only as
+    ``read()`` consumes); ``write()`` hands data to HTTP/2 only within the peer's window and
+    while the connection's TLS write buffer is below the send high-water mark, else it waits.
+    """
+
     transport_name = "tcp"
 
     def __init__(
         self,
-        protocol: _Protocol,
+        protocol: TLSProtocol,
         *,
         is_client: bool,
         stream_window: int,
@@ -725,71 +233,33 @@ class _TcpConnection(Connection):
         idle_timeout: float,
         server_name: str = "",
     ) -> None:
+        super().__init__(is_client=is_client)
         self._protocol = protocol
         self._transport = protocol
-        self._loop = asyncio.get_running_loop()
-        self._is_client = is_client
+        self._session = _TcpSession(self)
         self._stream_window = stream_window
         self._send_high_water = send_high_water
         self._server_name = server_name
         self._transport.set_write_buffer_limits(
             high=send_high_water, low=send_high_water // 2
         )
-        self.peer_certificate: x509.Certificate | None = _peer_leaf(self._transport)
+        self.peer_certificate = peer_leaf(self._transport)
         sslobj = self._transport.get_extra_info("ssl_object")
-        self.alpn: str = (sslobj.selected_alpn_protocol() if sslobj else None) or ""
-        self.on_path_change = None
+        self.alpn = (sslobj.selected_alpn_protocol() if sslobj else None) or ""
         #: the fleet CA the server sent in the hello (client side)
         self.peer_ca: x509.Certificate | None = None
-        config = H2Configuration(client_side=is_client, header_encoding="utf-8")
-        self._h2 = H2Connection(config=config)
-        # Our settings from the first SETTINGS frame on (h2 sends ``local_settings`` in the
-        # preface); until the peer read them it assumes the smaller HTTP/2 defaults.
-        self._h2.local_settings = Settings(client=is_client, initial_values={
-            SettingCodes.INITIAL_WINDOW_SIZE: stream_window,
-            SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
-            SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
-            SettingCodes.MAX_HEADER_LIST_SIZE: 16384,
-        })
-        self._h2.max_inbound_frame_size = MAX_FRAME_SIZE
-        self._h2_started = False
-        #: server side: the control-frame budget of this peer (see ControlFrameMeter)
-        self._meter: ControlFrameMeter | None = None
-        self._streams: dict[int, _TcpStream] = {}
-        self._accept: deque[_TcpStream] = deque()
-        self._accept_waiter: asyncio.Future[None] | None = None
-        self._pending: list[_TcpStream] = []  # server: peer streams before authorization
-        self._authorized = is_client
-        self._blocked_writers: set[_TcpStream] = set()
+        #: the fleet protocol over HTTP/2, sans-I/O (this class feeds it and writes its bytes)
+        self._wire = FleetH2Session(
+            client=is_client, stream_window=stream_window, server_name=server_name
+        )
         self._stream_slot_waiter: asyncio.Future[None] | None = None
-        self._error: TransportError | None = None
-        self._closed_locally = False
-        self._terminated = asyncio.Event()
-        self._pings: dict[bytes, asyncio.Future[None]] = {}
-        self._ping_seq = 0
-        self._keepalive_task: asyncio.Task[None] | None = None
         self._idle_timeout = idle_timeout
         self._idle_handle: asyncio.TimerHandle | None = None
         self._close_handle: asyncio.TimerHandle | None = None
-        # hello (client: the answer; server: nothing)
-        self._hello_sid: int | None = None
-        self._hello_headers: dict[str, str] = {}
-        self._hello_body = bytearray()
+        #: client: the server's hello answer arrived
         self._hello_done: asyncio.Future[None] = self._loop.create_future()
-        # reverse streams: client = its idle pool requests; server = claimable ones
-        self._reverse_pool: deque[int] = deque()
-        self._reverse_target = 0
+        #: server: waiting for the client to offer a reverse request
         self._pool_waiter: asyncio.Future[None] | None = None
-        #: streams the peer opened (delivered or held), for tests and metrics
-        self.peer_streams = 0
-        self.rtt: float | None = None
-        #: loop.time() of the last bytes received from the peer
-        self.last_received = self._loop.time()
-        #: present for parity with QUIC (a TCP socket reports send errors as connection loss)
-        self.on_send_error: Any = None
-        self.send_errors = 0
-        self.migrations = 0
-        self.path_changes: list[Any] = []
         protocol.attach(self)
 
     def __repr__(self) -> str:
@@ -809,8 +279,12 @@ class _TcpConnection(Connection):
         return normalize_address(sock) if sock else ("", 0)
 
     @property
-    def is_closed(self) -> bool:
-        return self._error is not None
+    def rtt(self) -> float | None:
+        """Round-trip time of the last ``ping()`` (None before one was answered).
+
+        A TCP socket reports send errors as a lost connection: ``on_send_error`` never fires.
+        """
+        return self._ping_rtt
 
     @property
     def idle_timeout(self) -> float:
@@ -822,40 +296,28 @@ class _TcpConnection(Connection):
         """Bytes handed to TLS but not yet to the kernel (bounded by the send high-water)."""
         return self._transport.get_write_buffer_size()
 
+    @property
+    def _h2(self) -> Any:
+        """h2's connection under the session (tests and memory checks look at it)."""
+        return self._wire.h2
+
     # -- h2 plumbing
 
     def _start_h2(self) -> None:
-        self._h2.initiate_connection()
-        # Connection window = sum of all stream windows: it never binds before the per-stream
-        # windows do, so one stalled stream cannot starve the others (as with QUIC).
-        target = min(MAX_CONCURRENT_STREAMS * self._stream_window, 2**31 - 1)
-        grow = target - self._h2.inbound_flow_control_window
-        if grow > 0:
-            self._h2.increment_flow_control_window(grow)
-        self._h2_started = True
+        self._wire.start()
         self._flush()
         self._arm_idle()
 
     def _flush(self) -> None:
-        data = self._h2.data_to_send()
+        data = self._wire.data_to_send()
         if data and not self._transport.is_closing():
             self._transport.write(data)
 
     def _ack(self, sid: int, n: int) -> None:
         if n <= 0 or self._error is not None:
             return
-        with contextlib.suppress(H2Error):
-            self._h2.acknowledge_received_data(n, sid)
+        self._wire.ack(sid, n)
         self._flush()
-
-    def _wake_writers(self) -> None:
-        for stream in list(self._blocked_writers):
-            wake(stream._write_waiter)
-
-    def _maybe_forget(self, stream: _TcpStream) -> None:
-        if stream._done():
-            self._streams.pop(stream.id, None)
-            wake(self._stream_slot_waiter)
 
     # -- streams
 
@@ -863,235 +325,112 @@ class _TcpConnection(Connection):
         """Open a stream: a ``POST /fleet/stream`` request on the client side (no round trip);
         on the server side claim one of the client's idle reverse streams (no round trip while
         the pool lasts; see the module docstring)."""
-        if self._error is not None:
-            raise self._error
-        if not self._authorized:
-            raise TransportError(ErrorCode.INTERNAL, "connection not authorized yet", remote=False)
-        if self._is_client:
-            return await self._open_client_stream(STREAM_PATH)
+        self._check_open()
         while True:
             if self._error is not None:
                 raise self._error
-            if not self._reverse_pool:
-                self._pool_waiter = self._loop.create_future()
-                try:
-                    await self._pool_waiter
-                finally:
-                    self._pool_waiter = None
-                continue
-            sid = self._reverse_pool.popleft()
-            try:
-                self._h2.send_headers(sid, [(":status", "200")])
-            except StreamClosedError:  # the client withdrew it meanwhile: take the next
-                continue
-            stream = _TcpStream(self, sid)
-            self._streams[sid] = stream
-            self._flush()
-            return stream
-
-    async def _open_client_stream(self, path: str) -> _TcpStream:
-        while True:
-            if self._error is not None:
-                raise self._error
-            if self._h2.open_outbound_streams < self._h2.remote_settings.max_concurrent_streams:
+            if self._is_client and self._wire.can_open_stream():
+                sid = self._wire.open_stream()
                 break
-            self._stream_slot_waiter = self._loop.create_future()
+            if not self._is_client and (sid := self._wire.claim_reverse()) is not None:
+                break
+            waiter = self._loop.create_future()
+            if self._is_client:  # a stream slot frees when one ends or the peer allows more
+                self._stream_slot_waiter = waiter
+            else:  # the client offers a new reverse request about one round trip later
+                self._pool_waiter = waiter
             try:
-                await self._stream_slot_waiter
+                await waiter
             finally:
-                self._stream_slot_waiter = None
-        sid = self._h2.get_next_available_stream_id()
-        stream = _TcpStream(self, sid)
-        if path == STREAM_PATH:
-            self._streams[sid] = stream
-        self._h2.send_headers(sid, self._request_headers(path))
+                self._stream_slot_waiter = self._pool_waiter = None
+        stream = self._add_stream(CoreStream(self, sid))
         self._flush()
         return stream
 
-    def _request_headers(self, path: str, end: bool = False) -> list[tuple[str, str]]:
-        headers = [
-            (":method", "GET" if end else "POST"),
-            (":scheme", "https"),
-            (":authority", self._server_name or "fleet"),
-            (":path", path),
-        ]
-        if path == HELLO_PATH:
-            headers.append(("fleet-idle-timeout", f"{self._idle_timeout:g}"))
-        return headers
-
-    async def accept_stream(self) -> Stream:
-        while True:
-            if self._accept:
-                return self._accept.popleft()
-            if self._error is not None:
-                raise self._error
-            self._accept_waiter = self._loop.create_future()
-            try:
-                await self._accept_waiter
-            finally:
-                self._accept_waiter = None
-
-    def _deliver(self, stream: _TcpStream) -> None:
-        self.peer_streams += 1
-        self._streams[stream.id] = stream
-        if self._authorized:
-            self._accept.append(stream)
-            wake(self._accept_waiter)
-        else:
-            self._pending.append(stream)
-
     def _replenish_pool(self) -> None:
-        """Client: keep ``_reverse_target`` idle reverse requests open at the server."""
-        h2 = self._h2
-        while (
-            self._error is None
-            and len(self._reverse_pool) < self._reverse_target
-            and h2.open_outbound_streams < h2.remote_settings.max_concurrent_streams
-        ):
-            sid = h2.get_next_available_stream_id()
-            h2.send_headers(sid, self._request_headers(REVERSE_PATH))
-            self._reverse_pool.append(sid)
+        """Client: keep the hello's number of idle reverse requests open at the server."""
+        if self._error is None:
+            self._wire.replenish_pool()
         self._flush()
 
     # -- incoming
 
     def _on_data(self, data: bytes) -> None:
         self.last_received = self._loop.time()
-        if self._error is not None or not self._h2_started:
+        if self._error is not None or not self._wire.started:
             return
-        if self._meter is not None and not self._meter.feed(data, self.last_received, self._frame_budget()):
-            self._calm_down()
-            return
-        try:
-            events = self._h2.receive_data(data)
-        except H2Error as exc:
-            log.info("HTTP/2 protocol error from %s: %s", self.remote_address, exc)
-            self._flush()  # h2 queued a GOAWAY
-            self._fail(TransportError(
-                ErrorCodes.PROTOCOL_ERROR, f"HTTP/2 protocol error: {exc}",
-                application=False, remote=False,
-            ))
-            self._transport.close()
-            return
-        for event in events:
-            try:
-                self._on_event(event)
-            except H2Error as exc:  # e.g. a stream the peer closed meanwhile
-                log.debug("ignored h2 error on %s: %s", event, exc)
+        for event in self._wire.receive(data, self.last_received, self._frame_budget()):
+            self._on_wire_event(event)
+            if self._error is not None and isinstance(event, wire.Closed):
+                return
         self._flush()
 
-    def _on_event(self, event: Any) -> None:
-        if isinstance(event, DataReceived):
-            sid = event.stream_id
-            if sid == self._hello_sid:
-                self._hello_body += event.data
-                self._ack(sid, event.flow_controlled_length)
-                return
-            stream = self._streams.get(sid)
-            if stream is None:
-                self._ack(sid, event.flow_controlled_length)  # forgotten or unknown stream
+    def _on_wire_event(self, event: wire.Event) -> None:
+        if isinstance(event, wire.StreamData):
+            stream = self._streams.get(event.stream_id)
+            if stream is None:  # forgotten or unknown stream
+                self._ack(event.stream_id, event.flow_len)
             else:
-                stream._feed(event.data, event.flow_controlled_length)
-        elif isinstance(event, StreamEnded):
-            sid = event.stream_id
-            if sid == self._hello_sid:
-                wake(self._hello_done)
-            elif (stream := self._streams.get(sid)) is not None:
-                stream._feed_eof()
-            elif sid in self._reverse_pool and not self._is_client:
-                # the client withdrew a pool request: it is of no use any more
-                self._reverse_pool.remove(sid)
-        elif isinstance(event, H2StreamReset):
-            sid = event.stream_id
-            if sid in self._reverse_pool:
-                self._reverse_pool.remove(sid)
-                if self._is_client:
-                    self._replenish_pool()
-            stream = self._streams.get(sid)
-            if stream is not None:
-                stream._on_peer_reset(int(event.error_code))
+                if event.flow_len > len(event.data):  # padding: credit it now
+                    self._ack(event.stream_id, event.flow_len - len(event.data))
+                stream.feed(event.data)
+        elif isinstance(event, wire.StreamEnd):
+            if (stream := self._streams.get(event.stream_id)) is not None:
+                stream.feed_eof()
+        elif isinstance(event, wire.StreamAborted):
+            if (stream := self._streams.get(event.stream_id)) is not None:
+                stream.on_peer_reset(event.code)  # RST_STREAM ends both directions
+                stream.on_stop_sending(event.code)
             wake(self._stream_slot_waiter)
-        elif isinstance(event, RequestReceived):
-            self._on_request(event)
-        elif isinstance(event, ResponseReceived):
-            self._on_response(event)
-        elif isinstance(event, WindowUpdated | RemoteSettingsChanged):
+        elif isinstance(event, wire.PeerStream):
+            self._deliver(CoreStream(self, event.stream_id))
+        elif isinstance(event, wire.PoolGrew):
+            wake(self._pool_waiter)
+        elif isinstance(event, wire.HelloRequested):
+            self._on_hello_request(event.headers)
+        elif isinstance(event, wire.HelloAnswered):
+            wake(self._hello_done)
+        elif isinstance(event, wire.SendRoom):
             self._wake_writers()
             wake(self._stream_slot_waiter)
-        elif isinstance(event, PingAckReceived):
-            wake(self._pings.get(bytes(event.ping_data)))
-        elif isinstance(event, ConnectionTerminated):
-            self._fail(_parse_goaway(event))
-            self._transport.close()
+        elif isinstance(event, wire.PingAnswered):
+            self._ping_acked(event.uid)
+        elif isinstance(event, wire.Closed):
+            self._on_closed(event)
 
-    def _on_request(self, event: RequestReceived) -> None:  # server side
-        headers = dict(event.headers or [])
-        path = headers.get(":path", "")
-        sid = event.stream_id
-        if path == STREAM_PATH:
-            self._h2.send_headers(sid, [(":status", "200")])
-            self._deliver(_TcpStream(self, sid))
-        elif path == REVERSE_PATH:
-            self._reverse_pool.append(sid)
-            wake(self._pool_waiter)
-        elif path == HELLO_PATH and self._hello_sid is None:
-            self._hello_sid = sid
-            self._on_hello_request(headers)
-        else:
-            self._h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+    def _on_closed(self, event: wire.Closed) -> None:
+        self._flush()  # our GOAWAY, if the session queued one
+        err = event.error
+        if event.stop_reading:
+            # Too many control frames: nothing more is read from the peer; handlers waiting
+            # on the connection see the reason.
+            log.warning("closing the TLS/TCP connection from %s (ALPN %s, %s): %s",
+                        self.remote_address, self.alpn,
+                        "with certificate" if self.peer_certificate is not None else
+                        "no certificate", err.reason)
+            self._fail(err)
+            self._protocol.stop_reading()
+            self._close_transport()
+            return
+        if not err.remote:
+            log.info("HTTP/2 protocol error from %s: %s", self.remote_address, err.reason)
+        self._fail(err)
+        self._transport.close()
 
     def _on_hello_request(self, headers: dict[str, str]) -> None:  # pragma: no cover
         raise NotImplementedError  # server only
 
-    def _on_response(self, event: ResponseReceived) -> None:  # client side
-        sid = event.stream_id
-        if sid == self._hello_sid:
-            self._hello_headers = dict(event.headers or [])
-        elif sid in self._reverse_pool:
-            # the server claimed an idle reverse stream: it is a server-opened stream now
-            self._reverse_pool.remove(sid)
-            self._deliver(_TcpStream(self, sid))
-            self._replenish_pool()
-
     def _frame_budget(self) -> FrameBudget:
         return AUTHENTICATED_BUDGET
-
-    def _calm_down(self) -> None:
-        """The peer sent more control frames than its budget: GOAWAY(ENHANCE_YOUR_CALM), close.
-
-        Nothing more is read from it; handlers waiting on the connection see the reason.
-        """
-        meter, self._meter = self._meter, None
-        assert meter is not None
-        reason = (f"too many HTTP/2 control frames ({meter.frames} SETTINGS, PING, WINDOW_UPDATE, "
-                  f"RST_STREAM, PRIORITY, HEADERS or empty DATA; allowed: {meter.budget.burst:g} at "
-                  f"once, {meter.budget.rate:g} a second)")
-        log.warning("closing the TLS/TCP connection from %s (ALPN %s, %s): %s", self.remote_address,
-                    self.alpn, "with certificate" if self.peer_certificate is not None else
-                    "no certificate", reason)
-        self._fail(TransportError(ErrorCodes.ENHANCE_YOUR_CALM, reason, application=False, remote=False))
-        self._send_goaway(ErrorCodes.ENHANCE_YOUR_CALM, reason, application=False)
-        self._protocol.stop_reading()
-        self._close_transport()
 
     # -- close
 
     def close(self, code: int = 0, reason: str = "") -> None:
         """Close with ``code``/``reason`` (a GOAWAY, see the module docstring)."""
-        if self._error is None:
-            self._closed_locally = True
-            self._fail(TransportError(code, reason or "closed locally", remote=False))
-            self._send_goaway(code, reason, application=True)
-        self._close_transport()
+        super().close(code, reason)
 
     def _send_goaway(self, code: int, reason: str, *, application: bool) -> None:
-        if not self._h2_started:
-            self._start_h2()
-        h2_code = code if 0 <= code <= MAX_H2_CODE else ErrorCodes.INTERNAL_ERROR
-        with contextlib.suppress(H2Error):
-            self._h2.close_connection(
-                error_code=h2_code, additional_data=_close_payload(code, reason, application)
-            )
+        self._wire.goaway(code, reason, application=application)
         self._flush()
 
     def _close_transport(self) -> None:
@@ -1111,7 +450,7 @@ class _TcpConnection(Connection):
     def _on_lost(self, exc: Exception | None) -> None:
         if self._error is None:
             if isinstance(exc, ssl.SSLError):
-                self._fail(_ssl_error(exc, host=self._peer_label()))
+                self._fail(ssl_error(exc, host=self._peer_label()))
             else:
                 detail = f": {exc}" if exc else ""
                 self._fail(TransportError(
@@ -1122,85 +461,25 @@ class _TcpConnection(Connection):
     def _peer_label(self) -> str:
         return self._server_name or "the peer"
 
-    async def wait_closed(self) -> TransportError | None:
-        """Wait until the connection is over. None if we closed it, else why it ended."""
-        await self._terminated.wait()
-        return None if self._closed_locally else self._error
-
-    def _fail(self, error: TransportError) -> None:
-        if self._error is not None:
-            return
-        self._error = error
+    def _on_fail(self, error: TransportError) -> None:
         if not self._hello_done.done():
             self._hello_done.set_exception(error)
             self._hello_done.exception()
-        for fut in self._pings.values():
-            if not fut.done():
-                fut.set_exception(error)
-                fut.exception()
-        wake(self._accept_waiter)
         wake(self._pool_waiter)
         wake(self._stream_slot_waiter)
-        for stream in list(self._streams.values()):
-            wake(stream._read_waiter)
-            wake(stream._write_waiter)
-        if self._keepalive_task is not None:
-            self._keepalive_task.cancel()
         if self._idle_handle is not None:
             self._idle_handle.cancel()
-        self._pending.clear()
-
-    def _terminate(self) -> None:
-        if self._error is None:
-            self._fail(TransportError(0, "connection terminated", remote=False))
-        if self._terminated.is_set():
-            return
-        self._terminated.set()
-        if self._close_handle is not None:
-            self._close_handle.cancel()
-        self._on_terminated()
 
     def _on_terminated(self) -> None:
-        pass
+        if self._close_handle is not None:
+            self._close_handle.cancel()
 
-    # -- ping / keepalive / idle
-
-    def _send_ping(self, payload: bytes) -> None:
-        self._h2.ping(payload)
-        self._flush()
-
-    def send_ping(self) -> None:
-        """Send one PING now without waiting for its acknowledgement (a liveness probe)."""
-        if self._error is None:
-            self._send_ping(b"\0" * 8)
+    # -- ping / idle
 
     async def ping(self, timeout: float) -> float:
         """Round-trip time of an HTTP/2 PING (through the TCP send queue: a full send buffer
         delays it). Raises TimeoutError, or the TransportError that closed the connection."""
-        if self._error is not None:
-            raise self._error
-        self._ping_seq += 1
-        payload = self._ping_seq.to_bytes(8, "big")
-        fut: asyncio.Future[None] = self._loop.create_future()
-        self._pings[payload] = fut
-        start = self._loop.time()
-        self._send_ping(payload)
-        try:
-            async with asyncio.timeout(timeout):
-                await fut
-        except TimeoutError:
-            raise TimeoutError(f"no PING acknowledgement within {timeout:g}s") from None
-        finally:
-            self._pings.pop(payload, None)
-        self.rtt = self._loop.time() - start
-        return self.rtt
-
-    async def _keepalive(self, interval: float) -> None:
-        while self._error is None:
-            await asyncio.sleep(interval)
-            if self._error is not None:
-                return
-            self._send_ping(b"\0" * 8)
+        return await super().ping(timeout)
 
     def _arm_idle(self) -> None:
         if self._idle_timeout and self._idle_timeout > 0 and self._error is None:
@@ -1216,7 +495,7 @@ class _TcpConnection(Connection):
             return
         if self._loop.time() - self.last_received >= self._idle_timeout:
             reason = f"Idle timeout: nothing heard for {self._idle_timeout:g}s"
-            self._fail(TransportError(0, reason, application=False, remote=False))
+            self._fail(TransportError(0, reason, application=False, remote=False, kind="timeout"))
             self._send_goaway(0, reason, application=False)
             self._close_transport()
         else:
@@ -1228,12 +507,12 @@ class _TcpConnection(Connection):
         """A TCP connection is bound to its 4-tuple: always raises TransportError."""
         raise TransportError(
             ErrorCode.INTERNAL, "TCP connections cannot migrate; reconnect",
-            application=False, remote=False,
+            application=False, remote=False, kind="internal",
         )
 
 
 class _ServerConnection(AuthorizedServerConnection, _TcpConnection):
-    def __init__(self, protocol: _Protocol, server: _TcpServer) -> None:
+    def __init__(self, protocol: TLSProtocol, server: _TcpServer) -> None:
         super().__init__(
             protocol,
             is_client=False,
@@ -1244,7 +523,7 @@ class _ServerConnection(AuthorizedServerConnection, _TcpConnection):
         self._server = server
         self._authorize_task: asyncio.Task[None] | None = None
         # Sees exactly the bytes h2 sees: both start with the client preface after _begin().
-        self._meter = ControlFrameMeter(ANONYMOUS_BUDGET, self._loop.time())
+        self._wire.meter = ControlFrameMeter(ANONYMOUS_BUDGET, self._loop.time())
 
     def _frame_budget(self) -> FrameBudget:
         """Strict until authorize() let the peer in, and for good if it has no certificate."""
@@ -1256,19 +535,19 @@ class _ServerConnection(AuthorizedServerConnection, _TcpConnection):
         """After the TLS handshake: certificate policy, then hello/authorize."""
         server = self._server
         if self.alpn not in server._alpns:
-            self._refuse(_crypto(_ALERT_NO_APPLICATION_PROTOCOL),
+            self._refuse(crypto(ALERT_NO_APPLICATION_PROTOCOL),
                          f"no application protocol in common (offered none of {server._alpns})")
             return
         if self.peer_certificate is None and self.alpn not in server._anonymous:
-            self._refuse(_crypto(_ALERT_CERTIFICATE_REQUIRED),
+            self._refuse(crypto(ALERT_CERTIFICATE_REQUIRED),
                          f"a client certificate is required for ALPN {self.alpn!r}")
             return
         if self.peer_certificate is not None:
             try:
                 verify_peer_chain(self.peer_certificate, [], server._ca, purpose="client")
             except CertificateRejected as exc:
-                alert = _ALERT_CERTIFICATE_EXPIRED if exc.expired else _ALERT_BAD_CERTIFICATE
-                self._refuse(_crypto(alert), exc.reason)
+                alert = ALERT_CERTIFICATE_EXPIRED if exc.expired else ALERT_BAD_CERTIFICATE
+                self._refuse(crypto(alert), exc.reason)
                 return
         self._start_h2()
         self._authorize_task = self._loop.create_task(self._authorize_and_run())
@@ -1289,14 +568,7 @@ class _ServerConnection(AuthorizedServerConnection, _TcpConnection):
             if 0 < theirs < self._idle_timeout:
                 self._idle_timeout = theirs
                 self._arm_idle()
-        sid = self._hello_sid
-        assert sid is not None
-        self._h2.send_headers(sid, [
-            (":status", "200"),
-            ("fleet-reverse-pool", str(server._reverse_pool)),
-            ("fleet-idle-timeout", f"{self._idle_timeout:g}"),
-        ])
-        self._h2.send_data(sid, server._hello_pem, end_stream=True)
+        self._wire.answer_hello(server._reverse_pool, self._idle_timeout, server._hello_pem)
 
 
 
@@ -1331,13 +603,13 @@ class _TcpServer(Server):
         chain = [identity.ca] + [
             c for c in identity.cert_chain[1:] if c != identity.ca
         ]
-        self._hello_pem = b"".join(_pem(c) for c in chain)
+        self._hello_pem = b"".join(pem(c) for c in chain)
         self._connections: set[_ServerConnection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._aserver: asyncio.Server | None = None
         self._closed = asyncio.Event()
 
-    def _made(self, protocol: _Protocol, exc: BaseException | None) -> None:
+    def _made(self, protocol: TLSProtocol, exc: BaseException | None) -> None:
         if exc is not None:
             log.info("TLS handshake from %s failed: %s",
                      protocol.get_extra_info("peername"), exc)
@@ -1384,30 +656,6 @@ class _TcpServer(Server):
 # ------------------------------------------------------------------------- entry points
 
 
-async def _probe_leaf(
-    host: str, port: int, server_name: str, alpn: str, local_addr: Any, timeout: float
-) -> x509.Certificate | None:
-    """The certificate a server presents, fetched without verifying it and without sending
-    ours -- only to word the error when verification failed."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols([alpn])
-    loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(timeout):
-            transport, _ = await loop.create_connection(
-                asyncio.Protocol, host, port, ssl=ctx, server_hostname=server_name,
-                local_addr=local_addr, ssl_handshake_timeout=timeout,
-            )
-    except (OSError, TimeoutError):
-        return None
-    try:
-        return _peer_leaf(transport)
-    finally:
-        transport.abort()
-
-
 def _host_label(host: str, port: int, server_name: str) -> str:
     return server_name if server_name == host else f"{server_name} ({host}:{port})"
 
@@ -1442,11 +690,11 @@ async def connect(
         raise ValueError("connect() needs identity, ca (the pinned fleet CA) or ca_pin")
     loop = asyncio.get_running_loop()
     label = _host_label(host, port, server_name)
-    ctx = _client_context(identity, alpn, trust)
+    ctx = client_context(identity, alpn, trust)
     deadline = loop.time() + handshake_timeout
     ready: asyncio.Future[None] = loop.create_future()
 
-    def on_ready(_: _Protocol, exc: BaseException | None) -> None:
+    def on_ready(_: TLSProtocol, exc: BaseException | None) -> None:
         if ready.done():
             return
         if exc is None:
@@ -1454,7 +702,7 @@ async def connect(
         else:
             ready.set_exception(exc)
 
-    protocol = _Protocol(
+    protocol = TLSProtocol(
         ctx, server_side=False, on_ready=on_ready, handshake_timeout=handshake_timeout,
         server_hostname=server_name,
     )
@@ -1464,29 +712,33 @@ async def connect(
             await ready
     except ssl.SSLCertVerificationError as exc:
         assert trust is not None
-        leaf = await _probe_leaf(
+        leaf = await probe_leaf(
             host, port, server_name, alpn, local_addr, max(1.0, deadline - loop.time())
         )
         reason = f"server certificate not accepted by the pinned fleet CA: {exc.verify_message}"
+        kind = "tls"
         if leaf is not None:
             try:
                 verify_server_leaf(leaf, [], trust, server_name=server_name, host=label)
             except CertificateRejected as rej:
                 reason = rej.reason
+                kind = "intercepted" if rej.intercepted else "tls"
         raise TransportError(
-            _crypto(_ALERT_BAD_CERTIFICATE), reason, application=False, remote=False
+            crypto(ALERT_BAD_CERTIFICATE), reason, application=False, remote=False, kind=kind
         ) from None
     except ssl.SSLError as exc:
-        raise _ssl_error(exc, host=label) from None
+        raise ssl_error(exc, host=label) from None
     except TimeoutError:
         protocol.abort()
         raise TransportError(
-            0, f"TLS handshake with {host}:{port} timed out", application=False, remote=False
+            0, f"TLS handshake with {host}:{port} timed out", application=False, remote=False,
+            kind="timeout",
         ) from None
     except OSError as exc:
         protocol.abort()
         raise TransportError(
-            0, f"cannot reach {host}:{port} over TCP: {exc}", application=False, remote=False
+            0, f"cannot reach {host}:{port} over TCP: {exc}", application=False, remote=False,
+            kind="unreachable",
         ) from None
     except BaseException:
         protocol.abort()  # cancelled (e.g. lost a race): drop the half-open connection
@@ -1497,8 +749,8 @@ async def connect(
         idle_timeout=idle_timeout, server_name=server_name,
     )
 
-    def fail(code: int, reason: str, *, remote: bool = False) -> TransportError:
-        err = TransportError(code, reason, application=False, remote=remote)
+    def fail(code: int, reason: str, *, remote: bool = False, kind: str | None = None) -> TransportError:
+        err = TransportError(code, reason, application=False, remote=remote, kind=kind)
         conn._fail(err)
         conn._closed_locally = True
         conn._transport.abort()
@@ -1506,29 +758,28 @@ async def connect(
         return err
 
     if conn.alpn != alpn:
-        raise fail(_crypto(_ALERT_NO_APPLICATION_PROTOCOL),
+        raise fail(crypto(ALERT_NO_APPLICATION_PROTOCOL),
                    f"{label} did not agree on ALPN {alpn!r} over TLS/TCP")
     try:
         conn._start_h2()
-        sid = conn._h2.get_next_available_stream_id()
-        conn._hello_sid = sid
-        conn._h2.send_headers(sid, conn._request_headers(HELLO_PATH, end=True), end_stream=True)
+        conn._wire.send_hello(conn._idle_timeout)
         conn._flush()
         async with asyncio.timeout(max(0.0, deadline - loop.time())):
             await asyncio.shield(conn._hello_done)
     except TimeoutError:
         raise fail(0, f"no fleet hello from {host}:{port} within {handshake_timeout:g}s "
-                      "(not a fleet proxy, or the network interferes)") from None
+                      "(not a fleet proxy, or the network interferes)", kind="timeout") from None
     except TransportError:
         conn._close_transport()
         raise
     except BaseException:  # cancelled (e.g. lost a race)
-        fail(0, "connect() cancelled")
+        fail(0, "connect() cancelled", kind="closed")
         raise
-    if conn._hello_headers.get(":status") != "200":
-        raise fail(0, f"{label} answered the fleet hello with {conn._hello_headers}")
+    if conn._wire.hello_headers.get(":status") != "200":
+        raise fail(0, f"{label} answered the fleet hello with {conn._wire.hello_headers}",
+                   kind="protocol")
     try:
-        offered = x509.load_pem_x509_certificates(bytes(conn._hello_body))
+        offered = x509.load_pem_x509_certificates(bytes(conn._wire.hello_body))
     except ValueError:
         offered = []
     leaf = conn.peer_certificate
@@ -1539,18 +790,19 @@ async def connect(
         intermediates = [c for c in offered if c != trust]
         verify_server_leaf(leaf, intermediates, trust, server_name=server_name, host=label)
     except CertificateRejected as exc:
-        raise fail(_crypto(_ALERT_BAD_CERTIFICATE), exc.reason) from None
+        raise fail(crypto(ALERT_BAD_CERTIFICATE), exc.reason,
+                   kind="intercepted" if exc.intercepted else "tls") from None
     conn.peer_ca = trust
     with contextlib.suppress(ValueError):
-        theirs = float(conn._hello_headers.get("fleet-idle-timeout", ""))
+        theirs = float(conn._wire.hello_headers.get("fleet-idle-timeout", ""))
         if 0 < theirs < conn._idle_timeout:
             conn._idle_timeout = theirs
             conn._arm_idle()
     with contextlib.suppress(ValueError):
-        conn._reverse_target = max(0, min(64, int(conn._hello_headers["fleet-reverse-pool"])))
+        conn._wire.reverse_target = max(0, min(64, int(conn._wire.hello_headers["fleet-reverse-pool"])))
     conn._replenish_pool()
     if keepalive:
-        conn._keepalive_task = loop.create_task(conn._keepalive(keepalive))
+        conn.start_keepalive(keepalive)
     return conn
 
 
@@ -1592,10 +844,10 @@ async def serve(
         send_high_water=send_high_water,
         reverse_pool=reverse_pool,
     )
-    ctx = _server_context(identity, list(alpns))
+    ctx = server_context(identity, list(alpns))
     loop = asyncio.get_running_loop()
     server._aserver = await loop.create_server(
-        lambda: _Protocol(
+        lambda: TLSProtocol(
             ctx, server_side=True, on_ready=server._made, handshake_timeout=handshake_timeout
         ),
         host,

@@ -1,0 +1,348 @@
+"""Every use of aioquic's private members, in one place (aioquic 1.7.2, exact pin).
+
+fleet-tunnel drives aioquic's sans-I/O ``QuicConnection`` itself (``quic.py``) and needs a few
+things aioquic does not offer publicly. They are all here, each checked at import by
+``check_internals()`` so an aioquic upgrade fails loudly at start rather than subtly at run
+time. No other module touches an aioquic name starting with ``_``.
+
+* mutual TLS: each server connection's ``tls.Context`` gets ``_request_client_certificate =
+  True`` and its class is switched to ``FleetTLSContext``, a subclass that hooks
+  ``_server_handle_certificate`` (missing certificate on a non-anonymous ALPN -> alert 116),
+  ``_server_handle_certificate_verify`` (after aioquic checked the CertificateVerify
+  signature, the chain is verified against the pinned CA) and
+  ``_client_handle_certificate_verify`` (the server chain is verified against the pinned CA
+  before aioquic's own cadata check). The switch happens in
+  ``FleetQuicConnection._initialize``. Server connections are built by the demultiplexer as
+  plain ``QuicConnection`` objects and ``adopt()``-ed before any packet is processed.
+* credit on consumption: ``FleetQuicConnection._write_stream_limits`` replaces aioquic's
+  "double the window when half of it *arrived*" with ``policy.next_receive_limit`` applied to
+  the bytes the application *read*.
+* idle timeout: ``handle_timer`` notes when the timer itself ended the connection.
+* migration: in-flight packets are declared lost with ``QuicPacketRecovery._on_packets_lost``
+  (as a non-congestion event) on a rebind (client) or peer address change (server).
+* read-only views (``fleet_*`` methods): the current path, RTT, negotiated idle timeout,
+  handshake state, the close event, the peer certificate, per-stream buffer sizes (send
+  backpressure reads ``QuicStreamSender._buffer_start/_buffer_stop``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import aioquic
+from aioquic import tls
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import (
+    MAX_STREAM_DATA_FRAME_CAPACITY,
+    QuicConnection,
+    QuicConnectionState,
+)
+from aioquic.quic.packet import QuicFrameType, pull_quic_header
+from aioquic.quic.recovery import QuicPacketRecovery
+from aioquic.quic.stream import QuicStream
+from cryptography import x509
+
+from .policy import CertificateRejected, next_receive_limit, pinned_ca, verify_peer_chain
+
+AIOQUIC_VERSION = "1.7.2"
+
+
+def check_internals() -> None:
+    """Fail loudly at import if the aioquic internals this module uses are not there."""
+    problems: list[str] = []
+    if aioquic.__version__ != AIOQUIC_VERSION:
+        problems.append(f"aioquic {aioquic.__version__} installed, {AIOQUIC_VERSION} required")
+    ctx = tls.Context(is_client=False)
+    for attr in ("_request_client_certificate", "_peer_certificate", "_peer_certificate_chain",
+                 "alpn_negotiated", "_server_name"):
+        if not hasattr(ctx, attr):
+            problems.append(f"tls.Context.{attr}")
+    for meth in ("_server_handle_certificate", "_server_handle_certificate_verify",
+                 "_client_handle_certificate_verify"):
+        if not callable(getattr(tls.Context, meth, None)):
+            problems.append(f"tls.Context.{meth}()")
+    for meth in ("_initialize", "_write_stream_limits", "_on_max_stream_data_delivery",
+                 "receive_datagram", "change_connection_id"):
+        if not callable(getattr(QuicConnection, meth, None)):
+            problems.append(f"QuicConnection.{meth}()")
+    write_limits = getattr(QuicConnection, "_write_stream_limits", None)
+    if callable(write_limits) and list(inspect.signature(write_limits).parameters) != [
+        "self", "builder", "space", "stream"
+    ]:
+        problems.append("QuicConnection._write_stream_limits(builder, space, stream)")
+    on_lost = getattr(QuicPacketRecovery, "_on_packets_lost", None)
+    if not callable(on_lost) or not {"congestion_event", "now", "packets", "space"} <= set(
+        inspect.signature(on_lost).parameters
+    ):
+        problems.append("QuicPacketRecovery._on_packets_lost(congestion_event, now, packets, space)")
+    qs = QuicStream(stream_id=0, max_stream_data_local=1)
+    for obj, attrs in (
+        (qs, ("max_stream_data_local", "max_stream_data_local_sent")),
+        (qs.sender, ("_buffer_start", "_buffer_stop", "is_finished")),
+        (qs.receiver, ("_buffer", "highest_offset", "is_finished")),
+    ):
+        problems += [f"{type(obj).__name__}.{a}" for a in attrs if not hasattr(obj, a)]
+    for meth in ("receive_datagram", "datagrams_to_send", "get_timer", "handle_timer",
+                 "next_event", "connect", "close"):
+        if not callable(getattr(QuicConnection, meth, None)):
+            problems.append(f"QuicConnection.{meth}()")
+    conn = QuicConnection(configuration=QuicConfiguration(is_client=True))
+    for obj, attrs in (
+        (conn, ("_network_paths", "_loss", "_configuration", "_close_event", "_state",
+                "_handshake_complete", "_handshake_confirmed", "_peer_cid",
+                "_peer_cid_available", "_streams", "_is_client", "_remote_max_idle_timeout")),
+        (conn._loss, ("_rtt_smoothed", "_rtt_initialized", "_pto_count", "spaces")),
+    ):
+        problems += [f"{type(obj).__name__}.{a}" for a in attrs if not hasattr(obj, a)]
+    if "host_cid_length" not in inspect.signature(pull_quic_header).parameters:
+        problems.append("aioquic.quic.packet.pull_quic_header(buf, host_cid_length)")
+    if problems:
+        raise ImportError(
+            "tunnel.transport.aioquic_compat relies on aioquic==1.7.2 internals that are missing: "
+            + ", ".join(problems)
+        )
+
+
+
+
+check_internals()
+
+
+# ------------------------------------------------------------------------------------ TLS
+
+
+class AlertCertificateRequired(tls.Alert):
+    description = tls.AlertDescription.certificate_required
+
+
+class TLSPolicy:
+    def __init__(
+        self, ca: x509.Certificate | None, anonymous_alpns: frozenset[str], pin: str | None = None
+    ) -> None:
+        self.ca = ca
+        self.anonymous_alpns = anonymous_alpns
+        #: client only: trust the CA in the server's chain whose key matches this pin
+        self.pin = pin
+
+
+def _alert(exc: CertificateRejected) -> tls.Alert:
+    cls = tls.AlertCertificateExpired if exc.expired else tls.AlertBadCertificate
+    return cls(exc.reason)
+
+
+class FleetTLSContext(tls.Context):
+    """aioquic's TLS context plus chain verification against the pinned fleet CA."""
+
+    _fleet: TLSPolicy
+    #: the certificate check that failed this handshake, if one did
+    fleet_rejection: CertificateRejected | None = None
+
+    def _fleet_verify(self, purpose: Any, server_name: str | None) -> None:
+        try:
+            chain = list(self._peer_certificate_chain)
+            ca = self._fleet.ca
+            if self._fleet.pin is not None:
+                ca = pinned_ca(self._peer_certificate, chain, self._fleet.pin)
+            verify_peer_chain(
+                self._peer_certificate,
+                chain,
+                ca,
+                purpose=purpose,
+                server_name=server_name,
+            )
+        except CertificateRejected as exc:
+            self.fleet_rejection = exc  # its kind (interception or not) for the close
+            raise _alert(exc) from exc
+
+    def _server_handle_certificate(self, input_buf: Any) -> None:
+        super()._server_handle_certificate(input_buf)
+        if (
+            self._peer_certificate is None
+            and self.alpn_negotiated not in self._fleet.anonymous_alpns
+        ):
+            raise AlertCertificateRequired(
+                f"a client certificate is required for ALPN {self.alpn_negotiated!r}"
+            )
+
+    def _server_handle_certificate_verify(self, input_buf: Any) -> None:
+        # aioquic checks the CertificateVerify signature (possession of the key) ...
+        super()._server_handle_certificate_verify(input_buf)
+        # ... and we check the chain, validity and clientAuth EKU.
+        self._fleet_verify("client", None)
+
+    def _client_handle_certificate_verify(self, input_buf: Any) -> None:
+        # Ours first for a clear reason; aioquic then checks signature + cadata chain again
+        # (with a pin there is no cadata: aioquic checks the signature only, ours the chain).
+        self._fleet_verify("server", self._server_name)
+        super()._client_handle_certificate_verify(input_buf)
+
+
+
+# ------------------------------------------------------------------------- QUIC connection
+
+
+class FleetQuicConnection(QuicConnection):
+    """QuicConnection with mTLS hooks, credit on consumption and loss-on-migration."""
+
+    def fleet_setup(self, policy: TLSPolicy, window: int) -> None:
+        self._fleet_policy = policy
+        self._fleet_window = window
+        #: bytes the application has read, per stream id (credit is granted from these)
+        self._fleet_consumed: dict[int, int] = {}
+        #: server: how often the peer address changed (in-flight packets were declared lost)
+        self.fleet_peer_moves = 0
+        #: the connection ended because its idle timer fired (nothing heard for the timeout)
+        self.fleet_idle_expired = False
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        assert type(self.tls) is tls.Context, type(self.tls)
+        self.tls.__class__ = FleetTLSContext
+        self.tls._fleet = self._fleet_policy
+        if not self._is_client:
+            self.tls._request_client_certificate = True
+
+    def _write_stream_limits(self, builder: Any, space: Any, stream: QuicStream) -> None:
+        # Replaces aioquic's credit-on-arrival (doubling) with credit on consumption.
+        if stream.max_stream_data_local and not stream.receiver.is_finished:
+            stream.max_stream_data_local = next_receive_limit(
+                self._fleet_consumed.get(stream.stream_id, 0),
+                stream.max_stream_data_local,
+                self._fleet_window,
+            )
+        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
+            buf = builder.start_frame(
+                QuicFrameType.MAX_STREAM_DATA,
+                capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
+                handler=self._on_max_stream_data_delivery,
+                handler_args=(stream,),
+            )
+            buf.push_uint_var(stream.stream_id)
+            buf.push_uint_var(stream.max_stream_data_local)
+            stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
+        before = self._network_paths[0].addr if self._network_paths else None
+        super().receive_datagram(data, addr, now)
+        if (
+            not self._is_client
+            and before is not None
+            and self._handshake_complete
+            and self._network_paths
+            and self._network_paths[0].addr != before
+        ):
+            # The peer moved: what is in flight went to the old address. Retransmit now
+            # rather than after PTO back-off (RESEARCH.md: 37-952 ms -> 1-11 ms).
+            self.fleet_declare_in_flight_lost(now)
+            self.fleet_peer_moves += 1
+
+    def fleet_declare_in_flight_lost(self, now: float) -> int:
+        count = 0
+        loss = self._loss
+        for space in loss.spaces:
+            packets = list(space.sent_packets.values())
+            if packets:
+                count += len(packets)
+                loss._on_packets_lost(
+                    congestion_event=False, now=now, packets=packets, space=space
+                )
+        loss._pto_count = 0
+        return count
+
+    def fleet_spare_peer_cids(self) -> int:
+        return len(self._peer_cid_available)
+
+    def handle_timer(self, now: float) -> None:
+        closing = self._close_event is not None
+        super().handle_timer(now)
+        if not closing and self._close_event is not None:
+            # the timer itself ended the connection: nothing was heard for the idle timeout
+            self.fleet_idle_expired = True
+
+    # -- read-only views of aioquic's state (what the transport may know of it)
+
+    def fleet_peer_addr(self) -> Any:
+        """The raw address of the current network path (None before the first datagram)."""
+        paths = self._network_paths
+        return paths[0].addr if paths else None
+
+    def fleet_rtt(self) -> float | None:
+        """Smoothed round-trip time of the current path (None before a sample)."""
+        loss = self._loss
+        return loss._rtt_smoothed if getattr(loss, "_rtt_initialized", False) else None
+
+    def fleet_idle_timeout(self) -> float:
+        """The negotiated idle timeout: the smaller of ours and the peer's."""
+        local = self._configuration.idle_timeout
+        remote = getattr(self, "_remote_max_idle_timeout", None)
+        return min(local, remote) if remote else local
+
+    def fleet_initial_rtt(self) -> float:
+        return self._configuration.initial_rtt
+
+    def fleet_handshake_complete(self) -> bool:
+        return bool(self._handshake_complete)
+
+    def fleet_handshake_confirmed(self) -> bool:
+        return bool(self._handshake_confirmed)
+
+    def fleet_close(self) -> tuple[events.ConnectionTerminated, bool] | None:
+        """``(close event, closed by the peer)`` once the connection is closing, else None."""
+        ev = self._close_event
+        if ev is None:
+            return None
+        return ev, self._state == QuicConnectionState.DRAINING
+
+    def fleet_peer_certificate(self) -> x509.Certificate | None:
+        ctx = getattr(self, "tls", None)
+        return ctx._peer_certificate if ctx is not None else None
+
+    def fleet_rejection(self) -> CertificateRejected | None:
+        """The certificate check that failed this connection's handshake, if one did."""
+        return getattr(getattr(self, "tls", None), "fleet_rejection", None)
+
+    def fleet_peer_cid(self) -> bytes:
+        return self._peer_cid.cid
+
+    def fleet_stream_buffers(self, stream_id: int) -> tuple[int, int]:
+        """``(bytes in the reorder buffer, bytes sent but not acknowledged)`` of a stream."""
+        qs = self._streams.get(stream_id)
+        if qs is None:
+            return 0, 0
+        return len(qs.receiver._buffer), qs.sender._buffer_stop - qs.sender._buffer_start
+
+    def fleet_stream_credit(self, stream_id: int) -> int | None:
+        """The highest offset we allow the peer to send on a stream (None: unknown stream)."""
+        qs = self._streams.get(stream_id)
+        return qs.max_stream_data_local if qs is not None else None
+
+    def fleet_streams(self) -> int:
+        """Streams aioquic still holds (tests, memory checks)."""
+        return len(self._streams)
+
+    def fleet_consumed(self, stream_id: int, total: int) -> bool:
+        """The application has read ``total`` bytes of a stream: whether new credit is due
+        (the caller then transmits soon; the MAX_STREAM_DATA frame goes out with it)."""
+        self._fleet_consumed[stream_id] = total
+        qs = self._streams.get(stream_id)
+        return bool(qs is not None and qs.max_stream_data_local and next_receive_limit(
+            total, qs.max_stream_data_local, self._fleet_window
+        ) != qs.max_stream_data_local)
+
+    def fleet_forget(self, stream_id: int) -> None:
+        self._fleet_consumed.pop(stream_id, None)
+
+
+def adopt(connection: QuicConnection, policy: TLSPolicy, window: int) -> FleetQuicConnection:
+    """Make a plain ``QuicConnection`` (built by the server's demultiplexer) a fleet one.
+
+    Must run before any packet is processed: it switches the class, which is how the TLS and
+    flow-control hooks above get in without copying aioquic's constructor.
+    """
+    assert type(connection) is QuicConnection, type(connection)
+    connection.__class__ = FleetQuicConnection
+    assert isinstance(connection, FleetQuicConnection)
+    connection.fleet_setup(policy, window)
+    return connection
