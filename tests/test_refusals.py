@@ -270,7 +270,7 @@ def test_unreachable_proxy_exit_3_and_reason_through_ssh(world, tmp_path):
     from fleet import free_udp_port
 
     ident = tmp_path / "alice-elsewhere"
-    shutil.copytree(world.alice, ident, ignore=shutil.ignore_patterns("cm-*"))
+    shutil.copytree(world.alice, ident, ignore=shutil.ignore_patterns("cm-*", "helper-*"))
     (ident / "client.yaml").write_text(f"proxy: 127.0.0.1:{free_udp_port()}\nserver_name: proxy.test\n")
     out = subprocess.run([PY, "-m", "tunnel.cli", "ssh", "--identity", str(ident), "-o", "BatchMode=yes",
                           "root@acme-on", "true"], capture_output=True, text=True, timeout=90, env=env(world))

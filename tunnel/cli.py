@@ -563,6 +563,10 @@ def build_parser(*, ops: bool = True) -> argparse.ArgumentParser:
     _format_arg(p)
     engineer_args(p)
 
+    from tunnel import helper_cmd  # issue 15: the per-user helper (its handlers live there)
+
+    helper_cmd.register(add, engineer_args, _format_arg, logging_args)
+
     p = add("completion", cmd_completion, "print a shell completion script (bash, zsh or fish)")
     p.description += ("; load it with 'source <(tunnel completion bash)' (zsh: the same with zsh), "
                       "or 'tunnel completion fish | source'")
