@@ -460,3 +460,42 @@ def test_helper_exits_when_idle(world, tmp_path):
     assert proc.wait(timeout=60) == 0, proc.stderr.read()
     assert "idle for 2s" in proc.stderr.read()
     assert not sock_path(world).exists()
+
+
+def test_an_expired_identity_is_refused_then_a_new_login_takes_over(world):
+    """The helper's certificate expires: it retires; the next ssh says to log in again (exit 1
+    through `tunnel ssh`); after a new login a new helper serves the new certificate."""
+    carol = world.user("carol", ["acme-tech"], ttl="20s")
+    out = subprocess.run([PY, "-m", "tunnel.cli", "config", "--hosts", "*", "--write", "--identity", str(carol)],
+                         capture_output=True, text=True, timeout=30, env=env(world))
+    assert out.returncode == 0, out.stderr
+
+    def tunnel_ssh():
+        return subprocess.run([PY, "-m", "tunnel.cli", "ssh", "--identity", str(carol), "-o", "BatchMode=yes",
+                               "-o", "ControlMaster=no", "root@acme-on", "echo carol"],
+                              capture_output=True, text=True, timeout=60, env=env(world))
+
+    try:
+        out = tunnel_ssh()
+        assert out.returncode == 0 and out.stdout == "carol\n", out.stderr
+        pid = status(world, carol)["pid"]
+        wait_until(lambda: not pid_alive(pid), 40, 0.2, "the helper of the expired certificate to retire")
+        out = tunnel_ssh()
+        assert out.returncode == 1, out.stderr
+        assert "expired" in out.stderr and "log in again" in out.stderr, out.stderr
+        world.user("carol", ["acme-tech"], ttl="1h")  # logged in again
+        out = tunnel_ssh()
+        assert out.returncode == 0 and out.stdout == "carol\n", out.stderr
+    finally:
+        subprocess.run([PY, "-m", "tunnel.cli", "helper", "stop", "--identity", str(carol)],
+                       env=env(world), capture_output=True, timeout=30)
+
+
+def test_no_usable_runtime_directory_takes_the_direct_path(world, tmp_path):
+    """XDG_RUNTIME_DIR that cannot hold the socket (here: a file): no helper, the direct path."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    out = subprocess.run(["ssh", "-F", str(world.config), "-o", "BatchMode=yes", "-o", "ControlMaster=no",
+                          "root@acme-on", "echo direct"], capture_output=True, text=True, timeout=60,
+                         env={**env(world), "XDG_RUNTIME_DIR": str(blocker)})
+    assert out.returncode == 0 and out.stdout == "direct\n", out.stderr

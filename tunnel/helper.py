@@ -346,8 +346,9 @@ class Helper:
 
         path = engineer.ssh_cert_path(self.identity, device, login)
         with contextlib.suppress(OSError):
-            if time.time() - path.stat().st_mtime < RENEW_AFTER:
-                return
+            mtime = path.stat().st_mtime
+            if time.time() - mtime < RENEW_AFTER and mtime > (Path(self.directory) / "user.crt").stat().st_mtime:
+                return  # young, and from this login (one from an earlier login died with it)
         try:
             await engineer.fetch_ssh_cert(self.identity, device, login, client=client, force=True)
         except ClientError as exc:

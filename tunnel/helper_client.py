@@ -148,9 +148,13 @@ def _env() -> dict:
     return env
 
 
+#: start_helper's answer when another client is starting the helper right now
+BUSY = "busy"
+
+
 def start_helper(directory: str, path: str):
-    """Start a helper, detached (its own session, stdio on a log file); None if another client
-    is starting one right now (it holds the start lock) or it could not be started."""
+    """Start a helper, detached (its own session, stdio on a log file). ``BUSY`` if another
+    client is starting one right now (it holds the start lock); None if none can be started."""
     import fcntl
     import subprocess
 
@@ -164,7 +168,7 @@ def start_helper(directory: str, path: str):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(lock)
-        return None
+        return BUSY
     log_path = path[: -len(".sock")] + ".log"
     try:
         if os.path.getsize(log_path) > 1 << 20:
@@ -204,14 +208,16 @@ def obtain(directory: str, op: str, fields: dict, start: bool = True):
                 if not start:
                     return None
             if proc is None:
-                proc = start_helper(directory, path) or False
-            elif proc and proc.poll() is not None:
+                proc = start_helper(directory, path)
+                if proc is None:
+                    return None  # no runtime directory, no interpreter: the direct path at once
+            elif proc is not BUSY and proc.poll() is not None:
                 return None  # it could not start (see its log): the direct path will say why
             if time.monotonic() > deadline:
                 return None
             time.sleep(0.01)
     finally:
-        if proc:
+        if proc is not None and proc is not BUSY:
             os.close(proc.start_lock)
 
 
