@@ -499,3 +499,21 @@ def test_no_usable_runtime_directory_takes_the_direct_path(world, tmp_path):
                           "root@acme-on", "echo direct"], capture_output=True, text=True, timeout=60,
                          env={**env(world), "XDG_RUNTIME_DIR": str(blocker)})
     assert out.returncode == 0 and out.stdout == "direct\n", out.stderr
+
+
+def test_helper_stop_cuts_open_sessions_as_cut(world):
+    """`tunnel helper stop` with a session open: the client gets CUT with the reason, ssh ends."""
+    out = ssh(world, "true")
+    assert out.returncode == 0, out.stderr
+    proc = subprocess.Popen(["ssh", "-F", str(world.config), "-o", "BatchMode=yes", "-o", "ControlMaster=no",
+                             "-o", "ControlPath=none", "root@acme-on", "echo started; sleep 60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(world))
+    try:
+        assert proc.stdout.readline() == "started\n"
+        stop_helper(world)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 255, err
+    assert "tunnel: error: session to acme-on/22 cut after" in err and "the helper stopped" in err, err
