@@ -167,8 +167,8 @@ def test_host_vars_and_connection_settings_on_the_parent_group(fleet, tmp_path):
     assert group_vars["ansible_ssh_common_args"] == f"-F {config}"
     assert group_vars["ansible_user"] == "root"
     text = config.read_text()
-    assert "ProxyCommand" in text and "proxy-command %n %p" in text
-    assert 'exec "' in text and "ssh-cert %n %r" in text
+    assert "ProxyCommand" in text and "helper_client.py dial %n %p" in text
+    assert 'exec "' in text and "cert %n %r" in text
     assert f"UserKnownHostsFile {fleet.ops}/known_hosts" in text
     assert (fleet.ops / "known_hosts").read_text().startswith("@cert-authority * ")
 

@@ -25,7 +25,7 @@ from tunnel.cli import build_parser as tunnel_parser
 # pipes, exec of ssh, a completion script, and 'enroll sign' (its output is the JSON bundle).
 NOT_SHOWING = {
     "tunnel proxy", "tunnel agent", "tunnel proxy-command", "tunnel forward", "tunnel ssh",
-    "tunnel kube", "tunnel db", "tunnel audit export", "tunnel completion",
+    "tunnel kube", "tunnel db", "tunnel audit export", "tunnel completion", "tunnel helper run",
     "enroll sign", "enroll completion",
 }
 

@@ -31,7 +31,7 @@ LAYERS: list[tuple[int, str, str, set[str]]] = [
     (0, "core", "pure: no I/O, no project imports above it", {
         "enroll.errors", "enroll.durations", "enroll.addresses", "enroll.names", "enroll.events",
         "enroll.labels", "enroll.roles", "tunnel.wire", "tunnel.backoff", "tunnel.sshwire",
-        "tunnel.ratelimit",
+        "tunnel.ratelimit", "tunnel.helper_protocol",
     }),
     (0, "support", "small standard-library helpers with I/O: files, logging, memory", {
         "enroll.files", "tunnel.log", "tunnel.memory",
@@ -56,10 +56,10 @@ LAYERS: list[tuple[int, str, str, set[str]]] = [
         "tunnel.proxy", "tunnel.registry_writer", "tunnel.metrics",
     }),
     (4, "engineer", "the engineer's client and tools", {
-        "tunnel.client", "tunnel.engineer",
+        "tunnel.client", "tunnel.engineer", "tunnel.helper", "tunnel.helper_client",
     }),
     (5, "cli", "commands: tunnel, enroll, tunnel audit (ops), the Ansible inventory plugin", {
-        "tunnel.cli", "tunnel.audit_cmd", "tunnel.enroll_cli", "enroll.cli", "enroll.clitools",
+        "tunnel.cli", "tunnel.audit_cmd", "tunnel.helper_cmd", "tunnel.enroll_cli", "enroll.cli", "enroll.clitools",
         "enroll.output", "enroll.secret_input", "inventory_plugin.fleet",
     }),
 ]

@@ -171,7 +171,14 @@ def world(tmp_path_factory):
     text = f.config.read_text()
     assert "ControlMaster auto" in text and "ControlPersist" in text  # connection sharing stays on
     yield f
+    stop_helper(f, f.alice)
     f.close()
+
+
+def stop_helper(world, identity: Path) -> None:
+    """The generated config starts a per-user helper (issue 15): stop it with the fleet."""
+    subprocess.run([PY, "-m", "tunnel.cli", "helper", "stop", "--identity", str(identity)],
+                   capture_output=True, timeout=30, env=env(world))
 
 
 def env(world) -> dict:
@@ -270,10 +277,11 @@ def test_unreachable_proxy_exit_3_and_reason_through_ssh(world, tmp_path):
     from fleet import free_udp_port
 
     ident = tmp_path / "alice-elsewhere"
-    shutil.copytree(world.alice, ident, ignore=shutil.ignore_patterns("cm-*"))
+    shutil.copytree(world.alice, ident, ignore=shutil.ignore_patterns("cm-*", "helper-*"))
     (ident / "client.yaml").write_text(f"proxy: 127.0.0.1:{free_udp_port()}\nserver_name: proxy.test\n")
     out = subprocess.run([PY, "-m", "tunnel.cli", "ssh", "--identity", str(ident), "-o", "BatchMode=yes",
                           "root@acme-on", "true"], capture_output=True, text=True, timeout=90, env=env(world))
+    stop_helper(world, ident)
     assert out.returncode == 3, out.stderr
     assert "cannot connect to the proxy" in out.stderr
     assert all(line.startswith("tunnel: error: cannot connect") for line in out.stderr.splitlines()), out.stderr

@@ -404,6 +404,17 @@ def _audit_commands(sub: argparse._SubParsersAction) -> None:
     audit_cmd.register(sub)
 
 
+def _helper(name: str):
+    """A ``tunnel helper`` handler from ``tunnel/helper_cmd.py``, loaded when it runs."""
+
+    def run(args) -> int:
+        from tunnel import helper_cmd
+
+        return getattr(helper_cmd, name)(args)
+
+    return run
+
+
 def cmd_completion(args) -> int:
     return clitools.print_completion(TUNNEL, args.shell)
 
@@ -530,6 +541,20 @@ TUNNEL = Program("tunnel", __doc__, epilog=EPILOG, commands=(
     Command("status", "connected agents: address, transport, sessions, bytes, migrations", cmd_status, (
         opt("device", nargs="?", help="only this device"),
         *FORMAT, *ENGINEER,
+    )),
+    Command("helper", "the per-user helper that keeps a warm connection to the proxy for ssh",
+            subcommands=(
+        Command("status", "show the helper of this identity (pid, socket, connection)",
+                _helper("cmd_status"), (*FORMAT, *ENGINEER)),
+        Command("stop", "stop the helper of this identity (open sessions through it are cut)",
+                _helper("cmd_stop"), (*FORMAT, *ENGINEER)),
+        Command("run", "run the helper in the foreground (what ssh's ProxyCommand starts)",
+                _helper("cmd_run"), (
+            opt("--idle", default="30m", metavar="DURATION",
+                help="exit after this long without sessions or requests; 0 or never: stay "
+                     "(default: 30m)"),
+            *ENGINEER, *LOGGING,
+        )),
     )),
     clitools.completion_command(cmd_completion, "tunnel"),
 ))

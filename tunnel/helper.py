@@ -1,0 +1,393 @@
+"""The per-user helper: one warm, authenticated connection to the proxy per identity directory.
+
+Why: ``tunnel proxy-command`` pays for importing aioquic, cryptography and YAML and for a full
+handshake on every ssh (0.3–0.6 s to the banner). The helper pays that once; ssh's ProxyCommand
+becomes ``tunnel/helper_client.py``, which imports only the standard library and asks the helper
+for a stream over a Unix socket (``tunnel.helper_protocol`` says what goes over it).
+
+- Started on demand, detached (a new session, stdio on a log file), by the first client that
+  finds none; or by a systemd user unit (``scripts/fleet-tunnel-helper.service``).
+- Serves ``helper_protocol.socket_path(identity)``: ``$XDG_RUNTIME_DIR/fleet-tunnel/`` or the
+  identity directory, socket mode 0600, and each peer's uid checked with ``SO_PEERCRED``
+  (the mode alone is not enough: root, or a directory made too wide, would let others in).
+- Binds a temporary name and renames it over the socket path, atomically: a stale socket file,
+  one owned by another user, or an older helper's socket is simply replaced, and a helper whose
+  socket was replaced (or removed) notices within a second and *retires*.
+- Retires — stops taking new clients, lets open sessions finish, then exits — when its code is
+  older or newer than a client's (``version_mismatch``), when the identity's certificate file
+  changed or went away (``tunnel login`` again, ``tunnel logout``), and when its certificate
+  expires. Exits after ``idle`` seconds without sessions or requests (default 30 minutes).
+- The proxy sees the same identity, policy and audit as from ``tunnel proxy-command``: each
+  session is one dial on the helper's connection, refused or not by the proxy alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+from pathlib import Path
+
+from tunnel import helper_protocol as hp
+from tunnel.client import (
+    Client,
+    ClientError,
+    UserIdentity,
+    device_from_host,
+    service_from_port,
+)
+from tunnel.splice import Ends, StreamEnds, splice
+
+log = logging.getLogger("tunnel.helper")
+
+#: default idle period before the helper exits
+IDLE = 30 * 60.0
+#: how often the helper looks at its socket, the identity and the clock
+WATCH_EVERY = 0.5
+#: a dial renews the LOGIN@DEVICE certificate when the cached one is older than this, so the
+#: next ssh finds it fresh (ssh_config's ``Match exec`` skips while it is < 3 minutes old)
+RENEW_AFTER = 60.0
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a Unix socket (``SO_PEERCRED``)."""
+    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                          struct.calcsize("3i")))
+    return uid
+
+
+def private_dir(path: str) -> None:
+    """Make ``path`` (0700) or check it is ours and closed to others; raise ClientError if not."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if st.st_uid != os.getuid() or st.st_mode & 0o077 or not os.path.isdir(path):
+        raise ClientError(f"{path} must be a directory of yours that only you can open "
+                          f"(mode 0700): fix it or unset XDG_RUNTIME_DIR")
+
+
+class FramedEnds(Ends):
+    """The local client's side of a session: frames over the Unix socket (see helper_protocol).
+
+    A DATA frame is data, END a clean end of that direction; CUT, a malformed frame, or the
+    connection ending without END (the client was killed) is a cut: ``recv`` raises, and
+    ``splice`` resets the tunnel stream rather than pass a truncated session off as complete.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+        self.ended = False
+
+    async def recv(self) -> bytes:
+        if self.ended:
+            return b""
+        try:
+            head = await self.reader.readexactly(hp.FRAME_HEAD.size)
+            kind, length = hp.check_head(head)
+            payload = await self.reader.readexactly(length) if length else b""
+        except asyncio.IncompleteReadError:
+            raise ConnectionError("the local client went away without ending the session") from None
+        except hp.ProtocolError as exc:
+            raise ConnectionError(f"the local client sent a bad frame: {exc}") from None
+        if kind == hp.END:
+            self.ended = True
+            return b""
+        if kind == hp.CUT:
+            raise ConnectionError(f"the local client cut the session: {payload.decode(errors='replace')}")
+        if not payload:
+            return await self.recv()  # an empty data frame is no end
+        return payload
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(hp.data_frames(data))
+        await self.writer.drain()
+
+    def eof(self) -> None:
+        with contextlib.suppress(OSError, RuntimeError):
+            self.writer.write(hp.frame(hp.END))
+
+    def abort(self) -> None:
+        pass  # the helper sends CUT with the reason once splice returns (see Helper._dial)
+
+    def cut(self, why: str) -> None:
+        with contextlib.suppress(OSError, RuntimeError):
+            self.writer.write(hp.frame(hp.CUT, why.encode()[:1000]))
+        self.writer.close()
+
+
+class Helper:
+    def __init__(self, identity: UserIdentity, *, idle: float | None = IDLE, path: str | None = None):
+        self.identity = identity
+        self.directory = str(identity.directory)
+        self.path = path or hp.socket_path(self.directory)
+        self.idle = idle
+        self.version = hp.code_version()
+        self.stamp = hp.identity_stamp(self.directory)
+        self.started = time.time()
+        self.expires = self._expiry()
+        self._client: Client | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._watch: asyncio.Task | None = None
+        self.sessions = 0
+        self.handlers: set[asyncio.Task] = set()
+        self.last_active = time.monotonic()
+        self.retiring: str | None = None
+        self.stopping: str | None = None
+        self.server: asyncio.AbstractServer | None = None
+        self.inode: int | None = None
+        self.done: asyncio.Event | None = None
+
+    def _expiry(self) -> float | None:
+        from enroll import certs
+
+        try:
+            cert = certs.load_cert((Path(self.directory) / "user.crt").read_bytes())
+        except (OSError, ValueError):
+            return None
+        return cert.not_valid_after_utc.timestamp()
+
+    # --- the connection to the proxy ---------------------------------------------------------
+
+    def _connected(self) -> bool:
+        c = self._client
+        return c is not None and c.dead is None and not getattr(c.conn, "is_closed", False)
+
+    async def client(self) -> Client:
+        """The warm connection, made (again) if there is none: the race, keepalive and PING
+        watch of ``tunnel.client.Client``; a dead one is replaced at the next request."""
+        async with self._connecting:
+            if not self._connected():
+                if self._watch:
+                    self._watch.cancel()
+                if self._client:
+                    self._client.close()
+                self._client = await Client.connect(self.identity)
+                self._watch = asyncio.create_task(self._client.watch())
+                log.info("connected to the proxy %s:%s", *self.identity.proxy)
+            return self._client
+
+    async def _warm(self) -> None:
+        with contextlib.suppress(ClientError):
+            await self.client()
+
+    # --- serving -----------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Bind under a temporary name and rename over ``path``: atomic, replaces whatever was
+        there (a stale file, a foreign socket, an older helper's) without a window."""
+        directory = os.path.dirname(self.path)
+        private_dir(directory)
+        if len(self.path.encode()) > hp.MAX_SOCKET_PATH:
+            raise ClientError(f"socket path {self.path} is too long for a Unix socket: set "
+                              "XDG_RUNTIME_DIR to a short directory")
+        tmp = os.path.join(directory, f".helper-{os.getpid()}.tmp")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        old = os.umask(0o177)
+        try:
+            self.server = await asyncio.start_unix_server(self._handle, path=tmp, limit=hp.MAX_LINE)
+        finally:
+            os.umask(old)
+        os.chmod(tmp, 0o600)
+        os.rename(tmp, self.path)
+        self.inode = os.stat(self.path).st_ino
+
+    async def run(self) -> int:
+        self.done = asyncio.Event()
+        self._connecting = asyncio.Lock()
+        await self.serve()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self.stop, f"signal {signal.Signals(sig).name}")
+        log.info("helper %s serving %s for %s (version %s)", os.getpid(), self.path, self.directory, self.version)
+        warm = asyncio.create_task(self._warm())
+        watcher = asyncio.create_task(self._watch_loop())
+        await self.done.wait()
+        log.info("helper exiting: %s", self.stopping or self.retiring)
+        watcher.cancel()
+        warm.cancel()
+        self._unlisten()
+        for task in list(self.handlers):  # cut what is still open: each client gets CUT
+            task.cancel()
+        if self.handlers:
+            await asyncio.wait(self.handlers, timeout=2.0)
+        if self._watch:
+            self._watch.cancel()
+        if self._client:
+            self._client.close()
+            await asyncio.sleep(0.05)  # let the CONNECTION_CLOSE leave
+        return 0
+
+    def _unlisten(self) -> None:
+        if self.server:
+            self.server.close()
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self.inode:
+                os.unlink(self.path)
+
+    def retire(self, why: str) -> None:
+        """No new clients from now on; exit once the open sessions end."""
+        if self.retiring:
+            return
+        self.retiring = why
+        log.info("helper retiring: %s", why)
+        self._unlisten()
+        self._maybe_done()
+
+    def stop(self, why: str) -> None:
+        """Exit now; open sessions are cut (their clients see CUT, never a clean end)."""
+        self.stopping = self.stopping or why
+        self.done.set()
+
+    def _maybe_done(self) -> None:
+        if self.retiring and not self.handlers:
+            self.done.set()
+
+    async def _watch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_EVERY)
+            stamp = hp.identity_stamp(self.directory)
+            if stamp != self.stamp:
+                self.retire("the identity was logged out" if stamp == "none" else "the identity's certificate changed")
+            try:
+                inode = os.stat(self.path).st_ino
+            except OSError:
+                inode = None
+            if inode != self.inode and not self.retiring:
+                self.retire("the socket was removed or taken over by another helper")
+            now = time.time()
+            if self.expires and self.expires < now and self.expires > self.started:
+                self.retire("the identity's certificate expired")
+            if (self.idle and not self.handlers
+                    and time.monotonic() - self.last_active > self.idle):
+                self.stop(f"idle for {self.idle:.0f}s")
+            self._maybe_done()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self.handlers.add(task)
+        self.last_active = time.monotonic()
+        try:
+            await self._converse(reader, writer)
+        except (asyncio.CancelledError, ConnectionError, OSError):
+            pass
+        finally:
+            self.handlers.discard(task)
+            self.last_active = time.monotonic()
+            writer.close()  # flushes what is buffered (a last frame, a CUT) first
+            self._maybe_done()
+
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        def send(message: dict) -> None:
+            writer.write(hp.encode_line(message))
+
+        uid = peer_uid(writer.get_extra_info("socket"))
+        if uid != os.getuid():
+            log.warning("refused a local client of uid %s (this helper serves uid %s)", uid, os.getuid())
+            send({"ok": False, "code": "forbidden", "reason": f"this helper serves uid {os.getuid()} only"})
+            await writer.drain()
+            return
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10.0)
+            req = hp.parse_request(line, self.version, self.stamp)
+        except (TimeoutError, ValueError, asyncio.LimitOverrunError) as exc:
+            code = exc.code if isinstance(exc, hp.ProtocolError) else "bad_request"
+            reason = str(exc) or "no request line within 10s"
+            log.warning("local client refused: %s (%s)", reason, code)
+            send({"ok": False, "code": code, "reason": reason, "version": self.version})
+            await writer.drain()
+            if code in hp.REPLACE:
+                self.retire(f"a client found this helper stale: {reason}")
+            return
+        send({"ok": True, "pid": os.getpid(), "version": self.version})
+        op = req["op"]
+        if op == "status":
+            send(self.status())
+        elif op == "stop":
+            self.stop("asked to stop")
+        elif op == "cert":
+            send(await self._cert(req))
+        elif op == "dial":
+            await self._dial(req, reader, writer)
+        await writer.drain()
+
+    def status(self) -> dict:
+        c = self._client
+        return {"ok": True, "pid": os.getpid(), "version": self.version, "identity": self.directory,
+                "socket": self.path, "proxy": "{}:{}".format(*self.identity.proxy),
+                "connected": self._connected(),
+                "transport": getattr(c.conn, "transport_name", None) if c and self._connected() else None,
+                "sessions": self.sessions, "started": dt.datetime.fromtimestamp(self.started, dt.UTC).isoformat(),
+                "idle_seconds": round(time.monotonic() - self.last_active, 1),
+                "idle_exit_seconds": self.idle, "retiring": self.retiring}
+
+    @staticmethod
+    def _refused(exc: ClientError) -> dict:
+        return {"ok": False, "code": exc.code, "reason": str(exc)}
+
+    async def _cert(self, req: dict) -> dict:
+        from tunnel import engineer
+
+        try:
+            path = await engineer.fetch_ssh_cert(self.identity, req["device"], req["login"],
+                                                 client=await self.client())
+        except ClientError as exc:
+            return self._refused(exc)
+        return {"ok": True, "path": str(path)}
+
+    async def _renew_cert(self, client: Client, device: str, login: str) -> None:
+        """Alongside a dial: renew LOGIN@DEVICE's certificate if it is older than RENEW_AFTER."""
+        from tunnel import engineer
+
+        path = engineer.ssh_cert_path(self.identity, device, login)
+        with contextlib.suppress(OSError):
+            mtime = path.stat().st_mtime
+            if time.time() - mtime < RENEW_AFTER and mtime > (Path(self.directory) / "user.crt").stat().st_mtime:
+                return  # young, and from this login (one from an earlier login died with it)
+        try:
+            await engineer.fetch_ssh_cert(self.identity, device, login, client=client, force=True)
+        except ClientError as exc:
+            log.info("no SSH certificate for %s@%s: %s", login, device, exc)
+
+    async def _dial(self, req: dict, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        device, service = device_from_host(req["device"]), service_from_port(req["service"])
+        login = req.get("login")
+        renew = None
+        try:
+            if self.expires and self.expires < time.time():
+                self.identity.tls()  # raises the same "expired: log in again" as the direct path
+            client = await self.client()
+            if login and service == "ssh":
+                renew = asyncio.create_task(self._renew_cert(client, device, login))
+            stream, rest = await client.dial(device, service, login)
+        except ClientError as exc:
+            writer.write(hp.encode_line(self._refused(exc)))
+            if renew:
+                renew.cancel()
+            return
+        writer.write(hp.encode_line({"ok": True}))
+        local = FramedEnds(reader, writer)
+        self.sessions += 1
+        try:
+            result = await splice(StreamEnds(stream, rest), local)
+        except asyncio.CancelledError:
+            local.cut(f"the helper stopped ({self.stopping or 'shutting down'})")
+            raise
+        finally:
+            self.sessions -= 1
+            if renew:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(renew, 5.0)
+        if result.error:
+            local.cut(f"{result.error} (after {result.a_to_b} bytes from the device)")
+        else:
+            await writer.drain()
+
+
+def run(identity: UserIdentity, idle: float | None = IDLE) -> int:
+    return asyncio.run(Helper(identity, idle=idle).run())

@@ -1,0 +1,236 @@
+"""What the per-user helper and its local clients say to each other over the Unix socket.
+
+Sans-I/O and standard library only: ``tunnel/helper_client.py`` (ssh's ProxyCommand) imports
+this module, and that client must start in a few milliseconds, so nothing here may pull in
+asyncio, cryptography, aioquic or YAML.
+
+A conversation, on one connection to ``socket_path(identity)``:
+
+1. the client sends one request line (JSON, at most ``MAX_LINE`` bytes): ``protocol``,
+   ``version`` (``code_version()`` of the client's installed code), ``identity`` (the stamp of
+   the identity's certificate file, ``identity_stamp()``), ``op`` and the op's fields;
+2. the helper answers at once with an *ack* line: ``{"ok": true, "pid": …}``, or ``ok: false``
+   with a ``code`` the client acts on — ``version_mismatch`` (an older or newer helper: it
+   retires and the client starts one of its own version), ``stale_identity`` (the certificate
+   changed since the helper loaded it: likewise), ``bad_request``;
+3. for ``dial`` and ``cert`` a *result* line follows once the proxy answered (``ok``, or
+   ``code`` and ``reason``, the proxy's own words);
+4. after a dial's result, both directions carry frames: ``D`` data, ``E`` a clean end of that
+   direction, ``X`` the session was cut (payload: why). A connection that ends without ``E``
+   was cut too (a killed helper, a killed client): issue 19's rule — a cut never looks like a
+   clean end.
+
+The ack comes before the proxy is asked anything, so a client can tell a stuck helper (no
+ack within ``ACK_TIMEOUT``) from a slow proxy, and never hangs on the former.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+
+PROTOCOL = 1
+#: longest request or reply line, newline included
+MAX_LINE = 64 * 1024
+#: largest frame payload (a sender splits bigger writes)
+MAX_FRAME = 256 * 1024
+#: how long a client waits for the ack before it treats the helper as stuck
+ACK_TIMEOUT = 3.0
+
+DATA, END, CUT = b"D", b"E", b"X"
+FRAME_HEAD = struct.Struct(">cI")
+
+OPS = ("dial", "cert", "status", "stop")
+#: fields each op needs (all strings), beyond protocol/version/identity/op
+REQUIRED = {"dial": ("device", "service"), "cert": ("device", "login"), "status": (), "stop": ()}
+OPTIONAL = {"dial": ("login",), "cert": (), "status": (), "stop": ()}
+MAX_FIELD = 255
+
+#: ack codes that make the client replace the helper rather than report an error
+REPLACE = ("version_mismatch", "stale_identity")
+
+
+class ProtocolError(ValueError):
+    """A malformed line or frame; ``code`` goes back to the peer."""
+
+    def __init__(self, message: str, code: str = "bad_request"):
+        super().__init__(message)
+        self.code = code
+
+
+# --- where the socket lives ---------------------------------------------------------------
+
+
+def runtime_dir(identity_dir: str, environ=os.environ) -> str:
+    """``$XDG_RUNTIME_DIR/fleet-tunnel`` (a per-user tmpfs, gone at logout), else the identity
+    directory itself (private to the engineer already)."""
+    base = environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(base, "fleet-tunnel") if base else identity_dir
+
+
+def identity_key(identity_dir: str) -> str:
+    """A short name for one identity directory: a second identity gets its own helper."""
+    return hashlib.sha256(os.path.realpath(identity_dir).encode()).hexdigest()[:16]
+
+
+def socket_path(identity_dir: str, environ=os.environ) -> str:
+    return os.path.join(runtime_dir(identity_dir, environ), f"helper-{identity_key(identity_dir)}.sock")
+
+
+#: a Unix socket path must fit in sockaddr_un.sun_path (108 bytes with its NUL)
+MAX_SOCKET_PATH = 107
+
+
+# --- versions and identity stamps ---------------------------------------------------------
+
+
+def code_version(package_dir: str | None = None) -> str:
+    """The protocol number and a digest of the installed ``tunnel`` code (names, sizes, mtimes).
+
+    An upgrade (or an edit of an editable install) changes it, so a helper started by older
+    code is told apart from one of ours without importing package metadata (slow) in the
+    client. Both sides compute it from the files on disk at their start.
+    """
+    package_dir = package_dir or os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for sub in ("", "transport"):
+        directory = os.path.join(package_dir, sub)
+        try:
+            entries = sorted(e for e in os.listdir(directory) if e.endswith(".py"))
+        except OSError:
+            continue
+        for name in entries:
+            try:
+                st = os.stat(os.path.join(directory, name))
+            except OSError:
+                continue
+            digest.update(f"{sub}/{name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return f"{PROTOCOL}.{digest.hexdigest()[:12]}"
+
+
+def identity_stamp(identity_dir: str) -> str:
+    """Which certificate the identity holds now: inode, size and mtime of ``user.crt``.
+
+    ``tunnel login`` writes a new file (a new stamp); ``tunnel logout`` removes it ("none").
+    """
+    try:
+        st = os.stat(os.path.join(identity_dir, "user.crt"))
+    except OSError:
+        return "none"
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+# --- lines --------------------------------------------------------------------------------
+
+
+def encode_line(message: dict) -> bytes:
+    line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    if len(line) > MAX_LINE:
+        raise ProtocolError(f"line of {len(line)} bytes is over {MAX_LINE}")
+    return line
+
+
+def decode_line(line: bytes) -> dict:
+    if len(line) > MAX_LINE:
+        raise ProtocolError(f"line of {len(line)} bytes is over {MAX_LINE}")
+    if not line.endswith(b"\n"):
+        raise ProtocolError("the line ended early (no newline)")
+    try:
+        message = json.loads(line)
+    except ValueError:
+        raise ProtocolError("the line is not JSON") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("the line is not a JSON object")
+    return message
+
+
+def request(op: str, version: str, identity: str, **fields) -> bytes:
+    message = {"protocol": PROTOCOL, "version": version, "identity": identity, "op": op}
+    message.update({k: v for k, v in fields.items() if v is not None})
+    return encode_line(message)
+
+
+def _field_ok(value) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_FIELD and value.isprintable()
+
+
+def parse_request(line: bytes, version: str, identity: str) -> dict:
+    """The request, checked; raises ProtocolError whose ``code`` is the ack to send.
+
+    Checked in this order: well-formed, same protocol and code version (else
+    ``version_mismatch``), the op and its fields, then the identity stamp (else
+    ``stale_identity``): a malformed line never makes the helper retire.
+    """
+    message = decode_line(line)
+    if message.get("protocol") != PROTOCOL or message.get("version") != version:
+        raise ProtocolError(f"client version {message.get('version')!r}, helper version {version!r}",
+                            "version_mismatch")
+    op = message.get("op")
+    if op not in OPS:
+        raise ProtocolError(f"unknown op {op!r}")
+    for name in REQUIRED[op]:
+        if not _field_ok(message.get(name)):
+            raise ProtocolError(f"{op}: field {name!r} missing or not a short printable string")
+    for name in OPTIONAL[op]:
+        if name in message and not _field_ok(message[name]):
+            raise ProtocolError(f"{op}: field {name!r} is not a short printable string")
+    known = {"protocol", "version", "identity", "op", *REQUIRED[op], *OPTIONAL[op]}
+    if extra := sorted(set(message) - known):
+        raise ProtocolError(f"{op}: unknown fields {extra}")
+    if message.get("identity") != identity:
+        raise ProtocolError("the identity's certificate changed since this helper started",
+                            "stale_identity")
+    return message
+
+
+# --- frames -------------------------------------------------------------------------------
+
+
+def frame(kind: bytes, payload: bytes = b"") -> bytes:
+    if kind not in (DATA, END, CUT):
+        raise ProtocolError(f"unknown frame kind {kind!r}")
+    if len(payload) > MAX_FRAME:
+        raise ProtocolError(f"frame payload of {len(payload)} bytes is over {MAX_FRAME}")
+    return FRAME_HEAD.pack(kind, len(payload)) + payload
+
+
+def data_frames(data: bytes) -> bytes:
+    """``data`` as DATA frames of at most ``MAX_FRAME`` bytes each."""
+    return b"".join(frame(DATA, data[i:i + MAX_FRAME]) for i in range(0, len(data), MAX_FRAME))
+
+
+def check_head(head: bytes) -> tuple[bytes, int]:
+    kind, length = FRAME_HEAD.unpack(head)
+    if kind not in (DATA, END, CUT):
+        raise ProtocolError(f"unknown frame kind {kind!r}")
+    if length > MAX_FRAME:
+        raise ProtocolError(f"frame payload of {length} bytes is over {MAX_FRAME}")
+    if kind == END and length:
+        raise ProtocolError("an end frame carries no payload")
+    return kind, length
+
+
+class FrameDecoder:
+    """Bytes in, ``(kind, payload)`` frames out; raises ProtocolError on a malformed frame."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        self.buffer += data
+        frames = []
+        while len(self.buffer) >= FRAME_HEAD.size:
+            kind, length = check_head(bytes(self.buffer[:FRAME_HEAD.size]))
+            end = FRAME_HEAD.size + length
+            if len(self.buffer) < end:
+                break
+            frames.append((kind, bytes(self.buffer[FRAME_HEAD.size:end])))
+            del self.buffer[:end]
+        return frames
+
+    @property
+    def partial(self) -> bool:
+        """A frame was begun and not finished (the peer went away mid-frame)."""
+        return bool(self.buffer)
