@@ -11,7 +11,9 @@ Three kinds of peer, told apart by ALPN before any stream is accepted:
   rate-limited.
 
 Where is a session authorized? :meth:`Proxy._dial` asks :func:`tunnel.access.decide`; peers
-are admitted by :func:`tunnel.admission.admit`. Every refusal is audited.
+are admitted by :func:`tunnel.admission.admit`. Both are pure functions over the policy snapshot
+that :class:`tunnel.live_policy.LivePolicy` keeps fresh off the event loop. Every refusal is
+audited.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from enroll.registry import iso
 from enroll.request import EnrollError, parse_request
 from enroll.state import FleetState
 from tunnel import access, wire
-from tunnel.admission import CODES, Denied, Peer, admit, check_device
+from tunnel.admission import CODES, Denied, Peer, admit, identify, recheck_agent, seen_by
+from tunnel.live_policy import LivePolicy
 from tunnel.log import event
 from tunnel.memory import TRIM_INTERVAL, release_free_memory
 from tunnel.metrics import ProxyMetrics
@@ -181,6 +184,8 @@ class Proxy:
         self.state = state
         self.fleet = state.fleet
         self.registry = state.registry()
+        #: the policy snapshot every admission, dial and re-check is decided on
+        self.policy = LivePolicy(state, self.registry)
         self.agents: dict[str, AgentLink] = {}
         self.peers: dict[Connection, Peer] = {}
         self.sessions: dict[str, Session] = {}  # re-authorized by _watch until cut or ended
@@ -289,6 +294,7 @@ class Proxy:
             await self._flush_at_stop()
             await self.writer.close()
         self._login_pool.shutdown(wait=False, cancel_futures=True)
+        self.policy.close()
         self.registry.close()
 
     def _spawn(self, coro) -> asyncio.Task:
@@ -308,12 +314,16 @@ class Proxy:
             return
         remote = "{}:{}".format(*conn.remote_address[:2])
         try:
-            peer = admit(conn.peer_certificate, self.fleet, self.registry, want=PEER_KIND[conn.alpn])
-            if peer.kind == "user" and (denial := access.user_denial(self.registry, peer, dt.datetime.now(dt.UTC))):
+            ident = identify(conn.peer_certificate, self.fleet)
+            snapshot = await self.policy.refresh()
+            if not seen_by(snapshot, ident):  # issued a moment ago? look once more
+                snapshot = await self.policy.reload()
+            peer = admit(ident, self.fleet, snapshot, want=PEER_KIND[conn.alpn])
+            if peer.kind == "user" and (denial := access.user_denial(snapshot, peer, dt.datetime.now(dt.UTC))):
                 raise Denied(denial.code if denial.code in CODES else "locked", denial.reason)
         except Denied as denied:
             actor = _actor_of(conn.peer_certificate)
-            dev = self.registry.device(actor.split(":", 1)[1]) if actor.startswith("device:") else None
+            dev = self.policy.snapshot.device(actor.split(":", 1)[1]) if actor.startswith("device:") else None
             # bounded: the peer must get its refusal code (an agent stops or waits by it) even
             # while the registry is locked; the event stays queued
             await self._settled(self._audit(
@@ -564,7 +574,8 @@ class Proxy:
 
     async def _dial(self, peer: Peer, stream: Stream, msg: wire.Message, rest: bytes, remote: str) -> None:
         device_id, requested, login = msg["device"], msg["service"], msg.get("login")
-        dev = self.registry.device(device_id)
+        snapshot = await self.policy.refresh()
+        dev = snapshot.device(device_id)
         link = self.agents.get(device_id)
         if link is not None and not link.hello.is_set():
             # the agent just connected: its service table comes with its hello
@@ -573,7 +584,7 @@ class Proxy:
         # One canonical name, decided here, is what gets authorized, audited and opened.
         resolved = access.canonical_service(requested, link.services if link else None, device_id)
         service = resolved.name
-        decision = access.decide(self.registry, peer, device_id, dev, service or requested, login,
+        decision = access.decide(snapshot, peer, device_id, service or requested, login,
                                  online=link is not None)
         if not resolved.ok and (decision.allowed or (service is None and decision.code == "forbidden")):
             decision = access.Decision(False, resolved.code, resolved.reason)
@@ -650,7 +661,7 @@ class Proxy:
         link.bytes_down += result.a_to_b
         link.bytes_up += result.b_to_a
         self.metrics.spliced(result.a_to_b, result.b_to_a)
-        dev = self.registry.device(device_id)
+        dev = self.policy.snapshot.device(device_id)
         if tracked.cut_reason:
             result.error = tracked.end_reason or f"cut: {tracked.cut_reason}"
         ended = self._end(
@@ -700,13 +711,15 @@ class Proxy:
         op = msg["op"]
         args = msg.get("args", {})
         if op == "ls":
+            await self.policy.refresh()
             body = {"devices": self.listing(peer)}
         elif op == "status":
-            roles = access.peer_roles(self.registry, peer)
+            snapshot = await self.policy.refresh()
+            roles = access.peer_roles(snapshot, peer)
             body = {"agents": [a.as_dict() for a in self.agents.values()
-                               if access.may_see(roles, self.registry.device(a.device_id))]}
+                               if access.may_see(roles, snapshot.device(a.device_id))]}
         elif op == "whoami":
-            roles = access.peer_roles(self.registry, peer)
+            roles = access.peer_roles(await self.policy.refresh(), peer)
             body = {"user": peer.name, "roles": [r.name for r in roles],
                     "expires": peer.identity.not_after.isoformat(),
                     "reachable_devices": len(self.listing(peer)),
@@ -732,8 +745,9 @@ class Proxy:
         from enroll import certs
 
         device_id, login = str(args.get("device", "")), str(args.get("login", ""))
-        dev = self.registry.device(device_id)
-        decision = access.decide(self.registry, peer, device_id, dev, "ssh", login)
+        snapshot = await self.policy.refresh()
+        dev = snapshot.device(device_id)
+        decision = access.decide(snapshot, peer, device_id, "ssh", login)
         common = dict(actor=peer.actor, actor_roles=peer.identity.roles, device=device_id,
                       labels=dev.labels if dev else None, login=login, service="ssh")
         if not decision.allowed:
@@ -760,8 +774,8 @@ class Proxy:
 
     def listing(self, peer: Peer) -> list[dict]:
         rows = []
-        roles = access.peer_roles(self.registry, peer)
-        for dev in self.registry.devices():
+        roles = access.peer_roles(self.policy.snapshot, peer)
+        for dev in self.registry.devices():  # last_seen as of now (the snapshot's may be older)
             if not access.may_see(roles, dev):
                 continue
             link = self.agents.get(dev.id)
@@ -939,6 +953,7 @@ class Proxy:
             ttl = session_ttl(roles, requested, self.state.lifetime("user"))
             cert = issue_user(self.state, self.registry, name, public_key, user["roles"], ttl,
                               actor=f"user:{name}", origin="login")
+            self.policy.changed()  # written on the proxy's own connection: its next connect must see it
         except (users.LoginError, certs.CertError, ValueError) as exc:
             if users.get(self.registry, name) is None:
                 # a name with no account: summed up per source like other anonymous refusals
@@ -966,29 +981,27 @@ class Proxy:
 
         A lock or decommission cuts the device's connection; a relabel, role change, user lock
         or certificate expiry cuts each session that is no longer allowed. Within one interval.
+        The snapshot is refreshed once (off the loop, only if the policy changed); the checks
+        themselves are pure and cost no I/O, however many sessions and agents there are.
         """
         last_touch = time.monotonic()
         while True:
             await asyncio.sleep(self.watch_interval)
+            try:
+                snapshot = await self.policy.refresh()
+            except Exception:  # noqa: BLE001 - registry unreadable: keep the last snapshot, retry
+                log.exception("could not refresh the policy snapshot")
+                snapshot = self.policy.snapshot
             now = dt.datetime.now(dt.UTC)
             for session in list(self.sessions.values()):
-                dev = self.registry.device(session.device_id)
-                decision = access.decide(self.registry, session.peer, session.device_id, dev,
+                decision = access.decide(snapshot, session.peer, session.device_id,
                                          session.service, session.login, now=now)
                 if not decision.allowed:
                     event(log, "cutting session", session=session.id, code=decision.code)
                     session.cut(decision.reason)
                     self.sessions.pop(session.id, None)
             for device_id, link in list(self.agents.items()):
-                dev = self.registry.device(device_id)
-                try:
-                    if dev is None:
-                        raise Denied("unknown_identity", f"device {device_id} was removed")
-                    if self.registry.cert_revoked(link.peer.identity.serial_hex):
-                        raise Denied("revoked", f"certificate {link.peer.identity.serial_hex} of "
-                                                f"{device_id} was revoked")
-                    check_device(dev, now)
-                except Denied as denied:
+                if (denied := recheck_agent(snapshot, link.peer, now)) is not None:
                     event(log, "cutting agent", device=device_id, code=denied.code)
                     link.conn.close(CODES[denied.code], f"{denied.code}: {denied.reason}")
             if time.monotonic() - last_touch > 60 and self.agents:
