@@ -629,3 +629,48 @@ def close_open_sessions(db: sqlite_utils.Database, reason: str, *, now: dt.datet
                reason=reason, now=now, **kept)
         closed.append(start["session"])
     return closed
+
+
+# --- export crash recovery ---------------------------------------------------------------------
+
+
+def _cut_partial_line(path) -> tuple[int, str] | None:
+    """Cut a half-written last line; return (seq, hash) of the last whole event in the file."""
+    import os
+
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return None
+        start = max(0, size - 65536)
+        f.seek(start)
+        tail = f.read()
+        if not tail.endswith(b"\n"):
+            cut = tail.rfind(b"\n")
+            f.truncate(start + cut + 1 if cut >= 0 else start)
+            f.flush()
+            os.fsync(f.fileno())
+            tail = tail[: cut + 1] if cut >= 0 else b""
+    lines = tail.splitlines()
+    if not lines:
+        return None
+    try:
+        last = json.loads(lines[-1])
+        return int(last["seq"]), str(last["hash"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def resume_export(db: sqlite_utils.Database, path, after: int) -> tuple[int, str] | None:
+    """Where an export appending to ``path`` resumes when a previous run died after writing
+    events but before saving its cursor (``after``): the last whole event in the file, if it
+    is beyond ``after`` and is that very event of this log (same hash). A half-written last
+    line is cut off first. None: resume at ``after``.
+    """
+    found = _cut_partial_line(path)
+    if not found or found[0] <= after:
+        return None
+    row = db.execute("SELECT hash FROM audit WHERE seq = ?", [found[0]]).fetchone()
+    return found if row and row[0] == found[1] else None

@@ -253,33 +253,6 @@ def _write_cursor(path: Path, seq: int, digest: str) -> None:
     write_file(path, body)
 
 
-def _recover_output(path: Path) -> tuple[int, str] | None:
-    """Cut a half-written last line; return (seq, hash) of the last whole event in the file."""
-    if not path.exists():
-        return None
-    with open(path, "rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size == 0:
-            return None
-        start = max(0, size - 65536)
-        f.seek(start)
-        tail = f.read()
-        if not tail.endswith(b"\n"):
-            cut = tail.rfind(b"\n")
-            f.truncate(start + cut + 1 if cut >= 0 else start)
-            f.flush()
-            os.fsync(f.fileno())
-            tail = tail[: cut + 1] if cut >= 0 else b""
-    lines = tail.splitlines()
-    if not lines:
-        return None
-    try:
-        last = json.loads(lines[-1])
-        return int(last["seq"]), str(last["hash"])
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
 def cmd_export(args) -> int:
     cursor = Path(args.cursor) if args.cursor else None
     out_path = Path(args.output) if args.output else None
@@ -290,13 +263,8 @@ def cmd_export(args) -> int:
     else:
         after, after_hash = 0, None
     with _state(args).registry() as reg:
-        if out_path and args.after is None:
-            found = _recover_output(out_path)
-            if found and found[0] > after:
-                # A previous run wrote these lines but died before saving the cursor.
-                row = reg.db.conn.execute("SELECT hash FROM audit WHERE seq = ?", (found[0],)).fetchone()
-                if row and row[0] == found[1]:
-                    after, after_hash = found
+        if out_path and args.after is None and (resumed := audit.resume_export(reg.db, out_path, after)):
+            after, after_hash = resumed  # a previous run wrote these lines, then died
         sink = open(out_path, "a", encoding="utf-8") if out_path else sys.stdout  # noqa: SIM115
         count, first, last, error = 0, None, None, None
         try:

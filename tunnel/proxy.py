@@ -32,6 +32,7 @@ from pathlib import Path
 from enroll import audit
 from enroll.enrollment import enroll, renew
 from enroll.registry import iso
+from enroll.repositories import Devices
 from enroll.request import EnrollError, parse_request
 from enroll.state import FleetState
 from tunnel import access, wire
@@ -366,7 +367,7 @@ class Proxy:
         remote = "{}:{}".format(*conn.remote_address[:2])
         now = dt.datetime.now(dt.UTC)
         def connected(db):
-            db["devices"].update(device_id, {"last_seen": iso(now)})
+            Devices(db).seen([device_id], now)
             from enroll.enrollment import device_connected  # older certificates: superseded
             device_connected(db, device_id, peer.identity.serial_hex, now)
             audit.append(
@@ -395,7 +396,7 @@ class Proxy:
         remote = "{}:{}".format(*conn.remote_address[:2])
 
         def disconnected(db):
-            db["devices"].update(device_id, {"last_seen": iso(now)})
+            Devices(db).seen([device_id], now)
             audit.append(
                 db, "device.disconnect", actor=peer.actor, device=device_id, remote=remote,
                 labels=dev.labels if dev else None, now=now, reason=reason,
@@ -859,7 +860,7 @@ class Proxy:
             parsed = tokens.parse(token, self.fleet)
         except tokens.TokenError as exc:
             raise _Tallied("bad_token", str(exc)) from None
-        if not self.registry.db["tokens"].count_where("id = ?", [parsed.id]):
+        if not tokens.issued(self.registry, parsed.id):
             raise _Tallied("unknown_token", "unknown join token: it was never issued by this fleet, "
                                             "or mistyped")
 
@@ -947,11 +948,11 @@ class Proxy:
                     users.source_of(remote))
             finally:
                 self._logins_pending -= 1
-            roles = users.load_roles(self.registry, user["roles"])
+            roles = users.load_roles(self.registry, list(user.roles))
             requested = parse_duration(str(args["ttl"])) if args.get("ttl") else None
             # never longer than the fleet's user lifetime; roles' max_session_ttl shorten it
             ttl = session_ttl(roles, requested, self.state.lifetime("user"))
-            cert = issue_user(self.state, self.registry, name, public_key, user["roles"], ttl,
+            cert = issue_user(self.state, self.registry, name, public_key, list(user.roles), ttl,
                               actor=f"user:{name}", origin="login")
             self.policy.changed()  # written on the proxy's own connection: its next connect must see it
         except (users.LoginError, certs.CertError, ValueError) as exc:
@@ -965,11 +966,11 @@ class Proxy:
             await _try_write(stream, wire.reply_refused("login_failed", str(exc)))
             _finish(stream)
             return
-        await self._audit("user.login", actor=f"user:{name}", actor_roles=user["roles"], remote=remote,
+        await self._audit("user.login", actor=f"user:{name}", actor_roles=list(user.roles), remote=remote,
                     not_after=cert.not_valid_after_utc.isoformat(), invite=args.get("invite") is not None)
         await _try_write(stream, reply_with_body({
             "cert": certs.cert_pem(cert).decode(), "ca": certs.cert_pem(self.state.ca_cert).decode(),
-            "ssh_host_ca": self.state.ssh_ca_public("host"), "roles": user["roles"],
+            "ssh_host_ca": self.state.ssh_ca_public("host"), "roles": list(user.roles),
             "server_name": self.state.config["proxy_name"],
         }))
         _finish(stream)
@@ -1006,11 +1007,10 @@ class Proxy:
                     link.conn.close(CODES[denied.code], f"{denied.code}: {denied.reason}")
             if time.monotonic() - last_touch > 60 and self.agents:
                 last_touch = time.monotonic()
-                online, seen = list(self.agents), iso(now)
+                online = list(self.agents)
 
-                def touch(db, online=online, seen=seen):
-                    for device_id in online:
-                        db["devices"].update(device_id, {"last_seen": seen})
+                def touch(db, online=online, seen=now):
+                    Devices(db).seen(online, seen)
 
                 self.writer.submit(touch)
 
