@@ -180,24 +180,25 @@ def _v4(db: sqlite_utils.Database) -> None:
 
 
 def _v5(db: sqlite_utils.Database) -> None:
-    """A policy version, bumped by triggers whenever something authorization reads changes.
+    """Policy versions, bumped by triggers whenever something authorization reads changes.
 
-    The proxy keeps an in-memory policy snapshot (enroll/snapshot.py) and rebuilds it when this
-    number moves: a device's labels, lock or certificate, a user's roles or lock, a role, an
-    issued or revoked certificate. Bookkeeping (``last_seen``, ``first_used_at``, failed
-    logins, audit events) does not move it, so a busy proxy does not rebuild for its own writes.
-    A second backend implements the same contract with its own triggers.
+    The proxy keeps an in-memory policy snapshot (enroll/snapshot.py) and rebuilds the part of
+    it whose table's version moved: a device's labels, lock or certificate, a user's roles or
+    lock, a role, an issued or revoked certificate. Bookkeeping (``last_seen``,
+    ``first_used_at``, failed logins, audit events) moves none, so a busy proxy does not rebuild
+    for its own writes, and a login (a new certificate) reloads only the certificates. A second
+    backend implements the same contract with its own triggers.
     """
-    db.execute("CREATE TABLE policy_version (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)")
-    db.execute("INSERT INTO policy_version (id, version) VALUES (1, 1)")
-    bump = "UPDATE policy_version SET version = version + 1 WHERE id = 1"
     watched = {
         "devices": "labels, cert_serial, locked_until, lock_message",
         "users": "roles, locked_until, lock_message",
         "roles": None,  # any column
         "certs": "revoked_at, not_after",
     }
+    db.execute("CREATE TABLE policy_version (name TEXT PRIMARY KEY, version INTEGER NOT NULL)")
     for table, columns in watched.items():
+        db.execute("INSERT INTO policy_version (name, version) VALUES (?, 1)", [table])
+        bump = f"UPDATE policy_version SET version = version + 1 WHERE name = '{table}'"
         for op in ("INSERT", "DELETE", "UPDATE"):
             what = f"UPDATE OF {columns}" if op == "UPDATE" and columns else op
             db.execute(f"CREATE TRIGGER {table}_policy_{op.lower()} AFTER {what} ON {table} "

@@ -8,8 +8,10 @@ snapshot that costs no I/O, and the tenant matrix can be tested without a databa
 
 :func:`load` builds a snapshot from a registry (in one read transaction, so it is consistent);
 the proxy does that off the event loop whenever :func:`policy_version` says a policy table
-changed (a counter bumped by triggers, see ``_v5`` in :mod:`enroll.registry`; audit writes and
-``last_seen`` updates do not bump it, so a busy proxy does not rebuild for its own bookkeeping).
+changed (a counter per table bumped by triggers, see ``_v5`` in :mod:`enroll.registry`; audit
+writes and ``last_seen`` updates do not bump it, so a busy proxy does not rebuild for its own
+bookkeeping). Given the current snapshot, :func:`load` re-reads only the tables whose version
+moved: a login adds a certificate, and only the certificates are read again.
 
 Certificates: every revoked serial is kept (a connected peer's certificate may be revoked at any
 time, however old); of the others only those not expired for more than :data:`KNOWN_MARGIN`,
@@ -51,7 +53,8 @@ class UserPolicy:
 class PolicySnapshot:
     """One consistent view of the registry's policy tables. Never changed once built.
 
-    ``version`` is the registry's policy version it was built at (0 for one built in memory).
+    ``version`` is the registry's policy version per table it was built at (empty for one
+    built in memory).
     """
 
     devices: Mapping[str, Device] = field(default_factory=lambda: _EMPTY)
@@ -59,12 +62,13 @@ class PolicySnapshot:
     roles: Mapping[str, Role] = field(default_factory=lambda: _EMPTY)
     known_serials: frozenset[str] = frozenset()
     revoked_serials: frozenset[str] = frozenset()
-    version: int = 0
+    version: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def build(cls, *, devices: Iterable[Device] = (), users: Iterable[UserPolicy] = (),
               roles: Iterable[Role] = (), known_serials: Iterable[str] = (),
-              revoked_serials: Iterable[str] = (), version: int = 0) -> PolicySnapshot:
+              revoked_serials: Iterable[str] = (),
+              version: tuple[tuple[str, int], ...] = ()) -> PolicySnapshot:
         """A snapshot from records (tests build them in memory; :func:`load` from a registry)."""
         revoked = frozenset(revoked_serials)
         return cls(
@@ -93,14 +97,18 @@ class PolicySnapshot:
         return serial_hex in self.revoked_serials
 
 
-def policy_version(registry: Registry) -> int:
-    """The registry's policy version: changes whenever a table a snapshot reads changes."""
-    row = registry._db.execute("SELECT version FROM policy_version WHERE id = 1").fetchone()
-    return row[0] if row else 0
+def policy_version(registry: Registry) -> tuple[tuple[str, int], ...]:
+    """The registry's policy version per table: moves whenever a table a snapshot reads changes."""
+    return tuple(registry._db.execute("SELECT name, version FROM policy_version ORDER BY name").fetchall())
 
 
-def load(registry: Registry, now: dt.datetime | None = None) -> PolicySnapshot:
-    """Read a snapshot in one read transaction (consistent across tables)."""
+def load(registry: Registry, now: dt.datetime | None = None,
+         current: PolicySnapshot | None = None) -> PolicySnapshot:
+    """Read a snapshot in one read transaction (consistent across tables).
+
+    With ``current``, the tables whose version did not move are taken from it, not read again;
+    if none moved, ``current`` itself is returned.
+    """
     now = now or dt.datetime.now(dt.UTC)
     conn = registry._db.conn
     own = not conn.in_transaction
@@ -108,23 +116,33 @@ def load(registry: Registry, now: dt.datetime | None = None) -> PolicySnapshot:
         conn.execute("BEGIN")
     try:
         version = policy_version(registry)
-        devices = [Device(id_, _labels(labels), serial, enrolled, seen, until, message)
-                   for id_, labels, serial, enrolled, seen, until, message in conn.execute(
-                       "SELECT id, labels, cert_serial, enrolled_at, last_seen, locked_until, lock_message "
-                       "FROM devices")]
-        users = [UserPolicy(name, tuple(json.loads(roles)), until, message)
-                 for name, roles, until, message in conn.execute(
-                     "SELECT name, roles, locked_until, lock_message FROM users")]
-        roles = [_parsed(spec) for _, spec in conn.execute("SELECT name, spec FROM roles")]
-        known = [s for (s,) in conn.execute(
-            "SELECT serial FROM certs WHERE revoked_at IS NULL AND not_after > ?",
-            [iso(now - KNOWN_MARGIN)])]
-        revoked = [s for (s,) in conn.execute("SELECT serial FROM certs WHERE revoked_at IS NOT NULL")]
+        before = dict(current.version) if current is not None else {}
+        moved = {name for name, v in version if before.get(name) != v}
+        if current is not None and not moved:
+            return current
+        devices = current.devices if "devices" not in moved and current else MappingProxyType({
+            id_: Device(id_, _labels(labels), serial, enrolled, seen, until, message)
+            for id_, labels, serial, enrolled, seen, until, message in conn.execute(
+                "SELECT id, labels, cert_serial, enrolled_at, last_seen, locked_until, lock_message "
+                "FROM devices")})
+        users = current.users if "users" not in moved and current else MappingProxyType({
+            name: UserPolicy(name, tuple(json.loads(roles)), until, message)
+            for name, roles, until, message in conn.execute(
+                "SELECT name, roles, locked_until, lock_message FROM users")})
+        roles = current.roles if "roles" not in moved and current else MappingProxyType({
+            name: _parsed(spec) for name, spec in conn.execute("SELECT name, spec FROM roles")})
+        if "certs" not in moved and current:
+            known, revoked = current.known_serials, current.revoked_serials
+        else:
+            revoked = frozenset(s for (s,) in conn.execute(
+                "SELECT serial FROM certs WHERE revoked_at IS NOT NULL"))
+            known = revoked | frozenset(s for (s,) in conn.execute(
+                "SELECT serial FROM certs WHERE revoked_at IS NULL AND not_after > ?",
+                [iso(now - KNOWN_MARGIN)]))
     finally:
         if own:
             conn.execute("COMMIT")
-    return PolicySnapshot.build(devices=devices, users=users, roles=roles, known_serials=known,
-                                revoked_serials=revoked, version=version)
+    return PolicySnapshot(devices, users, roles, known, revoked, version)
 
 
 @functools.lru_cache(maxsize=65536)

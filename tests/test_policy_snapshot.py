@@ -243,6 +243,24 @@ def test_policy_version_moves_with_policy_only(tmp_path):
         assert [r.name for r in snap.roles.values()] == ["admin"]
 
 
+def test_a_rebuild_reads_again_only_what_moved(tmp_path):
+    from enroll.repositories import Certificate, Certificates
+
+    with Registry(tmp_path / "registry.db") as reg:
+        _seed(reg)
+        first = snapshot.load(reg)
+        assert snapshot.load(reg, current=first) is first  # nothing moved
+        with reg.write() as db:  # a login: one more certificate
+            Certificates(db).add(Certificate("77", "user", "alice", iso(NOW), "9999-01-01T00:00:00.000000Z"))
+        second = snapshot.load(reg, current=first)
+        assert second.cert_known("77") and not first.cert_known("77")
+        assert second.devices is first.devices and second.roles is first.roles
+        lock(reg, "robot-1", None)
+        third = snapshot.load(reg, current=second)
+        assert third.devices is not second.devices and third.device("robot-1").locked(NOW)
+        assert third.known_serials is second.known_serials
+
+
 class _State:
     def __init__(self, path):
         self.path = path

@@ -8,7 +8,8 @@ loader thread, which reads the registry's policy version (a one-row table bumped
 the policy tables) and rebuilds the snapshot only when that moved. So audit events and
 ``last_seen`` updates cost at most that one-row read, and a quiet registry costs nothing.
 
-Writes the proxy makes on its own connection (issuing a user certificate at login) do not move
+A rebuild re-reads only the tables whose version moved (a login's new certificate: only the
+certificates). Writes the proxy makes on its own connection (issuing a user certificate at login) do not move
 its own ``data_version``: the caller says so with :meth:`LivePolicy.changed`.
 
 Callers refresh where the answer must reflect the registry as of now: before each admission,
@@ -23,17 +24,18 @@ import concurrent.futures
 import time
 
 from enroll import snapshot as snapshots
+from enroll.registry import Registry
 from enroll.snapshot import PolicySnapshot
 from enroll.state import FleetState
 
 
 class LivePolicy:
-    def __init__(self, state: FleetState, registry):
+    def __init__(self, state: FleetState, registry: Registry):
         self._state = state
         self._registry = registry  # the proxy's event-loop connection: data_version only
         # SQLite connections belong to one thread: the loader keeps its own, on one thread.
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="policy")
-        self._loader_registry = None
+        self._loader_registry: Registry | None = None
         self._lock = asyncio.Lock()
         self._seen: int | None = None  # data_version at the last refresh; None: look again
         self.rebuilds = 0  # snapshots built (metrics, tests)
@@ -73,12 +75,14 @@ class LivePolicy:
     def _load(self, current: PolicySnapshot | None) -> PolicySnapshot:
         if self._loader_registry is None:
             self._loader_registry = self._state.registry()
-        if current is not None and snapshots.policy_version(self._loader_registry) == current.version:
+        registry = self._loader_registry
+        if current is not None and snapshots.policy_version(registry) == current.version:
             return current
         started = time.perf_counter()
-        built = snapshots.load(self._loader_registry)
-        self.last_build_seconds = time.perf_counter() - started
-        self.rebuilds += 1
+        built = snapshots.load(registry, current=current)
+        if built is not current:
+            self.last_build_seconds = time.perf_counter() - started
+            self.rebuilds += 1
         return built
 
     def _close_loader(self) -> None:
