@@ -298,3 +298,27 @@ def test_live_policy_rebuilds_only_when_policy_changed(tmp_path):
             other.close()
 
     asyncio.run(scenario())
+
+
+def test_live_policy_sees_the_proxys_own_writes_once_told(tmp_path):
+    """A write on the proxy's own connection (a login's certificate) does not move its own
+    data_version: ``changed()`` says so, and admission's ``reload()`` looks once more anyway."""
+    path = tmp_path / "registry.db"
+    with Registry(path) as reg:
+        _seed(reg)
+
+    async def scenario():
+        own = Registry(path)
+        live = LivePolicy(_State(path), own)
+        try:
+            relabel(own, "robot-1", {"site": "hou"}, [])
+            assert "site" not in (await live.refresh()).device("robot-1").labels  # not told yet
+            live.changed()
+            assert (await live.refresh()).device("robot-1").labels["site"] == "hou"
+            relabel(own, "robot-1", {"site": "dal"}, [])
+            assert (await live.reload()).device("robot-1").labels["site"] == "dal"
+        finally:
+            live.close()
+            own.close()
+
+    asyncio.run(scenario())
