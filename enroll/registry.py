@@ -267,7 +267,11 @@ class Registry:
 
     @property
     def db(self) -> sqlite_utils.Database:
-        """The raw database, for the storage layer only (being moved behind typed methods)."""
+        """The raw database: for the storage layer (repositories, snapshot, audit) and tests.
+
+        Nothing else in the package reaches it (tests/test_repositories.py checks): callers
+        use the repositories in :mod:`enroll.repositories`, which take a Registry for reads.
+        """
         return self._db
 
     def data_version(self) -> int:

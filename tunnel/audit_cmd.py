@@ -151,8 +151,8 @@ def cmd_query(args) -> int:
         raise ValueError(f"--since ({iso(since)}) is after --until ({iso(until)}): swap them")
     actor = args.actor or (f"user:{args.user}" if args.user else None)
     with _state(args).registry() as reg:
-        types = audit.resolve_types(reg.db, args.event or [])
-        events = audit.query(reg.db, since=since, until=until, types=types, actor=actor,
+        types = audit.resolve_types(reg, args.event or [])
+        events = audit.query(reg, since=since, until=until, types=types, actor=actor,
                              device=args.device, selector=selector)
         if args.format == "jsonl":
             write = sys.stdout.write
@@ -210,8 +210,8 @@ def cmd_verify(args) -> int:
         if position[0]:
             anchor = position
     with _state(args).registry() as reg:
-        broken = audit.verify(reg.db, anchor)
-        head = audit.head(reg.db)
+        broken = audit.verify(reg, anchor)
+        head = audit.head(reg)
     result = {
         "intact": broken is None, "events": head.count,
         "anchor": f"{head.seq}:{head.hash}" if head.seq and not broken else None,
@@ -263,13 +263,13 @@ def cmd_export(args) -> int:
     else:
         after, after_hash = 0, None
     with _state(args).registry() as reg:
-        if out_path and args.after is None and (resumed := audit.resume_export(reg.db, out_path, after)):
+        if out_path and args.after is None and (resumed := audit.resume_export(reg, out_path, after)):
             after, after_hash = resumed  # a previous run wrote these lines, then died
         sink = open(out_path, "a", encoding="utf-8") if out_path else sys.stdout  # noqa: SIM115
         count, first, last, error = 0, None, None, None
         try:
             try:
-                for rec in audit.export_rows(reg.db, after, after_hash, args.limit):
+                for rec in audit.export_rows(reg, after, after_hash, args.limit):
                     sink.write(json.dumps(rec, ensure_ascii=False) + "\n")
                     count += 1
                     first = first or rec["seq"]

@@ -913,7 +913,7 @@ class Proxy:
 
     async def _anchor_now(self) -> None:
         try:
-            seq, digest = audit.tip(self.registry.db)
+            seq, digest = audit.tip(self.registry)
             if seq < self._anchored:
                 event(log, "the audit log is shorter than its last anchor: run 'tunnel audit verify "
                       "--anchor'", level=logging.ERROR, seq=seq, anchored=self._anchored)
@@ -1099,10 +1099,7 @@ class Session:
         def write(db):
             if self.start_seq is None:
                 return None
-            row = db.conn.execute(
-                "SELECT type, json_extract(fields, '$.session') FROM audit WHERE seq = ?",
-                (self.start_seq,)).fetchone()
-            if row is None or tuple(row) != ("session.start", self.id):
+            if not audit.is_session_start(db, self.start_seq, self.id):
                 return None  # its start was rolled back: nothing to pair
             return audit.append(db, "session.end", **{**self.common, **fields})
 
