@@ -322,3 +322,39 @@ def test_live_policy_sees_the_proxys_own_writes_once_told(tmp_path):
             own.close()
 
     asyncio.run(scenario())
+
+
+def test_a_storm_of_refreshes_costs_two_loads_while_the_writer_keeps_committing(tmp_path):
+    """Thousands of agents reconnecting: each admission refreshes while the audit writer commits
+    their device.connect events. Waiters share a load that began after they asked."""
+    path = tmp_path / "registry.db"
+    with Registry(path) as reg:
+        _seed(reg)
+
+    async def scenario():
+        own = Registry(path)
+        live = LivePolicy(_State(path), own)
+        loads = []
+        plain = live._load
+
+        def load_while_writer_commits(current):
+            loads.append(1)
+            with Registry(path) as writer, writer.write() as db:
+                audit.append(db, "device.connect", actor="device:robot-1", device="robot-1")
+            return plain(current)
+
+        live._load = load_while_writer_commits
+        other = Registry(path)
+        try:
+            lock(other, "robot-1", None, "incident")
+            results = await asyncio.gather(*(live.refresh() for _ in range(50)))
+            # the first caller's load, then one shared by all who asked while it ran (not 50)
+            assert len(loads) == 2 and all(r.device("robot-1").locked(NOW) for r in results)
+            await live.refresh()  # the writer committed during that load: one more look
+            assert len(loads) == 3
+        finally:
+            live.close()
+            own.close()
+            other.close()
+
+    asyncio.run(scenario())

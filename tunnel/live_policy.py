@@ -38,6 +38,8 @@ class LivePolicy:
         self._loader_registry: Registry | None = None
         self._lock = asyncio.Lock()
         self._seen: int | None = None  # data_version at the last refresh; None: look again
+        self._loads_begun = 0  # loads started by refresh(), numbered
+        self._fresh_from = 0  # number of the last load that finished
         self.rebuilds = 0  # snapshots built (metrics, tests)
         self.last_build_seconds = 0.0
         self.snapshot: PolicySnapshot = self._pool.submit(self._load, None).result()
@@ -51,14 +53,23 @@ class LivePolicy:
         """The snapshot as of now: rebuilt (in the loader thread) only if the policy changed."""
         if self._seen is not None and self._registry.data_version() == self._seen:
             return self.snapshot
+        ticket = self._loads_begun
         async with self._lock:
+            if self._fresh_from > ticket:
+                # a load that began after this call has finished while this one waited: it saw
+                # everything committed before this call (a reconnect storm costs two loads, not
+                # one per agent, although the audit writer commits between them)
+                return self.snapshot
             version = self._registry.data_version()
             if self._seen is not None and version == self._seen:
                 return self.snapshot  # another caller refreshed while this one waited
             self._seen = None
+            self._loads_begun += 1
+            begun = self._loads_begun
             current = self.snapshot
             self.snapshot = await asyncio.get_running_loop().run_in_executor(self._pool, self._load, current)
             self._seen = version  # read before the load: a commit during it is seen next time
+            self._fresh_from = begun
         return self.snapshot
 
     async def reload(self) -> PolicySnapshot:
