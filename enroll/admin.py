@@ -1,21 +1,22 @@
 """Ops actions on enrolled devices (relabel, decommission, lock, unlock) and certificates.
 
-The registry is authoritative for a device's current labels; the proxy reads it on every
-connection and dial, so each change here acts at once. Each action and its audit event commit
-in one transaction.
+The registry is authoritative for a device's current labels; the proxy's policy snapshot
+follows every change here before its next admission, dial or once-a-second re-check, so each
+change acts at once. Each action and its audit event commit in one transaction. Storage is the
+repositories' (:mod:`enroll.repositories`); this module holds the rules.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 
 from enroll import audit
 from enroll.errors import FleetError
 from enroll.labels import LIFECYCLE, validate
 from enroll.registry import Device, Registry, iso
+from enroll.repositories import FOREVER, Certificate, Certificates, Devices
 
-FOREVER = "9999-12-31T23:59:59.000000Z"
+__all__ = ["FOREVER", "AdminError"]
 
 
 class AdminError(FleetError, ValueError, code="admin"):
@@ -23,10 +24,10 @@ class AdminError(FleetError, ValueError, code="admin"):
 
 
 def _get(db, device_id: str) -> Device:
-    rows = list(db["devices"].rows_where("id = ?", [device_id]))
-    if not rows:
+    dev = Devices(db).get(device_id)
+    if dev is None:
         raise AdminError(f"unknown device {device_id!r}: see 'enroll devices' for enrolled ids")
-    return Device.from_row(rows[0])
+    return dev
 
 
 def relabel(
@@ -42,7 +43,7 @@ def relabel(
         new = validate({k: v for k, v in {**dev.labels, **set_labels}.items() if k not in remove})
         if new == dev.labels:
             return dev
-        db["devices"].update(device_id, {"labels": json.dumps(new, sort_keys=True)})
+        Devices(db).set_labels(device_id, new)
         audit.append(
             db, "device.relabel", actor=actor, device=device_id, labels=new, before=dev.labels
         )
@@ -55,13 +56,9 @@ def decommission(registry: Registry, device_id: str, actor: str = "admin") -> De
     with registry.write() as db:
         dev = _get(db, device_id)
         labels = {**dev.labels, LIFECYCLE: "decommissioned"}
-        db["devices"].update(device_id, {"labels": json.dumps(labels, sort_keys=True)})
+        Devices(db).set_labels(device_id, labels)
         # every certificate the device ever held, renewals included
-        db.execute(
-            "UPDATE certs SET revoked_at = ?, revoked_reason = 'decommissioned' "
-            "WHERE kind = 'device' AND subject = ? AND revoked_at IS NULL",
-            [iso(now), device_id],
-        )
+        Certificates(db).revoke_all_of("device", device_id, now, "decommissioned")
         audit.append(
             db, "device.decommission", actor=actor, device=device_id, labels=labels, now=now,
             revoked_serial=dev.cert_serial,
@@ -76,7 +73,7 @@ def lock(
     until = iso(now + ttl) if ttl else FOREVER
     with registry.write() as db:
         dev = _get(db, device_id)
-        db["devices"].update(device_id, {"locked_until": until, "lock_message": message or None})
+        Devices(db).set_lock(device_id, until, message or None)
         audit.append(
             db, "device.lock", actor=actor, device=device_id, labels=dev.labels, now=now,
             until=until, message=message or None,
@@ -87,7 +84,7 @@ def lock(
 def unlock(registry: Registry, device_id: str, actor: str = "admin") -> Device:
     with registry.write() as db:
         dev = _get(db, device_id)
-        db["devices"].update(device_id, {"locked_until": None, "lock_message": None})
+        Devices(db).clear_lock(device_id)
         audit.append(db, "device.unlock", actor=actor, device=device_id, labels=dev.labels)
     return registry.device(device_id)
 
@@ -111,26 +108,8 @@ def list_certs(registry: Registry, *, user: str | None = None, device: str | Non
                include_expired: bool = False, now: dt.datetime | None = None) -> list[dict]:
     """Issued certificates, newest first, with their status: valid, expired or revoked."""
     now = now or dt.datetime.now(dt.UTC)
-    where, params = [], []
-    if user is not None:
-        where.append("kind = 'user' AND subject = ?")
-        params.append(user)
-    if device is not None:
-        where.append("kind = 'device' AND subject = ?")
-        params.append(device)
-    if not include_expired:
-        where.append("(not_after > ? OR revoked_at IS NOT NULL)")
-        params.append(iso(now))
-    rows = registry.db["certs"].rows_where(" AND ".join(where) or None, params,
-                                           order_by="issued_at DESC")
-    out = []
-    for r in rows:
-        status = "revoked" if r["revoked_at"] else ("expired" if r["not_after"] <= iso(now) else "valid")
-        out.append({"serial": r["serial"], "kind": r["kind"], "subject": r["subject"], "status": status,
-                    "issued_at": r["issued_at"], "not_after": r["not_after"], "origin": r["origin"],
-                    "first_used_at": r["first_used_at"], "revoked_at": r["revoked_at"],
-                    "revoked_reason": r["revoked_reason"]})
-    return out
+    return [c.as_dict(now) for c in Certificates(registry).listing(
+        user=user, device=device, include_expired=include_expired, now=now)]
 
 
 def revoke_cert(registry: Registry, serial: str, message: str = "", actor: str = "admin") -> dict:
@@ -138,40 +117,39 @@ def revoke_cert(registry: Registry, serial: str, message: str = "", actor: str =
     serial = _serial(serial)
     now = dt.datetime.now(dt.UTC)
     with registry.write() as db:
-        rows = list(db["certs"].rows_where("serial = ?", [serial]))
-        if not rows:
+        cert = Certificates(db).get(serial)
+        if cert is None:
             raise AdminError(f"no certificate {serial}: see 'enroll cert ls'")
-        row = rows[0]
-        if row["revoked_at"]:
-            raise AdminError(f"certificate {serial} was already revoked at {row['revoked_at']}")
-        _revoke_rows(db, [row], now, message, actor)
-    return {**row, "revoked_at": iso(now)}
+        if cert.revoked_at:
+            raise AdminError(f"certificate {serial} was already revoked at {cert.revoked_at}")
+        _revoke_rows(db, [cert], now, message, actor)
+    return _row(cert, revoked_at=iso(now))
+
+
+def _row(cert: Certificate, **changes) -> dict:
+    """The certificate as the registry holds it (what ``enroll cert revoke`` reports)."""
+    return {c: getattr(cert, c) for c in ("serial", "kind", "subject", "issued_at", "not_after",
+                                          "revoked_at", "origin", "first_used_at", "revoked_reason")} | changes
 
 
 def revoke_user_certs(registry: Registry, name: str, message: str = "", actor: str = "admin") -> list[str]:
     """Revoke every unexpired certificate of user ``name`` (login and ``enroll user issue``)."""
     now = dt.datetime.now(dt.UTC)
     with registry.write() as db:
-        rows = list(db["certs"].rows_where(
-            "kind = 'user' AND subject = ? AND revoked_at IS NULL AND not_after > ?", [name, iso(now)]))
-        if not rows:
+        certs = Certificates(db).valid_of("user", name, now)
+        if not certs:
             raise AdminError(f"user {name!r} holds no valid certificate: see 'enroll cert ls --user {name}'")
-        _revoke_rows(db, rows, now, message, actor)
-    return [r["serial"] for r in rows]
+        _revoke_rows(db, certs, now, message, actor)
+    return [c.serial for c in certs]
 
 
-def _revoke_rows(db, rows: list[dict], now: dt.datetime, message: str, actor: str) -> None:
+def _revoke_rows(db, certs: list[Certificate], now: dt.datetime, message: str, actor: str) -> None:
     reason = f"revoked by {actor}" + (f": {message}" if message else "")
-    for row in rows:
-        db.execute("UPDATE certs SET revoked_at = ?, revoked_reason = ? WHERE serial = ?",
-                   [iso(now), reason, row["serial"]])
-    first = rows[0]
-    device = first["subject"] if first["kind"] == "device" else None
-    labels = None
-    if device:
-        found = list(db["devices"].rows_where("id = ?", [device]))
-        labels = json.loads(found[0]["labels"]) if found else None
-    audit.append(db, "cert.revoke", actor=actor, device=device, labels=labels, now=now,
-                 reason=message or "revoked by an operator", kind=first["kind"],
-                 user=first["subject"] if first["kind"] == "user" else None,
-                 serials=[r["serial"] for r in rows])
+    Certificates(db).revoke([c.serial for c in certs], now, reason)
+    first = certs[0]
+    device = first.subject if first.kind == "device" else None
+    found = Devices(db).get(device) if device else None
+    audit.append(db, "cert.revoke", actor=actor, device=device, labels=found.labels if found else None,
+                 now=now, reason=message or "revoked by an operator", kind=first.kind,
+                 user=first.subject if first.kind == "user" else None,
+                 serials=[c.serial for c in certs])

@@ -46,7 +46,7 @@ import sqlite_utils
 from enroll.errors import FleetError
 from enroll.events import EVENT_TYPES
 from enroll.labels import Selector
-from enroll.registry import iso
+from enroll.registry import Registry, iso
 
 GENESIS = "0" * 64
 _CHAINED = ("seq", "time", "type", "actor", "actor_roles", "device", "labels", "result", "reason", "fields")
@@ -235,12 +235,19 @@ def _check_link(conn, row: dict, expected_seq: int, prev: str) -> ChainBreak | N
     return ChainBreak(seq, "does not start the chain (the first event's previous hash must be zeros)")
 
 
-def verify(db: sqlite_utils.Database, anchor: tuple[int, str] | None = None) -> ChainBreak | None:
+def _handle(source):
+    """The database of a :class:`enroll.registry.Registry`, or ``source`` itself when it is
+    already one (a write transaction's handle): read functions take either."""
+    return source._db if isinstance(source, Registry) else source
+
+
+def verify(db: sqlite_utils.Database | Registry, anchor: tuple[int, str] | None = None) -> ChainBreak | None:
     """Walk the chain; return the first event that was edited, inserted, removed or reordered.
 
     With ``anchor`` (seq, hash) — taken from an earlier verify or an export — also report a chain
     that was cut short or rewritten up to that event.
     """
+    db = _handle(db)
     conn = db.conn
     labelsets = dict(conn.execute("SELECT id, labels FROM audit_labelsets"))
     prev, expected_seq = GENESIS, 1
@@ -268,8 +275,9 @@ def verify(db: sqlite_utils.Database, anchor: tuple[int, str] | None = None) -> 
     return None
 
 
-def tip(db: sqlite_utils.Database) -> tuple[int, str]:
+def tip(db: sqlite_utils.Database | Registry) -> tuple[int, str]:
     """(seq, hash) of the last event — an anchor — without counting the log; (0, zeros) if empty."""
+    db = _handle(db)
     return _head(db.conn)
 
 
@@ -349,7 +357,8 @@ def anchor_from_text(text: str) -> tuple[int, str]:
     return best
 
 
-def head(db: sqlite_utils.Database) -> Head:
+def head(db: sqlite_utils.Database | Registry) -> Head:
+    db = _handle(db)
     seq, digest = _head(db.conn)
     count = db.conn.execute("SELECT count(*) FROM audit").fetchone()[0]
     return Head(count, seq, digest)
@@ -358,8 +367,9 @@ def head(db: sqlite_utils.Database) -> Head:
 # --- reading -----------------------------------------------------------------------------------
 
 
-def events(db: sqlite_utils.Database, *types: str) -> list[dict]:
+def events(db: sqlite_utils.Database | Registry, *types: str) -> list[dict]:
     """Events in order, decoded (``fields`` as a dict); optionally only the given types."""
+    db = _handle(db)
     sql, params = "SELECT * FROM audit", []
     if types:
         sql += f" WHERE type IN ({','.join('?' * len(types))})"
@@ -375,20 +385,22 @@ def events(db: sqlite_utils.Database, *types: str) -> list[dict]:
     return out
 
 
-def recorded_types(db: sqlite_utils.Database) -> list[str]:
+def recorded_types(db: sqlite_utils.Database | Registry) -> list[str]:
     """Every event type present in the log (a skip-scan of the type index: cheap at any size)."""
+    db = _handle(db)
     sql = ("WITH RECURSIVE t(type) AS (SELECT min(type) FROM audit UNION ALL "
            "SELECT (SELECT min(type) FROM audit WHERE type > t.type) FROM t WHERE t.type IS NOT NULL) "
            "SELECT type FROM t WHERE type IS NOT NULL")
     return [r[0] for r in db.conn.execute(sql)]
 
 
-def resolve_types(db: sqlite_utils.Database, patterns: Iterable[str]) -> list[str]:
+def resolve_types(db: sqlite_utils.Database | Registry, patterns: Iterable[str]) -> list[str]:
     """Event type names from ``--event`` values: exact names, comma lists or globs (``device.*``).
 
     Known are :data:`EVENT_TYPES` and any type already recorded. Raises ValueError naming the
     first value that matches none.
     """
+    db = _handle(db)
     out: list[str] = []
     recorded: list[str] | None = None
     for value in patterns:
@@ -415,7 +427,7 @@ def _in(column: str, values: list, indexed: bool) -> tuple[str, list]:
 
 
 def query(
-    db: sqlite_utils.Database,
+    db: sqlite_utils.Database | Registry,
     *,
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
@@ -430,6 +442,7 @@ def query(
     its labels now. Events without labels never match a non-empty selector. ``since`` is
     inclusive, ``until`` inclusive.
     """
+    db = _handle(db)
     conn = db.conn
     types = list(types)
     labelset_ids: list[int] | None = None
@@ -482,8 +495,9 @@ def query(
             yield record(dict(zip(_COLUMNS, values, strict=True)), cache)
 
 
-def query_plan(db: sqlite_utils.Database, **filters) -> str:
+def query_plan(db: sqlite_utils.Database | Registry, **filters) -> str:
     """The SQLite plan of :func:`query` for these filters (tests, benchmarks)."""
+    db = _handle(db)
     captured: list[str] = []
     conn = db.conn
     conn.set_trace_callback(captured.append)
@@ -538,7 +552,7 @@ class ExportError(FleetError, RuntimeError, code="export"):
     """The export cannot continue from where it stopped; the message says what to do."""
 
 
-def export_rows(db: sqlite_utils.Database, after: int, after_hash: str | None = None,
+def export_rows(db: sqlite_utils.Database | Registry, after: int, after_hash: str | None = None,
                 limit: int | None = None) -> Iterator[dict]:
     """Events after sequence number ``after``, oldest first, checked link by link.
 
@@ -546,6 +560,7 @@ def export_rows(db: sqlite_utils.Database, after: int, after_hash: str | None = 
     it, the log was rewritten since, and ExportError says so. An event that does not fit the chain
     stops the export with ExportError *after* every good event before it was yielded.
     """
+    db = _handle(db)
     conn = db.conn
     cache: dict[str, dict] = {}
     if after > 0:
@@ -605,3 +620,56 @@ def close_open_sessions(db: sqlite_utils.Database, reason: str, *, now: dt.datet
                reason=reason, now=now, **kept)
         closed.append(start["session"])
     return closed
+
+
+# --- export crash recovery ---------------------------------------------------------------------
+
+
+def _cut_partial_line(path) -> tuple[int, str] | None:
+    """Cut a half-written last line; return (seq, hash) of the last whole event in the file."""
+    import os
+
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return None
+        start = max(0, size - 65536)
+        f.seek(start)
+        tail = f.read()
+        if not tail.endswith(b"\n"):
+            cut = tail.rfind(b"\n")
+            f.truncate(start + cut + 1 if cut >= 0 else start)
+            f.flush()
+            os.fsync(f.fileno())
+            tail = tail[: cut + 1] if cut >= 0 else b""
+    lines = tail.splitlines()
+    if not lines:
+        return None
+    try:
+        last = json.loads(lines[-1])
+        return int(last["seq"]), str(last["hash"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def resume_export(db: sqlite_utils.Database | Registry, path, after: int) -> tuple[int, str] | None:
+    """Where an export appending to ``path`` resumes when a previous run died after writing
+    events but before saving its cursor (``after``): the last whole event in the file, if it
+    is beyond ``after`` and is that very event of this log (same hash). A half-written last
+    line is cut off first. None: resume at ``after``.
+    """
+    db = _handle(db)
+    found = _cut_partial_line(path)
+    if not found or found[0] <= after:
+        return None
+    row = db.execute("SELECT hash FROM audit WHERE seq = ?", [found[0]]).fetchone()
+    return found if row and row[0] == found[1] else None
+
+
+def is_session_start(db: sqlite_utils.Database | Registry, seq: int, session: str) -> bool:
+    """Whether event ``seq`` is the ``session.start`` of ``session`` (so its end may pair)."""
+    db = _handle(db)
+    row = db.execute("SELECT type, fields FROM audit WHERE seq = ?", [seq]).fetchone()
+    return row is not None and row[0] == "session.start" and json.loads(row[1] or "{}").get("session") == session

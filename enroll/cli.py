@@ -299,17 +299,10 @@ def cmd_user_add(args) -> int:
 
 
 def cmd_user_ls(args) -> int:
-    import datetime as dt
-
     from enroll import users
 
     with _state(args).registry() as reg:
-        rows = [{"name": u["name"], "roles": json.loads(u["roles"]),
-                 "status": "locked" if users.locked({**u}, dt.datetime.now(dt.UTC))
-                 else ("invited" if u["invite_hash"] and not u["password_hash"]
-                       else ("active" if u["password_hash"] else "certificate-only")),
-                 "totp": bool(u["totp_secret"]), "failed_logins": u["failed_logins"]}
-                for u in reg.db["users"].rows_where(order_by="name")]
+        rows = users.listing(reg)
     output.emit(rows, args.format, ["name", "roles", "status", "totp", "failed_logins"])
     return EXIT_OK
 

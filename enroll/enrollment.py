@@ -9,13 +9,13 @@ no trace but its ``device.enroll.denied`` event.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import secrets
 from dataclasses import dataclass
 
 from enroll import audit, certs, tokens
 from enroll.registry import Registry, iso, parse_iso
+from enroll.repositories import Certificate, Certificates, Devices
 from enroll.request import BUNDLE_VERSION, EnrollError, sign_bundle
 from enroll.state import FleetState
 
@@ -26,7 +26,7 @@ SSH_HOST_SUFFIX = ".fleet"
 def _device_id(db, requested: str | None, prefix: str) -> str:
     if requested:
         certs.check_name(requested)
-        if db["devices"].count_where("id = ?", [requested]):
+        if Devices(db).exists(requested):
             raise EnrollError(
                 f"device name {requested!r} is already enrolled: choose another --name, "
                 "or decommission the old device first"
@@ -34,7 +34,7 @@ def _device_id(db, requested: str | None, prefix: str) -> str:
         return requested
     for _ in range(10):
         candidate = certs.check_name(f"{prefix}{secrets.token_hex(3)}")
-        if not db["devices"].count_where("id = ?", [candidate]):
+        if not Devices(db).exists(candidate):
             return candidate
     raise EnrollError("could not pick a free device name; pass --name")
 
@@ -58,9 +58,9 @@ def enroll(
         public_key = certs.check_csr(request["csr"])
         host_key = certs.load_ssh_public(request["ssh_host_key"])
         with registry.write() as db:
-            row = tokens.consume(db, parsed, now)
-            labels = json.loads(row["labels"])
-            device_id = _device_id(db, request.get("name"), row["name_prefix"] or "")
+            used = tokens.consume(db, parsed, now)
+            labels = used.labels
+            device_id = _device_id(db, request.get("name"), used.name_prefix)
             cert = certs.issue(
                 state.ca_cert, state.ca_key, public_key,
                 kind="device", fleet=fleet, name=device_id, labels=labels,
@@ -72,28 +72,9 @@ def enroll(
                 lifetime=state.lifetime("ssh_host"), now=now,
             )
             serial = format(cert.serial_number, "x")
-            db["devices"].insert(
-                {
-                    "id": device_id,
-                    "labels": json.dumps(labels, sort_keys=True),
-                    "cert_serial": serial,
-                    "ssh_host_key": request["ssh_host_key"].strip(),
-                    "enrolled_at": iso(now),
-                    "last_seen": None,
-                    "locked_until": None,
-                    "lock_message": None,
-                }
-            )
-            db["certs"].insert(
-                {
-                    "serial": serial,
-                    "kind": "device",
-                    "subject": device_id,
-                    "issued_at": iso(now),
-                    "not_after": iso(cert.not_valid_after_utc),
-                    "revoked_at": None,
-                }
-            )
+            Devices(db).add(device_id, labels, serial, request["ssh_host_key"].strip(), now)
+            Certificates(db).add(Certificate(serial, "device", device_id, iso(now),
+                                             iso(cert.not_valid_after_utc)))
             audit.append(
                 db, "device.enroll", actor=f"token:{parsed.id}", device=device_id,
                 labels=labels, now=now, remote=remote, token=parsed.id,
@@ -202,16 +183,6 @@ def _span(t: dt.timedelta) -> str:
     return f"{seconds}s"
 
 
-def _live_device_certs(db, device_id: str, now: dt.datetime) -> list[dict]:
-    return list(db["certs"].rows_where(
-        "kind = 'device' AND subject = ? AND revoked_at IS NULL AND not_after > ?",
-        [device_id, iso(now)]))
-
-
-def _revoke(db, serials, now: dt.datetime, reason: str) -> None:
-    for serial in serials:
-        db.execute("UPDATE certs SET revoked_at = ?, revoked_reason = ? WHERE serial = ? AND revoked_at IS NULL",
-                   [iso(now), reason, serial])
 
 
 def renew(
@@ -229,16 +200,13 @@ def renew(
         raise RenewalError("bad_csr", f"renewal refused: {exc}") from None
     lifetime = state.lifetime("device")
     with registry.write() as db:
-        rows = list(db["devices"].rows_where("id = ?", [device_id]))
-        if not rows:
+        dev = Devices(db).get(device_id)
+        if dev is None:
             raise RenewalError("unknown_identity", f"device {device_id} is not enrolled")
-        labels = json.loads(rows[0]["labels"])
-        live = [CertRow(r["serial"], parse_iso(r["issued_at"]),
-                        parse_iso(r["first_used_at"]) if r["first_used_at"] else None)
-                for r in _live_device_certs(db, device_id, now)]
-        renewed = [parse_iso(r["issued_at"]) for r in db["certs"].rows_where(
-            "kind = 'device' AND subject = ? AND origin = 'renew' AND issued_at > ?",
-            [device_id, iso(now - renewal_window(lifetime))])]
+        labels = dev.labels
+        live = [CertRow(c.serial, parse_iso(c.issued_at), parse_iso(c.first_used_at) if c.first_used_at else None)
+                for c in Certificates(db).valid_of("device", device_id, now)]
+        renewed = Certificates(db).renewals_since(device_id, now - renewal_window(lifetime))
         plan = plan_renewal(live, renewed, now, lifetime)
         if not plan.allowed:
             raise RenewalError("renewal_limited", plan.reason)
@@ -247,12 +215,11 @@ def renew(
             name=device_id, labels=labels, lifetime=lifetime, now=now,
         )
         serial = format(cert.serial_number, "x")
-        _revoke(db, plan.supersede, now, f"superseded: replaced by renewal {serial} before it was used")
-        db["certs"].insert({
-            "serial": serial, "kind": "device", "subject": device_id, "issued_at": iso(now),
-            "not_after": iso(cert.not_valid_after_utc), "revoked_at": None, "origin": "renew",
-        })
-        db["devices"].update(device_id, {"cert_serial": serial})
+        Certificates(db).supersede(plan.supersede, now,
+                                   f"superseded: replaced by renewal {serial} before it was used")
+        Certificates(db).add(Certificate(serial, "device", device_id, iso(now), iso(cert.not_valid_after_utc),
+                                         origin="renew"))
+        Devices(db).set_cert(device_id, serial)
         audit.append(
             db, "cert.issue", actor=f"device:{device_id}", device=device_id, labels=labels,
             now=now, kind="device", serial=serial, not_after=iso(cert.not_valid_after_utc),
@@ -271,18 +238,19 @@ def device_connected(db, device_id: str, serial: str, now: dt.datetime) -> list[
     Runs inside the proxy's ``device.connect`` write. Returns the serials superseded (audited
     as one ``cert.revoke`` event, reason ``superseded``).
     """
-    rows = list(db["certs"].rows_where("serial = ? AND kind = 'device' AND subject = ?", [serial, device_id]))
-    if not rows:
+    repo = Certificates(db)
+    current = repo.get(serial)
+    if current is None or current.kind != "device" or current.subject != device_id:
         return []
-    if not rows[0]["first_used_at"]:
-        db["certs"].update(serial, {"first_used_at": iso(now)})
-    older = [r["serial"] for r in _live_device_certs(db, device_id, now)
-             if r["serial"] != serial and r["issued_at"] < rows[0]["issued_at"]]
+    if not current.first_used_at:
+        repo.mark_first_used(serial, now)
+    older = [c.serial for c in repo.valid_of("device", device_id, now)
+             if c.serial != serial and c.issued_at < current.issued_at]
     if older:
-        _revoke(db, older, now, f"superseded by {serial}: the device connected with its renewed certificate")
-        dev = list(db["devices"].rows_where("id = ?", [device_id]))
+        repo.supersede(older, now, f"superseded by {serial}: the device connected with its renewed certificate")
+        dev = Devices(db).get(device_id)
         audit.append(db, "cert.revoke", actor=f"device:{device_id}", device=device_id,
-                     labels=json.loads(dev[0]["labels"]) if dev else None, now=now,
+                     labels=dev.labels if dev else None, now=now,
                      reason="superseded", kind="device", serials=older, superseded_by=serial)
     return older
 
@@ -300,10 +268,8 @@ def issue_user(
     )
     serial = format(cert.serial_number, "x")
     with registry.write() as db:
-        db["certs"].insert({
-            "serial": serial, "kind": "user", "subject": name, "issued_at": iso(now),
-            "not_after": iso(cert.not_valid_after_utc), "revoked_at": None, "origin": origin,
-        })
+        Certificates(db).add(Certificate(serial, "user", name, iso(now), iso(cert.not_valid_after_utc),
+                                         origin=origin))
         audit.append(
             db, "cert.issue", actor=actor, actor_roles=roles, now=now, kind="user", user=name,
             serial=serial, not_after=iso(cert.not_valid_after_utc),

@@ -179,7 +179,33 @@ def _v4(db: sqlite_utils.Database) -> None:
         })
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4]
+def _v5(db: sqlite_utils.Database) -> None:
+    """Policy versions, bumped by triggers whenever something authorization reads changes.
+
+    The proxy keeps an in-memory policy snapshot (enroll/snapshot.py) and rebuilds the part of
+    it whose table's version moved: a device's labels, lock or certificate, a user's roles or
+    lock, a role, an issued or revoked certificate. Bookkeeping (``last_seen``,
+    ``first_used_at``, failed logins, audit events) moves none, so a busy proxy does not rebuild
+    for its own writes, and a login (a new certificate) reloads only the certificates. A second
+    backend implements the same contract with its own triggers.
+    """
+    watched = {
+        "devices": "labels, cert_serial, locked_until, lock_message",
+        "users": "roles, locked_until, lock_message",
+        "roles": None,  # any column
+        "certs": "revoked_at, not_after",
+    }
+    db.execute("CREATE TABLE policy_version (name TEXT PRIMARY KEY, version INTEGER NOT NULL)")
+    for table, columns in watched.items():
+        db.execute("INSERT INTO policy_version (name, version) VALUES (?, 1)", [table])
+        bump = f"UPDATE policy_version SET version = version + 1 WHERE name = '{table}'"
+        for op in ("INSERT", "DELETE", "UPDATE"):
+            what = f"UPDATE OF {columns}" if op == "UPDATE" and columns else op
+            db.execute(f"CREATE TRIGGER {table}_policy_{op.lower()} AFTER {what} ON {table} "
+                       f"BEGIN {bump}; END")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5]
 
 
 @dataclass(frozen=True)
@@ -236,11 +262,28 @@ class Registry:
             raise RegistryError(f"cannot open registry {self.path}: {exc}") from None
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
-        self.db = sqlite_utils.Database(conn)
+        self._db = sqlite_utils.Database(conn)
         self._migrate()
 
+    @property
+    def db(self) -> sqlite_utils.Database:
+        """The raw database: for the storage layer (repositories, snapshot, audit) and tests.
+
+        Nothing else in the package reaches it (tests/test_repositories.py checks): callers
+        use the repositories in :mod:`enroll.repositories`, which take a Registry for reads.
+        """
+        return self._db
+
+    def data_version(self) -> int:
+        """SQLite's ``PRAGMA data_version``: changes when another connection commits.
+
+        Cheap (it reads the WAL index in shared memory, no table): the proxy polls it to know
+        when to look at :func:`enroll.snapshot.policy_version`.
+        """
+        return self._db.execute("PRAGMA data_version").fetchone()[0]
+
     def close(self) -> None:
-        self.db.close()
+        self._db.close()
 
     def __enter__(self) -> Registry:
         return self
@@ -250,13 +293,13 @@ class Registry:
 
     def _migrate(self) -> None:
         with self.write():
-            if "schema_migrations" not in self.db.table_names():
-                self.db["schema_migrations"].create({"version": int, "applied_at": str}, pk="version")
-            done = {r["version"] for r in self.db["schema_migrations"].rows}
+            if "schema_migrations" not in self._db.table_names():
+                self._db["schema_migrations"].create({"version": int, "applied_at": str}, pk="version")
+            done = {r["version"] for r in self._db["schema_migrations"].rows}
             for version, migration in enumerate(MIGRATIONS, start=1):
                 if version not in done:
-                    migration(self.db)
-                    self.db["schema_migrations"].insert(
+                    migration(self._db)
+                    self._db["schema_migrations"].insert(
                         {"version": version, "applied_at": iso(dt.datetime.now(dt.UTC))}
                     )
             if max(done, default=0) > len(MIGRATIONS):
@@ -268,10 +311,10 @@ class Registry:
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite_utils.Database]:
         """One write transaction, taken up front so concurrent writers queue instead of failing."""
-        conn = self.db.conn
+        conn = self._db.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            yield self.db
+            yield self._db
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -282,11 +325,11 @@ class Registry:
     # --- devices ----------------------------------------------------------------------------
 
     def device(self, device_id: str) -> Device | None:
-        rows = list(self.db["devices"].rows_where("id = ?", [device_id]))
+        rows = list(self._db["devices"].rows_where("id = ?", [device_id]))
         return Device.from_row(rows[0]) if rows else None
 
     def devices(self) -> list[Device]:
-        return [Device.from_row(r) for r in self.db["devices"].rows_where(order_by="id")]
+        return [Device.from_row(r) for r in self._db["devices"].rows_where(order_by="id")]
 
     def touch(self, device_id: str, when: dt.datetime) -> None:
         with self.write() as db:
@@ -295,8 +338,8 @@ class Registry:
     # --- certificates -----------------------------------------------------------------------
 
     def cert_revoked(self, serial_hex: str) -> bool:
-        rows = list(self.db["certs"].rows_where("serial = ?", [serial_hex]))
+        rows = list(self._db["certs"].rows_where("serial = ?", [serial_hex]))
         return bool(rows and rows[0]["revoked_at"])
 
     def cert_known(self, serial_hex: str) -> bool:
-        return bool(self.db["certs"].count_where("serial = ?", [serial_hex]))
+        return bool(self._db["certs"].count_where("serial = ?", [serial_hex]))

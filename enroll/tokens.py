@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
-import json
 import re
 import secrets
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from enroll import audit
 from enroll.errors import FleetError
 from enroll.labels import LIFECYCLE, validate
 from enroll.registry import Registry, iso, parse_iso
+from enroll.repositories import Token, Tokens
 
 PREFIX = "ft1"
 _TOKEN = re.compile(r"^ft1\.([a-z0-9-]+)\.([0-9a-f]{10})\.([A-Za-z0-9_-]{43})$")
@@ -78,84 +78,56 @@ def create(
     now = now or dt.datetime.now(dt.UTC)
     token_id = secrets.token_hex(5)
     secret = secrets.token_urlsafe(32)
-    row = {
-        "id": token_id,
-        "hash": hash_secret(secret),
-        "labels": json.dumps(labels, sort_keys=True),
-        "uses_left": uses,
-        "uses_total": uses,
-        "name_prefix": name_prefix,
-        "created_at": iso(now),
-        "expires_at": iso(now + ttl),
-        "creator": creator,
-        "revoked_at": None,
-    }
+    stored = Token(token_id, hash_secret(secret), labels, uses, uses, name_prefix, iso(now),
+                   iso(now + ttl), creator)
     with registry.write() as db:
-        db["tokens"].insert(row)
+        Tokens(db).add(stored)
         audit.append(
             db, "token.create", actor=creator, labels=labels, now=now,
-            token=token_id, uses=uses, expires_at=row["expires_at"],
+            token=token_id, uses=uses, expires_at=stored.expires_at,
         )
-    return f"{PREFIX}.{fleet}.{token_id}.{secret}", row
+    return f"{PREFIX}.{fleet}.{token_id}.{secret}", stored.row()
 
 
-def consume(db, token: ParsedToken, now: dt.datetime) -> dict:
-    """Use one use of ``token`` inside an open write transaction; return its row.
+def consume(db, token: ParsedToken, now: dt.datetime) -> Token:
+    """Use one use of ``token`` inside an open write transaction; return its record.
 
     Runs under ``BEGIN IMMEDIATE``, so two enrollments racing for a single-use token are
     serialized and exactly one of them sees ``uses_left > 0``.
     """
-    rows = list(db["tokens"].rows_where("id = ?", [token.id]))
-    if not rows or not hmac.compare_digest(rows[0]["hash"], token.hash):
+    stored = Tokens(db).get(token.id)
+    if stored is None or not hmac.compare_digest(stored.hash, token.hash):
         raise TokenError("unknown join token: it was never issued by this fleet, or mistyped")
-    row = rows[0]
-    if row["revoked_at"]:
-        raise TokenError(f"join token {token.id} was revoked at {row['revoked_at']}: ask ops for a new one")
-    if parse_iso(row["expires_at"]) <= now:
-        raise TokenError(f"join token {token.id} expired at {row['expires_at']}: ask ops for a new one")
-    if row["uses_left"] <= 0:
+    if stored.revoked_at:
+        raise TokenError(f"join token {token.id} was revoked at {stored.revoked_at}: ask ops for a new one")
+    if parse_iso(stored.expires_at) <= now:
+        raise TokenError(f"join token {token.id} expired at {stored.expires_at}: ask ops for a new one")
+    if stored.uses_left <= 0:
         raise TokenError(
-            f"join token {token.id} was already used ({row['uses_total']} of {row['uses_total']}): "
+            f"join token {token.id} was already used ({stored.uses_total} of {stored.uses_total}): "
             "tokens are one-time; ask ops for a new one"
         )
-    db.execute("UPDATE tokens SET uses_left = uses_left - 1 WHERE id = ?", [token.id])
-    return row
+    Tokens(db).use_one(token.id)
+    return stored
 
 
 def revoke(registry: Registry, token_id: str, actor: str = "admin") -> None:
     with registry.write() as db:
-        rows = list(db["tokens"].rows_where("id = ?", [token_id]))
-        if not rows:
+        stored = Tokens(db).get(token_id)
+        if stored is None:
             raise TokenError(f"no token with id {token_id!r}: see 'enroll token ls'")
-        if rows[0]["revoked_at"]:
+        if stored.revoked_at:
             return
         now = dt.datetime.now(dt.UTC)
-        db["tokens"].update(token_id, {"revoked_at": iso(now)})
+        Tokens(db).revoke(token_id, now)
         audit.append(db, "token.revoke", actor=actor, now=now, token=token_id)
 
 
 def listing(registry: Registry, now: dt.datetime | None = None) -> list[dict]:
     now = now or dt.datetime.now(dt.UTC)
-    out = []
-    for row in registry.db["tokens"].rows_where(order_by="created_at"):
-        if row["revoked_at"]:
-            status = "revoked"
-        elif parse_iso(row["expires_at"]) <= now:
-            status = "expired"
-        elif row["uses_left"] <= 0:
-            status = "used"
-        else:
-            status = "valid"
-        out.append(
-            {
-                "id": row["id"],
-                "status": status,
-                "labels": json.loads(row["labels"]),
-                "uses_left": row["uses_left"],
-                "uses_total": row["uses_total"],
-                "name_prefix": row["name_prefix"],
-                "expires_at": row["expires_at"],
-                "creator": row["creator"],
-            }
-        )
-    return out
+    return [t.summary(now) for t in Tokens(registry).all()]
+
+
+def issued(registry: Registry, token_id: str) -> bool:
+    """Whether this fleet ever issued a token with this id (the proxy's cheap pre-check)."""
+    return Tokens(registry).exists(token_id)

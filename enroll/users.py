@@ -37,6 +37,7 @@ from enroll import audit
 from enroll.certs import check_name
 from enroll.errors import FleetError
 from enroll.registry import Registry, iso, parse_iso
+from enroll.repositories import FOREVER, LoginFailures, Roles, User, Users
 from enroll.roles import Role, RoleError, parse_roles, role_from_spec
 
 INVITE_TTL = dt.timedelta(hours=24)
@@ -50,7 +51,7 @@ FREE_PER_SOURCE = 3
 FREE_PER_NAME = 100
 #: failure counters with no new failure for this long are dropped
 FAILURES_KEPT = dt.timedelta(hours=24)
-ALL_SOURCES = "*"
+ALL_SOURCES = LoginFailures.ALL
 GENERIC = "unknown user or wrong password"
 
 
@@ -149,27 +150,23 @@ def apply_roles(registry: Registry, text: str, actor: str = "admin") -> list[str
     now = dt.datetime.now(dt.UTC)
     with registry.write() as db:
         for role in roles:
-            db["roles"].upsert({"name": role.name, "spec": json.dumps(role.to_spec()),
-                                "source": text, "updated_at": iso(now)}, pk="name")
+            Roles(db).put(role, text, now)
             audit.append(db, "role.apply", actor=actor, now=now, role=role.name)
     return [r.name for r in roles]
 
 
 def remove_role(registry: Registry, name: str, actor: str = "admin") -> None:
     with registry.write() as db:
-        if not db["roles"].count_where("name = ?", [name]):
+        if not Roles(db).exists(name):
             raise UserError(f"no role {name!r}: see 'enroll role ls'")
-        holders = [u["name"] for u in db["users"].rows if name in json.loads(u["roles"])]
-        db["roles"].delete(name)
+        holders = Users(db).holding(name)
+        Roles(db).remove(name)
         audit.append(db, "role.remove", actor=actor, role=name, held_by=holders)
 
 
 def load_roles(registry: Registry, names: list[str] | tuple[str, ...]) -> list[Role]:
     """The current definitions of ``names``; a role that no longer exists grants nothing."""
-    if not names:
-        return []
-    rows = registry.db["roles"].rows_where(f"name IN ({','.join('?' * len(names))})", list(names))
-    return [_parsed(r["spec"]) for r in rows]
+    return [_parsed(spec) for spec in Roles(registry).specs(names)]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -179,20 +176,34 @@ def _parsed(spec_json: str) -> Role:
 
 
 def list_roles(registry: Registry) -> list[dict]:
-    return [{"name": r["name"], **json.loads(r["spec"])["spec"], "updated_at": r["updated_at"]}
-            for r in registry.db["roles"].rows_where(order_by="name")]
+    return [{"name": r.name, **r.spec["spec"], "updated_at": r.updated_at} for r in Roles(registry).all()]
 
 
 # --- users --------------------------------------------------------------------------------------
 
 
-def get(registry: Registry, name: str) -> dict | None:
-    rows = list(registry.db["users"].rows_where("name = ?", [name]))
-    if not rows:
-        return None
-    row = dict(rows[0])
-    row["roles"] = json.loads(row["roles"])
-    return row
+def get(registry: Registry, name: str) -> User | None:
+    return Users(registry).get(name)
+
+
+def listing(registry: Registry, now: dt.datetime | None = None) -> list[dict]:
+    """Every user with its status (``enroll user ls``): no secret, not even a hash."""
+    now = now or dt.datetime.now(dt.UTC)
+    return [u.summary(now) for u in Users(registry).all()]
+
+
+def _check_roles_exist(db, roles: list[str]) -> None:
+    known = Roles(db).names()
+    missing = [r for r in roles if r not in known]
+    if missing:
+        raise UserError(f"unknown role {missing[0]!r}: apply it first with 'enroll role apply -f FILE'")
+
+
+def _require(db, name: str) -> Users:
+    repo = Users(db)
+    if not repo.exists(name):
+        raise UserError(f"no user {name!r}: see 'enroll user ls'")
+    return repo
 
 
 def add(registry: Registry, name: str, roles: list[str], *, with_totp: bool = False,
@@ -203,54 +214,39 @@ def add(registry: Registry, name: str, roles: list[str], *, with_totp: bool = Fa
     invite = secrets.token_urlsafe(24)
     totp_secret = base64.b32encode(secrets.token_bytes(20)).decode().rstrip("=") if with_totp else None
     with registry.write() as db:
-        if db["users"].count_where("name = ?", [name]):
+        if Users(db).exists(name):
             raise UserError(f"user {name!r} already exists")
-        known = {r["name"] for r in db["roles"].rows}
-        missing = [r for r in roles if r not in known]
-        if missing:
-            raise UserError(f"unknown role {missing[0]!r}: apply it first with 'enroll role apply -f FILE'")
-        db["users"].insert({
-            "name": name, "roles": json.dumps(sorted(roles)), "password_hash": None,
-            "totp_secret": totp_secret, "invite_hash": hashlib.sha256(invite.encode()).hexdigest(),
-            "invite_expires": iso(now + INVITE_TTL), "created_at": iso(now), "locked_until": None,
-            "lock_message": None, "failed_logins": 0, "last_failed_at": None,
-        })
+        _check_roles_exist(db, roles)
+        Users(db).add(User(name, tuple(sorted(roles)), iso(now), totp_secret=totp_secret,
+                           invite_hash=hashlib.sha256(invite.encode()).hexdigest(),
+                           invite_expires=iso(now + INVITE_TTL)))
         audit.append(db, "user.add", actor=actor, now=now, user=name, roles=sorted(roles))
     return invite, totp_secret
 
 
 def set_roles(registry: Registry, name: str, roles: list[str], actor: str = "admin") -> None:
     with registry.write() as db:
-        if not db["users"].count_where("name = ?", [name]):
-            raise UserError(f"no user {name!r}: see 'enroll user ls'")
-        db["users"].update(name, {"roles": json.dumps(sorted(roles))})
+        _require(db, name).set_roles(name, roles)
         audit.append(db, "user.roles", actor=actor, user=name, roles=sorted(roles))
 
 
 def lock(registry: Registry, name: str, ttl: dt.timedelta | None, message: str = "",
          actor: str = "admin") -> None:
-    from enroll.admin import FOREVER
-
     now = dt.datetime.now(dt.UTC)
     with registry.write() as db:
-        if not db["users"].count_where("name = ?", [name]):
-            raise UserError(f"no user {name!r}: see 'enroll user ls'")
         until = iso(now + ttl) if ttl else FOREVER
-        db["users"].update(name, {"locked_until": until, "lock_message": message or None})
+        _require(db, name).set_lock(name, until, message or None)
         audit.append(db, "user.lock", actor=actor, now=now, user=name, until=until, message=message or None)
 
 
 def unlock(registry: Registry, name: str, actor: str = "admin") -> None:
     with registry.write() as db:
-        if not db["users"].count_where("name = ?", [name]):
-            raise UserError(f"no user {name!r}: see 'enroll user ls'")
-        db["users"].update(name, {"locked_until": None, "lock_message": None, "failed_logins": 0})
-        db.execute("DELETE FROM login_failures WHERE name = ?", [name])
+        _require(db, name).clear_lock(name)
         audit.append(db, "user.unlock", actor=actor, user=name)
 
 
-def locked(user: dict, now: dt.datetime) -> bool:
-    return bool(user.get("locked_until")) and parse_iso(user["locked_until"]) > now
+def locked(user: User, now: dt.datetime) -> bool:
+    return user.locked(now)
 
 
 def slowdown(failed: int, free: int = FREE_PER_SOURCE) -> float:
@@ -281,22 +277,20 @@ def _wait_left(registry: Registry, name: str, source: str, now: dt.datetime) -> 
     many addresses they use, while a guesser gets at most one try per new address.
     """
     left = 0.0
-    rows = registry.db.execute(
-        "SELECT source, failed, last_failed_at FROM login_failures WHERE name = ? AND source IN (?, ?)",
-        [name, source, ALL_SOURCES]).fetchall()
+    rows = LoginFailures(registry).of(name, source)
     if not any(row_source == source for row_source, _, _ in rows):
         return 0.0
     for row_source, failed, last in rows:
         wait = slowdown(failed, FREE_PER_NAME if row_source == ALL_SOURCES else FREE_PER_SOURCE)
         if wait:
-            left = max(left, (parse_iso(last) + dt.timedelta(seconds=wait) - now).total_seconds())
+            left = max(left, (last + dt.timedelta(seconds=wait) - now).total_seconds())
     return left
 
 
 def authenticate(registry: Registry, name: str, *, password: str, invite: str | None = None,
                  totp_code: str | None = None, source: str | None = None,
-                 now: dt.datetime | None = None) -> dict:
-    """Check a login (or redeem an invite, setting the password). Returns the user row.
+                 now: dt.datetime | None = None) -> User:
+    """Check a login (or redeem an invite, setting the password). Returns the user's record.
 
     ``source`` is the client's address (see :func:`source_of`). Raises LoginError; a failure is
     counted for (name, source) and for the name, the caller audits it. Until the password (and
@@ -309,9 +303,9 @@ def authenticate(registry: Registry, name: str, *, password: str, invite: str | 
         raise LoginError(f"too many failed logins: retry in {math.ceil(left)} s", retry_after=left)
     user = get(registry, name)
     if invite is not None:
-        ok = (user is not None and user["invite_hash"] is not None
-              and hmac.compare_digest(hashlib.sha256(invite.encode()).hexdigest(), user["invite_hash"])
-              and parse_iso(user["invite_expires"]) > now)
+        ok = (user is not None and user.invite_hash is not None and user.invite_expires is not None
+              and hmac.compare_digest(hashlib.sha256(invite.encode()).hexdigest(), user.invite_hash)
+              and parse_iso(user.invite_expires) > now)
         if not ok:
             _failed(registry, name, source, now)
             raise LoginError("invite is unknown, used or expired: ask ops for a new one "
@@ -322,68 +316,46 @@ def authenticate(registry: Registry, name: str, *, password: str, invite: str | 
         new_hash = hash_password(password)
         with registry.write() as db:
             # the invite is spent exactly once, also when two redeem it at the same moment
-            spent = db.execute(
-                "UPDATE users SET password_hash = ?, invite_hash = NULL, invite_expires = NULL, "
-                "failed_logins = 0 WHERE name = ? AND invite_hash = ?",
-                [new_hash, name, user["invite_hash"]]).rowcount
-            if spent == 1:
-                _clear_failures(db, name, source)
-        if spent != 1:
+            spent = Users(db).redeem_invite(name, user.invite_hash, new_hash)
+            if spent:
+                LoginFailures(db).clear(name, source)
+        if not spent:
             raise LoginError("invite is unknown, used or expired: ask ops for a new one "
                              "('enroll user invite NAME')")
         return get(registry, name)
-    has_password = user is not None and bool(user["password_hash"])
-    good = check_password(password, user["password_hash"] if has_password else _stand_in_hash())
+    has_password = user is not None and bool(user.password_hash)
+    good = check_password(password, user.password_hash if has_password else _stand_in_hash())
     if not (good and has_password):
         _failed(registry, name, source, now)
         raise LoginError(GENERIC)
     step = None
-    if user["totp_secret"]:
-        step = totp_step(user["totp_secret"], totp_code or "", now.timestamp())
+    if user.totp_secret:
+        step = totp_step(user.totp_secret, totp_code or "", now.timestamp())
         if step is None:
             _failed(registry, name, source, now)
             raise LoginError("one-time code missing or wrong (pass --totp to be prompted, --totp-file FILE or $FLEET_TOTP)")
     _refuse_if_locked(user, now)
-    upgraded = hash_password(password) if needs_rehash(user["password_hash"]) else None
+    upgraded = hash_password(password) if needs_rehash(user.password_hash) else None
     with registry.write() as db:
-        replayed = step is not None and db.execute(
-            "UPDATE users SET totp_last_step = ? WHERE name = ? "
-            "AND (totp_last_step IS NULL OR totp_last_step < ?)", [step, name, step]).rowcount != 1
+        replayed = step is not None and not Users(db).accept_totp_step(name, step)
         if not replayed:
             if upgraded:
-                db.execute("UPDATE users SET password_hash = ? WHERE name = ? AND password_hash = ?",
-                           [upgraded, name, user["password_hash"]])
-            _clear_failures(db, name, source)
+                Users(db).replace_password_hash(name, user.password_hash, upgraded)
+            LoginFailures(db).clear(name, source)
     if replayed:
         _failed(registry, name, source, now)
         raise LoginError("one-time code already used: wait for the next code and log in again")
     return get(registry, name)
 
 
-def _refuse_if_locked(user: dict, now: dt.datetime) -> None:
-    if locked(user, now):
-        raise LoginError(f"user {user['name']} is locked"
-                         + (f": {user['lock_message']}" if user["lock_message"] else ""))
+def _refuse_if_locked(user: User, now: dt.datetime) -> None:
+    if user.locked(now):
+        raise LoginError(f"user {user.name} is locked" + (f": {user.lock_message}" if user.lock_message else ""))
 
 
 def _failed(registry: Registry, name: str, source: str, now: dt.datetime) -> None:
-    stamp = iso(now)
     with registry.write() as db:
-        db.execute("DELETE FROM login_failures WHERE last_failed_at < ?", [iso(now - FAILURES_KEPT)])
-        for key in (source, ALL_SOURCES):
-            db.execute("INSERT INTO login_failures (name, source, failed, last_failed_at) VALUES (?, ?, 1, ?) "
-                       "ON CONFLICT (name, source) DO UPDATE SET failed = failed + 1, last_failed_at = ?",
-                       [name, key, stamp, stamp])
-        # what `enroll user ls` shows: failures from all sources
-        db.execute("UPDATE users SET failed_logins = (SELECT failed FROM login_failures "
-                   "WHERE name = ? AND source = ?), last_failed_at = ? WHERE name = ?",
-                   [name, ALL_SOURCES, stamp, name])
-
-
-def _clear_failures(db, name: str, source: str) -> None:
-    """A successful login forgives its source and the name overall (other sources stay slowed)."""
-    db.execute("DELETE FROM login_failures WHERE name = ? AND source IN (?, ?)", [name, source, ALL_SOURCES])
-    db.execute("UPDATE users SET failed_logins = 0 WHERE name = ?", [name])
+        LoginFailures(db).record(name, source, now, FAILURES_KEPT)
 
 
 def ensure_identity(registry: Registry, name: str, roles: list[str], actor: str = "admin") -> list[str]:
@@ -396,22 +368,15 @@ def ensure_identity(registry: Registry, name: str, roles: list[str], actor: str 
     check_name(name, "user name")
     now = dt.datetime.now(dt.UTC)
     with registry.write() as db:
-        rows = list(db["users"].rows_where("name = ?", [name]))
-        if rows:
-            have = json.loads(rows[0]["roles"])
+        existing = Users(db).get(name)
+        if existing is not None:
+            have = list(existing.roles)
             if roles and sorted(roles) != have:
                 raise UserError(f"user {name!r} exists with roles {', '.join(have) or 'none'}: the proxy "
                                 "applies those; change them with 'enroll user roles' or leave out --role")
             return have
-        known = {r["name"] for r in db["roles"].rows}
-        missing = [r for r in roles if r not in known]
-        if missing:
-            raise UserError(f"unknown role {missing[0]!r}: apply it first with 'enroll role apply -f FILE'")
-        db["users"].insert({
-            "name": name, "roles": json.dumps(sorted(roles)), "password_hash": None,
-            "totp_secret": None, "invite_hash": None, "invite_expires": None, "created_at": iso(now),
-            "locked_until": None, "lock_message": None, "failed_logins": 0, "last_failed_at": None,
-        })
+        _check_roles_exist(db, roles)
+        Users(db).add(User(name, tuple(sorted(roles)), iso(now)))
         audit.append(db, "user.add", actor=actor, now=now, user=name, roles=sorted(roles),
                      certificate_only=True)
     return sorted(roles)
@@ -421,10 +386,7 @@ def new_invite(registry: Registry, name: str, actor: str = "admin") -> str:
     invite = secrets.token_urlsafe(24)
     now = dt.datetime.now(dt.UTC)
     with registry.write() as db:
-        if not db["users"].count_where("name = ?", [name]):
-            raise UserError(f"no user {name!r}: see 'enroll user ls'")
-        db["users"].update(name, {"invite_hash": hashlib.sha256(invite.encode()).hexdigest(),
-                                  "invite_expires": iso(now + INVITE_TTL)})
+        _require(db, name).set_invite(name, hashlib.sha256(invite.encode()).hexdigest(), iso(now + INVITE_TTL))
         audit.append(db, "user.invite", actor=actor, now=now, user=name)
     return invite
 

@@ -41,7 +41,7 @@ LAYERS: list[tuple[int, str, str, set[str]]] = [
     }),
     (2, "storage", "the CA host's state directory and the registry (SQLite)", {
         "enroll.state", "enroll.registry", "enroll.audit", "enroll.tokens", "enroll.users",
-        "enroll.admin", "enroll.backup",
+        "enroll.admin", "enroll.backup", "enroll.repositories", "enroll.snapshot",
     }),
     (2, "transport", "QUIC and TLS/TCP connections, streams, stream headers, splicing", {
         "tunnel.transport", "tunnel.transport.*", "tunnel.protocol", "tunnel.splice",
@@ -53,7 +53,7 @@ LAYERS: list[tuple[int, str, str, set[str]]] = [
         "tunnel.agent", "tunnel.agent_config",
     }),
     (4, "proxy", "the proxy, its registry writer and metrics", {
-        "tunnel.proxy", "tunnel.registry_writer", "tunnel.metrics",
+        "tunnel.proxy", "tunnel.registry_writer", "tunnel.metrics", "tunnel.live_policy",
     }),
     (4, "engineer", "the engineer's client and tools", {
         "tunnel.client", "tunnel.engineer", "tunnel.helper", "tunnel.helper_client",

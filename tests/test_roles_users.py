@@ -114,10 +114,10 @@ def test_invite_then_password_then_totp(reg):
     with pytest.raises(users.LoginError, match="at least 10"):
         users.authenticate(reg, "alice", password="short", invite=invite)
     user = users.authenticate(reg, "alice", password="long enough pw", invite=invite)
-    assert user["roles"] == ["acme-field-tech"] and user["invite_hash"] is None
+    assert user.roles == ("acme-field-tech",) and user.invite_hash is None
     with pytest.raises(users.LoginError, match="unknown, used or expired"):
         users.authenticate(reg, "alice", password="long enough pw", invite=invite)  # one-time
-    assert users.authenticate(reg, "alice", password="long enough pw")["name"] == "alice"
+    assert users.authenticate(reg, "alice", password="long enough pw").name == "alice"
 
     invite2, secret = users.add(reg, "bob", [], with_totp=True)
     users.authenticate(reg, "bob", password="bobs password", invite=invite2)
@@ -137,7 +137,7 @@ def test_wrong_passwords_are_slowed_down_and_nothing_else_changes(reg):
         users.authenticate(reg, "carol", password="carols password")
     assert err.value.retry_after > 0
     after = users.get(reg, "carol")
-    assert after["password_hash"] == before["password_hash"] and after["failed_logins"] == 3
+    assert after.password_hash == before.password_hash and after.failed_logins == 3
     users.unlock(reg, "carol")
     assert users.authenticate(reg, "carol", password="carols password")
 
@@ -150,6 +150,6 @@ def test_unknown_roles_expired_invites_and_unknown_users(reg):
     later = dt.datetime.now(dt.UTC) + users.INVITE_TTL + dt.timedelta(seconds=1)
     with pytest.raises(users.LoginError, match="expired"):
         users.authenticate(reg, "erin", password="whatever long", invite=invite, now=later)
-    assert users.get(reg, "erin")["password_hash"] is None
+    assert users.get(reg, "erin").password_hash is None
     with pytest.raises(users.LoginError, match="unknown user or wrong password"):
         users.authenticate(reg, "nobody", password="x")

@@ -124,7 +124,7 @@ def test_a_totp_code_is_accepted_once(reg):
     previous = users.totp(secret, dt.datetime.now(dt.UTC).timestamp() - 30)
     with pytest.raises(users.LoginError, match="already used|one-time code"):
         users.authenticate(reg, "bob", password="correct horse battery", totp_code=previous)
-    assert users.get(reg, "bob")["totp_last_step"] is not None
+    assert users.get(reg, "bob").totp_last_step is not None
 
 
 def test_two_concurrent_logins_with_one_code_one_wins(reg):
@@ -180,9 +180,9 @@ def test_passwords_use_scrypt_2_17_and_old_hashes_upgrade_at_the_next_login(reg)
         db["users"].update("erin", {"password_hash": _legacy_hash("correct horse battery")})
     with pytest.raises(users.LoginError):
         users.authenticate(reg, "erin", password="wrong password")
-    assert users.get(reg, "erin")["password_hash"].startswith("scrypt$16384$")  # no upgrade on failure
+    assert users.get(reg, "erin").password_hash.startswith("scrypt$16384$")  # no upgrade on failure
     users.authenticate(reg, "erin", password="correct horse battery")
-    upgraded = users.get(reg, "erin")["password_hash"]
+    upgraded = users.get(reg, "erin").password_hash
     assert upgraded.startswith("scrypt$131072$8$1$")
     assert users.check_password("correct horse battery", upgraded)
     assert users.authenticate(reg, "erin", password="correct horse battery")
@@ -515,7 +515,7 @@ def test_identities_issued_before_v4_get_a_lockable_record(tmp_path, monkeypatch
         assert users.get(reg, "legacy-ops") is None
     monkeypatch.undo()
     with state.registry() as reg:
-        assert users.get(reg, "legacy-ops")["roles"] == ["admin"]
+        assert users.get(reg, "legacy-ops").roles == ("admin",)
         users.lock(reg, "legacy-ops", None, "moved on")
         assert users.locked(users.get(reg, "legacy-ops"), dt.datetime.now(dt.UTC))
 

@@ -1,9 +1,12 @@
 """Where a session gets authorized: may this engineer reach this device's service as this login?
 
 Called by the proxy on every dial, listing, SSH certificate request, and once a second for every
-open session (so a relabel, lock or decommission cuts sessions at once). It reads the *current*
-registry: the device's labels and lock, the user's lock and roles, the roles' definitions. The
-role semantics themselves are in :mod:`enroll.roles`.
+open session (so a relabel, lock or decommission cuts sessions at once). Pure functions over a
+policy snapshot (:class:`enroll.snapshot.PolicySnapshot`): the device's labels and lock, the
+user's lock and roles, the roles' definitions, revoked certificates, as the registry held them
+when the proxy last refreshed the snapshot (off the event loop, whenever the registry's policy
+changed). No I/O here, so the per-second re-check of thousands of sessions costs none. The role
+semantics themselves are in :mod:`enroll.roles`.
 
 What is authorized is always a *canonical* service name (:func:`canonical_service`): the name
 the device lists, decided at the proxy before authorization and audit. An engineer may name a
@@ -19,11 +22,11 @@ import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from enroll import users
 from enroll.addresses import ascii_port
 from enroll.labels import SERVICE_NAME_RULE, valid_service_name
-from enroll.registry import Device, Registry
+from enroll.registry import Device
 from enroll.roles import Role, check, visible
+from enroll.snapshot import PolicySnapshot
 from tunnel.admission import Denied, Peer, check_device
 
 
@@ -34,23 +37,22 @@ class Decision:
     reason: str = ""
 
 
-def peer_roles(registry: Registry, peer: Peer) -> list[Role]:
+def peer_roles(snapshot: PolicySnapshot, peer: Peer) -> list[Role]:
     """A registered user's roles come from the registry (so changes act at once); an identity
     issued with ``enroll user issue`` and no user record holds the roles in its certificate."""
-    user = users.get(registry, peer.name)
-    names = user["roles"] if user else list(peer.identity.roles)
-    return users.load_roles(registry, names)
+    user = snapshot.user(peer.name)
+    return snapshot.roles_named(user.roles if user else peer.identity.roles)
 
 
-def user_denial(registry: Registry, peer: Peer, now: dt.datetime) -> Decision | None:
+def user_denial(snapshot: PolicySnapshot, peer: Peer, now: dt.datetime) -> Decision | None:
     if now > peer.identity.not_after:
         return Decision(False, "expired", f"your certificate expired at {peer.identity.not_after:%H:%M}Z: log in again")
-    if registry.cert_revoked(peer.identity.serial_hex):
+    if snapshot.cert_revoked(peer.identity.serial_hex):
         return Decision(False, "revoked",
                         f"certificate {peer.identity.serial_hex} of {peer.name} was revoked: log in again")
-    user = users.get(registry, peer.name)
-    if user and users.locked(user, now):
-        message = f": {user['lock_message']}" if user["lock_message"] else ""
+    user = snapshot.user(peer.name)
+    if user and user.locked(now):
+        message = f": {user.lock_message}" if user.lock_message else ""
         return Decision(False, "user_locked", f"user {peer.name} is locked{message}")
     return None
 
@@ -61,20 +63,26 @@ def may_see(roles: list[Role], device: Device | None) -> bool:
 
 
 def decide(
-    registry: Registry,
+    snapshot: PolicySnapshot,
     peer: Peer,
     device_id: str,
-    device: Device | None,
     service: str,
     login: str | None,
     *,
     online: bool = True,
     now: dt.datetime | None = None,
 ) -> Decision:
+    """May ``peer`` reach ``service`` as ``login`` on ``device_id`` now? (pure)
+
+    Checked in this order: the engineer's certificate (expired, revoked) and account (locked);
+    whether the device exists *for this engineer* (one answer for "no such device" and "not
+    yours"); the roles (deny wins); the device's lifecycle and lock; whether its agent is online.
+    """
     now = now or dt.datetime.now(dt.UTC)
-    if denial := user_denial(registry, peer, now):
+    if denial := user_denial(snapshot, peer, now):
         return denial
-    roles = peer_roles(registry, peer)
+    device = snapshot.device(device_id)
+    roles = peer_roles(snapshot, peer)
     if device is None or not visible(roles, device.labels):
         # The same answer for "does not exist" and "not yours": no probing for device ids.
         return Decision(False, "unknown_device",

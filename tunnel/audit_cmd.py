@@ -186,8 +186,8 @@ def cmd_query(args) -> int:
         raise ValueError(f"--since ({_iso(since)}) is after --until ({_iso(until)}): swap them")
     actor = args.actor or (f"user:{args.user}" if args.user else None)
     with _state(args).registry() as reg:
-        types = audit.resolve_types(reg.db, args.event or [])
-        events = audit.query(reg.db, since=since, until=until, types=types, actor=actor,
+        types = audit.resolve_types(reg, args.event or [])
+        events = audit.query(reg, since=since, until=until, types=types, actor=actor,
                              device=args.device, selector=selector)
         if args.format == "jsonl":
             write = sys.stdout.write
@@ -247,8 +247,8 @@ def cmd_verify(args) -> int:
         if position[0]:
             anchor = position
     with _state(args).registry() as reg:
-        broken = audit.verify(reg.db, anchor)
-        head = audit.head(reg.db)
+        broken = audit.verify(reg, anchor)
+        head = audit.head(reg)
     result = {
         "intact": broken is None, "events": head.count,
         "anchor": f"{head.seq}:{head.hash}" if head.seq and not broken else None,
@@ -290,33 +290,6 @@ def _write_cursor(path: Path, seq: int, digest: str) -> None:
     write_file(path, body)
 
 
-def _recover_output(path: Path) -> tuple[int, str] | None:
-    """Cut a half-written last line; return (seq, hash) of the last whole event in the file."""
-    if not path.exists():
-        return None
-    with open(path, "rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size == 0:
-            return None
-        start = max(0, size - 65536)
-        f.seek(start)
-        tail = f.read()
-        if not tail.endswith(b"\n"):
-            cut = tail.rfind(b"\n")
-            f.truncate(start + cut + 1 if cut >= 0 else start)
-            f.flush()
-            os.fsync(f.fileno())
-            tail = tail[: cut + 1] if cut >= 0 else b""
-    lines = tail.splitlines()
-    if not lines:
-        return None
-    try:
-        last = json.loads(lines[-1])
-        return int(last["seq"]), str(last["hash"])
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
 def cmd_export(args) -> int:
     audit = _registry_code()
     cursor = Path(args.cursor) if args.cursor else None
@@ -328,18 +301,13 @@ def cmd_export(args) -> int:
     else:
         after, after_hash = 0, None
     with _state(args).registry() as reg:
-        if out_path and args.after is None:
-            found = _recover_output(out_path)
-            if found and found[0] > after:
-                # A previous run wrote these lines but died before saving the cursor.
-                row = reg.db.conn.execute("SELECT hash FROM audit WHERE seq = ?", (found[0],)).fetchone()
-                if row and row[0] == found[1]:
-                    after, after_hash = found
+        if out_path and args.after is None and (resumed := audit.resume_export(reg, out_path, after)):
+            after, after_hash = resumed  # a previous run wrote these lines, then died
         sink = open(out_path, "a", encoding="utf-8") if out_path else sys.stdout  # noqa: SIM115
         count, first, last, error = 0, None, None, None
         try:
             try:
-                for rec in audit.export_rows(reg.db, after, after_hash, args.limit):
+                for rec in audit.export_rows(reg, after, after_hash, args.limit):
                     sink.write(json.dumps(rec, ensure_ascii=False) + "\n")
                     count += 1
                     first = first or rec["seq"]

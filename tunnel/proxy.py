@@ -11,7 +11,9 @@ Three kinds of peer, told apart by ALPN before any stream is accepted:
   rate-limited.
 
 Where is a session authorized? :meth:`Proxy._dial` asks :func:`tunnel.access.decide`; peers
-are admitted by :func:`tunnel.admission.admit`. Every refusal is audited.
+are admitted by :func:`tunnel.admission.admit`. Both are pure functions over the policy snapshot
+that :class:`tunnel.live_policy.LivePolicy` keeps fresh off the event loop. Every refusal is
+audited.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ from pathlib import Path
 from enroll import audit
 from enroll.enrollment import enroll, renew
 from enroll.registry import iso
+from enroll.repositories import Devices
 from enroll.request import EnrollError, parse_request
 from enroll.state import FleetState
 from tunnel import access, wire
-from tunnel.admission import CODES, Denied, Peer, admit, check_device
+from tunnel.admission import CODES, Denied, Peer, admit, identify, recheck_agent, seen_by
+from tunnel.live_policy import LivePolicy
 from tunnel.log import event
 from tunnel.memory import TRIM_INTERVAL, release_free_memory
 from tunnel.metrics import ProxyMetrics
@@ -181,6 +185,8 @@ class Proxy:
         self.state = state
         self.fleet = state.fleet
         self.registry = state.registry()
+        #: the policy snapshot every admission, dial and re-check is decided on
+        self.policy = LivePolicy(state, self.registry)
         self.agents: dict[str, AgentLink] = {}
         self.peers: dict[Connection, Peer] = {}
         self.sessions: dict[str, Session] = {}  # re-authorized by _watch until cut or ended
@@ -289,6 +295,7 @@ class Proxy:
             await self._flush_at_stop()
             await self.writer.close()
         self._login_pool.shutdown(wait=False, cancel_futures=True)
+        self.policy.close()
         self.registry.close()
 
     def _spawn(self, coro) -> asyncio.Task:
@@ -308,12 +315,16 @@ class Proxy:
             return
         remote = "{}:{}".format(*conn.remote_address[:2])
         try:
-            peer = admit(conn.peer_certificate, self.fleet, self.registry, want=PEER_KIND[conn.alpn])
-            if peer.kind == "user" and (denial := access.user_denial(self.registry, peer, dt.datetime.now(dt.UTC))):
+            ident = identify(conn.peer_certificate, self.fleet)
+            snapshot = await self.policy.refresh()
+            if not seen_by(snapshot, ident):  # issued a moment ago? look once more
+                snapshot = await self.policy.reload()
+            peer = admit(ident, self.fleet, snapshot, want=PEER_KIND[conn.alpn])
+            if peer.kind == "user" and (denial := access.user_denial(snapshot, peer, dt.datetime.now(dt.UTC))):
                 raise Denied(denial.code if denial.code in CODES else "locked", denial.reason)
         except Denied as denied:
             actor = _actor_of(conn.peer_certificate)
-            dev = self.registry.device(actor.split(":", 1)[1]) if actor.startswith("device:") else None
+            dev = self.policy.snapshot.device(actor.split(":", 1)[1]) if actor.startswith("device:") else None
             # bounded: the peer must get its refusal code (an agent stops or waits by it) even
             # while the registry is locked; the event stays queued
             await self._settled(self._audit(
@@ -356,7 +367,7 @@ class Proxy:
         remote = "{}:{}".format(*conn.remote_address[:2])
         now = dt.datetime.now(dt.UTC)
         def connected(db):
-            db["devices"].update(device_id, {"last_seen": iso(now)})
+            Devices(db).seen([device_id], now)
             from enroll.enrollment import device_connected  # older certificates: superseded
             device_connected(db, device_id, peer.identity.serial_hex, now)
             audit.append(
@@ -385,7 +396,7 @@ class Proxy:
         remote = "{}:{}".format(*conn.remote_address[:2])
 
         def disconnected(db):
-            db["devices"].update(device_id, {"last_seen": iso(now)})
+            Devices(db).seen([device_id], now)
             audit.append(
                 db, "device.disconnect", actor=peer.actor, device=device_id, remote=remote,
                 labels=dev.labels if dev else None, now=now, reason=reason,
@@ -564,7 +575,8 @@ class Proxy:
 
     async def _dial(self, peer: Peer, stream: Stream, msg: wire.Message, rest: bytes, remote: str) -> None:
         device_id, requested, login = msg["device"], msg["service"], msg.get("login")
-        dev = self.registry.device(device_id)
+        snapshot = await self.policy.refresh()
+        dev = snapshot.device(device_id)
         link = self.agents.get(device_id)
         if link is not None and not link.hello.is_set():
             # the agent just connected: its service table comes with its hello
@@ -573,7 +585,7 @@ class Proxy:
         # One canonical name, decided here, is what gets authorized, audited and opened.
         resolved = access.canonical_service(requested, link.services if link else None, device_id)
         service = resolved.name
-        decision = access.decide(self.registry, peer, device_id, dev, service or requested, login,
+        decision = access.decide(snapshot, peer, device_id, service or requested, login,
                                  online=link is not None)
         if not resolved.ok and (decision.allowed or (service is None and decision.code == "forbidden")):
             decision = access.Decision(False, resolved.code, resolved.reason)
@@ -650,7 +662,7 @@ class Proxy:
         link.bytes_down += result.a_to_b
         link.bytes_up += result.b_to_a
         self.metrics.spliced(result.a_to_b, result.b_to_a)
-        dev = self.registry.device(device_id)
+        dev = self.policy.snapshot.device(device_id)
         if tracked.cut_reason:
             result.error = tracked.end_reason or f"cut: {tracked.cut_reason}"
         ended = self._end(
@@ -700,13 +712,15 @@ class Proxy:
         op = msg["op"]
         args = msg.get("args", {})
         if op == "ls":
+            await self.policy.refresh()
             body = {"devices": self.listing(peer)}
         elif op == "status":
-            roles = access.peer_roles(self.registry, peer)
+            snapshot = await self.policy.refresh()
+            roles = access.peer_roles(snapshot, peer)
             body = {"agents": [a.as_dict() for a in self.agents.values()
-                               if access.may_see(roles, self.registry.device(a.device_id))]}
+                               if access.may_see(roles, snapshot.device(a.device_id))]}
         elif op == "whoami":
-            roles = access.peer_roles(self.registry, peer)
+            roles = access.peer_roles(await self.policy.refresh(), peer)
             body = {"user": peer.name, "roles": [r.name for r in roles],
                     "expires": peer.identity.not_after.isoformat(),
                     "reachable_devices": len(self.listing(peer)),
@@ -732,8 +746,9 @@ class Proxy:
         from enroll import certs
 
         device_id, login = str(args.get("device", "")), str(args.get("login", ""))
-        dev = self.registry.device(device_id)
-        decision = access.decide(self.registry, peer, device_id, dev, "ssh", login)
+        snapshot = await self.policy.refresh()
+        dev = snapshot.device(device_id)
+        decision = access.decide(snapshot, peer, device_id, "ssh", login)
         common = dict(actor=peer.actor, actor_roles=peer.identity.roles, device=device_id,
                       labels=dev.labels if dev else None, login=login, service="ssh")
         if not decision.allowed:
@@ -760,8 +775,8 @@ class Proxy:
 
     def listing(self, peer: Peer) -> list[dict]:
         rows = []
-        roles = access.peer_roles(self.registry, peer)
-        for dev in self.registry.devices():
+        roles = access.peer_roles(self.policy.snapshot, peer)
+        for dev in self.registry.devices():  # last_seen as of now (the snapshot's may be older)
             if not access.may_see(roles, dev):
                 continue
             link = self.agents.get(dev.id)
@@ -845,7 +860,7 @@ class Proxy:
             parsed = tokens.parse(token, self.fleet)
         except tokens.TokenError as exc:
             raise _Tallied("bad_token", str(exc)) from None
-        if not self.registry.db["tokens"].count_where("id = ?", [parsed.id]):
+        if not tokens.issued(self.registry, parsed.id):
             raise _Tallied("unknown_token", "unknown join token: it was never issued by this fleet, "
                                             "or mistyped")
 
@@ -898,7 +913,7 @@ class Proxy:
 
     async def _anchor_now(self) -> None:
         try:
-            seq, digest = audit.tip(self.registry.db)
+            seq, digest = audit.tip(self.registry)
             if seq < self._anchored:
                 event(log, "the audit log is shorter than its last anchor: run 'tunnel audit verify "
                       "--anchor'", level=logging.ERROR, seq=seq, anchored=self._anchored)
@@ -933,12 +948,13 @@ class Proxy:
                     users.source_of(remote))
             finally:
                 self._logins_pending -= 1
-            roles = users.load_roles(self.registry, user["roles"])
+            roles = users.load_roles(self.registry, list(user.roles))
             requested = parse_duration(str(args["ttl"])) if args.get("ttl") else None
             # never longer than the fleet's user lifetime; roles' max_session_ttl shorten it
             ttl = session_ttl(roles, requested, self.state.lifetime("user"))
-            cert = issue_user(self.state, self.registry, name, public_key, user["roles"], ttl,
+            cert = issue_user(self.state, self.registry, name, public_key, list(user.roles), ttl,
                               actor=f"user:{name}", origin="login")
+            self.policy.changed()  # written on the proxy's own connection: its next connect must see it
         except (users.LoginError, certs.CertError, ValueError) as exc:
             if users.get(self.registry, name) is None:
                 # a name with no account: summed up per source like other anonymous refusals
@@ -950,11 +966,11 @@ class Proxy:
             await _try_write(stream, wire.reply_refused("login_failed", str(exc)))
             _finish(stream)
             return
-        await self._audit("user.login", actor=f"user:{name}", actor_roles=user["roles"], remote=remote,
+        await self._audit("user.login", actor=f"user:{name}", actor_roles=list(user.roles), remote=remote,
                     not_after=cert.not_valid_after_utc.isoformat(), invite=args.get("invite") is not None)
         await _try_write(stream, reply_with_body({
             "cert": certs.cert_pem(cert).decode(), "ca": certs.cert_pem(self.state.ca_cert).decode(),
-            "ssh_host_ca": self.state.ssh_ca_public("host"), "roles": user["roles"],
+            "ssh_host_ca": self.state.ssh_ca_public("host"), "roles": list(user.roles),
             "server_name": self.state.config["proxy_name"],
         }))
         _finish(stream)
@@ -966,38 +982,35 @@ class Proxy:
 
         A lock or decommission cuts the device's connection; a relabel, role change, user lock
         or certificate expiry cuts each session that is no longer allowed. Within one interval.
+        The snapshot is refreshed once (off the loop, only if the policy changed); the checks
+        themselves are pure and cost no I/O, however many sessions and agents there are.
         """
         last_touch = time.monotonic()
         while True:
             await asyncio.sleep(self.watch_interval)
+            try:
+                snapshot = await self.policy.refresh()
+            except Exception:  # noqa: BLE001 - registry unreadable: keep the last snapshot, retry
+                log.exception("could not refresh the policy snapshot")
+                snapshot = self.policy.snapshot
             now = dt.datetime.now(dt.UTC)
             for session in list(self.sessions.values()):
-                dev = self.registry.device(session.device_id)
-                decision = access.decide(self.registry, session.peer, session.device_id, dev,
+                decision = access.decide(snapshot, session.peer, session.device_id,
                                          session.service, session.login, now=now)
                 if not decision.allowed:
                     event(log, "cutting session", session=session.id, code=decision.code)
                     session.cut(decision.reason)
                     self.sessions.pop(session.id, None)
             for device_id, link in list(self.agents.items()):
-                dev = self.registry.device(device_id)
-                try:
-                    if dev is None:
-                        raise Denied("unknown_identity", f"device {device_id} was removed")
-                    if self.registry.cert_revoked(link.peer.identity.serial_hex):
-                        raise Denied("revoked", f"certificate {link.peer.identity.serial_hex} of "
-                                                f"{device_id} was revoked")
-                    check_device(dev, now)
-                except Denied as denied:
+                if (denied := recheck_agent(snapshot, link.peer, now)) is not None:
                     event(log, "cutting agent", device=device_id, code=denied.code)
                     link.conn.close(CODES[denied.code], f"{denied.code}: {denied.reason}")
             if time.monotonic() - last_touch > 60 and self.agents:
                 last_touch = time.monotonic()
-                online, seen = list(self.agents), iso(now)
+                online = list(self.agents)
 
-                def touch(db, online=online, seen=seen):
-                    for device_id in online:
-                        db["devices"].update(device_id, {"last_seen": seen})
+                def touch(db, online=online, seen=now):
+                    Devices(db).seen(online, seen)
 
                 self.writer.submit(touch)
 
@@ -1086,10 +1099,7 @@ class Session:
         def write(db):
             if self.start_seq is None:
                 return None
-            row = db.conn.execute(
-                "SELECT type, json_extract(fields, '$.session') FROM audit WHERE seq = ?",
-                (self.start_seq,)).fetchone()
-            if row is None or tuple(row) != ("session.start", self.id):
+            if not audit.is_session_start(db, self.start_seq, self.id):
                 return None  # its start was rolled back: nothing to pair
             return audit.append(db, "session.end", **{**self.common, **fields})
 
