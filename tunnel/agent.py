@@ -70,6 +70,7 @@ from tunnel.agent_decisions import (
     ProbeState,
     Reconnect,
     Route,
+    Value,
     next_path,
     next_probe,
     offline_since,
@@ -77,7 +78,6 @@ from tunnel.agent_decisions import (
 )
 from tunnel.log import event
 from tunnel.protocol import ALPN_AGENT, CLOSE_NAMES, read_header, read_reply
-from tunnel.splice import SocketEnds, StreamEnds, splice
 from tunnel.transport import Connection, ErrorCode, Stream, TLSIdentity, TransportError, dial
 
 __all__ = ["Agent", "Counters", "Route", "load_identity", "sample_routes"]
@@ -162,18 +162,20 @@ def open_netlink() -> socket.socket | None:
     return s
 
 
-@dataclass(frozen=True)
-class Closed:
+class Closed(Value):
     """What a :class:`TransportError` says about why the proxy ended a connection.
 
     :func:`read_close` is the one place in the agent that reads the error's numeric code and
     ``application`` flag.
     """
 
-    name: str | None  # the fleet close code's name (``tunnel.protocol.CLOSE_CODES``), if it is one
-    label: str | int  # for the log: that name, else the numeric code
-    text: str  # why, in a word or a sentence: the code's name, else the reason given
-    reason: str  # the reason the peer gave
+    __slots__ = ("name", "label", "text", "reason")
+
+    def __init__(self, name: str | None, label: str | int, text: str, reason: str) -> None:
+        self.name = name  # the fleet close code's name (``tunnel.protocol.CLOSE_CODES``), if any
+        self.label = label  # for the log: that name, else the numeric code
+        self.text = text  # why, in a word or a sentence: the code's name, else the reason given
+        self.reason = reason  # the reason the peer gave
 
 
 def read_close(err: TransportError) -> Closed:
@@ -680,6 +682,10 @@ class Agent:
         self.counters.sessions += 1
         event(log, "session", session=msg["session"], service=name, identity=msg["identity"])
         try:
+            # loaded with the first session: an idle agent (most of a device's life) does
+            # without the ~45 KB the splicing module costs
+            from tunnel.splice import SocketEnds, StreamEnds, splice
+
             await splice(StreamEnds(stream, rest), SocketEnds(reader, writer))
         finally:
             self.active_sessions -= 1

@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from tunnel.backoff import Backoff, after_refusal
 
@@ -43,12 +42,42 @@ STABLE_AFTER = 10.0
 PROBE_SLACK = 0.005
 
 
-@dataclass(frozen=True)
-class Route:
+class Value:
+    """Base of the small immutable records below: equal, hashed and shown by their fields.
+
+    Written out instead of ``@dataclass(frozen=True)`` or a named tuple: those generate code
+    per class, about 5-13 KB of an idle agent's memory each, where a class with ``__slots__``
+    costs 2 KB. The records are values: nothing assigns to their fields after ``__init__``
+    (a new one is made, e.g. with :meth:`replace`).
+    """
+
+    __slots__ = ()
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._values() == other._values()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self._values()))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+    def replace(self, **changes: Any) -> Any:
+        return type(self)(**{name: changes.get(name, getattr(self, name)) for name in self.__slots__})
+
+
+class Route(Value):
     """What the kernel would use toward one endpoint now."""
 
-    source: str  # local address
-    uplink: str | None  # interface name (None when it cannot be told, e.g. IPv6)
+    __slots__ = ("source", "uplink")
+
+    def __init__(self, source: str, uplink: str | None) -> None:
+        self.source = source  # local address
+        self.uplink = uplink  # interface name (None when it cannot be told, e.g. IPv6)
 
 
 # --- path choice ------------------------------------------------------------------------------
@@ -74,29 +103,32 @@ def endpoints_for(endpoints: Sequence[Endpoint], uplink: str | None) -> list[End
     return own + [e for e in endpoints if not e.via and e.serves(uplink, tuple(endpoints))]
 
 
-@dataclass(frozen=True)
-class PathState:
+class PathState(Value):
     """What the path watcher knows about the live connection's path."""
 
-    route: Route | None  # the route in use (None while there is none)
-    outage_since: float | None = None  # when the route went away, if it did
+    __slots__ = ("route", "outage_since")
+
+    def __init__(self, route: Route | None, outage_since: float | None = None) -> None:
+        self.route = route  # the route in use (None while there is none)
+        self.outage_since = outage_since  # when the route went away, if it did
 
 
-@dataclass(frozen=True)
-class Link:
+class Link(Value):
     """The live connection, as the path decision sees it (read from it at each sample)."""
 
-    transport: str  # "quic" or "tcp"
-    local: str  # its local address now
-    last_received: float  # when the proxy was last heard from (same clock as ``now``)
-    idle_timeout: float  # nothing heard for this long and the proxy forgets the connection
+    __slots__ = ("transport", "local", "last_received", "idle_timeout")
+
+    def __init__(self, transport: str, local: str, last_received: float, idle_timeout: float) -> None:
+        self.transport = transport  # "quic" or "tcp"
+        self.local = local  # its local address now
+        self.last_received = last_received  # when the proxy was last heard from (``now``'s clock)
+        self.idle_timeout = idle_timeout  # nothing heard for this long: the proxy forgets it
 
 
 PathAction = Literal["stay", "lost", "migrate", "reconnect"]
 
 
-@dataclass(frozen=True)
-class PathStep:
+class PathStep(Value):
     """What to do after one route sample.
 
     ``stay``: nothing (``route`` may still be a new one over the same address, to record).
@@ -106,11 +138,15 @@ class PathStep:
     proxy in the next hello) and ``endpoints`` are the ones the current uplink may use.
     """
 
-    action: PathAction
-    route: Route | None = None
-    reason: str = ""
-    outage: float | None = None
-    endpoints: tuple[Endpoint, ...] = ()
+    __slots__ = ("action", "route", "reason", "outage", "endpoints")
+
+    def __init__(self, action: PathAction, route: Route | None = None, reason: str = "",
+                 outage: float | None = None, endpoints: tuple[Endpoint, ...] = ()) -> None:
+        self.action = action
+        self.route = route
+        self.reason = reason
+        self.outage = outage
+        self.endpoints = endpoints
 
 
 def next_path(state: PathState, sample: Route | None, now: float, link: Link, *,
@@ -150,9 +186,9 @@ def next_path(state: PathState, sample: Route | None, now: float, link: Link, *,
         return state, PathStep("reconnect", sample, "network changed; a TCP connection cannot migrate",
                                endpoints=tuple(endpoints_for(endpoints, sample.uplink)))
     if sample.source == link.local and not after_outage:
-        return replace(state, route=sample), PathStep("stay", sample)
+        return state.replace(route=sample), PathStep("stay", sample)
     outage = round(now - state.outage_since, 3) if state.outage_since is not None else None
-    state = replace(state, outage_since=None)
+    state = state.replace(outage_since=None)
     if after_outage and now - link.last_received >= link.idle_timeout - probe_timeout:
         return state, PathStep(
             "reconnect", sample, outage=outage, endpoints=tuple(endpoints_for(endpoints, sample.uplink)),
@@ -163,15 +199,18 @@ def next_path(state: PathState, sample: Route | None, now: float, link: Link, *,
 # --- liveness ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Liveness:
+class Liveness(Value):
     """Probe settings (``agent.yaml``): ``keepalive`` when idle, ``probe_interval`` while sessions
     are open or a probe went unanswered, dead after ``dead_after`` answer windows of silence."""
 
-    probe_interval: float = 1.0
-    probe_timeout: float = 1.0
-    keepalive: float = 25.0
-    dead_after: int = 3
+    __slots__ = ("probe_interval", "probe_timeout", "keepalive", "dead_after")
+
+    def __init__(self, probe_interval: float = 1.0, probe_timeout: float = 1.0,
+                 keepalive: float = 25.0, dead_after: int = 3) -> None:
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
+        self.keepalive = keepalive
+        self.dead_after = dead_after
 
     def interval(self, state: ProbeState, sessions_open: bool) -> float:
         """How often to probe now: fast while sessions are open or an answer is overdue."""
@@ -187,17 +226,21 @@ class Liveness:
         return max(0.0, state.last_probe + self.interval(state, sessions_open) - now)
 
 
-@dataclass(frozen=True)
-class ProbeState:
-    last_probe: float  # when the last PING went out (or the watcher started)
-    pending: float | None = None  # the oldest PING nothing was heard after
+class ProbeState(Value):
+    __slots__ = ("last_probe", "pending")
+
+    def __init__(self, last_probe: float, pending: float | None = None) -> None:
+        self.last_probe = last_probe  # when the last PING went out (or the watcher started)
+        self.pending = pending  # the oldest PING nothing was heard after
 
 
-@dataclass(frozen=True)
-class ProbeStep:
-    ping: bool = False  # send a PING now
-    dead: bool = False  # nothing heard for too long: give the path up
-    silent: float = 0.0  # seconds since the proxy was last heard from
+class ProbeStep(Value):
+    __slots__ = ("ping", "dead", "silent")
+
+    def __init__(self, ping: bool = False, dead: bool = False, silent: float = 0.0) -> None:
+        self.ping = ping  # send a PING now
+        self.dead = dead  # nothing heard for too long: give the path up
+        self.silent = silent  # seconds since the proxy was last heard from
 
 
 def next_probe(state: ProbeState, policy: Liveness, *, now: float, last_received: float,
@@ -231,20 +274,22 @@ def next_probe(state: ProbeState, policy: Liveness, *, now: float, last_received
 EndKind = Literal["network", "dead", "closed", "error", "upgrade"]
 
 
-@dataclass(frozen=True)
-class Ended:
+class Ended(Value):
     """How one connection ended: the only input the reconnect policy needs."""
 
-    kind: EndKind
-    reason: str  # for the log and the next hello's ``reconnect``
-    code: str | None = None  # the proxy's close code name (``tunnel.protocol.CLOSE_CODES``)
-    close_reason: str = ""  # and the reason it gave (a lock's end)
-    accepted: bool = False  # the proxy answered our hello
-    lasted: float = 0.0  # seconds the connection was up
+    __slots__ = ("kind", "reason", "code", "close_reason", "accepted", "lasted")
+
+    def __init__(self, kind: EndKind, reason: str, code: str | None = None, close_reason: str = "",
+                 accepted: bool = False, lasted: float = 0.0) -> None:
+        self.kind = kind
+        self.reason = reason  # for the log and the next hello's ``reconnect``
+        self.code = code  # the proxy's close code name (``tunnel.protocol.CLOSE_CODES``), if any
+        self.close_reason = close_reason  # and the reason it gave (a lock's end)
+        self.accepted = accepted  # the proxy answered our hello
+        self.lasted = lasted  # seconds the connection was up
 
 
-@dataclass(frozen=True)
-class Next:
+class Next(Value):
     """What the agent does next.
 
     ``connect`` at once; ``wait`` ``delay`` seconds, ended early (and the backoff reset) by a
@@ -252,15 +297,19 @@ class Next:
     (``"endpoints"``); ``stop`` for good (``why`` says what an operator must do).
     """
 
-    action: Literal["connect", "wait", "stop"]
-    delay: float = 0.0
-    wake_on: Literal["network", "endpoints"] = "network"
-    why: str = ""
-    #: what the wait is for, for the log: ``backoff``, ``locked``, ``refused``, ``no_route``
-    cause: str = ""
+    __slots__ = ("action", "delay", "wake_on", "why", "cause")
+
+    def __init__(self, action: Literal["connect", "wait", "stop"], delay: float = 0.0,
+                 wake_on: Literal["network", "endpoints"] = "network", why: str = "",
+                 cause: str = "") -> None:
+        self.action = action
+        self.delay = delay
+        self.wake_on = wake_on
+        self.why = why
+        #: what it is for, for the log: ``backoff``, ``locked``, ``no_route``, or the stop's code
+        self.cause = cause
 
 
-@dataclass
 class Reconnect:
     """The reconnect policy: jittered exponential backoff (reset by a connection that worked or
     by a new network) and the proxy's refusal codes.
@@ -269,17 +318,14 @@ class Reconnect:
     soon as possible after a path change, a dead path or a proxy restart's close. A connection
     closed before the proxy answered (refused, or a proxy still starting), or closed by a proxy
     shutting down, backs off with full jitter so a fleet does not reconnect in lockstep.
+    ``no_route_wait``: how often to look again while no endpoint has a route.
     """
 
-    base: float = 0.5
-    cap: float = 30.0
-    no_route_wait: float = 1.0  # re-check this often while no endpoint has a route
-    stable_after: float = STABLE_AFTER
-    rng: random.Random = field(default_factory=random.Random)
-    backoff: Backoff = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.backoff = Backoff(base=self.base, cap=self.cap, rng=self.rng)
+    def __init__(self, base: float = 0.5, cap: float = 30.0, *, no_route_wait: float = 1.0,
+                 stable_after: float = STABLE_AFTER, rng: random.Random | None = None) -> None:
+        self.no_route_wait = no_route_wait
+        self.stable_after = stable_after
+        self.backoff = Backoff(base=base, cap=cap, rng=rng or random.Random())
 
     def network_changed(self) -> None:
         """A new network is worth trying at once: the next failure starts from the base."""
