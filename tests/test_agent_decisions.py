@@ -318,6 +318,23 @@ def test_offline_since(lost_at, heard, now, expected):
     assert offline_since(lost_at, heard, now) == expected
 
 
+# --- what a transport error says about the end ----------------------------------------------------
+
+
+@pytest.mark.parametrize("error, name, label, text", [
+    (TransportError(CLOSE_CODES["locked"], "locked: until x", remote=True), "locked", "locked", "locked"),
+    (TransportError(CLOSE_CODES["revoked"], "revoked: ab", remote=True), "revoked", "revoked", "revoked"),
+    (TransportError(4, "server shutting down", remote=True), "shutdown", 4, "server shutting down"),
+    (TransportError(0x77, "something new", remote=True), None, 0x77, "something new"),
+    (TransportError(0x12A, "TLS alert", application=False), None, 0x12A, "TLS alert"),  # not the proxy's word
+], ids=["locked", "revoked", "transport-shutdown", "unknown-code", "transport-close"])
+def test_read_close(error, name, label, text):
+    from tunnel.agent import read_close
+
+    closed = read_close(error)
+    assert (closed.name, closed.label, closed.text, closed.reason) == (name, label, text, error.reason)
+
+
 # --- the adapter, in-process against a real proxy -------------------------------------------------
 
 
@@ -369,6 +386,7 @@ def test_the_adapter_uses_what_it_is_given_and_stops_in_order(fleet, echo):
         await asyncio.wait_for(run, 10)
         assert conn.is_closed
         assert not agent._tasks and not agent._sessions and not agent._conns and agent.conn is None
+        assert not agent._conn_sessions  # nothing keeps a closed connection alive
         assert agent.active_sessions == 0 and agent.retired is None
         _, err = await asyncio.wait_for(engineer.communicate(), 30)
         return engineer.returncode, err

@@ -37,9 +37,8 @@ Tasks: each connection has its watchers (stream accept, route watch, liveness pr
 the QUIC retry); ``_serve`` keeps them and cancels and awaits them when the connection ends.
 Sessions and background jobs are kept too. Stopping (``stop()``, or the task cancelled by
 SIGTERM) goes in order: watchers, background jobs, then the connections are closed ("agent
-stopping", which every open session's engineer sees as the reason), the session tasks are awaited
-(each resets its local socket), and the connections' close is awaited — each step bounded by
-``STOP_GRACE``.
+stopping", the reason the proxy records), the session tasks are awaited (each resets its local
+socket), and the connections' close is awaited — each step bounded by ``STOP_GRACE``.
 """
 
 from __future__ import annotations
@@ -522,9 +521,12 @@ class Agent:
     async def _shutdown(self) -> None:
         """Stop in order (each step bounded by ``STOP_GRACE``): the per-connection watchers are
         already gone (``_serve``); background jobs (drains, uplink reports) end; every connection
-        is closed with "agent stopping", which ends each session's stream with that reason; the
-        session tasks are awaited (each resets its local socket); then the connections' close is
-        awaited, so the close has left before the process exits."""
+        is closed with "agent stopping" (the reason the proxy records), which ends every
+        session's stream; the session tasks are awaited (each resets its local socket); then the
+        connections' close is awaited, so the close has left before the process exits.
+
+        The close comes before the sessions end rather than after: a session ended first would
+        reach the proxy as a bare stream reset, without the reason."""
         await _cancel(self._tasks)
         conns = list(self._conns)
         for conn in conns:

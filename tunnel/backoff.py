@@ -5,6 +5,9 @@ reconnects after a proxy restart instead of having every agent retry in lockstep
 
 :func:`after_refusal` decides what a refusal means: a decommissioned, revoked or unknown device
 stops (retrying cannot help and floods the audit log), a locked one waits minutes.
+
+The agent's reconnect policy (:class:`tunnel.agent_decisions.Reconnect`: which kind of end
+waits how long) builds on both.
 """
 
 from __future__ import annotations
