@@ -264,8 +264,9 @@ class Agent:
             self._netlink = None
 
     def _on_netlink(self) -> None:
+        netlink = self._netlink
         with contextlib.suppress(OSError):
-            while self._netlink.recv(65536):
+            while netlink is not None and netlink.recv(65536):
                 pass
         self._net_changed.set()
 
@@ -324,9 +325,9 @@ class Agent:
             if conn is None:
                 offline_at = offline_at or self._clock()
                 step = policy.after_no_connection(refused, bool(offered))
-                if step.action == "stop":
+                if step.action == "stop" and refused is not None:  # only a refusal stops
                     return self._retire(step, *refused)
-                if step.cause == "locked":
+                if step.cause == "locked" and refused is not None:
                     event(log, "refused by the proxy; waiting", level=logging.WARNING,
                           code=refused[0], delay=round(step.delay, 1), reason=refused[1])
                 elif step.cause == "backoff":
@@ -480,15 +481,16 @@ class Agent:
                         return ended(kind, "back on QUIC"), successor
                     if isinstance(result, str):
                         return ended(kind, result), None
-            if closed in done and not closed.cancelled() and closed.result() is not None:
-                by = read_close(closed.result())
-                return ended("closed", by.text, by), None
+            error = closed.result() if closed in done and not closed.cancelled() else None
+            if error is not None:
+                why = read_close(error)
+                return ended("closed", why.text, why), None
             return ended("closed", "closed"), None
         except TransportError as exc:
             # Refused after the handshake (during the hello) or cut while a stream was open:
             # the connection's close code is what the reconnect decision needs.
             by: Closed | None = read_close(exc)
-            if by.name is None:
+            if by is not None and by.name is None:
                 by = None
                 if conn.is_closed:
                     with contextlib.suppress(Exception):
@@ -595,7 +597,7 @@ class Agent:
                     self.route = step.route
             elif step.action == "reconnect":
                 return step.reason
-            elif step.action == "migrate":
+            elif step.action == "migrate" and step.route is not None:
                 await self._migrate(conn, step.route, step.outage)
 
     async def _migrate(self, conn: Connection, route: Route, outage: float | None) -> None:
