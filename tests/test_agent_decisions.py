@@ -60,6 +60,15 @@ def test_usable_endpoints(routes, expected):
     assert usable_endpoints(ALL, routes) == expected
 
 
+def test_records_are_values():
+    assert Route("10.0.0.5", "wlan0") == WIFI and hash(Route("10.0.0.5", "wlan0")) == hash(WIFI)
+    assert WIFI != CELL and WIFI != ("10.0.0.5", "wlan0")  # a record, not a tuple
+    assert PathState(WIFI).replace(outage_since=3.0) == PathState(WIFI, 3.0)
+    assert repr(ProbeState(1.0)) == "ProbeState(last_probe=1.0, pending=None)"
+    with pytest.raises(AttributeError):
+        WIFI.extra = 1  # slots: no stray fields
+
+
 @pytest.mark.parametrize("uplink, expected", [
     ("sat0", [GROUND]), ("wlan0", [MAIN, BACKUP]), (None, [MAIN, BACKUP]),
 ])

@@ -315,9 +315,10 @@ class Reconnect:
     by a new network) and the proxy's refusal codes.
 
     After a connection the proxy took, the first retry is immediate: the device comes back as
-    soon as possible after a path change, a dead path or a proxy restart's close. A connection
-    closed before the proxy answered (refused, or a proxy still starting), or closed by a proxy
-    shutting down, backs off with full jitter so a fleet does not reconnect in lockstep.
+    soon as possible after a path change or a dead path (a proxy killed, a link gone silent). A
+    connection closed before the proxy answered (refused, or a proxy still starting), or closed by
+    a proxy shutting down (a restart), backs off with full jitter so a fleet does not reconnect in
+    lockstep.
     ``no_route_wait``: how often to look again while no endpoint has a route.
     """
 
