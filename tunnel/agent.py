@@ -11,7 +11,12 @@ Where UDP is blocked, TLS over TCP joins the race after a 0.3 s head start; whil
 agent keeps trying QUIC (:meth:`Agent._back_to_quic`) and moves over, letting open sessions
 finish on the TCP connection (:meth:`Agent._drain`).
 
-Path logic (:meth:`Agent._watch_routes` and :meth:`Agent._probe`):
+Every decision is a pure function in :mod:`tunnel.agent_decisions` (unit-tested by table, no
+root needed); this module is the thin adapter that samples routes, dials, sends PINGs, migrates
+and waits. The route sampler, the dialer and the clock are constructor parameters.
+
+Path logic (:meth:`Agent._watch_routes` over :func:`~tunnel.agent_decisions.next_path`, and
+:meth:`Agent._probe` over :func:`~tunnel.agent_decisions.next_probe`):
 
 * The route toward the proxy endpoint is re-checked on every netlink route/address/link event,
   on every failed send and every ``probe_interval`` (1 s): which local address and which
@@ -20,12 +25,20 @@ Path logic (:meth:`Agent._watch_routes` and :meth:`Agent._probe`):
   live connection migrates — new UDP socket on the new address, new connection ID, in-flight
   packets retransmitted at once — and a probe goes out immediately. Sessions continue.
 * The uplink the route now uses may not reach this endpoint (the satellite network only reaches
-  the ground-station address), or the connection ended (proxy restarted, idle timeout): the
-  agent reconnects to an endpoint the current uplink may use and says why in its hello, which
-  the proxy audits as ``device.reconnect``.
+  the ground-station address), a TCP connection saw the network change, an outage outlived the
+  idle timeout, or the connection ended (proxy restarted): the agent reconnects to an endpoint
+  the current uplink may use and says why in its hello, which the proxy audits as
+  ``device.reconnect``.
 * Liveness: a PING every ``keepalive`` (25 s) when idle, every ``probe_interval`` while sessions
   are open or once a probe went unanswered. Nothing heard from the proxy for ``dead_after``
   probe timeouts (3 s by default) means the path is dead: the agent reconnects.
+
+Tasks: each connection has its watchers (stream accept, route watch, liveness probe, and on TCP
+the QUIC retry); ``_serve`` keeps them and cancels and awaits them when the connection ends.
+Sessions and background jobs are kept too. Stopping (``stop()``, or the task cancelled by
+SIGTERM) goes in order: watchers, background jobs, then the connections are closed ("agent
+stopping", the reason the proxy records), the session tasks are awaited (each resets its local
+socket), and the connections' close is awaited — each step bounded by ``STOP_GRACE``.
 """
 
 from __future__ import annotations
@@ -39,17 +52,34 @@ import random
 import socket
 import struct
 import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from enroll import certs
 from enroll.files import write_file
 from tunnel import wire
 from tunnel.agent_config import AgentConfig, Endpoint
-from tunnel.backoff import AfterRefusal, Backoff, after_refusal
+from tunnel.agent_decisions import (
+    Ended,
+    EndKind,
+    Link,
+    Liveness,
+    Next,
+    PathState,
+    ProbeState,
+    Reconnect,
+    Route,
+    Value,
+    next_path,
+    next_probe,
+    offline_since,
+    usable_endpoints,
+)
 from tunnel.log import event
 from tunnel.protocol import ALPN_AGENT, CLOSE_NAMES, read_header, read_reply
-from tunnel.splice import SocketEnds, StreamEnds, splice
 from tunnel.transport import Connection, ErrorCode, Stream, TLSIdentity, TransportError, dial
+
+__all__ = ["Agent", "Counters", "Route", "load_identity", "sample_routes"]
 
 log = logging.getLogger("tunnel.agent")
 
@@ -58,25 +88,23 @@ MAX_SESSIONS = 64
 RENEW_AT = 2 / 3  # renew when this fraction of the certificate's life is gone
 HANDSHAKE_TIMEOUT = 3.0
 HEAD_START = 0.3  # QUIC's head start before TLS over TCP joins the race
-STABLE_AFTER = 10.0  # a connection that lasted this long resets the reconnect backoff
 SETTLE = 0.01  # coalesce a burst of netlink events (link up + route replace) into one check
+STOP_GRACE = 1.0  # on stop: at most this long for the sessions to end, and for the close to finish
+CLOSED_WAIT = 1.0  # after a failed request: at most this long for the close that explains it
 
 # rtnetlink multicast groups (linux/rtnetlink.h)
 _RTMGRP = 0x1 | 0x10 | 0x40 | 0x100 | 0x400  # LINK, IPV4_IFADDR, IPV4_ROUTE, IPV6_IFADDR, IPV6_ROUTE
 _SIOCGIFADDR = 0x8915
 
+#: ``sampler(endpoints)`` → the route toward each endpoint now (None: no route)
+RouteSampler = Callable[[Sequence[Endpoint]], list[Route | None]]
+#: ``dialer(host, port, **options)`` → a connection (:func:`tunnel.transport.dial`'s signature)
+Dialer = Callable[..., Awaitable[Connection]]
+
 
 def load_identity(config: AgentConfig) -> TLSIdentity:
     cert = certs.load_cert(config.cert.read_bytes())
     return TLSIdentity([cert], certs.load_key(config.key.read_bytes()), certs.load_cert(config.ca.read_bytes()))
-
-
-@dataclass(frozen=True)
-class Route:
-    """What the kernel would use toward one endpoint now."""
-
-    source: str  # local address
-    uplink: str | None  # interface name (None when it cannot be told, e.g. IPv6)
 
 
 def source_address_toward(host: str, port: int) -> str | None:
@@ -112,6 +140,12 @@ def route_toward(host: str, port: int, ifaddrs: dict[str, str] | None = None) ->
     return Route(source, ifaddrs.get(source))
 
 
+def sample_routes(endpoints: Sequence[Endpoint]) -> list[Route | None]:
+    """The default route sampler: ask the kernel (one interface listing for all endpoints)."""
+    ifaddrs = interface_addresses() if any(":" not in ep.host for ep in endpoints) else {}
+    return [route_toward(ep.host, ep.port, ifaddrs if ":" not in ep.host else {}) for ep in endpoints]
+
+
 def open_netlink() -> socket.socket | None:
     """A socket that becomes readable on any route, address or link change (Linux)."""
     try:
@@ -127,6 +161,31 @@ def open_netlink() -> socket.socket | None:
     return s
 
 
+class Closed(Value):
+    """What a :class:`TransportError` says about why the proxy ended a connection.
+
+    :func:`read_close` is the one place in the agent that reads the error's numeric code and
+    ``application`` flag.
+    """
+
+    __slots__ = ("name", "label", "text", "reason")
+
+    def __init__(self, name: str | None, label: str | int, text: str, reason: str) -> None:
+        self.name = name  # the fleet close code's name (``tunnel.protocol.CLOSE_CODES``), if any
+        self.label = label  # for the log: that name, else the numeric code
+        self.text = text  # why, in a word or a sentence: the code's name, else the reason given
+        self.reason = reason  # the reason the peer gave
+
+
+def read_close(err: TransportError) -> Closed:
+    if not err.application:
+        return Closed(None, err.wire_code, err.reason, err.reason or "")
+    name = CLOSE_NAMES.get(err.wire_code)
+    if name is None and err.wire_code == ErrorCode.SHUTDOWN:  # the transport server's own shutdown close
+        return Closed("shutdown", err.wire_code, err.reason, err.reason or "")
+    return Closed(name, name or err.wire_code, name or err.reason, err.reason or "")
+
+
 @dataclass
 class Counters:
     migrations: int = 0
@@ -135,46 +194,57 @@ class Counters:
 
 
 class Agent:
+    """The adapter: samples routes, dials, serves, and carries out what
+    :mod:`tunnel.agent_decisions` decides.
+
+    ``sample_routes``, ``dialer`` and ``clock`` default to the kernel's routes,
+    :func:`tunnel.transport.dial` and ``time.monotonic`` (the clock the connections stamp
+    ``last_received`` with: the event loop's). Waiting itself is asyncio's.
+    """
+
     def __init__(self, config: AgentConfig, *, probe_interval: float | None = None,
-                 probe_timeout: float | None = None):
+                 probe_timeout: float | None = None, sample_routes: RouteSampler = sample_routes,
+                 dialer: Dialer = dial, clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.probe_interval = probe_interval or config.probe_interval
         self.probe_timeout = probe_timeout or config.probe_timeout
+        self._sample_routes = sample_routes
+        self._dialer = dialer
+        self._clock = clock
+        self._liveness = Liveness(self.probe_interval, self.probe_timeout, config.keepalive,
+                                  config.dead_after)
         self.counters = Counters()
         self.active_sessions = 0
         self.conn: Connection | None = None
         self.endpoint: Endpoint | None = None
         self.route: Route | None = None  # current path of the live connection
-        self._stop = asyncio.Event()
-        self._net_changed = asyncio.Event()  # netlink event or failed send: re-check routes
-        self._probe_now = asyncio.Event()
-        self._netlink: socket.socket | None = None
-        self._outage_since: float | None = None  # loop.time() the route went away, if it did
-        self._network_moved = False  # the last connection ended because the network changed
-        self._closed_code: int | None = None  # application code the proxy closed us with
-        self._closed_reason = ""  # and the reason it gave (a lock's end)
-        self._refused: tuple[str, str] | None = None  # (code name, reason) of the last dial refused
         #: set when the proxy refused this device for good (decommissioned, revoked, unknown):
         #: ``run`` returned and ``tunnel agent`` exits with its own status (see cli.EXIT_RETIRED)
-        self.retired: AfterRefusal | None = None
-        self._accepted = False  # the proxy answered our hello on the last connection
-        self._next_conn: Connection | None = None  # a QUIC connection found while on TCP
-        self._conn_sessions: dict[Connection, int] = {}  # open sessions per connection
+        self.retired: Next | None = None
+        self._stop = asyncio.Event()
+        self._net_changed = asyncio.Event()  # netlink event or failed send: re-check routes
+        self._probe_now = asyncio.Event()  # written by _watch_routes after a migration
+        self._netlink: socket.socket | None = None
+        self._path = PathState(None)  # the live connection's path: written by _watch_routes only
         self._interception: str | None = None  # a TLS-interception error to report once through
-        self._tasks: set[asyncio.Task] = set()  # sessions, drains, uplink reports (see _spawn)
+        self._conn_sessions: dict[Connection, int] = {}  # open sessions per connection
+        self._conns: set[Connection] = set()  # every connection we opened and did not close yet
+        self._sessions: set[asyncio.Task] = set()  # one per session (see _spawn)
+        self._tasks: set[asyncio.Task] = set()  # drains and uplink reports
 
-    def _spawn(self, coro) -> asyncio.Task:
+    def _spawn(self, coro, kept: set[asyncio.Task] | None = None) -> asyncio.Task:
         """Start a task and keep it until it ends: the event loop holds tasks only weakly, so
-        an unreferenced session task could be garbage-collected mid-session."""
+        an unreferenced session task could be garbage-collected mid-session; and a kept task
+        can be ended in order when the agent stops."""
+        kept = self._tasks if kept is None else kept
         task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        kept.add(task)
+        task.add_done_callback(kept.discard)
         return task
 
     def stop(self) -> None:
+        """Ask ``run`` to stop: it ends the watchers, the sessions and the connection in order."""
         self._stop.set()
-        if self.conn:
-            self.conn.close(0, "agent stopping")
 
     # --- network change notifications -----------------------------------------------------------
 
@@ -194,8 +264,9 @@ class Agent:
             self._netlink = None
 
     def _on_netlink(self) -> None:
+        netlink = self._netlink
         with contextlib.suppress(OSError):
-            while self._netlink.recv(65536):
+            while netlink is not None and netlink.recv(65536):
                 pass
         self._net_changed.set()
 
@@ -206,7 +277,7 @@ class Agent:
         """Wait for a network change (True) or ``timeout`` / stop (False)."""
         waits = [asyncio.ensure_future(self._net_changed.wait()), asyncio.ensure_future(self._stop.wait())]
         try:
-            done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waits:
                 w.cancel()
@@ -219,20 +290,9 @@ class Agent:
     # --- endpoint choice ------------------------------------------------------------------------
 
     def candidates(self) -> list[tuple[Endpoint, Route]]:
-        """Endpoints the device may use now, each with the route toward it, in preference order.
-
-        An endpoint is usable when the kernel has a route toward it and the interface of that
-        route is one the endpoint serves (``via``; endpoints without ``via`` serve every uplink
-        that has no endpoint of its own). Per-uplink endpoints come first.
-        """
-        ifaddrs = interface_addresses()
-        out = []
-        for ep in self.config.proxies:
-            route = route_toward(ep.host, ep.port, ifaddrs if ":" not in ep.host else {})
-            if route is not None and ep.serves(route.uplink, self.config.proxies):
-                out.append((ep, route))
-        out.sort(key=lambda pair: not pair[0].via)
-        return out
+        """Endpoints the device may use now, each with the route toward it, in preference order
+        (:func:`~tunnel.agent_decisions.usable_endpoints`)."""
+        return usable_endpoints(self.config.proxies, self._sample_routes(self.config.proxies))
 
     # --- connection loop ------------------------------------------------------------------------
 
@@ -240,189 +300,247 @@ class Agent:
         self._start_netlink()
         try:
             await self._run()
+        except asyncio.CancelledError:
+            self._stop.set()  # cancelled from outside (SIGTERM): stop in order below
+            raise
         finally:
-            self._stop_netlink()
+            self._stop.set()
+            try:
+                await self._shutdown()
+            finally:
+                self._stop_netlink()
 
     async def _run(self) -> None:
-        backoff = Backoff(base=self.config.reconnect_backoff, cap=self.config.reconnect_backoff_max)
-        loop = asyncio.get_running_loop()
+        policy = Reconnect(base=self.config.reconnect_backoff, cap=self.config.reconnect_backoff_max,
+                           no_route_wait=self.probe_interval)
         reason: str | None = None
-        outage_started: float | None = None  # loop.time() the device was last known reachable
+        offline_at: float | None = None  # when the device was last known reachable
+        successor: Connection | None = None  # a QUIC connection found while on TCP
         while not self._stop.is_set():
             offered = self.candidates()
-            conn, self._next_conn = self._next_conn, None
+            conn, successor = successor, None
+            refused: tuple[str, str] | None = None
+            if conn is None and offered:
+                conn, refused = await self._dial_any(offered)
             if conn is None:
-                conn = await self._dial_any(offered) if offered else None
-            if conn is None:
-                outage_started = outage_started or loop.time()
-                decision = after_refusal(*self._refused) if self._refused else AfterRefusal("retry")
-                if decision.action == "stop":
-                    return self._retire(decision, *self._refused)
-                if decision.action == "wait":
-                    delay = decision.delay
+                offline_at = offline_at or self._clock()
+                step = policy.after_no_connection(refused, bool(offered))
+                if step.action == "stop" and refused is not None:  # only a refusal stops
+                    return self._retire(step, *refused)
+                if step.cause == "locked" and refused is not None:
                     event(log, "refused by the proxy; waiting", level=logging.WARNING,
-                          code=self._refused[0], delay=round(delay, 1), reason=self._refused[1])
-                elif offered:
-                    delay = backoff.next_delay()
-                    event(log, "no proxy endpoint answered; retrying", delay=round(delay, 2),
+                          code=refused[0], delay=round(step.delay, 1), reason=refused[1])
+                elif step.cause == "backoff":
+                    event(log, "no proxy endpoint answered; retrying", delay=round(step.delay, 2),
                           tried=",".join(ep.address for ep, _ in offered))
                 else:
-                    delay = self.probe_interval
                     event(log, "no route toward any proxy endpoint; waiting for a network",
                           level=logging.DEBUG)
-                # A new network (route or address change) is worth trying at once.
-                deadline = time.monotonic() + delay
-                while not self._stop.is_set() and time.monotonic() < deadline:
-                    changed = await self._wait_change(deadline - time.monotonic())
-                    if changed and self.candidates() != offered:
-                        backoff.reset()
-                        break
+                await self._wait_next(step, policy, offered)
                 continue
-            outage = round(loop.time() - outage_started, 3) if outage_started else None
+            outage = round(self._clock() - offline_at, 3) if offline_at else None
             if reason:
                 self.counters.reconnects += 1
-            self._outage_since = None
-            self._network_moved = False
-            self._closed_code, self._closed_reason = None, ""
-            self._accepted = False
-            started = loop.time()
-            reason = await self._serve(conn, reason, outage)
+            ended, successor = await self._serve(conn, reason, outage)
+            reason = ended.reason
             # offline since the route went away, or since the proxy was last heard from
-            outage_started = min(self._outage_since or loop.time(), conn.last_received, loop.time())
+            offline_at = offline_since(self._path.outage_since, conn.last_received, self._clock())
             if self._stop.is_set():
                 return
-            decision = after_refusal(CLOSE_NAMES.get(self._closed_code), self._closed_reason)
-            if decision.action == "stop":
-                return self._retire(decision, CLOSE_NAMES[self._closed_code], self._closed_reason)
+            step = policy.after_end(ended)
+            if step.action == "stop":
+                return self._retire(step, ended.code or "", ended.close_reason)
             event(log, "connection ended; reconnecting", reason=reason)
-            if decision.action == "wait":
+            if step.cause == "locked":
                 event(log, "the device is locked; waiting", level=logging.WARNING,
-                      delay=round(decision.delay, 1), reason=self._closed_reason)
-                backoff.reset()
-                await self._wait_change(decision.delay)  # a new network (or stop) ends it early
-                continue
-            if self._accepted or loop.time() - started >= STABLE_AFTER:
-                backoff.reset()  # the proxy took us: the first retry is immediate
-            shutdown = self._closed_code == ErrorCode.SHUTDOWN
-            if not self._network_moved and (shutdown or not self._accepted):
-                # Closed before the proxy took us (refused, locked), or a proxy shutting down:
-                # back off with jitter so a fleet does not reconnect in lockstep (a new network
-                # retries at once). After a working connection the first retry is immediate.
-                delay = backoff.next_delay()
-                changed = await self._wait_change(delay)
-                if changed:
-                    backoff.reset()
+                      delay=round(step.delay, 1), reason=ended.close_reason)
+            if step.action == "wait":
+                await self._wait_next(step, policy)
 
-    def _retire(self, decision: AfterRefusal, code: str, reason: str) -> None:
+    async def _wait_next(self, step: Next, policy: Reconnect,
+                         offered: list[tuple[Endpoint, Route]] | None = None) -> None:
+        """Wait as ``step`` says; a network change ends the wait early and resets the backoff
+        (with ``wake_on="endpoints"``, only a change of the usable endpoints does)."""
+        if step.wake_on == "network":
+            if await self._wait_change(step.delay):
+                policy.network_changed()
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + step.delay
+        while not self._stop.is_set() and loop.time() < deadline:
+            changed = await self._wait_change(deadline - loop.time())
+            if changed and self.candidates() != offered:
+                policy.network_changed()
+                return
+
+    def _retire(self, step: Next, code: str, reason: str) -> None:
         """Stop for good: the proxy will refuse this identity until an operator acts."""
-        self.retired = decision
+        self.retired = step
         event(log, "stopping: the proxy refused this device for good; re-enroll it to bring it back",
-              level=logging.ERROR, code=code, why=decision.why, reason=reason)
+              level=logging.ERROR, code=code, why=step.why, reason=reason)
         self._stop.set()
 
-    async def _dial_any(self, offered: list[tuple[Endpoint, Route]]) -> Connection | None:
+    async def _dial_any(self, offered: list[tuple[Endpoint, Route]]
+                        ) -> tuple[Connection | None, tuple[str, str] | None]:
         """Try each usable endpoint in order; the first that completes a handshake wins.
 
-        A refusal with a fleet close code is remembered (``_refused``, reset each round) for
-        the reconnect decision.
+        Returns the connection (None if none answered) and the (code name, reason) of the last
+        refusal with a fleet close code in this round, for the reconnect decision.
         """
         identity = load_identity(self.config)
-        self._refused = None
+        refused: tuple[str, str] | None = None
         for ep, route in offered:
             try:
                 conn = await self._dial(ep, route, identity, self.config.transports)
             except TransportError as exc:
-                if "intercepting TLS" in exc.reason:
+                if exc.code == "intercepted":  # the transport says why: TLS interception
                     self._interception = exc.reason  # told to the proxy once we get through
-                code = CLOSE_NAMES.get(exc.wire_code, exc.wire_code) if exc.application else exc.wire_code
-                if exc.application and exc.wire_code in CLOSE_NAMES:
-                    self._refused = (CLOSE_NAMES[exc.wire_code], exc.reason or "")
+                closed = read_close(exc)
+                if closed.name is not None:
+                    refused = (closed.name, closed.reason)
                 event(log, "dial failed", level=logging.WARNING, endpoint=ep.address,
-                      uplink=route.uplink, code=code, reason=exc.reason)
+                      uplink=route.uplink, code=closed.label, reason=exc.reason)
                 continue
             except OSError as exc:
                 event(log, "dial failed", level=logging.WARNING, endpoint=ep.address,
                       uplink=route.uplink, error=str(exc))
                 continue
             self.endpoint, self.route = ep, route
-            return conn
-        return None
+            return conn, None
+        return None, refused
 
     async def _dial(self, ep: Endpoint, route: Route, identity: TLSIdentity,
                     transports: tuple[str, ...]) -> Connection:
-        return await dial(
+        conn = await self._dialer(
             ep.host, ep.port, transports=transports, head_start=HEAD_START,
             identity=identity, server_name=ep.server_name, local_addr=(route.source, 0),
             alpn=ALPN_AGENT, keepalive=None,  # _probe sends the keepalives
             idle_timeout=max(60.0, self.config.keepalive * 3), handshake_timeout=HANDSHAKE_TIMEOUT,
         )
+        self._conns.add(conn)
+        return conn
 
-    async def _back_to_quic(self, conn: Connection) -> str:
+    def _close(self, conn: Connection, reason: str) -> None:
+        conn.close(0, reason)
+        self._conns.discard(conn)
+
+    async def _back_to_quic(self, conn: Connection) -> Connection:
         """On TCP, keep trying QUIC (every ``quic_retry`` s, and on a network change)."""
         while True:
             await self._wait_change(self.config.quic_retry * (0.75 + random.random() / 2))
             if self.route is None:
                 continue
             try:
-                self._next_conn = await self._dial(self.endpoint, self.route, load_identity(self.config),
-                                                   ("quic",))
+                return await self._dial(self.endpoint, self.route, load_identity(self.config), ("quic",))
             except (TransportError, OSError):
                 continue
-            return "back on QUIC"
 
-    async def _serve(self, conn: Connection, reconnect: str | None, outage: float | None) -> str:
-        """Run one connection until it ends; return why it ended."""
+    async def _serve(self, conn: Connection, reconnect: str | None,
+                     outage: float | None) -> tuple[Ended, Connection | None]:
+        """Run one connection until it ends; return how it ended, and the QUIC connection that
+        replaces it if it was a TCP one and QUIC works again."""
         self.conn = conn
         conn.on_send_error = self._on_send_error
+        self._path = PathState(self.route)
+        started = self._clock()
+        accepted = False
+        successor: Connection | None = None
         event(log, "connected", endpoint=self.endpoint.address, uplink=self.route.uplink,
               local="{}:{}".format(*conn.local_address[:2]), reconnect=reconnect, outage=outage)
-        tasks = [asyncio.create_task(self._accept(conn)),
-                 asyncio.create_task(self._watch_routes(conn)),
-                 asyncio.create_task(self._probe(conn))]
+        upgrade: asyncio.Task | None = None
         if conn.transport_name == "tcp" and "quic" in self.config.transports:
-            tasks.append(asyncio.create_task(self._back_to_quic(conn)))
+            upgrade = asyncio.create_task(self._back_to_quic(conn))
+        # in the order their decisions count when several are ready at once
+        watchers: dict[asyncio.Task, EndKind] = {
+            **({upgrade: "upgrade"} if upgrade else {}),
+            asyncio.create_task(self._watch_routes(conn)): "network",
+            asyncio.create_task(self._probe(conn)): "dead",
+            asyncio.create_task(self._accept(conn)): "closed",  # only ends by raising
+        }
+
+        def ended(kind: EndKind, reason: str, closed: Closed | None = None) -> Ended:
+            return Ended(kind, reason, closed.name if closed else None, closed.reason if closed else "",
+                         accepted, self._clock() - started)
+
         try:
             await self._hello(conn, reconnect, outage)
-            self._accepted = True
+            accepted = True
             await self._maybe_renew(conn)
             closed = asyncio.create_task(conn.wait_closed())
             stop = asyncio.create_task(self._stop.wait())
-            done, _ = await asyncio.wait({closed, stop, *tasks}, return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
-            for t in done:
-                if t in tasks and not t.cancelled() and isinstance(t.result(), str):
-                    return t.result()
-            if closed in done and closed.result() is not None:
-                err = closed.result()
-                self._closed_code = err.wire_code if err.application else None
-                self._closed_reason = err.reason or ""
-                return CLOSE_NAMES.get(err.wire_code, err.reason) if err.application else err.reason
-            return "closed"
+            try:
+                done, _ = await asyncio.wait({closed, stop, *watchers}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+                closed.cancel()
+            for task, kind in watchers.items():
+                if task in done and not task.cancelled():
+                    result = task.result()  # a TransportError from a watcher: handled below
+                    if task is upgrade:
+                        successor = result
+                        return ended(kind, "back on QUIC"), successor
+                    if isinstance(result, str):
+                        return ended(kind, result), None
+            error = closed.result() if closed in done and not closed.cancelled() else None
+            if error is not None:
+                why = read_close(error)
+                return ended("closed", why.text, why), None
+            return ended("closed", "closed"), None
         except TransportError as exc:
             # Refused after the handshake (during the hello) or cut while a stream was open:
             # the connection's close code is what the reconnect decision needs.
-            err = exc if exc.application and exc.wire_code in CLOSE_NAMES else None
-            if err is None and conn.is_closed:
-                with contextlib.suppress(Exception):
-                    err = await asyncio.wait_for(conn.wait_closed(), 1.0)
-            if err is not None and err.application:
-                self._closed_code, self._closed_reason = err.wire_code, err.reason or ""
-            return exc.reason or "transport error"
+            by: Closed | None = read_close(exc)
+            if by is not None and by.name is None:
+                by = None
+                if conn.is_closed:
+                    with contextlib.suppress(Exception):
+                        err = await asyncio.wait_for(conn.wait_closed(), CLOSED_WAIT)
+                        by = read_close(err) if err is not None and err.application else None
+            return ended("error", exc.reason or "transport error", by), None
+        except asyncio.CancelledError:
+            self._stop.set()  # run() is being cancelled: it stops in order
+            raise
         finally:
-            for t in tasks:
-                t.cancel()
-            if self._next_conn is not None and self._conn_sessions.get(conn):
+            await _cancel(watchers)
+            if upgrade is not None and successor is None and upgrade.done() and not upgrade.cancelled() \
+                    and upgrade.exception() is None:
+                self._close(upgrade.result(), "not needed")  # QUIC came back as this one ended
+            if self._stop.is_set():
+                pass  # run() closes every connection on its way out, after the sessions
+            elif successor is not None and self._conn_sessions.get(conn):
                 # moving to QUIC: open sessions finish on the old connection, new ones go to QUIC
                 self._spawn(self._drain(conn))
             else:
-                conn.close(0, "agent reconnecting")
+                self._close(conn, "agent reconnecting")
             self.conn = None
 
     async def _drain(self, conn: Connection) -> None:
         while self._conn_sessions.get(conn) and not conn.is_closed:
             await asyncio.sleep(0.5)
         self._conn_sessions.pop(conn, None)
-        conn.close(0, "drained")
+        self._close(conn, "drained")
+
+    async def _shutdown(self) -> None:
+        """Stop in order (each step bounded by ``STOP_GRACE``): the per-connection watchers are
+        already gone (``_serve``); background jobs (drains, uplink reports) end; every connection
+        is closed with "agent stopping" (the reason the proxy records), which ends every
+        session's stream; the session tasks are awaited (each resets its local socket); then the
+        connections' close is awaited, so the close has left before the process exits.
+
+        The close comes before the sessions end rather than after: a session ended first would
+        reach the proxy as a bare stream reset, without the reason."""
+        await _cancel(self._tasks)
+        conns = list(self._conns)
+        for conn in conns:
+            self._close(conn, "agent stopping")
+        if self._sessions:
+            await asyncio.wait(set(self._sessions), timeout=STOP_GRACE)
+            await _cancel(self._sessions)
+        closing = [asyncio.ensure_future(conn.wait_closed()) for conn in conns]
+        if closing:
+            await asyncio.wait(closing, timeout=STOP_GRACE)
+            await _cancel(closing)
+        self.conn = None
 
     async def _request(self, conn: Connection, op: str, **args) -> tuple[wire.Message, dict]:
         stream = await conn.open_stream()
@@ -461,95 +579,75 @@ class Agent:
     # --- path watching ------------------------------------------------------------------------
 
     async def _watch_routes(self, conn: Connection) -> str:
-        """Follow the kernel's route toward the endpoint: migrate, or ask for a reconnect."""
+        """Follow the kernel's route toward the endpoint: migrate, or return why to reconnect
+        (:func:`~tunnel.agent_decisions.next_path` decides)."""
         ep = self.endpoint
-        outage_since: float | None = None
         while True:
             await self._wait_change(self.probe_interval)
-            route = route_toward(ep.host, ep.port)
-            if route is None:
-                if outage_since is None:
-                    outage_since = time.monotonic()
-                    self._outage_since = asyncio.get_running_loop().time()
-                    self.route = None
-                    event(log, "no route toward the proxy", endpoint=ep.address)
-                continue
-            if not ep.serves(route.uplink, self.config.proxies):
-                self._network_moved = True
-                return (f"uplink {route.uplink} does not reach {ep.address}"
-                        f" (per-uplink endpoints: {', '.join(e.address for e in self.config.endpoints_for(route.uplink)) or 'none'})")
-            after_outage = outage_since is not None
-            if conn.transport_name == "tcp" and (after_outage or route.source != conn.local_address[0]):
-                self._network_moved = True
-                return "network changed; a TCP connection cannot migrate"
-            if route.source == conn.local_address[0] and not after_outage:
-                if route != self.route:
-                    self.route = route
-                continue
-            outage = round(time.monotonic() - outage_since, 3) if after_outage else None
-            outage_since = self._outage_since = None
-            silent = asyncio.get_running_loop().time() - getattr(conn, "last_received", 0.0)
-            if after_outage and silent >= conn.idle_timeout - self.probe_timeout:
-                # the proxy has forgotten this connection by now: a migration cannot work
-                self._network_moved = True
-                return f"outage of {outage}s outlived the connection's {conn.idle_timeout:g}s idle timeout"
-            old = self.route
-            old_local = conn.local_address[0]
-            try:
-                await conn.migrate((route.source, 0))
-            except (OSError, TransportError) as exc:
-                event(log, "migration failed", level=logging.WARNING, error=str(exc))
-                continue
-            self.route = route
-            self.counters.migrations += 1
-            self._probe_now.set()  # the proxy learns the new path from the next packet
-            event(log, "migrated", old=old_local, new=route.source,
-                  old_uplink=old.uplink if old else None, uplink=route.uplink, outage=outage)
-            if old is None or old.uplink != route.uplink:
-                self._spawn(self._tell_uplink(conn))
+            sample = self._sample_routes([ep])[0]
+            link = Link(conn.transport_name, conn.local_address[0],
+                        getattr(conn, "last_received", 0.0), conn.idle_timeout)
+            self._path, step = next_path(self._path, sample, self._clock(), link, endpoint=ep,
+                                         endpoints=self.config.proxies, probe_timeout=self.probe_timeout)
+            if step.action == "lost":
+                self.route = None
+                event(log, "no route toward the proxy", endpoint=ep.address)
+            elif step.action == "stay":
+                if step.route is not None and step.route != self.route:
+                    self.route = step.route
+            elif step.action == "reconnect":
+                return step.reason
+            elif step.action == "migrate" and step.route is not None:
+                await self._migrate(conn, step.route, step.outage)
+
+    async def _migrate(self, conn: Connection, route: Route, outage: float | None) -> None:
+        old, old_local = self.route, conn.local_address[0]
+        try:
+            await conn.migrate((route.source, 0))
+        except (OSError, TransportError) as exc:
+            event(log, "migration failed", level=logging.WARNING, error=str(exc))
+            return  # the next sample tries again
+        self.route = route
+        self._path = PathState(route, self._path.outage_since)
+        self.counters.migrations += 1
+        self._probe_now.set()  # the proxy learns the new path from the next packet
+        event(log, "migrated", old=old_local, new=route.source,
+              old_uplink=old.uplink if old else None, uplink=route.uplink, outage=outage)
+        if old is None or old.uplink != route.uplink:
+            self._spawn(self._tell_uplink(conn))
 
     async def _tell_uplink(self, conn: Connection) -> None:
         with contextlib.suppress(TransportError, wire.HeaderError, TimeoutError):
             await self._hello(conn, None, None, migrated=True)
 
     async def _probe(self, conn: Connection) -> str:
-        """Keepalives and liveness probes; return when the path has been silent too long."""
-        loop = asyncio.get_running_loop()
-        last_probe = loop.time()
-        pending: float | None = None  # time of the oldest probe nothing was heard after
+        """Keepalives and liveness probes (:func:`~tunnel.agent_decisions.next_probe` decides);
+        return when the path has been silent too long."""
+        state = ProbeState(self._clock())
         while True:
-            fast = self.active_sessions > 0 or pending is not None
-            interval = self.probe_interval if fast else self.config.keepalive
+            wait = self._liveness.wait(state, self.active_sessions > 0, self._clock())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._probe_now.wait(), max(0.0, last_probe + interval - loop.time()))
+                await asyncio.wait_for(self._probe_now.wait(), wait)
             forced = self._probe_now.is_set()
             self._probe_now.clear()
-            now = loop.time()
-            if pending is not None and conn.last_received >= pending:
-                pending = None
-            if self.route is None:  # no route at all: nothing to probe, nothing to conclude
-                pending, last_probe = None, now
-                continue
-            answer_within = max(self.probe_timeout, 2 * (conn.rtt or 0.0))
-            if pending is not None and now - pending >= self.config.dead_after * answer_within:
-                silent = round(now - conn.last_received, 1)
+            state, step = next_probe(state, self._liveness, now=self._clock(),
+                                     last_received=conn.last_received, rtt=conn.rtt,
+                                     route_known=self.route is not None,
+                                     sessions_open=self.active_sessions > 0, forced=forced)
+            if step.dead:
+                silent = round(step.silent, 1)
                 event(log, "path dead: nothing heard from the proxy", level=logging.WARNING,
                       silent=silent, uplink=self.route.uplink)
                 return f"path dead: nothing heard for {silent}s"
-            fast = self.active_sessions > 0 or pending is not None
-            interval = self.probe_interval if fast else self.config.keepalive
-            if forced or now - last_probe >= interval - 0.005:
+            if step.ping:
                 conn.send_ping()
-                last_probe = now
-                if pending is None:
-                    pending = now
 
     # --- sessions -----------------------------------------------------------------------------
 
     async def _accept(self, conn: Connection) -> None:
         while True:
             stream = await conn.accept_stream()
-            self._spawn(self._session(stream, conn))
+            self._spawn(self._session(stream, conn), self._sessions)
 
     async def _session(self, stream: Stream, conn: Connection) -> None:
         try:
@@ -588,10 +686,16 @@ class Agent:
         self.counters.sessions += 1
         event(log, "session", session=msg["session"], service=name, identity=msg["identity"])
         try:
+            # loaded with the first session: an idle agent (most of a device's life) does
+            # without the ~45 KB the splicing module costs
+            from tunnel.splice import SocketEnds, StreamEnds, splice
+
             await splice(StreamEnds(stream, rest), SocketEnds(reader, writer))
         finally:
             self.active_sessions -= 1
             self._conn_sessions[conn] -= 1
+            if not self._conn_sessions[conn]:
+                del self._conn_sessions[conn]  # holds no closed connection alive
             writer.close()
 
     async def _refuse(self, stream: Stream, code: str, reason: str) -> None:
@@ -599,3 +703,12 @@ class Agent:
         with contextlib.suppress(TransportError):
             await stream.write(wire.reply_refused(code, reason))
             stream.write_eof()
+
+
+async def _cancel(tasks: Iterable[asyncio.Future]) -> None:
+    """Cancel ``tasks`` and wait until each has ended (its ``finally`` blocks have run)."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)

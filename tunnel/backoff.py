@@ -5,6 +5,9 @@ reconnects after a proxy restart instead of having every agent retry in lockstep
 
 :func:`after_refusal` decides what a refusal means: a decommissioned, revoked or unknown device
 stops (retrying cannot help and floods the audit log), a locked one waits minutes.
+
+The agent's reconnect policy (:class:`tunnel.agent_decisions.Reconnect`: which kind of end
+waits how long) builds on both.
 """
 
 from __future__ import annotations
@@ -12,15 +15,23 @@ from __future__ import annotations
 import datetime as dt
 import random
 import re
-from dataclasses import dataclass, field
 
 
-@dataclass
 class Backoff:
-    base: float = 1.0
-    cap: float = 30.0
-    rng: random.Random = field(default_factory=random.Random)
-    attempt: int = 0
+    """Full-jitter exponential backoff: ``uniform(0, min(cap, base * 2**attempt))``.
+
+    (Plain classes here and in :mod:`tunnel.agent_decisions`, not dataclasses: each dataclass
+    costs an idle agent 5-13 KB of generated code.)
+    """
+
+    __slots__ = ("base", "cap", "rng", "attempt")
+
+    def __init__(self, base: float = 1.0, cap: float = 30.0, rng: random.Random | None = None,
+                 attempt: int = 0) -> None:
+        self.base = base
+        self.cap = cap
+        self.rng = rng if rng is not None else random.Random()
+        self.attempt = attempt
 
     def next_delay(self) -> float:
         ceiling = min(self.cap, self.base * (2**self.attempt))
@@ -51,7 +62,6 @@ LOCKED_WAIT = 300.0
 _LOCKED_UNTIL = re.compile(r"locked until (\d{4}-\d\d-\d\d[T ][\d:.]+(?:Z|[+-]\d\d:?\d\d)?)")
 
 
-@dataclass(frozen=True)
 class AfterRefusal:
     """What the agent does after the proxy closed or refused it with ``code``.
 
@@ -59,9 +69,22 @@ class AfterRefusal:
     network changes) or ``stop`` (exit; ``why`` says what an operator must do).
     """
 
-    action: str
-    delay: float = 0.0
-    why: str = ""
+    __slots__ = ("action", "delay", "why")
+
+    def __init__(self, action: str, delay: float = 0.0, why: str = "") -> None:
+        self.action = action
+        self.delay = delay
+        self.why = why
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AfterRefusal) and (self.action, self.delay, self.why) == (
+            other.action, other.delay, other.why)
+
+    def __hash__(self) -> int:
+        return hash((self.action, self.delay, self.why))
+
+    def __repr__(self) -> str:
+        return f"AfterRefusal(action={self.action!r}, delay={self.delay!r}, why={self.why!r})"
 
 
 def after_refusal(code: str | None, reason: str = "", now: dt.datetime | None = None) -> AfterRefusal:
