@@ -119,10 +119,10 @@ async def dial(
             # imported when the attempt starts: a device whose QUIC wins within the head start
             # never loads the TLS/TCP fallback and h2
             if name == "tcp":
-                from . import tcp as module
-            else:
-                from . import quic as module
-            return await module.connect(host, port, **kwargs)
+                from . import tcp
+                return await tcp.connect(host, port, **kwargs)
+            from . import quic
+            return await quic.connect(host, port, **kwargs)
 
         return dial_one
 
