@@ -74,11 +74,11 @@ async def happy_eyeballs(
             if not pending:
                 break
             await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        errors = [t.exception() for t in tasks]
-        best = max(range(2), key=lambda i: (error_rank(errors[i]), -i))  # type: ignore[arg-type]
+        # both attempts failed (a success returned above): each task holds its exception
+        errors = [e for t in tasks if (e := t.exception()) is not None]
+        best = max(range(2), key=lambda i: (error_rank(errors[i]), -i))
         exc = errors[best]
         other = errors[1 - best]
-        assert exc is not None and other is not None
         exc.add_note(f"{labels[1 - best]} attempt failed too: {other}")
         raise exc
     finally:

@@ -177,6 +177,7 @@ class TLSProtocol(asyncio.Protocol):
     # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # typeshed's Protocol says BaseTransport; a TCP connection is always given a Transport
         self.tcp = transport  # type: ignore[assignment]
         self.sslobj = self._ctx.wrap_bio(
             self._in, self._out, server_side=self._server_side,
