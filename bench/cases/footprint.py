@@ -231,7 +231,7 @@ def agent_rss(rows: list[dict]) -> None:
                 s.close()
     rows += [
         {"metric": "agent RSS, idle (connected)", "value": round(idle["agent"] / 1024, 1), "unit": "MB",
-         "baseline": round(idle["ssh"] / 1024, 1), "baseline_name": "ssh -R client", "target": "<= 45 MB"},
+         "baseline": round(idle["ssh"] / 1024, 1), "baseline_name": "ssh -R client", "target": "<= 42 MB"},
         {"metric": "agent RSS, 10 open sessions", "value": round(busy["agent"] / 1024, 1), "unit": "MB",
          "baseline": round(busy["ssh"] / 1024, 1), "baseline_name": "ssh -R client", "target": "-"},
         {"metric": "proxy RSS, 1 agent idle", "value": round(idle["proxy"] / 1024, 1), "unit": "MB",
