@@ -192,6 +192,7 @@ class Soak:
             except ClientError as exc:
                 return bytes(got), False, f"connect: {exc}"
             watch = asyncio.create_task(client.watch())  # as tunnel forward does: a silent proxy is dead
+            sender: asyncio.Task | None = None
             try:
                 stream, rest = await client.dial(device, "echo")
                 got += rest
@@ -212,6 +213,10 @@ class Soak:
                 return bytes(got), False, f"{type(exc).__name__}: {exc}"
             finally:
                 watch.cancel()
+                if sender is not None and not sender.done():
+                    sender.cancel()
+                if sender is not None:  # its error, if any, is the one the read already reported
+                    await asyncio.gather(sender, return_exceptions=True)
                 client.close()
                 await asyncio.sleep(0.01)
 
