@@ -20,7 +20,7 @@ import yaml
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
 
 from tunnel.client import Client, Refusal, UserIdentity
-from tunnel.memory import configure_allocator, release_free_memory, trim_available
+from tunnel.memory import release_free_memory, trim_available
 from tunnel.proxy import Proxy
 from tunnel.transport.tcp import REVERSE_POOL
 
@@ -159,11 +159,6 @@ def test_proxy_tables_return_to_baseline_after_many_sessions(fleet, echo, monkey
 def test_release_free_memory_on_glibc():
     assert trim_available()
     assert release_free_memory() in (True, False)
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
-def test_configure_allocator_fixes_the_mmap_threshold_on_glibc():
-    assert configure_allocator() is True
 
 
 def _ended_quic_connections() -> int:

@@ -57,29 +57,6 @@ def release_free_memory() -> bool | None:
     return bool(_malloc_trim(0))
 
 
-#: buffers at least this large get their own mapping, returned to the OS the moment they are
-#: freed, instead of a place in the heap (see ``configure_allocator``)
-MMAP_THRESHOLD = 256 << 10
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-
-
-def configure_allocator() -> bool | None:
-    """Fix glibc's mmap threshold at ``MMAP_THRESHOLD`` (True if set, None if not glibc).
-
-    By default glibc raises the threshold to the size of the largest mapped buffer freed so far
-    (up to 32 MiB): after the first 4 MiB session buffer every later one comes from the heap,
-    where it fragments the free space between long-lived objects and stays resident. A fixed
-    threshold keeps session buffers (64 KiB to 4 MiB) out of the heap.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return None
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-
-
 # --- diagnostics (off by default) ---------------------------------------------------------------
 #
 # ``FLEET_MEMORY_TRACE=/some/dir`` makes every ``release_free_memory`` call (once a minute in the

@@ -35,7 +35,7 @@ from enroll.state import FleetState
 from tunnel import access, wire
 from tunnel.admission import CODES, Denied, Peer, admit, check_device
 from tunnel.log import event
-from tunnel.memory import TRIM_INTERVAL, configure_allocator, release_free_memory
+from tunnel.memory import TRIM_INTERVAL, release_free_memory
 from tunnel.metrics import ProxyMetrics
 from tunnel.protocol import (
     ALPN_AGENT,
@@ -913,7 +913,6 @@ class Proxy:
 
     async def _trim_memory(self) -> None:
         """Keep RSS at the memory in use: glibc keeps freed session buffers in its heap."""
-        configure_allocator()
         while True:
             await asyncio.sleep(self.trim_every)
             release_free_memory()
