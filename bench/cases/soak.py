@@ -144,6 +144,19 @@ class Soak:
     def now(self) -> float:
         return time.monotonic() - self.t0
 
+    def start_proxy(self) -> subprocess.Popen:
+        """Start the proxy; wait up to 90 s for it to listen (a loaded machine can take 20 s)."""
+        log = self.fleet.root / "proxy.log"
+        mark = log.stat().st_size if log.exists() else 0
+        proc = self.fleet.start([*TUNNEL, "proxy", "--state", str(self.fleet.state.root),
+                                 "--listen", self.fleet.address, "--log-format", "json"], log)
+        deadline = time.monotonic() + 90
+        while '"listening"' not in log.read_text(errors="replace")[mark:]:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the proxy did not start: {log.read_text(errors='replace')[mark:][-2000:]}")
+            time.sleep(0.1)
+        return proc
+
     def start_agent(self, device: str) -> None:
         self.agent_procs[device] = self.fleet.start_agent(self.configs[device])
 
@@ -359,7 +372,7 @@ class Soak:
                 self.fleet.stop(self.proxy, signal.SIGKILL if kind == "proxy-kill" else signal.SIGTERM)
                 d = Disruption(self.now(), kind)
                 self.disruptions.append(d)
-                self.proxy = self.fleet.start_proxy()
+                self.proxy = self.start_proxy()
                 d.back_after = self.wait_all_back(at)
                 self.restarting.clear()
 
@@ -380,7 +393,7 @@ class Soak:
 
     def run(self) -> list[dict]:
         (self.root / "logs").mkdir(exist_ok=True)
-        self.proxy = self.fleet.start_proxy()
+        self.proxy = self.start_proxy()
         for d in self.devices:
             self.start_agent(d)
         self.wait_all_back(time.monotonic(), 120)
