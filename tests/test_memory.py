@@ -170,7 +170,7 @@ def test_ended_quic_connections_are_freed_by_the_periodic_release(fleet, echo, m
     """An ended QUIC connection is a reference cycle (aioquic keeps bound methods of the
     connection in its own frame-handler table, TLS callbacks and crypto contexts), so its
     buffers outlive it until a full garbage collection, which Python runs rarely in a busy
-    proxy: the soak's RSS crept up by them. ``release_free_memory`` (once a minute in the
+    proxy. ``release_free_memory`` (once a minute in the
     proxy) collects before it trims."""
     config = fleet.enroll_device("robot-q", {"customer": "acme"}, {"echo": f"127.0.0.1:{echo.port}"},
                                  transport="quic")

@@ -4,7 +4,8 @@ Why (measured in issue 19 under the soak's load: 30 agents, 4 MiB sessions, FLEE
 below): no proxy table grows, but every ended QUIC connection is a reference cycle in aioquic
 (bound methods of the connection in its own frame-handler table, TLS callbacks, crypto
 contexts; ~600 objects with their crypto and stream buffers), and 4,000-9,000 such unreachable
-objects a minute waited for Python's rare full collection, so proxy RSS crept up ~1 MB/min.
+objects a minute waited for Python's rare full collection, holding their buffers meanwhile.
+(Collecting them did not by itself flatten the soak's ~1 MB/min RSS creep: see bench/RESULTS.md.)
 Once a minute the proxy now runs a full collection (0.1 s for 85,000 objects on a loaded 2-core
 machine: a pause far below every keepalive and dead-peer timeout) and then
 ``malloc_trim(0)``, which returns every whole free page of every glibc arena (``MADV_DONTNEED``):
