@@ -410,7 +410,7 @@ def initials_dropped(log: Path) -> int:
 
 
 def proxy_scale(rows: list[dict], quick: bool) -> None:
-    from fleet import Fleet
+    from fleet_harness import Fleet
 
     steps = [100, 1000, 5000]  # --quick too: issue 14 asks for 5,000 in the quick run
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))

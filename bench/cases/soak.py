@@ -125,7 +125,7 @@ class Soak:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self):
-        from fleet import Fleet
+        from fleet_harness import Fleet
 
         self.fleet = Fleet(self.root)
         self.echo = EchoService()
