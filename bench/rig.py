@@ -193,7 +193,7 @@ class TunnelRig:
     """Proxy + one agent + an admin engineer on loopback (real processes)."""
 
     def __init__(self, services: dict[str, str], *, device: str = "bench-1", keepalive: str = "25s"):
-        from fleet import Fleet
+        from fleet_harness import Fleet
 
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-ft-"))
         self.device = device

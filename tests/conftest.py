@@ -22,14 +22,14 @@ import inspect  # noqa: E402
 import re  # noqa: E402
 
 import pytest  # noqa: E402
-from fleet import EchoServer, Fleet  # noqa: E402
+from fleet_harness import EchoServer, Fleet  # noqa: E402
 
 #: calls that make a test slow, whether called bare or as a method (``fleet.start_proxy()``);
 #: besides these: anything of ``subprocess``, and ``x.start(argv, …)`` with arguments
 #: (``Fleet.start``; a thread's ``start()`` takes none)
 COSTLY_CALLS = frozenset({
     "Popen", "create_subprocess_exec", "create_subprocess_shell",
-    # tests/fleet.py: Fleet.start/start_proxy/start_agent spawn, tunnel/online/wait_online run the CLI
+    # tests/fleet_harness.py: Fleet.start/start_proxy/start_agent spawn, tunnel/online/wait_online run the CLI
     "start_proxy", "start_agent", "tunnel", "wait_online", "online",
     # enroll/users.py: a real scrypt per password (N=2^17)
     "authenticate", "hash_password", "check_password",

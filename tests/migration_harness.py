@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from fleet import PY, Fleet, wait_until
+from fleet_harness import PY, Fleet, wait_until
 from lab import Lab, netns
 
 TICK = "while :; do date +%s.%N; sleep 0.1; done"

@@ -352,7 +352,7 @@ def test_the_adapter_uses_what_it_is_given_and_stops_in_order(fleet, echo):
     to stop with a session open, it closes its connection with "agent stopping" (the proxy
     audits that reason), the session ends as cut for the engineer (exit 4), and run() returns
     with no task, session or connection left behind."""
-    from fleet import PY, wait_until
+    from fleet_harness import PY, wait_until
 
     from tunnel import agent_config
     from tunnel.agent import Agent

@@ -10,7 +10,7 @@ import datetime as dt
 import json
 
 import pytest
-from fleet import wait_until
+from fleet_harness import wait_until
 
 from enroll.cli import main as enroll_main
 from tunnel.backoff import LOCKED_WAIT, after_refusal

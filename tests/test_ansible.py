@@ -85,7 +85,7 @@ def recap(output: str) -> dict[str, dict[str, int]]:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    from fleet import Fleet
+    from fleet_harness import Fleet
 
     from enroll import users
 

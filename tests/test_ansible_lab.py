@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from fleet import Fleet, wait_until
+from fleet_harness import Fleet, wait_until
 from lab import netns
 from test_ansible import REPO, ansible_cmd, ansible_env, graph_groups, inventory_file, recap
 

@@ -9,7 +9,7 @@ import signal
 import sqlite3
 
 import pytest
-from fleet import PY, wait_until
+from fleet_harness import PY, wait_until
 
 from enroll import audit, tokens
 from enroll.state import FleetState
@@ -120,7 +120,7 @@ def test_anchor_parsing_accepts_the_known_files_and_refuses_the_rest(state, cli,
 
 
 def test_the_proxy_writes_anchors_periodically_and_at_shutdown(tmp_path):
-    from fleet import Fleet
+    from fleet_harness import Fleet
 
     fleet = Fleet(tmp_path)
     anchors_dir = tmp_path / "anchors"

@@ -14,7 +14,7 @@ import subprocess
 import threading
 
 import pytest
-from fleet import PY, wait_until
+from fleet_harness import PY, wait_until
 
 from enroll import audit
 from enroll.cli import main as enroll_main

@@ -9,7 +9,7 @@ import stat
 import subprocess
 import threading
 
-from fleet import PY, wait_until
+from fleet_harness import PY, wait_until
 
 from enroll import audit
 from enroll.cli import main as enroll_main

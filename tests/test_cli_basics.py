@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import yaml
-from fleet import PY
+from fleet_harness import PY
 
 from enroll import clitools, output
 from enroll.cli import ENROLL

@@ -20,7 +20,7 @@ import threading
 import time
 
 import pytest
-from fleet import PY, wait_until
+from fleet_harness import PY, wait_until
 
 from tunnel.splice import SocketEnds, StreamEnds, splice
 from tunnel.transport import StreamReset

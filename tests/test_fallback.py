@@ -12,7 +12,7 @@ import textwrap
 import time
 
 import pytest
-from fleet import PY, Fleet, wait_until
+from fleet_harness import PY, Fleet, wait_until
 from lab import netns
 
 from enroll import tokens

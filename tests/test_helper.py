@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fleet import PY, Fleet, wait_until
+from fleet_harness import PY, Fleet, wait_until
 
 from enroll import users
 from tunnel import helper_protocol as hp

@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 import yaml
-from fleet import PY, EchoServer, Fleet
+from fleet_harness import PY, EchoServer, Fleet
 
 from tunnel.client import ClientError
 from tunnel.engineer import kube_user

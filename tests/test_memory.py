@@ -9,6 +9,7 @@ the proxy now trims the heap every minute (tunnel/memory.py), checked here by it
 """
 
 import asyncio
+import gc
 import hashlib
 import os
 import platform
@@ -16,6 +17,7 @@ import signal
 
 import pytest
 import yaml
+from aioquic.quic.connection import QuicConnection, QuicConnectionState
 
 from tunnel.client import Client, Refusal, UserIdentity
 from tunnel.memory import release_free_memory, trim_available
@@ -157,6 +159,47 @@ def test_proxy_tables_return_to_baseline_after_many_sessions(fleet, echo, monkey
 def test_release_free_memory_on_glibc():
     assert trim_available()
     assert release_free_memory() in (True, False)
+
+
+def _ended_quic_connections() -> int:
+    return sum(1 for o in gc.get_objects()
+               if isinstance(o, QuicConnection) and o._state == QuicConnectionState.TERMINATED)
+
+
+def test_ended_quic_connections_are_freed_by_the_periodic_release(fleet, echo, monkeypatch):
+    """An ended QUIC connection is a reference cycle (aioquic keeps bound methods of the
+    connection in its own frame-handler table, TLS callbacks and crypto contexts), so its
+    buffers outlive it until a full garbage collection, which Python runs rarely in a busy
+    proxy. ``release_free_memory`` (once a minute in the
+    proxy) collects before it trims."""
+    config = fleet.enroll_device("robot-q", {"customer": "acme"}, {"echo": f"127.0.0.1:{echo.port}"},
+                                 transport="quic")
+    ops = UserIdentity.load(fleet.user("ops", ["admin"]))
+    monkeypatch.setenv("FLEET_TRANSPORT", "quic")
+
+    async def run() -> None:
+        proxy = Proxy(fleet.state)
+        proxy.trim_every = None
+        await proxy.start(fleet.proxy_host, fleet.proxy_port, tcp=False)
+        agent = fleet.start_agent(config)
+        gc.disable()  # as when the collector's thresholds have not come round yet
+        try:
+            await _until(lambda: len(proxy.agents) == 1, "the agent online")
+            for _ in range(12):  # one engineer connection per session, as tunnel proxy-command makes
+                await _sessions(ops, ["robot-q"], 1)
+            await _until(lambda: len(proxy.server._connections) == 1, "the engineer connections to end")
+            await asyncio.sleep(1)  # the last close's pending callbacks have run
+            assert _ended_quic_connections() >= 12  # garbage, kept by its cycles
+            release_free_memory()
+            # the garbage is gone; at most the latest connection is still referenced (through the
+            # error it closed with), whatever the number of sessions
+            assert _ended_quic_connections() <= 1
+        finally:
+            gc.enable()
+            fleet.stop(agent)
+            await proxy.stop()
+
+    asyncio.run(run())
 
 
 def test_proxy_trims_its_heap_periodically(fleet):

@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from fleet import PY, free_udp_port, wait_until
+from fleet_harness import PY, free_udp_port, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from tunnel import metrics

@@ -14,7 +14,7 @@ import os
 import time
 
 import pytest
-from fleet import wait_until
+from fleet_harness import wait_until
 from migration_harness import TunnelLab
 
 pytestmark = pytest.mark.lab

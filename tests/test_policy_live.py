@@ -6,7 +6,7 @@ the proxy still decides on what it held a second ago.
 
 from __future__ import annotations
 
-from fleet import wait_until
+from fleet_harness import wait_until
 
 from enroll import admin, users
 

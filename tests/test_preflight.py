@@ -15,7 +15,7 @@ import socket
 import subprocess
 
 import pytest
-from fleet import PY, EchoServer, Fleet, wait_until
+from fleet_harness import PY, EchoServer, Fleet, wait_until
 
 from enroll import users
 

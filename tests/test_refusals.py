@@ -20,7 +20,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from fleet import PY, Fleet
+from fleet_harness import PY, Fleet
 from test_ansible import REPO, ansible_cmd, ansible_env
 
 from enroll import admin, users
@@ -274,7 +274,7 @@ def test_unreachable_proxy_exit_3_and_reason_through_ssh(world, tmp_path):
     """The proxy down: `tunnel ssh` exits 3 with the one line; plain ssh shows it too."""
     import shutil
 
-    from fleet import free_udp_port
+    from fleet_harness import free_udp_port
 
     ident = tmp_path / "alice-elsewhere"
     shutil.copytree(world.alice, ident, ignore=shutil.ignore_patterns("cm-*", "helper-*"))

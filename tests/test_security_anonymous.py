@@ -12,7 +12,7 @@ import json
 import secrets
 import signal
 
-from fleet import PY, wait_until
+from fleet_harness import PY, wait_until
 
 from enroll import device, tokens
 from enroll.online import enroll_online

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
-from fleet import wait_until
+from fleet_harness import wait_until
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 

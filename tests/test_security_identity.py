@@ -13,7 +13,7 @@ import signal
 import threading
 
 import pytest
-from fleet import Fleet, wait_until
+from fleet_harness import Fleet, wait_until
 
 from enroll import admin, certs, users
 from enroll.cli import main as enroll_main

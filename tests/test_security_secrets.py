@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from fleet import PY
+from fleet_harness import PY
 
 from enroll import users
 from enroll.cli import main as enroll_main

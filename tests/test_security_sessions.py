@@ -22,7 +22,7 @@ import threading
 
 import pytest
 import yaml
-from fleet import wait_until
+from fleet_harness import wait_until
 
 from enroll import audit, users
 from enroll.state import FleetState

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from fleet import Fleet, wait_until
+from fleet_harness import Fleet, wait_until
 
 from enroll import admin, certs
 from tunnel import wire

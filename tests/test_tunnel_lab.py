@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fleet import PY, Fleet, wait_until
+from fleet_harness import PY, Fleet, wait_until
 from lab import netns
 
 from enroll import admin, users

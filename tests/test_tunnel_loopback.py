@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from fleet import Fleet, wait_until
+from fleet_harness import Fleet, wait_until
 
 from enroll import admin
 from enroll.cli import main as enroll_main

@@ -343,6 +343,11 @@ async def forward(identity: UserIdentity, device: str, service: str, host: str, 
     open_sessions = 0
     watch: asyncio.Task | None = None
     handlers: set[asyncio.Task] = set()
+    # Set when the connection is over for us before the transport has finished closing it (the
+    # watch gave up on a silent proxy, or a dial found the connection failed): QUIC's closing
+    # period (3 PTO, seconds under load) must not keep the listener accepting connections it
+    # can only reset; forward returns now and its caller reconnects or exits.
+    lost = asyncio.Event()
 
     def say(peer, what: str) -> None:
         who = "{}:{}".format(*peer[:2]) if peer else "a local connection"
@@ -359,11 +364,14 @@ async def forward(identity: UserIdentity, device: str, service: str, host: str, 
         open_sessions += 1
         if watch is None or watch.done():
             watch = asyncio.create_task(client.watch())
+            watch.add_done_callback(lambda _: client.dead and lost.set())
         try:
             try:
                 stream, rest = await client.dial(device, service)
             except ClientError as exc:
                 say(peer, f"refused: {exc} (reset the local connection)")
+                if getattr(client.conn, "is_closed", False):
+                    lost.set()
                 return
             result = await splice(StreamEnds(stream, rest), SocketEnds(reader, writer))
             if result.error:
@@ -396,12 +404,14 @@ async def forward(identity: UserIdentity, device: str, service: str, host: str, 
     try:
         async with server:
             closed = asyncio.create_task(client.conn.wait_closed())
+            ended = asyncio.create_task(lost.wait())
             serving = asyncio.create_task(server.serve_forever())
-            done, _ = await asyncio.wait({closed, serving}, return_when=asyncio.FIRST_COMPLETED)
-            if closed in done:
+            done, _ = await asyncio.wait({closed, ended, serving}, return_when=asyncio.FIRST_COMPLETED)
+            if closed in done or ended in done:
+                server.close()  # new local connections are refused from here, not accepted and reset
                 if handlers:  # their streams fail now: let each say why before we exit
                     await asyncio.wait(handlers, timeout=2.0)
-                raise ClientError(f"connection to the proxy ended: {closed.result() or client.dead or 'closed'}",
-                                  "unreachable")
+                why = (closed.result() if closed.done() else None) or client.dead or "closed"
+                raise ClientError(f"connection to the proxy ended: {why}", "unreachable")
     finally:
         client.close()

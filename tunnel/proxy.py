@@ -357,13 +357,15 @@ class Proxy:
         totals["connections"] += 1
         link = AgentLink(device_id, conn, peer, transport=conn.transport_name, totals=totals)
         old = self.agents.get(device_id)
-        self.agents[device_id] = link
-        if old is not None and old.sessions and old.transport != link.transport:
-            # The agent moved to another transport (TCP → QUIC) while sessions were open: those
-            # finish on the old connection; new sessions go to the new one.
-            self._spawn(self._drain(old))
-        elif old is not None:
-            old.conn.close(CODES["replaced"], "replaced: the device connected again")
+        take_over = None
+        if old is None or old.conn.is_closed:
+            self._take_over(link)
+        else:
+            # The device is connected already: this connection takes over only once the agent
+            # says hello on it. A handshake the agent gave up on (the losing side of its race,
+            # a QUIC retry that timed out on its side) can still complete here, and it must not
+            # cut the sessions of the connection the agent actually uses.
+            take_over = self._spawn(self._take_over_after_hello(link))
         remote = "{}:{}".format(*conn.remote_address[:2])
         now = dt.datetime.now(dt.UTC)
         def connected(db):
@@ -388,6 +390,8 @@ class Proxy:
         finally:
             accept.cancel()
             probe.cancel()
+            if take_over is not None:
+                take_over.cancel()
             if self.agents.get(device_id) is link:
                 del self.agents[device_id]
         reason = link.dead_reason or (error.reason if error else "closed by proxy")
@@ -406,6 +410,24 @@ class Proxy:
 
         await self._settled(self.writer.submit(disconnected), DENIAL_AUDIT_WAIT)
         event(log, "agent disconnected", device=device_id, reason=reason)
+
+    def _take_over(self, link: AgentLink) -> None:
+        """Make ``link`` the device's connection; end (or drain) the one it replaces."""
+        old = self.agents.get(link.device_id)
+        self.agents[link.device_id] = link
+        if old is None or old is link:
+            return
+        if old.sessions and old.transport != link.transport:
+            # The agent moved to another transport (TCP → QUIC) while sessions were open: those
+            # finish on the old connection; new sessions go to the new one.
+            self._spawn(self._drain(old))
+        else:
+            old.conn.close(CODES["replaced"], "replaced: the device connected again")
+
+    async def _take_over_after_hello(self, link: AgentLink) -> None:
+        await link.hello.wait()
+        if not link.conn.is_closed:
+            self._take_over(link)
 
     async def _probe_agent(self, link: AgentLink) -> None:
         """While the agent has open sessions, PING it; a silent agent is declared dead.

@@ -18,8 +18,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import os
 import socket
+import stat
 import struct
+import threading
 from dataclasses import dataclass
 
 from tunnel.transport import Stream, TransportError
@@ -91,27 +94,82 @@ def reset_on_close(writer: asyncio.StreamWriter, reset: bool = True) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", int(reset), 0))
 
 
+def _fd_kind(fd: int) -> tuple[str, tuple[int, int] | None]:
+    """``("fifo" | "socket" | "other", (st_dev, st_ino))`` of an open fd (``"other"`` if closed)."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return "other", None
+    kind = "fifo" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "other"
+    return kind, (st.st_dev, st.st_ino)
+
+
 class StdioEnds(Ends):
     """This process's stdin/stdout, whatever they are (pipe, socket, file, terminal).
 
-    A daemon thread reads stdin, so a blocked read never keeps the process from exiting.
-    A pipe has no reset: ``abort`` leaves stdout open, and the caller exits non-zero with one
-    line on stderr before the process exit closes it — a reader never gets a clean end first.
+    Pipes and sockets go through the event loop, without a thread hop per chunk (OpenSSH gives a
+    ProxyCommand two pipes): stdin by ``connect_read_pipe``, stdout by ``connect_write_pipe``, or,
+    when stdin and stdout are the same stream socket (inetd style, ``socat``), one socket
+    transport for both. Anything else (a terminal, a regular file, ``/dev/null``) is read by a
+    daemon thread and written with ``to_thread``: non-blocking mode on a terminal would change
+    it for every process sharing it, and a file is never "not ready". Two cases also keep the
+    thread for stdout: stdout shared with stderr (non-blocking would apply to stderr's lines
+    too) and a stdout socket apart from stdin (the write-pipe transport takes any readable
+    event on it for a closed reader).
+
+    The event-loop ends are opened on first use (``recv``/``send``), so the constructor stays
+    synchronous. A pipe has no reset: ``abort`` leaves stdout open, and the caller exits
+    non-zero with one line on stderr before the process exit closes it — a reader never gets a
+    clean end first. On a socket ``abort`` arms a reset (``SO_LINGER 0``), so the process exit
+    that closes the last descriptor sends RST, never FIN.
     """
 
-    def __init__(self):
-        import os
-        import threading
-
-        self._os = os
+    def __init__(self, stdin: int = 0, stdout: int = 1):
         self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
-        threading.Thread(target=self._read_stdin, daemon=True).start()
+        self._in, self._out = stdin, stdout
+        in_kind, in_id = _fd_kind(stdin)
+        out_kind, out_id = _fd_kind(stdout)
+        _, err_id = _fd_kind(2)
+        if in_kind == out_kind == "socket" and in_id == out_id and _is_stream_socket(stdin):
+            self.mode = ("socket", "socket")
+        else:
+            self.mode = (
+                "pipe" if in_kind in ("fifo", "socket") else "thread",
+                "pipe" if out_kind == "fifo" and out_id != err_id else "thread",
+            )
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._opening: asyncio.Task[None] | None = None
+        self._queue: asyncio.Queue[bytes] | None = None
+        if self.mode[0] == "thread":
+            self._queue = asyncio.Queue(maxsize=4)
+            threading.Thread(target=self._read_stdin, daemon=True).start()
+
+    async def _open(self) -> None:
+        loop = self._loop
+        if self.mode[0] == "socket":
+            sock = socket.socket(fileno=os.dup(self._in))
+            self._reader, self._writer = await asyncio.open_connection(sock=sock, limit=CHUNK)
+            return
+        if self.mode[0] == "pipe":
+            # the transports own the files (and close the fds when they end)
+            reader = self._reader = asyncio.StreamReader(limit=CHUNK)
+            stdin = open(self._in, "rb", buffering=0)  # noqa: SIM115
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stdin)
+        if self.mode[1] == "pipe":
+            stdout = open(self._out, "wb", buffering=0)  # noqa: SIM115
+            transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, stdout)
+            self._writer = asyncio.StreamWriter(transport, protocol, None, loop)
+
+    async def _ready(self) -> None:
+        if self._opening is None:
+            self._opening = self._loop.create_task(self._open())
+        await asyncio.shield(self._opening)  # both pumps wait on one opening
 
     def _read_stdin(self) -> None:
         while True:
             try:
-                data = self._os.read(0, CHUNK)
+                data = os.read(self._in, CHUNK)
             except OSError:
                 data = b""
             try:
@@ -122,20 +180,52 @@ class StdioEnds(Ends):
                 return
 
     async def recv(self) -> bytes:
-        return await self._queue.get()
+        if self._queue is not None:
+            return await self._queue.get()
+        await self._ready()
+        return await self._reader.read(CHUNK)
 
     async def send(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            written = await asyncio.to_thread(self._os.write, 1, view)
-            view = view[written:]
+        if self.mode[1] == "thread":
+            view = memoryview(data)
+            while view:
+                written = await asyncio.to_thread(os.write, self._out, view)
+                view = view[written:]
+            return
+        await self._ready()
+        self._writer.write(data)
+        await self._writer.drain()
 
     def eof(self) -> None:
-        with contextlib.suppress(OSError):
-            self._os.close(1)
+        """End of stream for stdout's reader: FIN on a socket, the pipe's write end closed."""
+        with contextlib.suppress(OSError, RuntimeError):
+            if self._writer is not None:
+                self._writer.write_eof()  # after what is still buffered
+            elif self.mode[1] == "socket":  # never opened: nothing buffered
+                with socket.socket(fileno=os.dup(self._out)) as sock:
+                    sock.shutdown(socket.SHUT_WR)
+            else:
+                os.close(self._out)
 
     def abort(self) -> None:
-        pass  # see the class docstring: the exit status says it, not a clean EOF
+        """See the class docstring: on a pipe the exit status says it, on a socket a reset."""
+        if self.mode[1] != "socket":
+            return
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(self._out)) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        if self._writer is not None:
+            self._writer.transport.abort()
+
+
+def _is_stream_socket(fd: int) -> bool:
+    try:
+        probe = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return False
+    try:
+        return probe.type == socket.SOCK_STREAM
+    finally:
+        probe.close()
 
 
 @dataclass

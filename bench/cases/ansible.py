@@ -30,7 +30,7 @@ from common import case_main, paths  # noqa: E402
 
 paths()
 
-from fleet import Fleet  # noqa: E402
+from fleet_harness import Fleet  # noqa: E402
 from test_ansible import ansible_cmd, ansible_env  # noqa: E402
 
 PLAYBOOK = """\

@@ -32,7 +32,7 @@ MONTH_H = 24 * 30
 
 
 def run(quick: bool = False) -> list[dict]:
-    from fleet import Fleet
+    from fleet_harness import Fleet
     from lab import Lab
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-idle-"))

@@ -18,7 +18,9 @@ else 30) and stopping by itself:
 
 A session that fails is *expected* when a disruption that concerns it (its device's agent, or
 the proxy) happened between its start and its failure (a few seconds of grace), or it started
-while the fleet was coming back; anything else is *unexpected*. A session that ends "cleanly"
+while the fleet was coming back; anything else is *unexpected*. Disruptions are the soak's own
+and every reconnect an agent logged ("connection ended; reconnecting"): those the soak did not
+cause are reported in a row of their own, with their reasons. A session that ends "cleanly"
 (EOF, exit 0) with fewer bytes than were sent is *truncated seen as clean* — must be 0.
 
 Reported: sessions and bytes verified, failures by class, truncated-as-clean, checksum
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import os
 import random
@@ -122,7 +125,7 @@ class Soak:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self):
-        from fleet import Fleet
+        from fleet_harness import Fleet
 
         self.fleet = Fleet(self.root)
         self.echo = EchoService()
@@ -132,7 +135,7 @@ class Soak:
         self.agent_procs: dict[str, subprocess.Popen] = {}
         self.ops = self.fleet.user("ops", ["admin"], ttl="8h")
         self.stop = threading.Event()
-        self.t0 = time.monotonic()
+        self.t0, self.wall0 = time.monotonic(), time.time()
         self.restarting = threading.Event()  # the proxy is down or its agents not all back
         self.max_size = (1 << 20) if self.quick else (4 << 20)
 
@@ -140,6 +143,19 @@ class Soak:
 
     def now(self) -> float:
         return time.monotonic() - self.t0
+
+    def start_proxy(self) -> subprocess.Popen:
+        """Start the proxy; wait up to 90 s for it to listen (a loaded machine can take 20 s)."""
+        log = self.fleet.root / "proxy.log"
+        mark = log.stat().st_size if log.exists() else 0
+        proc = self.fleet.start([*TUNNEL, "proxy", "--state", str(self.fleet.state.root),
+                                 "--listen", self.fleet.address, "--log-format", "json"], log)
+        deadline = time.monotonic() + 90
+        while '"listening"' not in log.read_text(errors="replace")[mark:]:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the proxy did not start: {log.read_text(errors='replace')[mark:][-2000:]}")
+            time.sleep(0.1)
+        return proc
 
     def start_agent(self, device: str) -> None:
         self.agent_procs[device] = self.fleet.start_agent(self.configs[device])
@@ -192,6 +208,7 @@ class Soak:
             except ClientError as exc:
                 return bytes(got), False, f"connect: {exc}"
             watch = asyncio.create_task(client.watch())  # as tunnel forward does: a silent proxy is dead
+            sender: asyncio.Task | None = None
             try:
                 stream, rest = await client.dial(device, "echo")
                 got += rest
@@ -212,6 +229,10 @@ class Soak:
                 return bytes(got), False, f"{type(exc).__name__}: {exc}"
             finally:
                 watch.cancel()
+                if sender is not None and not sender.done():
+                    sender.cancel()
+                if sender is not None:  # its error, if any, is the one the read already reported
+                    await asyncio.gather(sender, return_exceptions=True)
                 client.close()
                 await asyncio.sleep(0.01)
 
@@ -351,7 +372,7 @@ class Soak:
                 self.fleet.stop(self.proxy, signal.SIGKILL if kind == "proxy-kill" else signal.SIGTERM)
                 d = Disruption(self.now(), kind)
                 self.disruptions.append(d)
-                self.proxy = self.fleet.start_proxy()
+                self.proxy = self.start_proxy()
                 d.back_after = self.wait_all_back(at)
                 self.restarting.clear()
 
@@ -372,11 +393,11 @@ class Soak:
 
     def run(self) -> list[dict]:
         (self.root / "logs").mkdir(exist_ok=True)
-        self.proxy = self.fleet.start_proxy()
+        self.proxy = self.start_proxy()
         for d in self.devices:
             self.start_agent(d)
         self.wait_all_back(time.monotonic(), 120)
-        self.t0 = time.monotonic()
+        self.t0, self.wall0 = time.monotonic(), time.time()
         threads = [threading.Thread(target=self.worker, args=(i,), daemon=True) for i in range(WORKERS)]
         threads += [threading.Thread(target=self.disrupt, daemon=True),
                     threading.Thread(target=self.sampler, daemon=True)]
@@ -394,8 +415,35 @@ class Soak:
 
     # --- report -------------------------------------------------------------------------------
 
+    def agent_reconnects(self) -> list[Disruption]:
+        """Every time an agent's connection ended and it reconnected, from the agents' own logs.
+
+        The soak causes most of them (proxy restarts, transport switches); the others (an agent
+        that declared a silent proxy dead under load, a connection the proxy replaced) are
+        disruptions too — logged, and a session they cut ends with a reset — and are counted
+        in their own row so they stay visible.
+        """
+        found = []
+        for device, config in self.configs.items():
+            log = config.parent / "agent.log"
+            if not log.exists():
+                continue
+            for line in log.read_text(errors="replace").splitlines():
+                if '"connection ended; reconnecting"' not in line:
+                    continue
+                with contextlib.suppress(ValueError, KeyError):
+                    rec = json.loads(line)
+                    at = dt.datetime.fromisoformat(rec["time"].replace("Z", "+00:00")).timestamp() - self.wall0
+                    if 0 <= at <= self.minutes * 60:  # not the final stop
+                        found.append(Disruption(at, f"agent-reconnect: {rec.get('reason')}", device))
+        return found
+
+    def caused_by_soak(self, r: Disruption) -> bool:
+        return any(d.device in (None, r.device) and d.at - GRACE <= r.at <= d.at + (d.back_after or 0) + 2 * GRACE
+                   for d in self.disruptions)
+
     def expected(self, o: Outcome) -> bool:
-        for d in self.disruptions:
+        for d in [*self.disruptions, *self._reconnects]:
             if d.device not in (None, o.device):
                 continue
             if o.start - GRACE <= d.at <= o.end + GRACE:
@@ -436,6 +484,11 @@ class Soak:
         return found
 
     def report(self) -> list[dict]:
+        self._reconnects = self.agent_reconnects()
+        uncaused = [r for r in self._reconnects if not self.caused_by_soak(r)]
+        reasons: dict[str, int] = {}
+        for r in uncaused:
+            reasons[r.kind] = reasons.get(r.kind, 0) + 1
         outs = self.outcomes
         ok = [o for o in outs if o.status == "ok"]
         failed = [o for o in outs if o.status != "ok"]
@@ -487,6 +540,8 @@ class Soak:
             {"metric": "soak: disruptions", "value": len(self.disruptions), "unit": "events",
              "note": ", ".join(f"{d.kind}{' ' + d.device if d.device else ''} at {d.at:.0f}s"
                                for d in self.disruptions)},
+            {"metric": "soak: agent reconnects the soak did not cause", "value": len(uncaused), "unit": "events",
+             "note": ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) or None},
             {"metric": "soak: all agents back after a proxy restart (worst)",
              "value": max((x for x in back if x is not None), default=None), "unit": "s",
              "note": ", ".join(f"{d.kind}: {d.back_after if d.back_after is not None else 'NOT BACK in 90'} s"
