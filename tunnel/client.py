@@ -364,7 +364,7 @@ async def forward(identity: UserIdentity, device: str, service: str, host: str, 
         open_sessions += 1
         if watch is None or watch.done():
             watch = asyncio.create_task(client.watch())
-            watch.add_done_callback(lambda _: client.dead and lost.set())
+            watch.add_done_callback(lambda _: lost.set() if client.dead else None)
         try:
             try:
                 stream, rest = await client.dial(device, service)
