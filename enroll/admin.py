@@ -47,7 +47,7 @@ def relabel(
         audit.append(
             db, "device.relabel", actor=actor, device=device_id, labels=new, before=dev.labels
         )
-    return registry.device(device_id)
+    return _get(registry, device_id)
 
 
 def decommission(registry: Registry, device_id: str, actor: str = "admin") -> Device:
@@ -63,7 +63,7 @@ def decommission(registry: Registry, device_id: str, actor: str = "admin") -> De
             db, "device.decommission", actor=actor, device=device_id, labels=labels, now=now,
             revoked_serial=dev.cert_serial,
         )
-    return registry.device(device_id)
+    return _get(registry, device_id)
 
 
 def lock(
@@ -78,7 +78,7 @@ def lock(
             db, "device.lock", actor=actor, device=device_id, labels=dev.labels, now=now,
             until=until, message=message or None,
         )
-    return registry.device(device_id)
+    return _get(registry, device_id)
 
 
 def unlock(registry: Registry, device_id: str, actor: str = "admin") -> Device:
@@ -86,7 +86,7 @@ def unlock(registry: Registry, device_id: str, actor: str = "admin") -> Device:
         dev = _get(db, device_id)
         Devices(db).clear_lock(device_id)
         audit.append(db, "device.unlock", actor=actor, device=device_id, labels=dev.labels)
-    return registry.device(device_id)
+    return _get(registry, device_id)
 
 
 # --- certificates -----------------------------------------------------------------------------

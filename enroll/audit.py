@@ -162,7 +162,9 @@ def append_many(db: sqlite_utils.Database, events: Iterable[dict], batch: int = 
     if not conn.in_transaction:
         raise RuntimeError("audit.append_many must run inside Registry.write()")
     seq, prev = _head(conn)
-    first, cache, pending = seq + 1, {}, []
+    first = seq + 1
+    cache: dict[str, int | None] = {}
+    pending: list[list[object]] = []
     for ev in events:
         seq += 1
         row = _row(seq, prev, ev["type"], actor=ev["actor"], actor_roles=ev.get("actor_roles", ()),
@@ -235,7 +237,7 @@ def _check_link(conn, row: dict, expected_seq: int, prev: str) -> ChainBreak | N
     return ChainBreak(seq, "does not start the chain (the first event's previous hash must be zeros)")
 
 
-def _handle(source):
+def _handle(source: sqlite_utils.Database | Registry) -> sqlite_utils.Database:
     """The database of a :class:`enroll.registry.Registry`, or ``source`` itself when it is
     already one (a write transaction's handle): read functions take either."""
     return source._db if isinstance(source, Registry) else source

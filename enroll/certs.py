@@ -169,6 +169,9 @@ def issue(
     """Sign a leaf certificate of ``kind`` for ``name``. Labels go only into device certificates."""
     if kind not in KIND_EKU:
         raise CertError(f"unknown certificate kind {kind!r}")
+    ca_public = ca_cert.public_key()
+    if not isinstance(ca_public, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
+        raise CertError("the CA certificate's key is neither EC nor Ed25519: make the CA with 'enroll init'")
     now = now or utcnow()
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe_id(fleet, kind, name))]
     sans += [x509.DNSName(d) for d in dns_names]
@@ -190,7 +193,7 @@ def issue(
         .add_extension(x509.ExtendedKeyUsage([*usage, KIND_EKU[kind]]), critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), False
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_public), False
         )
     )
     if kind == "device":
@@ -226,6 +229,8 @@ def _extension_value(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> str 
     try:
         ext = cert.extensions.get_extension_for_oid(oid)
     except x509.ExtensionNotFound:
+        return None
+    if not isinstance(ext.value, x509.UnrecognizedExtension):  # our OIDs are private: always so
         return None
     return _read_der_utf8(ext.value.value)
 

@@ -235,7 +235,8 @@ def split_ids(args: list[str], known_ids) -> tuple[list[str], list[str]]:
     user typed something that is exactly a device they can see.
     """
     known = set(known_ids)
-    ids, terms = [], []
+    ids: list[str] = []
+    terms: list[str] = []
     for arg in args:
         bare = is_bare(arg)
         (ids if bare and arg.strip() in known else terms).append(arg.strip() if bare else arg)

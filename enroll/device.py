@@ -27,6 +27,7 @@ import re
 from pathlib import Path
 
 import yaml
+from cryptography.hazmat.primitives import serialization
 
 from enroll import certs
 from enroll import labels as labels_mod
@@ -201,7 +202,8 @@ def verify_bundle(directory: Path, bundle: dict, ca_pin: str):
     except labels_mod.LabelError as exc:
         raise InstallError(f"bundle field 'labels': {exc}") from None
     key = certs.load_key((directory / "device.key").read_bytes())
-    if key.public_key().public_numbers() != cert.public_key().public_numbers():
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
         raise InstallError("the bundle's certificate is for another device's key; nothing was installed")
     try:
         certs.check_ssh_host_certificate(

@@ -33,7 +33,7 @@ class FleetError(Exception):
     exit_status: int = EXIT_REFUSED
 
     def __init_subclass__(cls, *, code: str | None = None, exit_status: int | None = None,
-                          **kwargs) -> None:
+                          **kwargs: object) -> None:
         # keywords on the class line keep a subclass's whole declaration on that one line
         super().__init_subclass__(**kwargs)
         if code is not None:

@@ -138,7 +138,9 @@ _SELECTOR_HELP = "use key=value, key!=value, 'key in (a,b)', 'key notin (a,b)', 
 
 def _split_terms(text: str) -> list[str]:
     """Split on commas that are not inside parentheses."""
-    parts, depth, current = [], 0, []
+    parts: list[str] = []
+    depth = 0
+    current: list[str] = []
     for ch in text:
         if ch == "(":
             depth += 1

@@ -4,7 +4,8 @@ SQLite through sqlite-utils, in WAL mode so the proxy can read while ``enroll`` 
 ``synchronous=FULL`` so an acknowledged enrollment or audit event survives a crash. Every change
 runs in one ``BEGIN IMMEDIATE`` transaction together with its audit event (:meth:`Registry.write`),
 so a refused or killed operation leaves nothing half-done. The schema is versioned; each entry of
-``MIGRATIONS`` runs once, in order.
+``MIGRATIONS`` runs once, in order. Writes name their table with ``db.table(name)``: a
+:class:`sqlite_utils.db.Table`, where ``db[name]`` would be typed ``Table | View``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def parse_iso(text: str) -> dt.datetime:
 
 
 def _v1(db: sqlite_utils.Database) -> None:
-    db["devices"].create(
+    db.table("devices").create(
         {
             "id": str,
             "labels": str,
@@ -46,7 +47,7 @@ def _v1(db: sqlite_utils.Database) -> None:
         },
         pk="id",
     )
-    db["tokens"].create(
+    db.table("tokens").create(
         {
             "id": str,
             "hash": str,
@@ -61,7 +62,7 @@ def _v1(db: sqlite_utils.Database) -> None:
         },
         pk="id",
     )
-    db["certs"].create(
+    db.table("certs").create(
         {
             "serial": str,
             "kind": str,
@@ -72,8 +73,8 @@ def _v1(db: sqlite_utils.Database) -> None:
         },
         pk="serial",
     )
-    db["certs"].create_index(["subject"])
-    db["audit"].create(
+    db.table("certs").create_index(["subject"])
+    db.table("audit").create(
         {
             "seq": int,
             "time": str,
@@ -90,14 +91,14 @@ def _v1(db: sqlite_utils.Database) -> None:
         },
         pk="seq",
     )
-    db["audit"].create_index(["time"])
-    db["audit"].create_index(["device", "time"])
-    db["audit"].create_index(["type", "time"])
+    db.table("audit").create_index(["time"])
+    db.table("audit").create_index(["device", "time"])
+    db.table("audit").create_index(["type", "time"])
 
 
 def _v2(db: sqlite_utils.Database) -> None:
     """Engineers and label-based roles."""
-    db["users"].create(
+    db.table("users").create(
         {
             "name": str,
             "roles": str,
@@ -114,7 +115,7 @@ def _v2(db: sqlite_utils.Database) -> None:
         pk="name",
         defaults={"failed_logins": 0},
     )
-    db["roles"].create({"name": str, "spec": str, "source": str, "updated_at": str}, pk="name")
+    db.table("roles").create({"name": str, "spec": str, "source": str, "updated_at": str}, pk="name")
 
 
 def _v3(db: sqlite_utils.Database) -> None:
@@ -171,7 +172,7 @@ def _v4(db: sqlite_utils.Database) -> None:
             "SELECT actor_roles FROM audit WHERE type = 'cert.issue' "
             "AND json_extract(fields, '$.kind') = 'user' AND json_extract(fields, '$.user') = ? "
             "ORDER BY seq DESC LIMIT 1", [name]).fetchone()
-        db["users"].insert({
+        db.table("users").insert({
             "name": name, "roles": json.dumps(sorted(json.loads(last[0])) if last else []),
             "password_hash": None, "totp_secret": None, "invite_hash": None, "invite_expires": None,
             "created_at": first, "locked_until": None, "lock_message": None, "failed_logins": 0,
@@ -294,12 +295,12 @@ class Registry:
     def _migrate(self) -> None:
         with self.write():
             if "schema_migrations" not in self._db.table_names():
-                self._db["schema_migrations"].create({"version": int, "applied_at": str}, pk="version")
+                self._db.table("schema_migrations").create({"version": int, "applied_at": str}, pk="version")
             done = {r["version"] for r in self._db["schema_migrations"].rows}
             for version, migration in enumerate(MIGRATIONS, start=1):
                 if version not in done:
                     migration(self._db)
-                    self._db["schema_migrations"].insert(
+                    self._db.table("schema_migrations").insert(
                         {"version": version, "applied_at": iso(dt.datetime.now(dt.UTC))}
                     )
             if max(done, default=0) > len(MIGRATIONS):
@@ -333,7 +334,7 @@ class Registry:
 
     def touch(self, device_id: str, when: dt.datetime) -> None:
         with self.write() as db:
-            db["devices"].update(device_id, {"last_seen": iso(when)})
+            db.table("devices").update(device_id, {"last_seen": iso(when)})
 
     # --- certificates -----------------------------------------------------------------------
 

@@ -17,6 +17,8 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import sqlite_utils
+
 from enroll.registry import Device, Registry, iso, parse_iso
 from enroll.roles import Role
 
@@ -25,9 +27,9 @@ FOREVER = "9999-12-31T23:59:59.000000Z"
 
 
 class _Repository:
-    def __init__(self, source):
+    def __init__(self, source: Registry | sqlite_utils.Database) -> None:
         """``source``: a :class:`Registry` (reads) or the handle its ``write()`` yields."""
-        self._db = source._db if isinstance(source, Registry) else source
+        self._db: sqlite_utils.Database = source._db if isinstance(source, Registry) else source
 
 
 # --- users ------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import datetime as dt
 import fnmatch
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import yaml
 
@@ -84,9 +85,9 @@ class Role:
     def allowed_services(self) -> tuple[str, ...]:
         return self.allow.services if self.allow.services is not None else DEFAULT_SERVICES
 
-    def to_spec(self) -> dict:
-        def rule(r: Rule) -> dict:
-            out: dict = {}
+    def to_spec(self) -> dict[str, Any]:
+        def rule(r: Rule) -> dict[str, Any]:
+            out: dict[str, Any] = {}
             if r.node_labels:
                 out["node_labels"] = {k: list(v) for k, v in r.node_labels.items()}
             if r.logins is not None:
@@ -95,7 +96,7 @@ class Role:
                 out["services"] = list(r.services)
             return out
 
-        spec = {"allow": rule(self.allow), "deny": rule(self.deny)}
+        spec: dict[str, Any] = {"allow": rule(self.allow), "deny": rule(self.deny)}
         if self.max_session_ttl:
             spec["options"] = {"max_session_ttl": f"{int(self.max_session_ttl.total_seconds())}s"}
         return {"kind": "role", "version": "v7", "metadata": {"name": self.name}, "spec": spec}
@@ -180,12 +181,12 @@ def session_ttl(roles: list[Role], requested: dt.timedelta | None,
 # --- parsing with line numbers ---------------------------------------------------------------
 
 
-def _err(node, message: str) -> RoleError:
+def _err(node: yaml.Node | None, message: str) -> RoleError:
     line = node.start_mark.line + 1 if node is not None else "?"
     return RoleError(f"line {line}: {message}")
 
 
-def _mapping(node, where: str, allowed: set[str]) -> dict[str, yaml.Node]:
+def _mapping(node: yaml.Node, where: str, allowed: set[str]) -> dict[str, yaml.Node]:
     if not isinstance(node, yaml.MappingNode):
         raise _err(node, f"{where} must be a mapping")
     out = {}
@@ -197,7 +198,7 @@ def _mapping(node, where: str, allowed: set[str]) -> dict[str, yaml.Node]:
     return out
 
 
-def _strings(node, where: str) -> tuple[str, ...]:
+def _strings(node: yaml.Node, where: str) -> tuple[str, ...]:
     if isinstance(node, yaml.ScalarNode):
         return (node.value,)
     if isinstance(node, yaml.SequenceNode) and all(isinstance(n, yaml.ScalarNode) for n in node.value):
@@ -205,7 +206,7 @@ def _strings(node, where: str) -> tuple[str, ...]:
     raise _err(node, f"{where} must be a string or a list of strings")
 
 
-def _rule(node, where: str) -> Rule:
+def _rule(node: yaml.Node | None, where: str) -> Rule:
     if node is None:
         return Rule()
     fields = _mapping(node, where, {"node_labels", "logins", "services"})
@@ -268,6 +269,6 @@ def parse_roles(text: str) -> list[Role]:
     return roles
 
 
-def role_from_spec(spec: dict) -> Role:
+def role_from_spec(spec: dict[str, Any]) -> Role:
     """Rebuild a stored role (as written by :meth:`Role.to_spec`)."""
     return parse_roles(yaml.safe_dump(spec))[0]

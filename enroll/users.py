@@ -303,10 +303,9 @@ def authenticate(registry: Registry, name: str, *, password: str, invite: str | 
         raise LoginError(f"too many failed logins: retry in {math.ceil(left)} s", retry_after=left)
     user = get(registry, name)
     if invite is not None:
-        ok = (user is not None and user.invite_hash is not None and user.invite_expires is not None
-              and hmac.compare_digest(hashlib.sha256(invite.encode()).hexdigest(), user.invite_hash)
-              and parse_iso(user.invite_expires) > now)
-        if not ok:
+        if not (user is not None and user.invite_hash is not None and user.invite_expires is not None
+                and hmac.compare_digest(hashlib.sha256(invite.encode()).hexdigest(), user.invite_hash)
+                and parse_iso(user.invite_expires) > now):
             _failed(registry, name, source, now)
             raise LoginError("invite is unknown, used or expired: ask ops for a new one "
                              "('enroll user invite NAME')")
@@ -322,10 +321,10 @@ def authenticate(registry: Registry, name: str, *, password: str, invite: str | 
         if not spent:
             raise LoginError("invite is unknown, used or expired: ask ops for a new one "
                              "('enroll user invite NAME')")
-        return get(registry, name)
-    has_password = user is not None and bool(user.password_hash)
-    good = check_password(password, user.password_hash if has_password else _stand_in_hash())
-    if not (good and has_password):
+        return _reread(registry, name)
+    stored = user.password_hash if user is not None else None
+    good = check_password(password, stored or _stand_in_hash())
+    if not (good and user is not None and stored):
         _failed(registry, name, source, now)
         raise LoginError(GENERIC)
     step = None
@@ -335,17 +334,25 @@ def authenticate(registry: Registry, name: str, *, password: str, invite: str | 
             _failed(registry, name, source, now)
             raise LoginError("one-time code missing or wrong (pass --totp to be prompted, --totp-file FILE or $FLEET_TOTP)")
     _refuse_if_locked(user, now)
-    upgraded = hash_password(password) if needs_rehash(user.password_hash) else None
+    upgraded = hash_password(password) if needs_rehash(stored) else None
     with registry.write() as db:
         replayed = step is not None and not Users(db).accept_totp_step(name, step)
         if not replayed:
             if upgraded:
-                Users(db).replace_password_hash(name, user.password_hash, upgraded)
+                Users(db).replace_password_hash(name, stored, upgraded)
             LoginFailures(db).clear(name, source)
     if replayed:
         _failed(registry, name, source, now)
         raise LoginError("one-time code already used: wait for the next code and log in again")
-    return get(registry, name)
+    return _reread(registry, name)
+
+
+def _reread(registry: Registry, name: str) -> User:
+    """The user's record after a login wrote to it; refused if ops removed the user meanwhile."""
+    user = get(registry, name)
+    if user is None:
+        raise LoginError(GENERIC)
+    return user
 
 
 def _refuse_if_locked(user: User, now: dt.datetime) -> None:

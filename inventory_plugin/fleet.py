@@ -190,7 +190,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
 
     # --- parse --------------------------------------------------------------------------------
 
-    def parse(self, inventory, loader, path, cache=True):
+    def parse(self, inventory, loader, path, cache=True) -> None:
         super().parse(inventory, loader, path, cache)
         config = self._read_config_data(path) or {}
         unknown = sorted(set(config) - set(self.get_options()))

@@ -27,7 +27,8 @@ setup_venv() {
         echo "==> creating .venv"
         python3 -m venv .venv
     fi
-    # Reinstall only when the dependency list changed.
+    # Reinstall only when the dependency list changed (pyproject.toml: a new test tool such as mypy
+    # in the test extra is installed on the next run).
     local want
     want=$(sha256sum pyproject.toml | cut -d' ' -f1)
     if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then

@@ -428,7 +428,7 @@ class Agent:
         """On TCP, keep trying QUIC (every ``quic_retry`` s, and on a network change)."""
         while True:
             await self._wait_change(self.config.quic_retry * (0.75 + random.random() / 2))
-            if self.route is None:
+            if self.route is None or self.endpoint is None:
                 continue
             try:
                 return await self._dial(self.endpoint, self.route, load_identity(self.config), ("quic",))
@@ -439,13 +439,15 @@ class Agent:
                      outage: float | None) -> tuple[Ended, Connection | None]:
         """Run one connection until it ends; return how it ended, and the QUIC connection that
         replaces it if it was a TCP one and QUIC works again."""
+        ep, route = self.endpoint, self.route
+        assert ep is not None and route is not None  # _dial_any() set both with the connection
         self.conn = conn
         conn.on_send_error = self._on_send_error
-        self._path = PathState(self.route)
+        self._path = PathState(route)
         started = self._clock()
         accepted = False
         successor: Connection | None = None
-        event(log, "connected", endpoint=self.endpoint.address, uplink=self.route.uplink,
+        event(log, "connected", endpoint=ep.address, uplink=route.uplink,
               local="{}:{}".format(*conn.local_address[:2]), reconnect=reconnect, outage=outage)
         upgrade: asyncio.Task | None = None
         if conn.transport_name == "tcp" and "quic" in self.config.transports:
@@ -551,7 +553,8 @@ class Agent:
     async def _hello(self, conn: Connection, reconnect: str | None, outage: float | None,
                      **extra) -> None:
         args = {"uplink": self.route.uplink if self.route else None,
-                "endpoint": self.endpoint.address, "transport": conn.transport_name,
+                "endpoint": self.endpoint.address if self.endpoint else None,
+                "transport": conn.transport_name,
                 "migrations": self.counters.migrations, "reconnects": self.counters.reconnects,
                 # the proxy resolves a port to one of these names before it authorizes a session
                 "services": self.config.service_ports(), **extra}
@@ -582,6 +585,7 @@ class Agent:
         """Follow the kernel's route toward the endpoint: migrate, or return why to reconnect
         (:func:`~tunnel.agent_decisions.next_path` decides)."""
         ep = self.endpoint
+        assert ep is not None  # _dial_any() set it with the connection
         while True:
             await self._wait_change(self.probe_interval)
             sample = self._sample_routes([ep])[0]
@@ -637,7 +641,7 @@ class Agent:
             if step.dead:
                 silent = round(step.silent, 1)
                 event(log, "path dead: nothing heard from the proxy", level=logging.WARNING,
-                      silent=silent, uplink=self.route.uplink)
+                      silent=silent, uplink=self.route.uplink if self.route else None)
                 return f"path dead: nothing heard for {silent}s"
             if step.ping:
                 conn.send_ping()

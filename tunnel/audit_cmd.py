@@ -243,9 +243,9 @@ def cmd_verify(args) -> int:
     if args.anchor:
         anchor = read_anchor(args.anchor)
     elif args.cursor:
-        position = _read_cursor(Path(args.cursor))
-        if position[0]:
-            anchor = position
+        seq, digest = _read_cursor(Path(args.cursor))
+        if seq:  # a cursor without a hash matches no event's hash: verify reports the break
+            anchor = (seq, digest or "")
     with _state(args).registry() as reg:
         broken = audit.verify(reg, anchor)
         head = audit.head(reg)
@@ -304,7 +304,8 @@ def cmd_export(args) -> int:
         if out_path and args.after is None and (resumed := audit.resume_export(reg, out_path, after)):
             after, after_hash = resumed  # a previous run wrote these lines, then died
         sink = open(out_path, "a", encoding="utf-8") if out_path else sys.stdout  # noqa: SIM115
-        count, first, last, error = 0, None, None, None
+        count, first, error = 0, None, None
+        last: tuple[int, str] | None = None
         try:
             try:
                 for rec in audit.export_rows(reg, after, after_hash, args.limit):
@@ -328,7 +329,7 @@ def cmd_export(args) -> int:
         anchors = Path(str(out_path) + audit.EXPORT_ANCHOR_SUFFIX)
         audit.append_anchor(anchors, *last, fleet=_state(args).fleet)
         print(f"anchor {last[0]}:{last[1]} appended to {anchors}", file=sys.stderr)
-    if count:
+    if count and last:
         where = f"; next export resumes after {last[0]}" if cursor else \
             f"; resume with --after {last[0]}"
         print(f"exported {count} events ({first}-{last[0]}){where}", file=sys.stderr)

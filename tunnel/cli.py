@@ -304,7 +304,9 @@ def cmd_ssh(args) -> int:
     signal.signal(signal.SIGQUIT, signal.SIG_IGN)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
-    filt, err, fd = sshwire.StderrFilter(), sys.stderr.buffer, proc.stderr.fileno()
+    stderr = proc.stderr
+    assert stderr is not None  # Popen(stderr=PIPE) above
+    filt, err, fd = sshwire.StderrFilter(), sys.stderr.buffer, stderr.fileno()
     while True:
         ready, _, _ = select.select([fd], [], [], 0.5)
         data = os.read(fd, 65536) if ready else None
@@ -319,7 +321,7 @@ def cmd_ssh(args) -> int:
             break
     err.write(filt.finish())
     err.flush()
-    proc.stderr.close()
+    stderr.close()
     status = proc.wait()
     if filt.exit_status is not None:
         return filt.exit_status

@@ -61,7 +61,7 @@ class UserIdentity:
     server_name: str
 
     @classmethod
-    def load(cls, directory: Path | None = None, proxy: str | None = None) -> UserIdentity:
+    def load(cls, directory: str | Path | None = None, proxy: str | None = None) -> UserIdentity:
         directory = Path(directory or default_identity_dir())
         try:
             config = yaml.safe_load((directory / "client.yaml").read_text()) or {}
@@ -357,12 +357,14 @@ async def forward(identity: UserIdentity, device: str, service: str, host: str, 
         nonlocal open_sessions, watch
         peer = writer.get_extra_info("peername")
         clean = False
-        handlers.add(task := asyncio.current_task())
+        task = asyncio.current_task()
+        assert task is not None  # asyncio runs each connection's handler as a task
+        handlers.add(task)
         task.add_done_callback(handlers.discard)
         open_sessions += 1
         if watch is None or watch.done():
             watch = asyncio.create_task(client.watch())
-            watch.add_done_callback(lambda _: client.dead and lost.set())
+            watch.add_done_callback(lambda _: lost.set() if client.dead else None)
         try:
             try:
                 stream, rest = await client.dial(device, service)

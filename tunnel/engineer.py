@@ -16,6 +16,7 @@ import datetime as dt
 import shlex
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from enroll import certs
@@ -103,11 +104,16 @@ def ssh_cert_path(identity: UserIdentity, device: str, login: str) -> Path:
 
 
 def _cert_valid_for(path: Path, margin: dt.timedelta) -> bool:
-    from cryptography.hazmat.primitives.serialization import load_ssh_public_identity
+    from cryptography.hazmat.primitives.serialization import (
+        SSHCertificate,
+        load_ssh_public_identity,
+    )
 
     try:
         cert = load_ssh_public_identity(path.read_bytes())
     except (OSError, ValueError):
+        return False
+    if not isinstance(cert, SSHCertificate):  # a bare key where the certificate belongs
         return False
     left = dt.datetime.fromtimestamp(cert.valid_before, dt.UTC) - dt.datetime.now(dt.UTC)
     return left > margin
@@ -127,7 +133,7 @@ async def fetch_ssh_cert(identity: UserIdentity, device: str, login: str, *,
     if not force and _cert_valid_for(path, CERT_MIN_LEFT):
         return path
     own = client is None
-    if own:
+    if client is None:
         client = await Client.connect(identity)
     try:
         body = await client.request("ssh-cert", device=device, login=login,
@@ -206,7 +212,7 @@ def write_ssh_config(identity: UserIdentity, hosts: str) -> Path:
     return path
 
 
-def ssh_argv(identity: UserIdentity, target: str, command: list[str], extra: list[str] = ()) -> list[str]:
+def ssh_argv(identity: UserIdentity, target: str, command: list[str], extra: Sequence[str] = ()) -> list[str]:
     login, sep, device = target.rpartition("@")
     if not sep:
         raise ClientError("give the target as LOGIN@DEVICE")

@@ -131,7 +131,8 @@ class Helper:
         self.started = time.time()
         self.expires = self._expiry()
         self._client: Client | None = None
-        self._connecting: asyncio.Lock | None = None
+        # made again by run(), fresh for its loop; here so that they are never None
+        self._connecting = asyncio.Lock()
         self._watch: asyncio.Task | None = None
         self.sessions = 0
         self.handlers: set[asyncio.Task] = set()
@@ -140,7 +141,7 @@ class Helper:
         self.stopping: str | None = None
         self.server: asyncio.AbstractServer | None = None
         self.inode: int | None = None
-        self.done: asyncio.Event | None = None
+        self.done = asyncio.Event()
 
     def _expiry(self) -> float | None:
         from enroll import certs
@@ -161,15 +162,16 @@ class Helper:
         """The warm connection, made (again) if there is none: the race, keepalive and PING
         watch of ``tunnel.client.Client``; a dead one is replaced at the next request."""
         async with self._connecting:
-            if not self._connected():
+            client = self._client
+            if client is None or not self._connected():
                 if self._watch:
                     self._watch.cancel()
-                if self._client:
-                    self._client.close()
-                self._client = await Client.connect(self.identity)
-                self._watch = asyncio.create_task(self._client.watch())
+                if client:
+                    client.close()
+                client = self._client = await Client.connect(self.identity)
+                self._watch = asyncio.create_task(client.watch())
                 log.info("connected to the proxy %s:%s", *self.identity.proxy)
-            return self._client
+            return client
 
     async def _warm(self) -> None:
         with contextlib.suppress(ClientError):
@@ -270,6 +272,7 @@ class Helper:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        assert task is not None  # asyncio runs each connection's handler as a task
         self.handlers.add(task)
         self.last_active = time.monotonic()
         try:

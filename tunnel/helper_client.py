@@ -32,6 +32,10 @@ import socket
 import stat
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import subprocess
 
 if __name__ == "__main__" and not __package__:
     _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -117,7 +121,8 @@ def connect(path: str) -> socket.socket:
 
 
 def struct_unpack(data: bytes) -> tuple[int, int, int]:
-    return tuple(int.from_bytes(data[i:i + 4], sys.byteorder, signed=True) for i in (0, 4, 8))
+    pid, uid, gid = (int.from_bytes(data[i:i + 4], sys.byteorder, signed=True) for i in (0, 4, 8))
+    return pid, uid, gid
 
 
 def ask(directory: str, path: str, op: str, fields: dict) -> tuple[socket.socket, Lines, dict]:
@@ -152,7 +157,17 @@ def _env() -> dict:
 BUSY = "busy"
 
 
-def start_helper(directory: str, path: str):
+class Started:
+    """A helper this client started, and the start lock it holds until it stops waiting for it."""
+
+    __slots__ = ("process", "start_lock")
+
+    def __init__(self, process: subprocess.Popen[bytes], start_lock: int) -> None:
+        self.process = process
+        self.start_lock = start_lock
+
+
+def start_helper(directory: str, path: str) -> Started | str | None:
     """Start a helper, detached (its own session, stdio on a log file). ``BUSY`` if another
     client is starting one right now (it holds the start lock); None if none can be started."""
     import fcntl
@@ -186,8 +201,7 @@ def start_helper(directory: str, path: str):
     except OSError:
         os.close(lock)
         return None
-    proc.start_lock = lock  # held until we stop waiting for it
-    return proc
+    return Started(proc, lock)  # the lock is held until we stop waiting for it
 
 
 def obtain(directory: str, op: str, fields: dict, start: bool = True):
@@ -199,7 +213,7 @@ def obtain(directory: str, op: str, fields: dict, start: bool = True):
     if len(path.encode()) > hp.MAX_SOCKET_PATH:
         return None
     deadline = time.monotonic() + START_WAIT
-    proc = None
+    proc: Started | str | None = None
     try:
         while True:
             try:
@@ -211,13 +225,13 @@ def obtain(directory: str, op: str, fields: dict, start: bool = True):
                 proc = start_helper(directory, path)
                 if proc is None:
                     return None  # no runtime directory, no interpreter: the direct path at once
-            elif proc is not BUSY and proc.poll() is not None:
+            elif isinstance(proc, Started) and proc.process.poll() is not None:
                 return None  # it could not start (see its log): the direct path will say why
             if time.monotonic() > deadline:
                 return None
             time.sleep(0.01)
     finally:
-        if proc is not None and proc is not BUSY:
+        if isinstance(proc, Started):
             os.close(proc.start_lock)
 
 

@@ -69,9 +69,11 @@ def cmd_stop(args) -> int:
     pid = ack.get("pid")
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
+        if not isinstance(pid, int):  # an ack without a pid: nothing to wait for
+            break
         try:
             os.kill(pid, 0)
-        except (ProcessLookupError, TypeError):
+        except ProcessLookupError:
             break
         time.sleep(0.05)
     else:

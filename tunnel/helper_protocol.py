@@ -30,6 +30,8 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Mapping
+from typing import Any
 
 PROTOCOL = 1
 #: longest request or reply line, newline included
@@ -63,7 +65,7 @@ class ProtocolError(ValueError):
 # --- where the socket lives ---------------------------------------------------------------
 
 
-def runtime_dir(identity_dir: str, environ=os.environ) -> str:
+def runtime_dir(identity_dir: str, environ: Mapping[str, str] = os.environ) -> str:
     """``$XDG_RUNTIME_DIR/fleet-tunnel`` (a per-user tmpfs, gone at logout), else the identity
     directory itself (private to the engineer already)."""
     base = environ.get("XDG_RUNTIME_DIR")
@@ -75,7 +77,7 @@ def identity_key(identity_dir: str) -> str:
     return hashlib.sha256(os.path.realpath(identity_dir).encode()).hexdigest()[:16]
 
 
-def socket_path(identity_dir: str, environ=os.environ) -> str:
+def socket_path(identity_dir: str, environ: Mapping[str, str] = os.environ) -> str:
     return os.path.join(runtime_dir(identity_dir, environ), f"helper-{identity_key(identity_dir)}.sock")
 
 
@@ -125,14 +127,14 @@ def identity_stamp(identity_dir: str) -> str:
 # --- lines --------------------------------------------------------------------------------
 
 
-def encode_line(message: dict) -> bytes:
+def encode_line(message: dict[str, Any]) -> bytes:
     line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
     if len(line) > MAX_LINE:
         raise ProtocolError(f"line of {len(line)} bytes is over {MAX_LINE}")
     return line
 
 
-def decode_line(line: bytes) -> dict:
+def decode_line(line: bytes) -> dict[str, Any]:
     if len(line) > MAX_LINE:
         raise ProtocolError(f"line of {len(line)} bytes is over {MAX_LINE}")
     if not line.endswith(b"\n"):
@@ -146,17 +148,17 @@ def decode_line(line: bytes) -> dict:
     return message
 
 
-def request(op: str, version: str, identity: str, **fields) -> bytes:
-    message = {"protocol": PROTOCOL, "version": version, "identity": identity, "op": op}
+def request(op: str, version: str, identity: str, **fields: Any) -> bytes:
+    message: dict[str, Any] = {"protocol": PROTOCOL, "version": version, "identity": identity, "op": op}
     message.update({k: v for k, v in fields.items() if v is not None})
     return encode_line(message)
 
 
-def _field_ok(value) -> bool:
+def _field_ok(value: object) -> bool:
     return isinstance(value, str) and 0 < len(value) <= MAX_FIELD and value.isprintable()
 
 
-def parse_request(line: bytes, version: str, identity: str) -> dict:
+def parse_request(line: bytes, version: str, identity: str) -> dict[str, Any]:
     """The request, checked; raises ProtocolError whose ``code`` is the ack to send.
 
     Checked in this order: well-formed, same protocol and code version (else

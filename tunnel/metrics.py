@@ -80,7 +80,7 @@ class ProxyMetrics:
     """The proxy's metrics; ``proxy`` is read at scrape time (``agents``, ``open_sessions``,
     ``device_totals``, ``server``, ``writer``)."""
 
-    def __init__(self, proxy):
+    def __init__(self, proxy) -> None:
         self.proxy = proxy
         self.registry = CollectorRegistry()
         r = self.registry

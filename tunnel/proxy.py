@@ -28,6 +28,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from enroll import audit
 from enroll.enrollment import enroll, renew
@@ -62,6 +63,12 @@ from tunnel.transport import (
     serve,
     tcp_serve,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from enroll.users import User
+    from tunnel.transport import Server
 
 log = logging.getLogger("tunnel.proxy")
 
@@ -205,7 +212,8 @@ class Proxy:
         self._login_pool = concurrent.futures.ThreadPoolExecutor(LOGIN_THREADS, thread_name_prefix="login")
         self._logins_pending = 0
         self.watch_interval = watch_interval
-        self.server = self.tcp_server = None
+        self.server: Server | None = None
+        self.tcp_server: Server | None = None
         self.writer: RegistryWriter | None = None
         self._tasks: set[asyncio.Task] = set()
         self.metrics = ProxyMetrics(self)  # served by `tunnel proxy --metrics-listen`
@@ -226,7 +234,7 @@ class Proxy:
         QUIC uses the smaller of the two sides' idle timeouts: agents whose keepalive is longer
         than ``idle_timeout`` are dropped between keepalives (``tunnel proxy --idle-timeout``).
         """
-        common = dict(
+        common: dict[str, Any] = dict(  # the keywords both transports' serve() take
             identity=self.tls_identity(), alpns=[ALPN_AGENT, ALPN_USER, ALPN_ENROLL],
             anonymous_alpns=[ALPN_ENROLL], authorize=self._authorize,
             on_connection=self._on_connection, idle_timeout=idle_timeout,
@@ -255,7 +263,7 @@ class Proxy:
         anyway. (One registry serves one proxy: a second proxy on it would see its live
         sessions closed here.)
         """
-        closing = self.writer.submit(lambda db: audit.close_open_sessions(db, "proxy restarted"))
+        closing = self._write(lambda db: audit.close_open_sessions(db, "proxy restarted"))
         try:
             closed = await asyncio.wait_for(asyncio.shield(closing), RECOVERY_WAIT)
         except TimeoutError:
@@ -304,9 +312,15 @@ class Proxy:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def _write(self, write: Callable[[Any], Any]) -> asyncio.Future:
+        """Queue a write on the registry writer, which exists from :meth:`start` on."""
+        if self.writer is None:
+            raise RuntimeError("the proxy writes to the registry only once started")
+        return self.writer.submit(write)
+
     def _audit(self, type_: str, **kw) -> asyncio.Future:
         """Queue an audit event; await the result where the caller must know it is durable."""
-        return self.writer.submit(lambda db: audit.append(db, type_, **kw))
+        return self._write(lambda db: audit.append(db, type_, **kw))
 
     # --- admission ----------------------------------------------------------------------------
 
@@ -373,11 +387,12 @@ class Proxy:
             from enroll.enrollment import device_connected  # older certificates: superseded
             device_connected(db, device_id, peer.identity.serial_hex, now)
             audit.append(
-                db, "device.connect", actor=peer.actor, device=device_id, labels=peer.device.labels,
+                db, "device.connect", actor=peer.actor, device=device_id,
+                labels=peer.device.labels if peer.device else None,
                 now=now, remote=remote, transport=link.transport, replaced=old is not None,
             )
 
-        written = self.writer.submit(connected)
+        written = self._write(connected)
         conn.on_path_change = lambda change: self._on_path_change(link, change)
         accept = self._spawn(self._agent_requests(link))
         probe = self._spawn(self._probe_agent(link))
@@ -408,7 +423,7 @@ class Proxy:
                 bytes_to_device=link.bytes_down, bytes_from_device=link.bytes_up,
             )
 
-        await self._settled(self.writer.submit(disconnected), DENIAL_AUDIT_WAIT)
+        await self._settled(self._write(disconnected), DENIAL_AUDIT_WAIT)
         event(log, "agent disconnected", device=device_id, reason=reason)
 
     def _take_over(self, link: AgentLink) -> None:
@@ -621,6 +636,7 @@ class Proxy:
         if not decision.allowed:
             await self._refuse(stream, decision.code, decision.reason, result="denied", stage="dial", **common)
             return
+        assert link is not None and service is not None  # allowed: the device is online, the service known
         agent_stream = None
         try:
             agent_stream = await link.conn.open_stream()
@@ -643,7 +659,7 @@ class Proxy:
         self.open_sessions[session] = tracked
         # Recorded (durable) before the engineer is told the session is open; but never waited
         # for without bound: a locked or full registry refuses the session at once.
-        start = self.writer.submit(tracked.write_start)
+        start = self._write(tracked.write_start)
         try:
             await asyncio.wait_for(asyncio.shield(start), START_AUDIT_WAIT)
         except Exception as exc:  # noqa: BLE001 - TimeoutError or why the write failed
@@ -700,7 +716,7 @@ class Proxy:
         a failed start, or a shutdown); None if it was already queued."""
         if self.open_sessions.pop(session.id, None) is None:
             return None
-        return self.writer.submit(session.write_end(**fields))
+        return self._write(session.write_end(**fields))
 
     async def _settled(self, future: asyncio.Future | None, timeout: float | None = DENIAL_AUDIT_WAIT) -> bool:
         """Wait (at most ``timeout`` s) for a queued write; False if it failed or is still queued.
@@ -733,6 +749,7 @@ class Proxy:
     async def _user_request(self, peer: Peer, stream: Stream, msg: wire.Message) -> None:
         op = msg["op"]
         args = msg.get("args", {})
+        body: dict[str, Any]
         if op == "ls":
             await self.policy.refresh()
             body = {"devices": self.listing(peer)}
@@ -908,7 +925,7 @@ class Proxy:
                 )
 
         try:
-            await self.writer.submit(write)
+            await self._write(write)
         except Exception:  # never lose the loop over an audit summary; it is logged instead
             log.exception("could not audit %d anonymous refusal summaries", len(summaries))
         event(log, "anonymous requests refused", level=logging.WARNING,
@@ -928,12 +945,14 @@ class Proxy:
 
     async def _trim_memory(self) -> None:
         """Keep RSS at the memory in use: glibc keeps freed session buffers in its heap."""
-        while True:
+        while self.trim_every is not None:  # None: trimming was turned off
             await asyncio.sleep(self.trim_every)
             release_free_memory()
             self.trims += 1
 
     async def _anchor_now(self) -> None:
+        if self.anchor_dir is None:
+            return
         try:
             seq, digest = audit.tip(self.registry)
             if seq < self._anchored:
@@ -1034,7 +1053,7 @@ class Proxy:
                 def touch(db, online=online, seen=now):
                     Devices(db).seen(online, seen)
 
-                self.writer.submit(touch)
+                self._write(touch)
 
 
 def _enroll_in_thread(state: FleetState, request: dict, token: str, remote: str) -> dict:
@@ -1043,7 +1062,7 @@ def _enroll_in_thread(state: FleetState, request: dict, token: str, remote: str)
         return enroll(state, reg, request, token, remote=remote)
 
 
-def _authenticate_in_thread(state, name, password, invite, totp_code, source=None) -> dict:
+def _authenticate_in_thread(state, name, password, invite, totp_code, source=None) -> User:
     from enroll import users
 
     with state.registry() as reg:  # scrypt takes ~0.3 s: keep it off the event loop

@@ -74,7 +74,7 @@ class RegistryWriter:
 
     def _commit(self, registry, items) -> None:
         while True:
-            results = []
+            results: list[tuple[asyncio.Future[Any], Any, Exception | None]] = []
             try:
                 with registry.write() as db:
                     for write, future in items:
@@ -95,8 +95,8 @@ class RegistryWriter:
                 log.exception("registry commit failed")
                 results = [(future, None, exc) for _, future in items]
             break
-        for future, value, exc in results:
-            self._loop.call_soon_threadsafe(_settle, future, value, exc)
+        for future, value, error in results:
+            self._loop.call_soon_threadsafe(_settle, future, value, error)
 
 
 def _locked(exc: sqlite3.OperationalError) -> bool:

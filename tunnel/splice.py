@@ -24,13 +24,14 @@ import stat
 import struct
 import threading
 from dataclasses import dataclass
+from typing import Protocol
 
 from tunnel.transport import Stream, TransportError
 
 CHUNK = 64 * 1024
 
 
-class Ends:
+class Ends(Protocol):
     """One side of a splice: async ``recv``/``send``, ``eof`` (half-close) and ``abort``."""
 
     async def recv(self) -> bytes: ...
@@ -167,13 +168,15 @@ class StdioEnds(Ends):
         await asyncio.shield(self._opening)  # both pumps wait on one opening
 
     def _read_stdin(self) -> None:
+        queue = self._queue
+        assert queue is not None  # the reading thread runs only with the queue
         while True:
             try:
                 data = os.read(self._in, CHUNK)
             except OSError:
                 data = b""
             try:
-                asyncio.run_coroutine_threadsafe(self._queue.put(data), self._loop).result()
+                asyncio.run_coroutine_threadsafe(queue.put(data), self._loop).result()
             except (RuntimeError, asyncio.CancelledError, concurrent.futures.CancelledError):
                 return  # the loop is closed or shutting down (its tasks cancelled): session over
             if not data:
@@ -183,6 +186,7 @@ class StdioEnds(Ends):
         if self._queue is not None:
             return await self._queue.get()
         await self._ready()
+        assert self._reader is not None  # _open() made it
         return await self._reader.read(CHUNK)
 
     async def send(self, data: bytes) -> None:
@@ -193,6 +197,7 @@ class StdioEnds(Ends):
                 view = view[written:]
             return
         await self._ready()
+        assert self._writer is not None  # _open() made it
         self._writer.write(data)
         await self._writer.drain()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from enroll.errors import FleetError
 
@@ -52,16 +53,16 @@ class HeaderError(FleetError, ValueError):
 @dataclass(frozen=True)
 class Message:
     kind: str
-    fields: dict = field(default_factory=dict)
+    fields: dict[str, Any] = field(default_factory=dict)
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: str) -> Any:
         return self.fields[key]
 
-    def get(self, key, default=None):
+    def get(self, key: str, default: Any = None) -> Any:
         return self.fields.get(key, default)
 
 
-def _check(kind: str, fields: dict) -> dict:
+def _check(kind: str, fields: dict[str, Any]) -> dict[str, Any]:
     schema = KINDS[KIND_BY_NAME[kind]][1]
     for name, (typ, required) in schema.items():
         if name not in fields or fields[name] is None:
@@ -76,7 +77,7 @@ def _check(kind: str, fields: dict) -> dict:
     return {k: v for k, v in fields.items() if v is not None}
 
 
-def encode(kind: str, **fields) -> bytes:
+def encode(kind: str, **fields: Any) -> bytes:
     if kind not in KIND_BY_NAME:
         raise ValueError(f"unknown header kind {kind!r}")
     payload = json.dumps(_check(kind, fields), separators=(",", ":")).encode()
@@ -85,11 +86,11 @@ def encode(kind: str, **fields) -> bytes:
     return _PREFIX.pack(VERSION, KIND_BY_NAME[kind], len(payload)) + payload
 
 
-def reply_ok(**fields) -> bytes:
+def reply_ok(**fields: Any) -> bytes:
     return encode("reply", ok=True, **fields)
 
 
-def reply_refused(code: str, reason: str, **fields) -> bytes:
+def reply_refused(code: str, reason: str, **fields: Any) -> bytes:
     return encode("reply", ok=False, code=code, reason=reason, **fields)
 
 

@@ -28,7 +28,7 @@ time. No other module touches an aioquic name starting with ``_``.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, cast
 
 import aioquic
 from aioquic import tls
@@ -78,6 +78,8 @@ def check_internals() -> None:
     ):
         problems.append("QuicPacketRecovery._on_packets_lost(congestion_event, now, packets, space)")
     qs = QuicStream(stream_id=0, max_stream_data_local=1)
+    obj: object
+    attrs: tuple[str, ...]
     for obj, attrs in (
         (qs, ("max_stream_data_local", "max_stream_data_local_sent")),
         (qs.sender, ("_buffer_start", "_buffer_stop", "is_finished")),
@@ -145,6 +147,8 @@ class FleetTLSContext(tls.Context):
             ca = self._fleet.ca
             if self._fleet.pin is not None:
                 ca = pinned_ca(self._peer_certificate, chain, self._fleet.pin)
+            if ca is None:
+                raise CertificateRejected("no fleet CA (nor CA pin) to verify the peer against")
             verify_peer_chain(
                 self._peer_certificate,
                 chain,
@@ -200,13 +204,14 @@ class FleetQuicConnection(QuicConnection):
         super()._initialize(peer_cid)
         assert type(self.tls) is tls.Context, type(self.tls)
         self.tls.__class__ = FleetTLSContext
-        self.tls._fleet = self._fleet_policy
+        cast(FleetTLSContext, self.tls)._fleet = self._fleet_policy  # its class, swapped above
         if not self._is_client:
             self.tls._request_client_certificate = True
 
     def _write_stream_limits(self, builder: Any, space: Any, stream: QuicStream) -> None:
         # Replaces aioquic's credit-on-arrival (doubling) with credit on consumption.
-        if stream.max_stream_data_local and not stream.receiver.is_finished:
+        if (stream.max_stream_data_local and not stream.receiver.is_finished
+                and stream.stream_id is not None):  # None only in aioquic's types, never here
             stream.max_stream_data_local = next_receive_limit(
                 self._fleet_consumed.get(stream.stream_id, 0),
                 stream.max_stream_data_local,

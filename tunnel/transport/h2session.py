@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from h2.config import H2Configuration
@@ -48,6 +49,14 @@ from .h2wire import (
 )
 
 log = logging.getLogger("tunnel.transport.tcp")
+
+
+def _text_headers(headers: Iterable[tuple[bytes | str, bytes | str]] | None) -> dict[str, str]:
+    """A header list as text. h2 types headers as bytes, but with ``header_encoding="utf-8"``
+    (how :class:`FleetH2Session` configures it) it hands them out already decoded."""
+    def text(value: bytes | str) -> str:
+        return value.decode() if isinstance(value, bytes) else value
+    return {text(name): text(value) for name, value in headers or ()}
 
 
 # ------------------------------------------------------------------------------ events
@@ -330,7 +339,7 @@ class FleetH2Session:
         elif isinstance(event, ResponseReceived):
             sid = event.stream_id
             if sid == self.hello_sid:
-                self.hello_headers = dict(event.headers or [])
+                self.hello_headers = _text_headers(event.headers)
             elif sid in self.reverse_pool:
                 # the server claimed an idle reverse stream: it is a server-opened stream now
                 self.reverse_pool.remove(sid)
@@ -344,7 +353,7 @@ class FleetH2Session:
             out.append(Closed(parse_goaway(event)))
 
     def _on_request(self, event: RequestReceived, out: list[Event]) -> None:  # server side
-        headers = dict(event.headers or [])
+        headers = _text_headers(event.headers)
         path = headers.get(":path", "")
         sid = event.stream_id
         if path == STREAM_PATH:

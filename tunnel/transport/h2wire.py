@@ -104,6 +104,7 @@ class ControlFrameMeter:
                 pos += step
                 continue
             need = _FRAME_HEADER - len(self._header)
+            header: bytes | memoryview  # a copy when split across reads, else a view
             if need < _FRAME_HEADER or end - pos < _FRAME_HEADER:
                 self._header += bytes(view[pos:pos + need])
                 pos += min(need, end - pos)

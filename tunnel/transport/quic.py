@@ -478,7 +478,7 @@ class _QuicConnection(CoreConnection):
 class _ServerConnection(AuthorizedServerConnection, _QuicConnection):
     def __init__(self, protocol: _Protocol, server: _QuicServer) -> None:
         super().__init__(protocol, is_client=False, send_high_water=server._send_high_water)
-        self._server = server
+        self._server: _QuicServer = server
 
     def _server_conn_handshake_done(self) -> None:
         task = self._loop.create_task(self._authorize_and_run())

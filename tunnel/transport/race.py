@@ -74,11 +74,11 @@ async def happy_eyeballs(
             if not pending:
                 break
             await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        errors = [t.exception() for t in tasks]
-        best = max(range(2), key=lambda i: (error_rank(errors[i]), -i))  # type: ignore[arg-type]
+        # both attempts failed (a success returned above): each task holds its exception
+        errors = [e for t in tasks if (e := t.exception()) is not None]
+        best = max(range(2), key=lambda i: (error_rank(errors[i]), -i))
         exc = errors[best]
         other = errors[1 - best]
-        assert exc is not None and other is not None
         exc.add_note(f"{labels[1 - best]} attempt failed too: {other}")
         raise exc
     finally:
@@ -119,10 +119,10 @@ async def dial(
             # imported when the attempt starts: a device whose QUIC wins within the head start
             # never loads the TLS/TCP fallback and h2
             if name == "tcp":
-                from . import tcp as module
-            else:
-                from . import quic as module
-            return await module.connect(host, port, **kwargs)
+                from . import tcp
+                return await tcp.connect(host, port, **kwargs)
+            from . import quic
+            return await quic.connect(host, port, **kwargs)
 
         return dial_one
 

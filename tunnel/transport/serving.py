@@ -11,18 +11,37 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .base import ErrorCode, Refused, TransportError
+from .base import Authorize, ErrorCode, OnConnection, Refused, TransportError
+
+if TYPE_CHECKING:
+    from .core import CoreConnection
+
+    _Base = CoreConnection
+else:
+    _Base = object
 
 log = logging.getLogger("tunnel.transport")
 
 
-class AuthorizedServerConnection:
+class ServingServer(Protocol):
+    """What the mixin uses of a transport's server (``_QuicServer``, ``_TcpServer``)."""
+
+    _authorize: Authorize
+    _authorize_timeout: float
+    _on_connection: OnConnection
+    _connections: set[Any]
+
+
+class AuthorizedServerConnection(_Base):
     """Mixin for a transport's server-side connection class (put it first in the bases).
 
-    The connection is a ``core.CoreConnection`` with a ``_server`` (``_authorize``,
-    ``_authorize_timeout``, ``_on_connection``, ``_connections``).
+    The connection is a ``core.CoreConnection`` (its base for the type checker only: at run
+    time the mixin stands before it in the bases) with a ``_server``.
     """
+
+    _server: ServingServer
 
     async def _authorize_and_run(self) -> None:
         server = self._server

@@ -332,7 +332,8 @@ class _TcpConnection(CoreConnection):
             if self._is_client and self._wire.can_open_stream():
                 sid = self._wire.open_stream()
                 break
-            if not self._is_client and (sid := self._wire.claim_reverse()) is not None:
+            if not self._is_client and (claimed := self._wire.claim_reverse()) is not None:
+                sid = claimed
                 break
             waiter = self._loop.create_future()
             if self._is_client:  # a stream slot frees when one ends or the peer allows more
@@ -520,7 +521,7 @@ class _ServerConnection(AuthorizedServerConnection, _TcpConnection):
             send_high_water=server._send_high_water,
             idle_timeout=server._idle_timeout,
         )
-        self._server = server
+        self._server: _TcpServer = server
         self._authorize_task: asyncio.Task[None] | None = None
         # Sees exactly the bytes h2 sees: both start with the client preface after _begin().
         self._wire.meter = ControlFrameMeter(ANONYMOUS_BUDGET, self._loop.time())

@@ -14,7 +14,7 @@ import os
 import secrets
 import ssl
 import tempfile
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import (
@@ -78,7 +78,13 @@ def client_context(
     return ctx
 
 
-def peer_leaf(transport: asyncio.BaseTransport) -> x509.Certificate | None:
+class HasExtraInfo(Protocol):
+    """An asyncio transport, or :class:`TLSProtocol` standing in for one."""
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
+
+
+def peer_leaf(transport: HasExtraInfo) -> x509.Certificate | None:
     sslobj = transport.get_extra_info("ssl_object")
     der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
     return x509.load_der_x509_certificate(der) if der else None
@@ -171,6 +177,7 @@ class TLSProtocol(asyncio.Protocol):
     # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # typeshed's Protocol says BaseTransport; a TCP connection is always given a Transport
         self.tcp = transport  # type: ignore[assignment]
         self.sslobj = self._ctx.wrap_bio(
             self._in, self._out, server_side=self._server_side,
