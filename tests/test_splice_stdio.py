@@ -162,3 +162,25 @@ def test_files_and_a_stdout_shared_with_stderr_keep_the_thread_path(tmp_path):
     assert proc.returncode == 0, info
     assert info["mode"] == ["thread", "thread"], info
     assert out[:cut] == PAYLOAD
+
+
+def test_a_slow_stdout_reader_still_gets_every_byte():
+    """The process exits right after the session: nothing may be left in the pipe transport's
+    buffer then (those bytes would be lost while the reader sees a clean end)."""
+    import time
+
+    svc = Service()
+    try:
+        proc = child(svc.port, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+        def slow_read(n):
+            time.sleep(0.02)  # the pipe stays full: the child's writes back up into its buffer
+            return proc.stdout.read1(n)
+
+        got = send_and_collect(proc.stdin.write, slow_read, PAYLOAD, proc.stdin.close)
+        proc.wait(60)
+        info = report(proc.stderr.read().decode())
+    finally:
+        svc.close()
+    assert len(got) == len(PAYLOAD) and got == PAYLOAD, (len(got), info)
+    assert proc.returncode == 0 and info["out"] == len(PAYLOAD), info

@@ -151,6 +151,7 @@ class StdioEnds(Ends):
         if self.mode[0] == "socket":
             sock = socket.socket(fileno=os.dup(self._in))
             self._reader, self._writer = await asyncio.open_connection(sock=sock, limit=CHUNK)
+            self._writer.transport.set_write_buffer_limits(high=0)  # as for a pipe, below
             return
         if self.mode[0] == "pipe":
             # the transports own the files (and close the fds when they end)
@@ -161,6 +162,10 @@ class StdioEnds(Ends):
             stdout = open(self._out, "wb", buffering=0)  # noqa: SIM115
             transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, stdout)
             self._writer = asyncio.StreamWriter(transport, protocol, None, loop)
+            # Every send waits until the kernel took all of it: this process exits right after the
+            # session, and bytes still in a transport's buffer at exit would be lost while the
+            # reader sees a clean end (issue 19). write_eof() then never has anything to flush.
+            transport.set_write_buffer_limits(high=0)
 
     async def _ready(self) -> None:
         if self._opening is None:
