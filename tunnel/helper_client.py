@@ -245,6 +245,10 @@ def refuse(reply: dict) -> int:
     """A refusal before any session byte: ssh gets it as a server's disconnect (see sshwire)."""
     reason = reply.get("reason") or "refused"
     unreachable = reply.get("code") == "unreachable"
+    # Not sooner than REFUSAL_FLOOR after ssh started us: Ansible writes its first data (the
+    # module, an sftp batch) to ssh's stdin right after starting ssh, and if ssh, refused within
+    # milliseconds, is already gone, Ansible reports "Broken pipe" instead of ssh's stderr line.
+    time.sleep(max(0.0, STARTED + REFUSAL_FLOOR - time.monotonic()))
     with _suppress():  # ssh already gone: the stderr line is all we can do
         _write_all(1, sshwire.refusal(reason, sshwire.SERVICE_NOT_AVAILABLE if unreachable else sshwire.BY_APPLICATION))
     say(reason)
@@ -254,6 +258,9 @@ def refuse(reply: dict) -> int:
 
 #: how long a refused client keeps reading what ssh sends before it exits
 LINGER = 3.0
+#: the earliest a refusal is handed to ssh, counted from this client's start (see ``refuse``)
+REFUSAL_FLOOR = 0.5
+STARTED = time.monotonic()
 
 
 def linger() -> None:
