@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fleet_harness import missing_peer
 from test_ansible import REPO, ansible_cmd, ansible_env
 
 COLL = REPO / "ansible_collections" / "fleet" / "tunnel"
@@ -138,7 +139,7 @@ def test_a_broken_inventory_source_still_fails(tmp_path):
 def test_ansible_lint_production_profile_from_the_repo_root():
     lint = Path(sys.executable).parent / "ansible-lint"
     if not lint.exists():
-        pytest.skip("ansible-lint not installed (pip install 'fleet-tunnel[test]')")
+        missing_peer("ansible-lint is not installed (pip install 'fleet-tunnel[test]')")
     out = subprocess.run([str(lint), "--offline", "--profile", "production", "--nocolor"], cwd=REPO,
                          capture_output=True, text=True, timeout=600, env=ansible_env())
     assert out.returncode == 0, out.stdout + out.stderr

@@ -114,7 +114,9 @@ def test_host_certificate_is_accepted_by_ssh_keygen(fleet, tmp_path):
     import subprocess
 
     if not shutil.which("ssh-keygen"):
-        pytest.skip("ssh-keygen is not installed (scripts/test installs openssh-client)")
+        from fleet_harness import missing_peer
+
+        missing_peer("ssh-keygen is not installed (scripts/test installs openssh-client)")
     bundle = sign(fleet, request_for(tmp_path, "gen-1"), new_token(fleet))
     path = tmp_path / "cert.pub"
     path.write_text(bundle["ssh_host_cert"])
