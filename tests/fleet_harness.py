@@ -25,6 +25,18 @@ from enroll.state import FleetState
 
 PY = sys.executable
 
+#: the role most engineer-side tests give "alice": root over ssh on customer acme's devices
+ACME_TECH_ROLE = """\
+kind: role
+version: v7
+metadata: {name: acme-tech}
+spec:
+  allow:
+    node_labels: {customer: acme}
+    logins: [root]
+    services: [ssh]
+"""
+
 
 def missing_peer(reason: str) -> None:
     """A real peer this test needs (a tool ``scripts/test`` installs) is missing: skip with the

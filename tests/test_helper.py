@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fleet_harness import PY, Fleet, wait_until
+from fleet_harness import ACME_TECH_ROLE, PY, Fleet, wait_until
 
 from enroll import users
 from tunnel import helper_protocol as hp
@@ -117,16 +117,7 @@ def test_client_imports_only_the_standard_library():
 
 # --- real OpenSSH through a real helper -------------------------------------------------------
 
-ROLES = """\
-kind: role
-version: v7
-metadata: {name: acme-tech}
-spec:
-  allow:
-    node_labels: {customer: acme}
-    logins: [root]
-    services: [ssh]
-"""
+ROLES = ACME_TECH_ROLE
 
 
 def free_tcp_port() -> int:

@@ -15,20 +15,11 @@ import socket
 import subprocess
 
 import pytest
-from fleet_harness import PY, EchoServer, Fleet, wait_until
+from fleet_harness import ACME_TECH_ROLE, PY, EchoServer, Fleet, wait_until
 
 from enroll import users
 
-ROLES = """\
-kind: role
-version: v7
-metadata: {name: acme-tech}
-spec:
-  allow:
-    node_labels: {customer: acme}
-    logins: [root]
-    services: [ssh]
-"""
+ROLES = ACME_TECH_ROLE
 
 #: case -> (device, service, user attribute, the reason the proxy gives)
 CASES = {

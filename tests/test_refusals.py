@@ -20,7 +20,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from fleet_harness import PY, Fleet
+from fleet_harness import ACME_TECH_ROLE, PY, Fleet
 from test_ansible import REPO, ansible_cmd, ansible_env
 
 from enroll import admin, users
@@ -130,16 +130,7 @@ def test_filter_does_not_hold_back_a_prompt():
 
 # --- real OpenSSH, scp and Ansible against a real proxy on loopback ---------------------------
 
-ROLES = """\
-kind: role
-version: v7
-metadata: {name: acme-tech}
-spec:
-  allow:
-    node_labels: {customer: acme}
-    logins: [root]
-    services: [ssh]
-"""
+ROLES = ACME_TECH_ROLE
 
 #: (login@device, the reason the proxy gives), one per refusal path
 CASES = {
