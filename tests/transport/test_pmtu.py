@@ -363,3 +363,44 @@ def test_peer_limit_caps_the_size(monkeypatch):
     monkeypatch.setattr(compat, "peer_max_udp_payload", lambda quic: 1300)
     assert compat.set_max_datagram_size(link.client, PROBE_SIZE) == 1300
     assert compat.set_max_datagram_size(link.client, 900) == BASE_SIZE  # never below 1,200
+
+
+# ----------------------------------------------------------------- loopback, the transport
+
+
+def test_loopback_connection_uses_1452_both_ways(pki, caplog):
+    """Over real UDP sockets (loopback carries 1,452): both sides raise the size, log it, and
+    the sockets send with DF set."""
+    import asyncio
+    import logging
+    import socket
+
+    from transport_helpers import ALPN, SERVER_NAME, run, running_server
+
+    from tunnel.transport import connect
+
+    async def main():
+        async with running_server(pki) as h:
+            host, port = h.server.address[:2]
+            client = await connect(host, port, identity=pki.device, server_name=SERVER_NAME,
+                                   alpn=ALPN, keepalive=None)
+            server = await h.connections.get()
+            stream = await client.open_stream()
+            await stream.write(b"x" * 200_000)
+            for _ in range(200):
+                if client._protocol.pmtu.size == server._protocol.pmtu.size == PROBE_SIZE:
+                    break
+                await asyncio.sleep(0.01)
+            sock = client._protocol.endpoint._sock
+            df = sock.getsockopt(socket.IPPROTO_IP, udp.IP_MTU_DISCOVER)
+            sizes = client._protocol.pmtu.size, server._protocol.pmtu.size
+            client.close()
+            return sizes, df
+
+    with caplog.at_level(logging.INFO, logger="tunnel.transport.pmtu"):
+        sizes, df = run(main())
+    assert sizes == (PROBE_SIZE, PROBE_SIZE)
+    assert df == udp.PMTUDISC_PROBE
+    logged = [(r.fields["side"], r.fields["size"]) for r in caplog.records
+              if r.msg == "datagram size"]
+    assert ("client", PROBE_SIZE) in logged and ("server", PROBE_SIZE) in logged
