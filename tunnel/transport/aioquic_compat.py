@@ -596,7 +596,11 @@ class PathMtu:
             self._note(self.prober.probe_acked(probe_id, self._now))
         else:
             self.probes_lost += 1
+            searching = self.prober.state is State.SEARCHING
             self._note(self.prober.probe_lost(probe_id, self._now))
+            if searching and self.prober.state is State.SMALL and self.on_change is not None:
+                # no change of size, but worth a line: this path does not carry the larger one
+                self.on_change(self._applied, f"probes of {self.prober.target} bytes lost")
 
     def _watch(self, on: bool) -> None:
         """Wrap (or unwrap) the congestion controller's per-packet calls on this instance."""
