@@ -228,6 +228,8 @@ class Link:
         self.dropped: dict[str, int] = {"client": 0, "server": 0}
         self.received = bytearray()
         self.finished = False
+        #: the client's address as the server sees it (a NAT may change it)
+        self.client_addr = self.CLIENT
 
     def _send(self, side: str, datagrams) -> None:
         for data, _addr in datagrams:
@@ -251,7 +253,7 @@ class Link:
                     self.server_mtu = compat.PathMtu(self.server)
                     self.server_mtu.on_change = lambda size, why: self.changes.append(
                         ("server", size, why))
-                self.server.receive_datagram(data, self.CLIENT, now=self.now)
+                self.server.receive_datagram(data, self.client_addr, now=self.now)
             else:
                 self.client.receive_datagram(data, self.SERVER, now=self.now)
         for conn in (self.client, self.server):
@@ -405,3 +407,26 @@ def test_loopback_connection_uses_1452_both_ways(pki, caplog):
     logged = [(r.fields["side"], r.fields["size"]) for r in caplog.records
               if r.msg == "datagram size"]
     assert ("client", PROBE_SIZE) in logged and ("server", PROBE_SIZE) in logged
+
+
+def test_a_new_path_starts_over_at_1200_and_probes_again():
+    """The client migrates (it says so) and the server sees a new peer address: both go back to
+    1,200 before anything is sent on the new path, then probe it and go up again."""
+    link = Link()
+    link.handshake()
+    moved = []
+
+    def progress(received: int) -> None:
+        if not moved and received > len(PAYLOAD) // 4:
+            assert link.client_mtu.size == link.server_mtu.size == PROBE_SIZE
+            moved.append(link.now)
+            link.client_addr = ("10.0.0.9", 50001)  # what the server sees from now on
+            link.client_mtu.path_changed(link.now)
+
+    link.transfer(PAYLOAD, on_progress=progress)
+    _check(link)
+    assert ("client", BASE_SIZE, "path changed") in link.changes
+    assert ("server", BASE_SIZE, "path changed") in link.changes
+    assert not [c for c in link.changes if "black hole" in c[2]]
+    assert link.client_mtu.size == link.server_mtu.size == PROBE_SIZE
+    assert link.server.get_peer_address() == ("10.0.0.9", 50001)

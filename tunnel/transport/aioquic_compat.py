@@ -635,6 +635,9 @@ class PathMtu:
                             strict=True))
 
     def _lost(self, packets: list[QuicSentPacket]) -> None:
+        paths = self._quic._network_paths
+        if paths and paths[0].addr != self._path_addr:
+            return  # the server saw the peer move: these went to the old address
         base = self.prober.base
         for packet in packets:
             if packet.sent_bytes > base:

@@ -369,8 +369,8 @@ class _QuicConnection(CoreConnection):
             self._quic.change_connection_id()
         else:
             log.warning("migrating without a spare server connection ID (linkable)")
-        self._quic.fleet_declare_in_flight_lost(self._loop.time())
         self._protocol.pmtu.path_changed(self._loop.time())  # the new uplink may be smaller
+        self._quic.fleet_declare_in_flight_lost(self._loop.time())
         self._protocol.transmit()
         self.migrations += 1
         self._report_path(PathChange(old_local, self.local_address))
