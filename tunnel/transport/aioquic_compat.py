@@ -20,6 +20,10 @@ time. No other module touches an aioquic name starting with ``_``.
 * idle timeout: ``handle_timer`` notes when the timer itself ended the connection.
 * migration: in-flight packets are declared lost with ``QuicPacketRecovery._on_packets_lost``
   (as a non-congestion event) on a rebind (client) or peer address change (server).
+* datagram size (``PathMtu``, at the end; the decisions are ``pmtu.py``'s): the size in the
+  connection, congestion controller and pacer; probe packets built with aioquic's packet builder
+  and registered with its loss recovery; the congestion controller's per-packet calls watched
+  (on the instance) for full-size packets acknowledged or lost.
 * read-only views (``fleet_*`` methods): the current path, RTT, negotiated idle timeout,
   handshake state, the close event, the peer certificate, per-stream buffer sizes (send
   backpressure reads ``QuicStreamSender._buffer_start/_buffer_stop``).
