@@ -361,9 +361,12 @@ def test_black_hole_mid_transfer_falls_back_and_finishes():
 
 
 def test_peer_limit_caps_the_size(monkeypatch):
+    monkeypatch.setattr(compat, "peer_max_udp_payload", lambda quic: 1300)
     link = Link()
     link.handshake()
-    monkeypatch.setattr(compat, "peer_max_udp_payload", lambda quic: 1300)
+    link.transfer(PAYLOAD[: 1 << 20])
+    assert link.client_mtu.prober.target == link.client_mtu.size == 1300  # probed 1300, not more
+    assert max(link.sizes_sent["client"]) == 1300
     assert compat.set_max_datagram_size(link.client, PROBE_SIZE) == 1300
     assert compat.set_max_datagram_size(link.client, 900) == BASE_SIZE  # never below 1,200
 

@@ -555,6 +555,8 @@ class PathMtu:
         if prober.state is State.WAITING:
             if not quic._handshake_confirmed:
                 return quic.datagrams_to_send(now=now)
+            # never probe beyond what the peer said it accepts (its transport parameter)
+            prober.target = min(prober.target, max(prober.base, peer_max_udp_payload(quic)))
             prober.handshake_confirmed(now)
             self._path_addr = quic._network_paths[0].addr if quic._network_paths else None
         elif quic._network_paths and quic._network_paths[0].addr != self._path_addr:
