@@ -529,6 +529,9 @@ class PathMtu:
     acknowledged or lost (black hole detection); at the base size nothing is watched.
     """
 
+    __slots__ = ("_quic", "prober", "on_change", "_applied", "_reason", "_now", "_path_addr",
+                 "_watching", "probes_acked", "probes_lost")
+
     def __init__(self, quic: QuicConnection, prober: Prober | None = None,
                  on_change: Any = None) -> None:
         self._quic = quic

@@ -74,6 +74,12 @@ class Prober:
     (from ``poll``) and ``SizeChange`` (from the others), applied by the caller.
     """
 
+    # one per QUIC connection, thousands on a proxy: no per-instance dict
+    __slots__ = ("base", "target", "max_probes", "reprobe_after", "black_hole_recheck",
+                 "black_hole_losses", "state", "size", "next_probe_at", "probes_sent",
+                 "in_flight", "lost_in_search", "black_holes", "_large_losses",
+                 "_newest_large_acked", "_raised_at")
+
     def __init__(
         self,
         *,
