@@ -1,7 +1,7 @@
 """Datagram size search for one QUIC connection, sans-I/O (RFC 8899 DPLPMTUD in spirit).
 
-Why: aioquic's cost is per datagram, so 1,452-byte datagrams move a MB for ~10 % less CPU than
-1,200-byte ones (``bench/quicfloor.py``). But a path may not carry them: a tunnel, PPPoE or a
+Why: aioquic's cost is per datagram, so 1,452-byte datagrams move a MB for less CPU than
+1,200-byte ones (10-25 % in ``bench/quicfloor.py``'s in-memory runs). But a path may not carry them: a tunnel, PPPoE or a
 cellular carrier with a smaller MTU, and a firewall that drops the ICMP "too big" message,
 silently swallows every large datagram. A connection that simply used 1,452 would stall on
 such a path. So each side starts at the size every QUIC path carries (1,200) and *probes* its
