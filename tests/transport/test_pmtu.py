@@ -433,3 +433,43 @@ def test_a_new_path_starts_over_at_1200_and_probes_again():
     assert not [c for c in link.changes if "black hole" in c[2]]
     assert link.client_mtu.size == link.server_mtu.size == PROBE_SIZE
     assert link.server.get_peer_address() == ("10.0.0.9", 50001)
+
+
+def test_a_datagram_too_big_for_the_interface_is_a_loss_not_an_error():
+    """With DF set, a datagram over the local interface's MTU fails with EMSGSIZE: it is
+    dropped and counted (the search sees a lost probe); the connection is not told of a
+    network failure (the agent would re-examine its uplinks)."""
+    import asyncio
+    import errno
+    import socket
+
+    class TooBig:
+        def __init__(self, sock):
+            self._sock = sock
+
+        def __getattr__(self, name):
+            return getattr(self._sock, name)
+
+        def sendto(self, data, addr):
+            raise OSError(errno.EMSGSIZE, "Message too long")
+
+        def sendmsg(self, *args):
+            raise OSError(errno.EMSGSIZE, "Message too long")
+
+    async def main():
+        errors = []
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        ep = udp.DatagramEndpoint(asyncio.get_running_loop(), sock, lambda d, a: None,
+                                  lambda: None, errors.append, gso=True)
+        assert sock.getsockopt(socket.IPPROTO_IP, udp.IP_MTU_DISCOVER) == udp.PMTUDISC_PROBE
+        ep._sock = TooBig(sock)
+        addr = ("127.0.0.1", 9)
+        ep.send([(b"p" * PROBE_SIZE, addr)])  # one plain send
+        ep.send([(b"d" * PROBE_SIZE, addr)] * 3)  # one GSO send
+        ep.close()
+        return ep, errors
+
+    ep, errors = asyncio.run(main())
+    assert ep.dropped_sends == 4 and ep.gso is True
+    assert errors == []
