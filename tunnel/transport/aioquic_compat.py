@@ -20,6 +20,10 @@ time. No other module touches an aioquic name starting with ``_``.
 * idle timeout: ``handle_timer`` notes when the timer itself ended the connection.
 * migration: in-flight packets are declared lost with ``QuicPacketRecovery._on_packets_lost``
   (as a non-congestion event) on a rebind (client) or peer address change (server).
+* datagram size (``PathMtu``, at the end; the decisions are ``pmtu.py``'s): the size in the
+  connection, congestion controller and pacer; probe packets built with aioquic's packet builder
+  and registered with its loss recovery; the congestion controller's per-packet calls watched
+  (on the instance) for full-size packets acknowledged or lost.
 * read-only views (``fleet_*`` methods): the current path, RTT, negotiated idle timeout,
   handshake state, the close event, the peer certificate, per-stream buffer sizes (send
   backpressure reads ``QuicStreamSender._buffer_start/_buffer_stop``).
@@ -28,22 +32,31 @@ time. No other module touches an aioquic name starting with ``_``.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 from typing import Any, cast
 
 import aioquic
 from aioquic import tls
+from aioquic.buffer import Buffer
 from aioquic.quic import events
-from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
 from aioquic.quic.connection import (
     MAX_STREAM_DATA_FRAME_CAPACITY,
     QuicConnection,
     QuicConnectionState,
 )
-from aioquic.quic.packet import QuicFrameType, pull_quic_header
+from aioquic.quic.packet import (
+    QuicFrameType,
+    QuicPacketType,
+    pull_quic_header,
+    pull_quic_transport_parameters,
+)
+from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder, QuicSentPacket
 from aioquic.quic.recovery import QuicPacketRecovery
 from aioquic.quic.stream import QuicStream
 from cryptography import x509
 
+from .pmtu import Prober, SizeChange, State
 from .policy import CertificateRejected, next_receive_limit, pinned_ca, verify_peer_chain
 
 AIOQUIC_VERSION = "1.7.2"
@@ -351,3 +364,290 @@ def adopt(connection: QuicConnection, policy: TLSPolicy, window: int) -> FleetQu
     assert isinstance(connection, FleetQuicConnection)
     connection.fleet_setup(policy, window)
     return connection
+
+
+# ------------------------------------------------------------ datagram size (see pmtu.py)
+#
+# aioquic 1.7.2 has no path-MTU discovery: ``QuicConfiguration.max_datagram_size`` is read once,
+# into ``QuicConnection._max_datagram_size`` (the packet builder of every ``datagrams_to_send``),
+# the congestion controller (``_loss._cc._max_datagram_size``: window growth per ACK, minimum
+# window) and the pacer (``_loss._pacer._max_datagram_size``: one packet's pacing time). The
+# functions below change all three together, build the probe packets ``pmtu.Prober`` asks for
+# and report which full-size packets were acknowledged or lost.
+
+#: RFC 9000 section 18.2: a peer that sends no max_udp_payload_size accepts this much
+DEFAULT_MAX_UDP_PAYLOAD = 65527
+
+
+def check_pmtu_internals() -> None:
+    """Fail loudly at import if what ``PathMtu`` uses of aioquic is not there."""
+    problems: list[str] = []
+    conn = QuicConnection(configuration=QuicConfiguration(is_client=True))
+    loss = conn._loss
+    obj: object
+    for obj, attrs in (
+        (conn, ("_max_datagram_size", "_cryptos", "_spaces", "_packet_number", "_spin_bit",
+                "_version", "host_cid", "_handshake_confirmed", "_network_paths", "_close_event",
+                "_peer_cid", "_loss")),
+        (tls.Context(is_client=True), ("received_extensions",)),
+        (loss, ("_cc", "_pacer", "_time_of_last_sent_ack_eliciting_packet", "_pto_count",
+                "_rtt_initialized", "_rtt_smoothed", "spaces")),
+        (loss._cc, ("_max_datagram_size", "congestion_window", "on_packet_acked",
+                    "on_packets_lost", "on_packets_expired")),
+        (loss._pacer, ("_max_datagram_size", "update_rate")),
+    ):
+        problems += [f"{type(obj).__name__}.{a}" for a in attrs if not hasattr(obj, a)]
+    builder_params = set(inspect.signature(QuicPacketBuilder).parameters)
+    if not {"host_cid", "peer_cid", "version", "is_client", "max_datagram_size",
+            "packet_number", "spin_bit"} <= builder_params:
+        problems.append("QuicPacketBuilder(host_cid, peer_cid, version, is_client, ...)")
+    if problems:
+        raise ImportError(
+            "tunnel.transport.aioquic_compat (datagram size) relies on aioquic==1.7.2 internals "
+            "that are missing: " + ", ".join(problems)
+        )
+
+
+check_pmtu_internals()
+
+
+def peer_max_udp_payload(quic: QuicConnection) -> int:
+    """The peer's ``max_udp_payload_size`` transport parameter (RFC 9000's default if none).
+
+    aioquic parses but does not keep it; the TLS context keeps the raw extension.
+    """
+    for ext_type, data in getattr(quic.tls, "received_extensions", None) or ():
+        if ext_type == tls.ExtensionType.QUIC_TRANSPORT_PARAMETERS:
+            params = pull_quic_transport_parameters(Buffer(data=data))
+            return params.max_udp_payload_size or DEFAULT_MAX_UDP_PAYLOAD
+    return DEFAULT_MAX_UDP_PAYLOAD
+
+
+def max_datagram_size(quic: QuicConnection) -> int:
+    """The datagram size (UDP payload) the connection builds its packets to."""
+    return int(quic._max_datagram_size)
+
+
+def set_max_datagram_size(quic: QuicConnection, size: int) -> int:
+    """Build datagrams of at most ``size`` bytes from now on; returns the size applied.
+
+    Never below aioquic's 1,200 nor above the peer's ``max_udp_payload_size``. The congestion
+    window stays as it is in bytes (at least two packets of the new size), so a change never
+    makes the connection burst nor stop; the pacer's packet time follows at once.
+    """
+    size = max(SMALLEST_MAX_DATAGRAM_SIZE, min(size, peer_max_udp_payload(quic)))
+    quic._max_datagram_size = size
+    loss = quic._loss
+    cc: Any = loss._cc  # reno and cubic keep the size; their base class does not declare it
+    cc._max_datagram_size = size
+    if hasattr(cc, "additive_increase_factor"):  # cubic grows by one packet per window
+        cc.additive_increase_factor = size
+    cc.congestion_window = max(cc.congestion_window, 2 * size)
+    loss._pacer._max_datagram_size = size
+    if loss._rtt_initialized:
+        loss._pacer.update_rate(
+            congestion_window=cc.congestion_window, smoothed_rtt=loss._rtt_smoothed
+        )
+    return size
+
+
+def can_probe(quic: QuicConnection) -> bool:
+    """Whether a probe may go now: handshake confirmed, not closing, the path validated."""
+    paths = quic._network_paths
+    return bool(
+        quic._handshake_confirmed
+        and quic._close_event is None
+        and paths
+        and paths[0].is_validated
+        and quic._cryptos[tls.Epoch.ONE_RTT].send.is_valid()
+    )
+
+
+def send_size_probe(
+    quic: QuicConnection, size: int, now: float, on_delivery: Any, *args: Any
+) -> tuple[bytes, Any]:
+    """One 1-RTT packet of exactly ``size`` bytes: a PING (``on_delivery(state, *args)`` is
+    called when it is acknowledged or lost) padded with PADDING frames.
+
+    The packet is registered with loss recovery as ack-eliciting but *not in flight*: its
+    loss is detected (time threshold, or PTO) and reported, but it neither takes room in the
+    congestion window nor counts as congestion when lost (RFC 9000 section 14.4). The PTO is
+    armed from now so that the probe is given one PTO to be acknowledged.
+    """
+    crypto = quic._cryptos[tls.Epoch.ONE_RTT]
+    assert quic._version is not None  # set by the handshake, which is confirmed (can_probe)
+    builder = QuicPacketBuilder(
+        host_cid=quic.host_cid,
+        peer_cid=quic._peer_cid.cid,
+        version=quic._version,
+        is_client=quic._is_client,
+        max_datagram_size=size,
+        packet_number=quic._packet_number,
+        spin_bit=quic._spin_bit,
+    )
+    builder.start_packet(QuicPacketType.ONE_RTT, crypto)
+    builder.start_frame(QuicFrameType.PING, handler=on_delivery, handler_args=args)
+    room = builder.remaining_buffer_space
+    builder.start_frame(QuicFrameType.PADDING, capacity=room).push_bytes(bytes(room - 1))
+    datagrams, packets = builder.flush()
+    quic._packet_number = builder.packet_number
+    loss = quic._loss
+    space = quic._spaces[tls.Epoch.ONE_RTT]
+    for packet in packets:
+        packet.sent_time = now
+        packet.in_flight = False
+        loss.on_packet_sent(packet=packet, space=space)
+    loss._time_of_last_sent_ack_eliciting_packet = now
+    return datagrams[0], quic._network_paths[0].addr
+
+
+def declare_large_lost(quic: QuicConnection, size: int, now: float) -> int:
+    """Declare every packet in flight bigger than ``size`` lost, without a congestion event.
+
+    After a black hole their data is resent at once, at the new size, instead of after PTOs
+    (each further PTO doubling the wait) or as one congestion loss that halves the window.
+    """
+    count = 0
+    loss = quic._loss
+    for space in loss.spaces:
+        packets = [p for p in space.sent_packets.values() if p.sent_bytes > size]
+        if packets:
+            count += len(packets)
+            loss._on_packets_lost(congestion_event=False, now=now, packets=packets, space=space)
+    loss._pto_count = 0
+    return count
+
+
+class PathMtu:
+    """Runs a ``pmtu.Prober`` on one aioquic connection (client or server, its send direction).
+
+    ``datagrams_to_send(now)`` replaces ``QuicConnection.datagrams_to_send``: it notices a
+    confirmed handshake and a new peer address, applies the prober's size before aioquic
+    builds anything, and appends a probe when one is due. ``path_changed(now)`` is for a
+    change aioquic cannot see (the client moved to a new local socket). While the larger size
+    is in use, the congestion controller's per-packet calls are watched for full-size packets
+    acknowledged or lost (black hole detection); at the base size nothing is watched.
+    """
+
+    __slots__ = ("_quic", "prober", "on_change", "_applied", "_reason", "_now", "_path_addr",
+                 "_watching", "probes_acked", "probes_lost")
+
+    def __init__(self, quic: QuicConnection, prober: Prober | None = None,
+                 on_change: Any = None) -> None:
+        self._quic = quic
+        self.prober = prober if prober is not None else Prober()
+        #: ``on_change(size, reason)`` after the size changed (the transport logs it)
+        self.on_change = on_change
+        self._applied = self.prober.base
+        self._reason = ""
+        self._now = 0.0
+        self._path_addr: Any = None
+        self._watching = False
+        #: counters (tests, diagnostics)
+        self.probes_acked = 0
+        self.probes_lost = 0
+
+    @property
+    def size(self) -> int:
+        return self._applied
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
+        quic = self._quic
+        prober = self.prober
+        self._now = now
+        if prober.state is State.WAITING:
+            if not quic._handshake_confirmed:
+                return quic.datagrams_to_send(now=now)
+            # never probe beyond what the peer said it accepts (its transport parameter)
+            prober.target = min(prober.target, max(prober.base, peer_max_udp_payload(quic)))
+            prober.handshake_confirmed(now)
+            self._path_addr = quic._network_paths[0].addr if quic._network_paths else None
+        elif quic._network_paths and quic._network_paths[0].addr != self._path_addr:
+            self._path_addr = quic._network_paths[0].addr
+            self._note(prober.path_changed(now))
+        if prober.size != self._applied:
+            self._apply(now)
+        datagrams = quic.datagrams_to_send(now=now)
+        if (prober.in_flight is None and prober.next_probe_at is not None
+                and now >= prober.next_probe_at and can_probe(quic)):
+            probe = prober.poll(now)
+            if probe is not None:
+                datagrams.append(
+                    send_size_probe(quic, probe.size, now, self._probe_delivered, probe.probe_id)
+                )
+        return datagrams
+
+    def path_changed(self, now: float) -> None:
+        """The client moved (new socket or uplink): back to the base size, probe again."""
+        self._note(self.prober.path_changed(now))
+        if self.prober.size != self._applied:
+            self._apply(now)
+
+    # -- internals
+
+    def _note(self, change: SizeChange | None) -> None:
+        if change is not None:
+            self._reason = change.reason
+
+    def _apply(self, now: float) -> None:
+        size = self.prober.size
+        lowered = size < self._applied
+        self._watch(size > self.prober.base)
+        self._applied = set_max_datagram_size(self._quic, size)
+        if lowered:
+            declare_large_lost(self._quic, size, now)
+        if self.on_change is not None:
+            self.on_change(self._applied, self._reason)
+
+    def _probe_delivered(self, delivery: QuicDeliveryState, probe_id: int) -> None:
+        if delivery == QuicDeliveryState.ACKED:
+            self.probes_acked += 1
+            self._note(self.prober.probe_acked(probe_id, self._now))
+        else:
+            self.probes_lost += 1
+            searching = self.prober.state is State.SEARCHING
+            self._note(self.prober.probe_lost(probe_id, self._now))
+            if searching and self.prober.state is State.SMALL and self.on_change is not None:
+                # no change of size, but worth a line: this path does not carry the larger one
+                self.on_change(self._applied, f"probes of {self.prober.target} bytes lost")
+
+    def _watch(self, on: bool) -> None:
+        """Wrap (or unwrap) the congestion controller's per-packet calls on this instance."""
+        if on == self._watching:
+            return
+        self._watching = on
+        cc = self._quic._loss._cc
+        names = ("on_packet_acked", "on_packets_lost", "on_packets_expired")
+        if not on:
+            for name in names:
+                vars(cc).pop(name, None)
+            return
+        acked, lost, expired = cc.on_packet_acked, cc.on_packets_lost, cc.on_packets_expired
+        prober, base = self.prober, self.prober.base
+
+        def on_packet_acked(*, now: float, packet: QuicSentPacket) -> None:
+            if packet.sent_bytes > base:
+                prober.large_acked(packet.sent_time or 0.0)
+            acked(now=now, packet=packet)
+
+        def on_packets_lost(*, now: float, packets: Iterable[QuicSentPacket]) -> None:
+            packets = list(packets)
+            self._lost(packets)
+            lost(now=now, packets=packets)
+
+        def on_packets_expired(*, packets: Iterable[QuicSentPacket]) -> None:
+            packets = list(packets)
+            self._lost(packets)
+            expired(packets=packets)
+
+        vars(cc).update(zip(names, (on_packet_acked, on_packets_lost, on_packets_expired),
+                            strict=True))
+
+    def _lost(self, packets: list[QuicSentPacket]) -> None:
+        paths = self._quic._network_paths
+        if paths and paths[0].addr != self._path_addr:
+            return  # the server saw the peer move: these went to the old address
+        base = self.prober.base
+        for packet in packets:
+            if packet.sent_bytes > base:
+                self._note(self.prober.large_lost(packet.sent_time or 0.0, self._now))

@@ -26,7 +26,8 @@ from aioquic.quic.connection import QuicConnection
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from .aioquic_compat import AIOQUIC_VERSION, FleetQuicConnection, TLSPolicy, adopt  # noqa: F401
+from ..log import event
+from .aioquic_compat import AIOQUIC_VERSION, FleetQuicConnection, PathMtu, TLSPolicy, adopt  # noqa: F401
 from .base import (
     Address,
     Authorize,
@@ -40,6 +41,7 @@ from .base import (
     TransportError,
 )
 from .core import CoreConnection, CoreStream
+from .pmtu import PROBE_SIZE
 from .policy import (
     CRYPTO_ERROR_BASE,
     DEFAULT_SEND_HIGH_WATER,
@@ -62,9 +64,13 @@ from .serving import AuthorizedServerConnection
 from .udp import DatagramEndpoint, tune_buffers
 
 log = logging.getLogger(__name__)
+pmtu_log = logging.getLogger("tunnel.transport.pmtu")
 
 #: RFC 9002 initial RTT; long enough that path validation survives a 600 ms satellite RTT.
 INITIAL_RTT = 0.333
+#: the datagram size a connection uses where the path carries it (``pmtu.py`` searches for it;
+#: every connection starts at 1,200)
+MAX_DATAGRAM_SIZE = PROBE_SIZE
 
 class _Protocol:
     """Drives one ``QuicConnection`` on the event loop: datagrams in, events out, transmit, timer.
@@ -92,6 +98,7 @@ class _Protocol:
         self.on_terminated: Any = None
         #: server: the connection IDs the demultiplexer routes to this connection
         self.cids: set[bytes] = set()
+        self.pmtu = _path_mtu(quic)
 
     # -- input
 
@@ -145,7 +152,7 @@ class _Protocol:
     def transmit(self) -> None:
         """Send every datagram aioquic has ready (GSO-batched) and re-arm the timer."""
         self._transmit_handle = None
-        datagrams = self._quic.datagrams_to_send(now=self._loop.time())
+        datagrams = self.pmtu.datagrams_to_send(self._loop.time())
         if datagrams and self.endpoint is not None:
             self.endpoint.send(datagrams)
         timer_at = self._quic.get_timer()
@@ -176,6 +183,17 @@ class _Protocol:
         if self._transmit_handle is not None:
             self._transmit_handle.cancel()
             self._transmit_handle = None
+
+
+def _path_mtu(quic: FleetQuicConnection) -> PathMtu:
+    """The datagram size search of one connection (``pmtu.py``); each change is logged."""
+
+    def changed(size: int, reason: str) -> None:
+        side = "client" if quic.configuration.is_client else "server"
+        event(pmtu_log, "datagram size", size=size, reason=reason, side=side,
+              peer=str(quic.fleet_peer_addr()))
+
+    return PathMtu(quic, on_change=changed)
 
 
 def _client_endpoint(loop: asyncio.AbstractEventLoop, sock: socket.socket,
@@ -351,6 +369,7 @@ class _QuicConnection(CoreConnection):
             self._quic.change_connection_id()
         else:
             log.warning("migrating without a spare server connection ID (linkable)")
+        self._protocol.pmtu.path_changed(self._loop.time())  # the new uplink may be smaller
         self._quic.fleet_declare_in_flight_lost(self._loop.time())
         self._protocol.transmit()
         self.migrations += 1

@@ -22,6 +22,9 @@ the bytes, dominated the proxy's CPU. Here:
 
 Sends never block and are never queued: a datagram the kernel refuses with EAGAIN is dropped
 (and counted) like a datagram lost on the path; QUIC's loss recovery resends what mattered.
+Every datagram goes with DF set and is never fragmented (``set_dont_fragment``), so one bigger
+than the interface's MTU (``EMSGSIZE``) is dropped the same way: the datagram size search
+(``pmtu.py``) sees a lost probe.
 """
 
 from __future__ import annotations
@@ -52,6 +55,12 @@ READ_BATCH = 64
 MAX_DATAGRAM = 65536
 #: what ``tune_buffers`` asks for, each direction
 SOCKET_BUFFER = 4 * 1024 * 1024
+
+#: Linux ``IP_MTU_DISCOVER``/``IPV6_MTU_DISCOVER`` and their PROBE mode (DF set, never fragment,
+#: ignore the kernel's path-MTU cache); Python 3.11 exports none of them
+IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
+PMTUDISC_PROBE = 3
 
 # linux SO_*BUFFORCE (root only: ignores net.core.[rw]mem_max)
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
@@ -180,6 +189,26 @@ def enable_gro(sock: socket.socket) -> bool:
     return True
 
 
+def set_dont_fragment(sock: socket.socket) -> bool:
+    """Send every datagram with DF set and never fragment it (RFC 9000 section 14).
+
+    The datagram size search (``pmtu.py``) needs it: a router that fragments a 1,452-byte probe
+    would make a small path look large, and a datagram bigger than the local interface's MTU
+    must fail (``EMSGSIZE``, dropped like a loss) rather than leave as fragments. PROBE mode
+    also keeps the kernel from lowering the size on a forged ICMP "too big". False where
+    unsupported.
+    """
+    ok = False
+    for level, option in ((socket.IPPROTO_IP, IP_MTU_DISCOVER),
+                          (socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER)):
+        try:
+            sock.setsockopt(level, option, PMTUDISC_PROBE)
+            ok = True
+        except OSError:  # IPv6 option on an IPv4 socket, or not Linux
+            pass
+    return ok
+
+
 def tune_buffers(sock: socket.socket, size: int = SOCKET_BUFFER) -> tuple[int, int]:
     """Ask for ``size``-byte receive and send buffers; return what the kernel granted.
 
@@ -231,6 +260,7 @@ class DatagramEndpoint:
         self._on_batch_end = on_batch_end
         self._on_error = on_error
         self.gso = gso_supported() if gso is None else gso
+        set_dont_fragment(sock)
         self.gro = gro and enable_gro(sock)
         self.sockname = sock.getsockname()
         self.closed = False
@@ -299,6 +329,9 @@ class DatagramEndpoint:
             self.dropped_sends += len(step.payloads)
             return True
         except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:  # bigger than the interface's MTU: lost (pmtu.py)
+                self.dropped_sends += len(step.payloads)
+                return True
             if exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
                 # this route/device cannot segment (no checksum offload, xfrm...): plain sends
                 log.info("UDP GSO unavailable on this socket (%s); sending datagrams one by one",
@@ -318,6 +351,9 @@ class DatagramEndpoint:
             self.dropped_sends += 1
             return
         except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:  # bigger than the interface's MTU: lost (pmtu.py)
+                self.dropped_sends += 1
+                return
             self._error(exc)
             return
         self.send_calls += 1
