@@ -93,11 +93,18 @@ class UserIdentity:
 
 
 def preferred_transports() -> tuple[str, ...]:
-    """QUIC raced with TLS over TCP, unless ``FLEET_TRANSPORT`` says quic or tcp."""
+    """TLS over TCP raced with QUIC, unless ``FLEET_TRANSPORT`` says quic or tcp.
+
+    The engineer's side tries TLS/TCP first (QUIC starts after the race's head start, or at
+    once when TCP is refused): on the engineer's hop the kernel does segmentation and ACKs and
+    OpenSSL the crypto, which costs the proxy about half the CPU per MB of a QUIC hop (issue
+    14's measurements in ``bench/RESULTS.md``). The engineer needs none of QUIC's migration: a
+    session survives a reconnect by re-attaching. The agent keeps its own order (QUIC first).
+    """
     choice = os.environ.get("FLEET_TRANSPORT", "auto")
     if choice not in ("auto", "quic", "tcp"):
         raise ClientError(f"FLEET_TRANSPORT={choice!r}: use auto, quic or tcp")
-    return ("quic", "tcp") if choice == "auto" else (choice,)
+    return ("tcp", "quic") if choice == "auto" else (choice,)
 
 
 class Refusal(ClientError):

@@ -195,3 +195,69 @@ def test_real_both_present_quic_wins(pki):
             conn.close()
 
     run(main())
+
+
+# -- the engineer's order: TLS/TCP first, QUIC the fallback (tunnel.client.preferred_transports)
+
+
+@pytest.mark.parametrize("setting, order", [
+    (None, ("tcp", "quic")), ("auto", ("tcp", "quic")), ("quic", ("quic",)), ("tcp", ("tcp",)),
+])
+def test_engineer_order_is_tcp_first_unless_forced(monkeypatch, setting, order):
+    from tunnel.client import preferred_transports
+
+    if setting is None:
+        monkeypatch.delenv("FLEET_TRANSPORT", raising=False)
+    else:
+        monkeypatch.setenv("FLEET_TRANSPORT", setting)
+    assert preferred_transports() == order
+
+
+def test_engineer_order_bad_setting_says_what_to_use(monkeypatch):
+    from tunnel.client import ClientError, preferred_transports
+
+    monkeypatch.setenv("FLEET_TRANSPORT", "udp")
+    with pytest.raises(ClientError, match="use auto, quic or tcp"):
+        preferred_transports()
+
+
+def _engineer_race(pki, quic_port, tcp_port, head_start):
+    from tunnel.client import preferred_transports
+
+    quic, over_tcp = _dialers(pki, quic_port, tcp_port)
+    dial = {"quic": quic, "tcp": over_tcp}
+    first, second = preferred_transports()
+    return happy_eyeballs(dial[first], dial[second], head_start=head_start, labels=(first, second))
+
+
+def test_real_engineer_order_both_present_tcp_wins(pki, monkeypatch):
+    monkeypatch.delenv("FLEET_TRANSPORT", raising=False)
+
+    async def main():
+        async with running_server(pki) as hq, running_tcp_server(pki) as ht:
+            conn, label = await _engineer_race(pki, hq.server.address[1], ht.server.address[1], 1.0)
+            assert label == "tcp" and conn.transport_name == "tcp"
+            await ht.connections.get()
+            assert hq.connections.empty()  # QUIC never started: TCP won within its head start
+            conn.close()
+
+    run(main())
+
+
+def test_real_engineer_order_tcp_refused_quic_starts_at_once(pki, monkeypatch):
+    """A proxy without its TCP listener: the refused TCP attempt hands over to QUIC at once
+    (the head start here is longer than the test's hard timeout)."""
+    monkeypatch.delenv("FLEET_TRANSPORT", raising=False)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: connect() is refused
+
+    async def main():
+        async with running_server(pki) as hq:
+            conn, label = await _engineer_race(pki, hq.server.address[1], closed_port, 60.0)
+            assert label == "quic" and conn.transport_name == "quic"
+            await hq.connections.get()
+            conn.close()
+
+    run(main())
