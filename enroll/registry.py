@@ -254,10 +254,11 @@ class Device:
 class Registry:
     """One open registry file. Not shared between threads; open one per process or task."""
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, *, timeout: float = 30.0):
+        """``timeout``: seconds a statement waits for another connection's lock before failing."""
         self.path = Path(path)
         try:
-            conn = sqlite3.connect(str(self.path), timeout=30)
+            conn = sqlite3.connect(str(self.path), timeout=timeout)
             conn.execute("PRAGMA journal_mode=WAL")
         except sqlite3.Error as exc:
             raise RegistryError(f"cannot open registry {self.path}: {exc}") from None
@@ -265,15 +266,6 @@ class Registry:
         conn.execute("PRAGMA foreign_keys=ON")
         self._db = sqlite_utils.Database(conn)
         self._migrate()
-
-    @property
-    def db(self) -> sqlite_utils.Database:
-        """The raw database: for the storage layer (repositories, snapshot, audit) and tests.
-
-        Nothing else in the package reaches it (tests/test_repositories.py checks): callers
-        use the repositories in :mod:`enroll.repositories`, which take a Registry for reads.
-        """
-        return self._db
 
     def data_version(self) -> int:
         """SQLite's ``PRAGMA data_version``: changes when another connection commits.
