@@ -29,6 +29,10 @@ with time), so a selector is evaluated once per distinct label set with the shar
 :mod:`enroll.labels` semantics, then the matching events are fetched through the index.
 
 Event types are stable names (:data:`enroll.events.EVENT_TYPES`).
+
+Why one module of about 700 lines: writing, verifying, querying and exporting all depend on the
+chain's private format (``_COLUMNS``, ``_row``, ``_digest``, the label index); split apart, that
+format would have to become a public API of its own.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from enroll import audit, certs, device, tokens
 from enroll.cli import main
 from enroll.enrollment import enroll
 from enroll.repositories import Tokens
-from enroll.request import EnrollError, make_request
+from enroll.request import EnrollError, make_request, sign_bundle
 from enroll.state import FleetState
 
 
@@ -319,3 +319,22 @@ def test_device_refuses_a_service_the_agent_would_refuse(cli, tmp_path, entry):
     assert status == 1 and "--service" in err
     assert not dev_dir.exists()
 
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("server_name", "robot-1\n"),
+    ("server_name", "proxy.test\nca_pin: forged"),
+    ("address", "robot-1\n:443"),
+])
+def test_a_signed_bundle_with_a_newline_in_its_proxy_host_installs_nothing(fleet, tmp_path, field, value):
+    """Even signed by the pinned CA, a proxy host with a newline (which would land in the
+    agent's YAML config) is refused before anything is written."""
+    directory = tmp_path / "dev"
+    with fleet.registry() as reg:
+        token, _ = tokens.create(reg, fleet.fleet, labels={"customer": "acme"})
+        bundle = enroll(fleet, reg, device.prepare(directory, "robot-1"), token)
+    body = {k: v for k, v in bundle.items() if k != "signature"}
+    evil = sign_bundle({**body, "proxy": {**body["proxy"], field: value}}, fleet.ca_key)
+    before = sorted(p.name for p in directory.iterdir())
+    with pytest.raises(device.InstallError, match="bundle field 'proxy'"):
+        device.install(directory, json.loads(json.dumps(evil)), certs.ca_pin(fleet.ca_cert))
+    assert sorted(p.name for p in directory.iterdir()) == before
