@@ -255,10 +255,11 @@ class Registry:
     """One open registry file. Not shared between threads; open one per process or task."""
 
     def __init__(self, path: Path | str, *, timeout: float = 30.0):
-        """``timeout``: seconds a statement waits for another connection's lock before failing."""
+        """``timeout``: seconds a statement waits for another connection's lock before failing,
+        once open (opening, which may migrate the schema, waits up to 30 s)."""
         self.path = Path(path)
         try:
-            conn = sqlite3.connect(str(self.path), timeout=timeout)
+            conn = sqlite3.connect(str(self.path), timeout=30)
             conn.execute("PRAGMA journal_mode=WAL")
         except sqlite3.Error as exc:
             raise RegistryError(f"cannot open registry {self.path}: {exc}") from None
@@ -266,6 +267,8 @@ class Registry:
         conn.execute("PRAGMA foreign_keys=ON")
         self._db = sqlite_utils.Database(conn)
         self._migrate()
+        if timeout != 30:
+            conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
 
     def data_version(self) -> int:
         """SQLite's ``PRAGMA data_version``: changes when another connection commits.
