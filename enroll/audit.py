@@ -29,6 +29,10 @@ with time), so a selector is evaluated once per distinct label set with the shar
 :mod:`enroll.labels` semantics, then the matching events are fetched through the index.
 
 Event types are stable names (:data:`enroll.events.EVENT_TYPES`).
+
+Why one module of about 700 lines: writing, verifying, querying and exporting all depend on the
+chain's private format (``_COLUMNS``, ``_row``, ``_digest``, the label index); split apart, that
+format would have to become a public API of its own.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import json
 import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import sqlite_utils
 
@@ -53,6 +58,7 @@ _CHAINED = ("seq", "time", "type", "actor", "actor_roles", "device", "labels", "
 
 #: Fields that every exported/queried event carries at top level (``null`` when absent).
 TOP_FIELDS = ("service", "login", "session", "remote", "bytes_to_device", "bytes_from_device", "duration")
+_TOP_SET = frozenset(TOP_FIELDS)
 
 _COLUMNS = ("seq", "time", "type", "actor", "actor_roles", "device", "labels", "result", "reason",
             "fields", "prev_hash", "hash", "labelset")
@@ -369,22 +375,67 @@ def head(db: sqlite_utils.Database | Registry) -> Head:
 # --- reading -----------------------------------------------------------------------------------
 
 
-def events(db: sqlite_utils.Database | Registry, *types: str) -> list[dict]:
-    """Events in order, decoded (``fields`` as a dict); optionally only the given types."""
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One event read back from the log (:func:`events`, :func:`query`, :func:`export_rows`).
+
+    ``fields`` holds everything else recorded with it, as appended (``session``, ``remote``,
+    ``stage``, …); :attr:`details` is the part of it that has no top-level column in the stable
+    record. :meth:`as_record` is that record: what ``tunnel audit query`` prints and ``tunnel
+    audit export`` writes, one JSON object per event, its keys in a fixed order.
+    """
+
+    seq: int
+    time: str
+    type: str
+    actor: str
+    actor_roles: tuple[str, ...]
+    device: str | None
+    labels: dict[str, str] | None
+    result: str | None
+    reason: str | None
+    fields: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+    def field(self, key: str) -> Any:
+        """One recorded field (``session``, ``stage``, …), or None when the event has none."""
+        return self.fields.get(key)
+
+    @property
+    def details(self) -> dict[str, Any]:
+        """The recorded fields that are not top-level keys of :meth:`as_record`."""
+        return {k: v for k, v in self.fields.items() if k not in _TOP_SET}
+
+    def as_record(self) -> dict[str, Any]:
+        """The stable record (see :data:`TOP_FIELDS`): ``null`` for a top field not recorded.
+
+        Spelled out key by key (it runs once per exported event): the same keys, in the same
+        order, as ``TOP_FIELDS`` puts them between ``labels`` and ``result``.
+        """
+        get = self.fields.get
+        return {
+            "seq": self.seq, "time": self.time, "type": self.type, "actor": self.actor,
+            "actor_roles": list(self.actor_roles), "device": self.device, "labels": self.labels,
+            "service": get("service"), "login": get("login"), "session": get("session"),
+            "remote": get("remote"), "bytes_to_device": get("bytes_to_device"),
+            "bytes_from_device": get("bytes_from_device"), "duration": get("duration"),
+            "result": self.result, "reason": self.reason,
+            "details": {k: v for k, v in self.fields.items() if k not in _TOP_SET},
+            "prev_hash": self.prev_hash, "hash": self.hash,
+        }
+
+
+def events(db: sqlite_utils.Database | Registry, *types: str) -> list[AuditEvent]:
+    """Events in order; optionally only the given types."""
     db = _handle(db)
-    sql, params = "SELECT * FROM audit", []
+    sql, params = f"SELECT {', '.join(_COLUMNS)} FROM audit", []
     if types:
         sql += f" WHERE type IN ({','.join('?' * len(types))})"
         params = list(types)
-    out = []
-    for row in db.query(sql + " ORDER BY seq", params):
-        row = dict(row)
-        row.pop("labelset", None)
-        row["actor_roles"] = json.loads(row["actor_roles"])
-        row["labels"] = json.loads(row["labels"]) if row["labels"] else None
-        row["fields"] = json.loads(row["fields"])
-        out.append(row)
-    return out
+    cache: dict[str, dict] = {}
+    return [event_of(dict(zip(_COLUMNS, values, strict=True)), cache)
+            for values in db.conn.execute(sql + " ORDER BY seq", params)]
 
 
 def recorded_types(db: sqlite_utils.Database | Registry) -> list[str]:
@@ -437,8 +488,8 @@ def query(
     actor: str | None = None,
     device: str | None = None,
     selector: Selector | None = None,
-) -> Iterator[dict]:
-    """Events matching every given filter, oldest first, as :func:`record` dicts.
+) -> Iterator[AuditEvent]:
+    """Events matching every given filter, oldest first.
 
     ``selector`` matches the labels the event recorded — the device's labels at that moment, not
     its labels now. Events without labels never match a non-empty selector. ``since`` is
@@ -494,7 +545,7 @@ def query(
     cur = conn.execute(sql + " ORDER BY seq", params)
     while chunk := cur.fetchmany(2000):
         for values in chunk:
-            yield record(dict(zip(_COLUMNS, values, strict=True)), cache)
+            yield event_of(dict(zip(_COLUMNS, values, strict=True)), cache)
 
 
 def query_plan(db: sqlite_utils.Database | Registry, **filters) -> str:
@@ -513,12 +564,12 @@ def query_plan(db: sqlite_utils.Database | Registry, **filters) -> str:
     return "\n".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql))
 
 
-def record(row: dict, cache: dict[str, dict] | None = None) -> dict:
-    """One stored event as the stable dict that ``tunnel audit`` prints and exports.
+def event_of(row: dict, cache: dict[str, dict] | None = None) -> AuditEvent:
+    """One stored ``audit`` row (its columns by name) decoded.
 
-    ``cache`` (labels text → decoded dict) saves decoding the same label set again and again.
+    ``cache`` (labels text → decoded dict) saves decoding the same label set again and again;
+    events decoded with one cache share their label dicts (read them, never change them).
     """
-    fields = json.loads(row["fields"]) if row["fields"] else {}
     text = row["labels"]
     if text is None:
         labels = None
@@ -528,23 +579,12 @@ def record(row: dict, cache: dict[str, dict] | None = None) -> dict:
             labels = cache[text] = json.loads(text)
     else:
         labels = json.loads(text)
-    out = {
-        "seq": row["seq"],
-        "time": row["time"],
-        "type": row["type"],
-        "actor": row["actor"],
-        "actor_roles": json.loads(row["actor_roles"]) if row["actor_roles"] else [],
-        "device": row["device"],
-        "labels": labels,
-    }
-    for key in TOP_FIELDS:
-        out[key] = fields.pop(key, None)
-    out["result"] = row["result"]
-    out["reason"] = row["reason"]
-    out["details"] = fields
-    out["prev_hash"] = row["prev_hash"]
-    out["hash"] = row["hash"]
-    return out
+    return AuditEvent(
+        row["seq"], row["time"], row["type"], row["actor"],
+        tuple(json.loads(row["actor_roles"])) if row["actor_roles"] else (), row["device"], labels,
+        row["result"], row["reason"], json.loads(row["fields"]) if row["fields"] else {},
+        row["prev_hash"], row["hash"],
+    )
 
 
 # --- export ------------------------------------------------------------------------------------
@@ -555,7 +595,7 @@ class ExportError(FleetError, RuntimeError, code="export"):
 
 
 def export_rows(db: sqlite_utils.Database | Registry, after: int, after_hash: str | None = None,
-                limit: int | None = None) -> Iterator[dict]:
+                limit: int | None = None) -> Iterator[AuditEvent]:
     """Events after sequence number ``after``, oldest first, checked link by link.
 
     ``after_hash`` is the hash of event ``after`` as exported last time; if the log no longer has
@@ -591,7 +631,7 @@ def export_rows(db: sqlite_utils.Database | Registry, after: int, after_hash: st
             if broken:
                 raise ExportError(f"audit chain broken at event {broken.seq}: {broken.problem}; "
                                   "exported everything before it — run 'tunnel audit verify'")
-            yield record(row, cache)
+            yield event_of(row, cache)
             prev, expected = row["hash"], expected + 1
 
 

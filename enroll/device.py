@@ -221,14 +221,15 @@ def verify_bundle(directory: Path, bundle: dict, ca_pin: str):
     return cert, ca, ident
 
 
-_HOST_RE = re.compile(r"^[A-Za-z0-9.:\[\]-]{1,253}$")
+#: the whole of a host (fullmatch: ``$`` alone would let a trailing newline through)
+_HOST_RE = re.compile(r"[A-Za-z0-9.:\[\]-]{1,253}")
 
 
 def _check_proxy(proxy: dict) -> None:
     host, sep, port = proxy["address"].rpartition(":")
-    if not (sep and _HOST_RE.match(host) and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+    if not (sep and _HOST_RE.fullmatch(host) and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
         raise InstallError("bundle field 'proxy': address must be HOST:PORT; nothing was installed")
-    if not _HOST_RE.match(proxy["server_name"]):
+    if not _HOST_RE.fullmatch(proxy["server_name"]):
         raise InstallError("bundle field 'proxy': server_name must be a DNS name or address")
 
 

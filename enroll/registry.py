@@ -254,7 +254,9 @@ class Device:
 class Registry:
     """One open registry file. Not shared between threads; open one per process or task."""
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, *, timeout: float = 30.0):
+        """``timeout``: seconds a statement waits for another connection's lock before failing,
+        once open (opening, which may migrate the schema, waits up to 30 s)."""
         self.path = Path(path)
         try:
             conn = sqlite3.connect(str(self.path), timeout=30)
@@ -265,15 +267,8 @@ class Registry:
         conn.execute("PRAGMA foreign_keys=ON")
         self._db = sqlite_utils.Database(conn)
         self._migrate()
-
-    @property
-    def db(self) -> sqlite_utils.Database:
-        """The raw database: for the storage layer (repositories, snapshot, audit) and tests.
-
-        Nothing else in the package reaches it (tests/test_repositories.py checks): callers
-        use the repositories in :mod:`enroll.repositories`, which take a Registry for reads.
-        """
-        return self._db
+        if timeout != 30:
+            conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
 
     def data_version(self) -> int:
         """SQLite's ``PRAGMA data_version``: changes when another connection commits.

@@ -7,16 +7,20 @@ lab namespace (pass ``spawn=lab.spawn``-like callables), and are always stopped 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import sqlite_utils
 import yaml
 
 from enroll import certs, device, tokens
@@ -198,10 +202,39 @@ class Fleet:
         self.processes.clear()
 
     def audit(self) -> list[dict]:
+        """The audit log as plain dicts, for tests to index (``e["type"]``, ``e["fields"]``)."""
         from enroll import audit
 
         with self.state.registry() as reg:
-            return audit.events(reg.db)
+            return [{**dataclasses.asdict(e), "actor_roles": list(e.actor_roles)} for e in audit.events(reg)]
+
+
+@contextlib.contextmanager
+def raw_registry(where: FleetState | Path, *, writable: bool = False) -> Iterator[sqlite_utils.Database]:
+    """The registry file on a connection of the test's own, never the Registry's private one.
+
+    Read-only by default: checks of stored state no repository reads (whole tables for "nothing
+    changed", ``PRAGMA integrity_check``). ``writable=True`` is what someone holding the file
+    does (the append-only triggers still fire on this connection).
+    """
+    path = where.registry_path if isinstance(where, FleetState) else Path(where)
+    conn = sqlite3.connect(f"file:{path}?mode={'rw' if writable else 'ro'}", uri=True)
+    try:
+        yield sqlite_utils.Database(conn)
+    finally:
+        conn.close()
+
+
+def table_rows(where: FleetState | Path, *tables: str) -> dict[str, list[dict]]:
+    """Every row of each table, read on a read-only connection of the test's own."""
+    with raw_registry(where) as db:
+        return {t: list(db[t].rows) for t in tables}
+
+
+def integrity_ok(where: FleetState | Path) -> bool:
+    """SQLite's own check of the registry file (torn pages, broken indexes)."""
+    with raw_registry(where) as db:
+        return db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
 class EchoServer:

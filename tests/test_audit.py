@@ -5,6 +5,7 @@ are in test_audit_flows.py. Here events come from ``audit.append`` / ``append_ma
 code the producers call — on a real registry.
 """
 
+import dataclasses
 import datetime as dt
 import importlib.util
 import json
@@ -12,6 +13,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from fleet_harness import raw_registry, table_rows
 
 from enroll import audit, registry
 from enroll.labels import parse_selector
@@ -72,15 +74,15 @@ def tamper(state, *sql_and_params):
 
 
 def row(state, seq):
-    with state.registry() as reg:
-        values = reg.db.conn.execute(f"SELECT {', '.join(audit._COLUMNS)} FROM audit WHERE seq = ?",
+    with raw_registry(state) as db:
+        values = db.conn.execute(f"SELECT {', '.join(audit._COLUMNS)} FROM audit WHERE seq = ?",
                                      (seq,)).fetchone()
     return dict(zip(audit._COLUMNS, values, strict=True))
 
 
 def check(state):
     with state.registry() as reg:
-        return audit.verify(reg.db)
+        return audit.verify(reg)
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -90,33 +92,47 @@ def test_append_fields_sequence_time_and_chain(state):
     seqs = add(state, 3)
     assert seqs == list(range(seqs[0], seqs[0] + 3))
     with state.registry() as reg:
-        recs = list(audit.query(reg.db, device="robot-1"))
-    assert [r["seq"] for r in recs] == seqs
+        recs = list(audit.query(reg, device="robot-1"))
+    assert [r.seq for r in recs] == seqs
     first = recs[0]
-    assert dt.datetime.fromisoformat(first["time"]).tzinfo == dt.UTC  # RFC 3339, UTC
-    assert first["time"].endswith("Z")
-    assert (first["actor"], first["actor_roles"], first["labels"]) == ("user:ops", ["admin"], DAL)
-    assert (first["service"], first["login"], first["session"], first["remote"]) == \
+    assert dt.datetime.fromisoformat(first.time).tzinfo == dt.UTC  # RFC 3339, UTC
+    assert first.time.endswith("Z")
+    assert (first.actor, first.actor_roles, first.labels) == ("user:ops", ("admin",), DAL)
+    assert tuple(first.field(k) for k in ("service", "login", "session", "remote")) == \
         ("ssh", "root", "s0", "127.0.0.1:5000")
-    assert recs[1]["prev_hash"] == first["hash"] and recs[2]["prev_hash"] == recs[1]["hash"]
+    assert recs[1].prev_hash == first.hash and recs[2].prev_hash == recs[1].hash
     assert check(state) is None
 
 
 def test_append_only_triggers(state):
     seq = add(state, 2)[0]
-    with state.registry() as reg, pytest.raises(sqlite3.IntegrityError, match="append-only"):
-        reg.db.conn.execute("UPDATE audit SET reason = 'x' WHERE seq = ?", (seq,))
-    with state.registry() as reg, pytest.raises(sqlite3.IntegrityError, match="append-only"):
-        reg.db.conn.execute("DELETE FROM audit WHERE seq = ?", (seq,))
-    with state.registry() as reg, pytest.raises(sqlite3.IntegrityError, match="append-only"):
-        reg.db.conn.execute("DELETE FROM audit_labelsets")
+    with raw_registry(state, writable=True) as db, pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        db.conn.execute("UPDATE audit SET reason = 'x' WHERE seq = ?", (seq,))
+    with raw_registry(state, writable=True) as db, pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        db.conn.execute("DELETE FROM audit WHERE seq = ?", (seq,))
+    with raw_registry(state, writable=True) as db, pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        db.conn.execute("DELETE FROM audit_labelsets")
     r = row(state, seq)
     r["seq"] = seq + 10
-    with state.registry() as reg, pytest.raises(sqlite3.IntegrityError, match="next sequence"):
-        reg.db.conn.execute(audit._INSERT, [r[c] for c in audit._COLUMNS])
-    with state.registry() as reg, pytest.raises(RuntimeError, match="inside Registry.write"):
-        audit.append(reg.db, "session.start", actor="x")
+    with raw_registry(state, writable=True) as db, pytest.raises(sqlite3.IntegrityError, match="next sequence"):
+        db.conn.execute(audit._INSERT, [r[c] for c in audit._COLUMNS])
+    with raw_registry(state, writable=True) as db, pytest.raises(RuntimeError, match="inside Registry.write"):
+        audit.append(db, "session.start", actor="x")
     assert check(state) is None
+
+
+def test_events_read_back_are_typed_records_with_the_stable_json_shape(state):
+    add(state, 1)
+    with state.registry() as reg:
+        ev = audit.events(reg)[-1]
+        assert [e.seq for e in audit.query(reg)] == [e.seq for e in audit.export_rows(reg, 0)]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ev.reason = "rewritten"  # type: ignore[misc]
+    record = ev.as_record()
+    assert list(record) == ["seq", "time", "type", "actor", "actor_roles", "device", "labels",
+                            *audit.TOP_FIELDS, "result", "reason", "details", "prev_hash", "hash"]
+    assert record["session"] == ev.field("session") == "s0" and record["actor_roles"] == ["admin"]
+    assert not set(record["details"]) & set(audit.TOP_FIELDS) and ev.details == record["details"]
 
 
 def test_append_many_continues_the_chain(state):
@@ -127,7 +143,7 @@ def test_append_many_continues_the_chain(state):
                 {"type": "device.connect", "actor": "device:robot-2", "device": "robot-2",
                  "labels": DAL, "fields": {"remote": "127.0.0.1:1"}}] * 5)
         assert last == first + 4
-        assert audit.verify(reg.db) is None
+        assert audit.verify(reg) is None
     add(state, 1)
     assert check(state) is None
 
@@ -210,8 +226,8 @@ def test_verify_reordered(state):
 def test_verify_label_index_edited(state):
     k = add(state, 5)[2]
     add(state, 1, labels={"customer": "globex", "site": "hou", "lifecycle": "active"})
-    with state.registry() as reg:
-        other = reg.db.conn.execute("SELECT id FROM audit_labelsets WHERE labels LIKE '%globex%'").fetchone()[0]
+    with raw_registry(state) as db:
+        other = db.conn.execute("SELECT id FROM audit_labelsets WHERE labels LIKE '%globex%'").fetchone()[0]
     tamper(state, ("UPDATE audit SET labelset = ? WHERE seq = ?", (other, k)))
     broken = check(state)
     assert broken.seq == k and "label index" in broken.problem
@@ -228,9 +244,9 @@ def test_verify_truncation_and_rewrite_need_an_anchor(state, cli):
     status, _, err = cli("verify", "--anchor", anchor)
     assert status == 1 and f"broken at event {seqs[-2]}" in err and "deleted" in err
     # rewrite everything from the start with a consistent chain: caught at the anchor
-    with state.registry() as reg:
+    with raw_registry(state) as db:
         rows = [dict(zip(audit._COLUMNS, v, strict=True)) for v in
-                reg.db.conn.execute(f"SELECT {', '.join(audit._COLUMNS)} FROM audit ORDER BY seq")]
+                db.conn.execute(f"SELECT {', '.join(audit._COLUMNS)} FROM audit ORDER BY seq")]
     rows[1]["actor"] = "user:alibi"
     prev, stmts = audit.GENESIS, []
     for r in rows:
@@ -241,9 +257,9 @@ def test_verify_truncation_and_rewrite_need_an_anchor(state, cli):
     tamper(state, *stmts)
     assert check(state) is None
     with state.registry() as reg:
-        broken = audit.verify(reg.db, (seqs[-3], row(state, seqs[-3])["hash"]))
+        broken = audit.verify(reg, (seqs[-3], row(state, seqs[-3])["hash"]))
         assert broken is None
-        broken = audit.verify(reg.db, audit.parse_anchor(f"{seqs[-3]}:{'0' * 64}"))
+        broken = audit.verify(reg, audit.parse_anchor(f"{seqs[-3]}:{'0' * 64}"))
     assert broken.seq == seqs[-3] and "anchor" in broken.problem
     assert cli("verify", "--anchor", "12:nothex")[0] == 1
 
@@ -259,7 +275,7 @@ def big(tmp_path_factory):
                            proxy_name="proxy.test", proxy_ips=["127.0.0.1"])
     bench.build(st, 20_000, devices=300, users=20)
     with st.registry() as reg:
-        rows = list(audit.query(reg.db))
+        rows = [e.as_record() for e in audit.query(reg)]
     return st, rows
 
 
@@ -285,7 +301,7 @@ def test_query_matches_a_plain_scan(big, filters):
         if end in kw:
             kw[end] = now - dt.timedelta(days=kw[end])
     with st.registry() as reg:
-        got = [r["seq"] for r in audit.query(reg.db, **kw)]
+        got = [r.seq for r in audit.query(reg, **kw)]
 
     def want(r):
         sel = kw.get("selector")
@@ -306,11 +322,11 @@ def test_query_uses_the_indexes(big):
     st, _ = big
     since = dt.datetime.now(dt.UTC) - dt.timedelta(days=90)
     with st.registry() as reg:
-        plan = audit.query_plan(reg.db, since=since, selector=parse_selector("customer=acme,site=dal"),
+        plan = audit.query_plan(reg, since=since, selector=parse_selector("customer=acme,site=dal"),
                                 types=["session.start"])
         assert "idx_audit_labelset_time" in plan and "SCAN" not in plan.replace("SCAN CONSTANT", "")
-        assert "idx_audit_actor_time" in audit.query_plan(reg.db, since=since, actor="user:eng-001")
-        assert "device" in audit.query_plan(reg.db, since=since, device="robot-00001",
+        assert "idx_audit_actor_time" in audit.query_plan(reg, since=since, actor="user:eng-001")
+        assert "device" in audit.query_plan(reg, since=since, device="robot-00001",
                                             selector=parse_selector("site=dal"))
 
 
@@ -319,9 +335,9 @@ def test_selector_sees_labels_at_the_time(state):
     hou = {**DAL, "site": "hou"}
     after = add(state, 2, labels=hou)
     with state.registry() as reg:
-        dal = [r["seq"] for r in audit.query(reg.db, selector=parse_selector("site=dal"))]
-        houston = [r["seq"] for r in audit.query(reg.db, selector=parse_selector("site=hou"))]
-        nothing = list(audit.query(reg.db, selector=parse_selector("site=sea")))
+        dal = [r.seq for r in audit.query(reg, selector=parse_selector("site=dal"))]
+        houston = [r.seq for r in audit.query(reg, selector=parse_selector("site=hou"))]
+        nothing = list(audit.query(reg, selector=parse_selector("site=sea")))
     assert dal == before and houston == after and nothing == []
 
 
@@ -393,7 +409,7 @@ def test_export_resumes_without_duplicates_or_gaps(state, cli, tmp_path):
     assert cli("export", "--output", out, "--cursor", cursor)[0] == 0
     seqs = [json.loads(line)["seq"] for line in out.read_text().splitlines()]
     with state.registry() as reg:
-        assert seqs == [e["seq"] for e in audit.events(reg.db)]
+        assert seqs == [e.seq for e in audit.events(reg)]
     assert json.loads(cursor.read_text())["seq"] == seqs[-1]
     # stdout, resumable by --after
     status, text, err = cli("export", "--after", seqs[-3])
@@ -433,10 +449,10 @@ def test_v3_migration_backfills_label_index(tmp_path, monkeypatch):
             db["audit"].insert({k: v for k, v in r.items()})
     monkeypatch.undo()
     with Registry(path) as reg:
-        assert audit.verify(reg.db) is None
-        seqs = [r["seq"] for r in audit.query(reg.db, selector=parse_selector("site=dal"))]
+        assert audit.verify(reg) is None
+        seqs = [r.seq for r in audit.query(reg, selector=parse_selector("site=dal"))]
         assert seqs == [1, 4]
         with reg.write() as db:
             audit.append(db, "session.end", actor="user:ops", device="robot-1", labels=DAL)
-        assert audit.verify(reg.db) is None
-        assert reg.db.conn.execute("SELECT count(*) FROM audit_labelsets").fetchone()[0] == 2
+        assert audit.verify(reg) is None
+        assert len(table_rows(path, "audit_labelsets")["audit_labelsets"]) == 2

@@ -38,7 +38,7 @@ def add(state, n):
             with reg.write() as db:
                 audit.append(db, "session.start", actor="user:ops", device="robot-1", service="ssh",
                              session=f"s{i}")
-        return audit.tip(reg.db)[0]
+        return audit.tip(reg)[0]
 
 
 def truncate(state, after_seq):
@@ -54,7 +54,7 @@ def truncate(state, after_seq):
 def test_verify_prints_a_new_anchor_as_text_and_json(state, cli):
     last = add(state, 3)
     status, out, _ = cli("verify")
-    digest = audit.tip(state.registry().db)[1]
+    digest = audit.tip(state.registry())[1]
     assert status == 0 and out.splitlines()[-1] == f"anchor {last}:{digest}"
     status, out, _ = cli("verify", "--format", "json")
     result = json.loads(out)
@@ -143,12 +143,12 @@ def test_the_proxy_writes_anchors_periodically_and_at_shutdown(tmp_path):
         for round_ in range(2):  # the log grows, an anchor follows within the interval
             with fleet.state.registry() as reg:
                 tokens.create(reg, fleet.state.fleet, labels={"customer": "acme"})
-                tip = audit.tip(reg.db)[0]
+                tip = audit.tip(reg)[0]
             wait_until(lambda tip=tip: tip in anchored_seqs(), 15, 0.1, f"anchor {round_} at {tip}")
         assert anchored_seqs() == sorted(set(anchored_seqs()))  # only when the log moved
         with fleet.state.registry() as reg:
             tokens.create(reg, fleet.state.fleet, labels={"customer": "acme"})
-            tip = audit.tip(reg.db)[0]
+            tip = audit.tip(reg)[0]
         fleet.stop(proxy, signal.SIGTERM)
         assert anchored_seqs()[-1] == tip  # the last one at shutdown
         rec = json.loads(anchor_file.read_text().splitlines()[-1])

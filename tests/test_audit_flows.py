@@ -14,7 +14,7 @@ import subprocess
 import threading
 
 import pytest
-from fleet_harness import PY, wait_until
+from fleet_harness import PY, integrity_ok, wait_until
 
 from enroll import audit
 from enroll.cli import main as enroll_main
@@ -131,7 +131,7 @@ def test_every_event_type_from_real_flows(fleet, echo, tmp_path):
     seqs = [e["seq"] for e in events]
     assert seqs == list(range(1, len(seqs) + 1))
     with fleet.state.registry() as reg:
-        assert audit.verify(reg.db) is None
+        assert audit.verify(reg) is None
     # the one-command question from the issue
     hits = query(fleet, "--since", "1d", "--event", "session.start", "customer=acme,site=dal")
     assert [h["session"] for h in hits] == [start["fields"]["session"]]
@@ -201,14 +201,14 @@ def test_kill9_during_session_burst_loses_no_acknowledged_event(fleet, echo):
     assert proxy.wait(5) == -signal.SIGKILL
     assert len(acked) >= 25
     with fleet.state.registry() as reg:
-        assert reg.db.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        assert audit.verify(reg.db) is None
-        started = {e["fields"]["session"] for e in audit.events(reg.db, "session.start")}
+        assert integrity_ok(fleet.state)
+        assert audit.verify(reg) is None
+        started = {e.field("session") for e in audit.events(reg, "session.start")}
     missing = [s for s in acked if s not in started]
     assert not missing, f"{len(missing)} acknowledged sessions have no session.start event"
     # the proxy comes back on the same registry and keeps appending to the same chain
     fleet.start_proxy()
     assert fleet.tunnel("proxy-command", "robot-9", "echo", identity=ops, input=b"").returncode == 1
     with fleet.state.registry() as reg:
-        assert audit.events(reg.db)[-1]["type"] == "access.denied"
-        assert audit.verify(reg.db) is None
+        assert audit.events(reg)[-1].type == "access.denied"
+        assert audit.verify(reg) is None

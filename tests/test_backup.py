@@ -47,7 +47,7 @@ def test_backup_while_the_proxy_writes(fleet, echo, tmp_path):
     try:
         wait_until(lambda: len(sessions) >= 2, 30, 0.1, "sessions under way")
         with fleet.state.registry() as reg:
-            before = audit.tip(reg.db)
+            before = audit.tip(reg)
         dest = tmp_path / "backups" / "registry-1.db"
         dest.parent.mkdir()
         out = _backup(fleet, dest, "--format", "json")
@@ -66,12 +66,12 @@ def test_backup_while_the_proxy_writes(fleet, echo, tmp_path):
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
     conn.close()
     with Registry(dest) as copy:
-        assert audit.verify(copy.db, before) is None
-        seq, digest = audit.tip(copy.db)
+        assert audit.verify(copy, before) is None
+        seq, digest = audit.tip(copy)
         assert info["anchor"] == f"{seq}:{digest}" and seq == info["events"]
     # the live log went on past the copy, and the copy's anchor still matches it
     with fleet.state.registry() as reg:
-        assert audit.tip(reg.db)[0] >= seq and audit.verify(reg.db, (seq, digest)) is None
+        assert audit.tip(reg)[0] >= seq and audit.verify(reg, (seq, digest)) is None
     assert fleet.processes[0].poll() is None and 0 in sessions
 
 
@@ -98,7 +98,7 @@ def test_backup_reports_a_broken_chain(fleet, tmp_path, capsys):
         with reg.write() as db:
             audit.append(db, "device.lock", actor="admin:test", device="robot-1", reason="first")
             audit.append(db, "device.lock", actor="admin:test", device="robot-1", reason="second")
-        seq = audit.tip(reg.db)[0]
+        seq = audit.tip(reg)[0]
     # what an attacker with the file does: drop the append-only triggers, then edit
     conn = sqlite3.connect(fleet.state.registry_path)
     for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():

@@ -11,6 +11,7 @@ from enroll.addresses import AddressError, ascii_port, split_host_port
 from enroll.durations import DurationError, parse_duration
 from enroll.errors import FleetError
 from enroll.names import NAME_RULE, is_name
+from enroll.repositories import Certificates, Tokens
 from enroll.roles import RoleError, parse_roles
 
 
@@ -95,8 +96,8 @@ def test_a_device_asking_for_a_name_with_a_newline_is_refused_audited_and_spends
         token, _ = tokens.create(reg, fleet.state.fleet, labels={"customer": "acme"})
         with pytest.raises(EnrollError, match="bad device name"):
             enroll(fleet.state, reg, request, token)
-        assert [row["uses_left"] for row in reg.db["tokens"].rows] == [1]
-        assert not list(reg.db["devices"].rows) and not list(reg.db["certs"].rows)
+        assert [t.uses_left for t in Tokens(reg).all()] == [1]
+        assert not reg.devices() and not Certificates(reg).listing(include_expired=True, now=dt.datetime.now(dt.UTC))
     denied = [e for e in fleet.audit() if e["type"] == "device.enroll.denied"]
     assert len(denied) == 1 and "bad device name" in denied[0]["reason"]
 

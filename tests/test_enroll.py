@@ -11,11 +11,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
+from fleet_harness import table_rows
 
 from enroll import audit, certs, device, tokens
 from enroll.cli import main
 from enroll.enrollment import enroll
-from enroll.request import EnrollError, make_request
+from enroll.repositories import Tokens
+from enroll.request import EnrollError, make_request, sign_bundle
 from enroll.state import FleetState
 
 
@@ -38,8 +40,7 @@ def cli(fleet, capsys):
 
 
 def snapshot(fleet):
-    with fleet.registry() as reg:
-        return {t: list(reg.db[t].rows) for t in ("devices", "tokens", "certs")}
+    return table_rows(fleet, "devices", "tokens", "certs")
 
 
 def new_token(fleet, **kw):
@@ -104,9 +105,9 @@ def test_offline_enrollment_end_to_end(fleet, cli, tmp_path):
     status, out, _ = cli("devices", "customer=acme", "--format", "json")
     assert [d["id"] for d in json.loads(out)] == [ident.name]
     with fleet.registry() as reg:
-        types = [e["type"] for e in audit.events(reg.db)]
+        types = [e.type for e in audit.events(reg)]
         assert types == ["role.apply", "token.create", "device.enroll", "cert.issue"]
-        assert audit.verify(reg.db) is None
+        assert audit.verify(reg) is None
 
 
 def test_host_certificate_is_accepted_by_ssh_keygen(fleet, tmp_path):
@@ -153,7 +154,7 @@ def test_admin_relabel_decommission_lock(fleet, cli, tmp_path):
     with fleet.registry() as reg:
         dev = reg.device(name)
         assert dev.lifecycle == "decommissioned" and reg.cert_revoked(dev.cert_serial)
-        types = [e["type"] for e in audit.events(reg.db)][-4:]
+        types = [e.type for e in audit.events(reg)][-4:]
         assert types == ["device.relabel", "device.lock", "device.unlock", "device.decommission"]
     status, _, err = cli("lock", "nope")
     assert status == 1 and "unknown device 'nope'" in err
@@ -167,8 +168,8 @@ def test_token_ls_and_revoke_never_show_secrets(fleet, cli):
     assert rows[0]["id"] == token_id and rows[0]["status"] == "valid" and rows[0]["uses_left"] == 3
     assert token.strip().split(".")[3] not in out
     with fleet.registry() as reg:
-        stored = list(reg.db["tokens"].rows)[0]
-        assert stored["hash"] != token.strip().split(".")[3] and len(stored["hash"]) == 64
+        stored = Tokens(reg).all()[0]
+        assert stored.hash != token.strip().split(".")[3] and len(stored.hash) == 64
     assert cli("token", "revoke", token_id)[0] == 0
     assert json.loads(cli("token", "ls", "--format", "json")[1])[0]["status"] == "revoked"
 
@@ -251,15 +252,15 @@ def test_bad_enrollment_is_refused_and_changes_nothing(fleet, tmp_path, case, fr
         request = {**request, "ssh_host_key": "ssh-ed25519 not-base64"}
     before = snapshot(fleet)
     with fleet.registry() as reg:
-        seq_before = len(audit.events(reg.db))
+        seq_before = len(audit.events(reg))
     with pytest.raises(EnrollError, match=fragment):
         sign(fleet, request, token)
     assert snapshot(fleet) == before
     with fleet.registry() as reg:
-        new = audit.events(reg.db)[seq_before:]
-        assert [e["type"] for e in new] == ["device.enroll.denied"]
-        assert fragment.split("'")[0] in new[0]["reason"]
-        assert audit.verify(reg.db) is None
+        new = audit.events(reg)[seq_before:]
+        assert [e.type for e in new] == ["device.enroll.denied"]
+        assert fragment.split("'")[0] in new[0].reason
+        assert audit.verify(reg) is None
 
 
 def test_ca_pin_mismatch_installs_nothing(fleet, tmp_path):
@@ -317,3 +318,23 @@ def test_device_refuses_a_service_the_agent_would_refuse(cli, tmp_path, entry):
     status, _, err = cli("device", "--dir", dev_dir, "--csr-only", "--service", entry)
     assert status == 1 and "--service" in err
     assert not dev_dir.exists()
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("server_name", "robot-1\n"),
+    ("server_name", "proxy.test\nca_pin: forged"),
+    ("address", "robot-1\n:443"),
+])
+def test_a_signed_bundle_with_a_newline_in_its_proxy_host_installs_nothing(fleet, tmp_path, field, value):
+    """Even signed by the pinned CA, a proxy host with a newline (which would land in the
+    agent's YAML config) is refused before anything is written."""
+    directory = tmp_path / "dev"
+    with fleet.registry() as reg:
+        token, _ = tokens.create(reg, fleet.fleet, labels={"customer": "acme"})
+        bundle = enroll(fleet, reg, device.prepare(directory, "robot-1"), token)
+    body = {k: v for k, v in bundle.items() if k != "signature"}
+    evil = sign_bundle({**body, "proxy": {**body["proxy"], field: value}}, fleet.ca_key)
+    before = sorted(p.name for p in directory.iterdir())
+    with pytest.raises(device.InstallError, match="bundle field 'proxy'"):
+        device.install(directory, json.loads(json.dumps(evil)), certs.ca_pin(fleet.ca_cert))
+    assert sorted(p.name for p in directory.iterdir()) == before

@@ -1,5 +1,6 @@
 """Enrollment under contention and crashes, with real processes."""
 
+import datetime as dt
 import json
 import os
 import signal
@@ -8,7 +9,10 @@ import sys
 import textwrap
 import time
 
+from fleet_harness import integrity_ok
+
 from enroll import audit, device, tokens
+from enroll.repositories import Certificates, Tokens
 from enroll.state import FleetState
 
 
@@ -39,9 +43,9 @@ def test_racing_enrollments_for_one_single_use_token(tmp_path):
     assert all("already used" in err for _, err in losers), losers
     with fleet.registry() as reg:
         assert len(reg.devices()) == 1
-        denied = audit.events(reg.db, "device.enroll.denied")
+        denied = audit.events(reg, "device.enroll.denied")
         assert len(denied) == len(losers)
-        assert audit.verify(reg.db) is None
+        assert audit.verify(reg) is None
 
 
 def test_kill_during_enrollment_burst_leaves_no_half_registered_device(tmp_path):
@@ -67,16 +71,16 @@ def test_kill_during_enrollment_burst_leaves_no_half_registered_device(tmp_path)
     proc.wait()
 
     with fleet.registry() as reg:
-        assert reg.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert integrity_ok(fleet)
         devices = reg.devices()
         assert len(devices) > 5, "the burst should have enrolled several devices before the kill"
-        serials = {r["serial"]: r["subject"] for r in reg.db["certs"].rows}
+        serials = {c.serial: c.subject for c in Certificates(reg).listing(include_expired=True, now=dt.datetime.now(dt.UTC))}
         for dev in devices:
             assert serials.get(dev.cert_serial) == dev.id
         assert len(serials) == len(devices)
-        row = list(reg.db["tokens"].rows)[0]
-        assert row["uses_total"] - row["uses_left"] == len(devices)
-        enrolled = [e["device"] for e in audit.events(reg.db, "device.enroll")]
+        token = Tokens(reg).all()[0]
+        assert token.uses_total - token.uses_left == len(devices)
+        enrolled = [e.device for e in audit.events(reg, "device.enroll")]
         assert sorted(enrolled) == sorted(d.id for d in devices)
-        assert audit.verify(reg.db) is None
+        assert audit.verify(reg) is None
     json.dumps([d.as_dict() for d in devices])  # everything decodes

@@ -45,6 +45,7 @@ ERRORS = [
     ("tunnel.admission", "Denied", Exception, None),
     ("tunnel.transport.policy", "CertificateRejected", Exception, "certificate_rejected"),
     ("tunnel.proxy_enroll", "_Tallied", ValueError, None),
+    ("tunnel.helper_protocol", "ProtocolError", ValueError, None),
 ]
 
 

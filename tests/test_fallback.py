@@ -16,6 +16,7 @@ from fleet_harness import PY, Fleet, wait_until
 from lab import netns
 
 from enroll import tokens
+from enroll.repositories import Tokens
 
 pytestmark = pytest.mark.lab
 
@@ -151,4 +152,4 @@ def test_intercepting_middlebox_gets_a_clear_error_and_no_secrets(world, tmp_pat
     assert token.encode() not in data and token.split(".")[-1].encode() not in data
     assert b"PRIVATE KEY" not in data
     with fleet.state.registry() as reg:
-        assert list(reg.db["tokens"].rows)[0]["uses_left"] == 1
+        assert Tokens(reg).all()[0].uses_left == 1

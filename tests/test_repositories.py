@@ -152,18 +152,18 @@ def test_export_resumes_after_a_crash_between_write_and_cursor(reg, tmp_path):
     with reg.write() as db:
         for n in range(3):
             audit.append(db, "device.connect", actor="device:r", device="r", n=n)
-    rows = list(audit.export_rows(reg.db, 0))
+    rows = [ev.as_record() for ev in audit.export_rows(reg, 0)]
     out = tmp_path / "audit.jsonl"
     # two whole events and half of the third: the run died mid-line before saving its cursor
     text = "".join(json.dumps(r) + "\n" for r in rows[:2]) + json.dumps(rows[2])[:10]
     out.write_text(text)
-    assert audit.resume_export(reg.db, out, 0) == (rows[1]["seq"], rows[1]["hash"])
+    assert audit.resume_export(reg, out, 0) == (rows[1]["seq"], rows[1]["hash"])
     assert out.read_text().count("\n") == 2 and out.read_text().endswith("\n")
-    assert audit.resume_export(reg.db, out, rows[1]["seq"]) is None  # the cursor is already there
+    assert audit.resume_export(reg, out, rows[1]["seq"]) is None  # the cursor is already there
     forged = tmp_path / "other.jsonl"
     forged.write_text(json.dumps({**rows[1], "hash": "0" * 64}) + "\n")
-    assert audit.resume_export(reg.db, forged, 0) is None  # another log's lines: no resume
-    assert audit.resume_export(reg.db, tmp_path / "missing.jsonl", 0) is None
+    assert audit.resume_export(reg, forged, 0) is None  # another log's lines: no resume
+    assert audit.resume_export(reg, tmp_path / "missing.jsonl", 0) is None
 
 
 STORAGE = {"enroll/registry.py", "enroll/repositories.py", "enroll/snapshot.py", "enroll/audit.py",

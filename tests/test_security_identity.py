@@ -18,6 +18,7 @@ from fleet_harness import Fleet, wait_until
 from enroll import admin, certs, users
 from enroll.cli import main as enroll_main
 from enroll.enrollment import RENEWALS_PER_WINDOW, CertRow, plan_renewal, renew, renewal_window
+from enroll.repositories import LoginFailures
 from enroll.roles import parse_roles, session_ttl
 from enroll.state import FleetState
 from tunnel import wire
@@ -251,8 +252,7 @@ def test_a_flood_from_one_address_does_not_lock_the_user_out_elsewhere(reg, monk
     assert users.authenticate(reg, "judy", password="correct horse battery", source="192.0.2.10",
                               now=NOW + dt.timedelta(seconds=31))
     # the real user's success does not forgive the attacker's address
-    failed = reg.db.execute("SELECT failed FROM login_failures WHERE name = 'judy' AND source = ?",
-                            ["203.0.113.66"]).fetchone()[0]
+    failed = dict((s, n) for s, n, _ in LoginFailures(reg).of("judy", "203.0.113.66"))["203.0.113.66"]
     assert failed >= users.FREE_PER_SOURCE
     with pytest.raises(users.LoginError, match="too many failed logins"):
         users.authenticate(reg, "judy", password="guess", source="203.0.113.66",
@@ -483,7 +483,7 @@ def test_issued_identity_is_lockable_and_its_certificates_revocable(fleet, capsy
     assert _cli(fleet, "user", "issue", "ops", "--role", "nobody", "--dir", str(fleet.root / "x")) == 1
     with fleet.state.registry() as reg:
         from enroll import audit
-        assert audit.verify(reg.db) is None
+        assert audit.verify(reg) is None
 
 
 def test_device_certificate_revoked_by_serial_is_refused(fleet, capsys):

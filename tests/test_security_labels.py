@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from fleet_harness import table_rows
 
 from enroll import certs, device, tokens
 from enroll.cli import main
@@ -28,8 +29,7 @@ def state(tmp_path):
 
 
 def rows(state):
-    with state.registry() as reg:
-        return {t: list(reg.db[t].rows) for t in ("devices", "tokens", "events")}
+    return table_rows(state, "devices", "tokens", "events")
 
 
 @pytest.mark.parametrize("value", BAD_VALUES)

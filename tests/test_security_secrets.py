@@ -25,6 +25,7 @@ from fleet_harness import PY
 
 from enroll import users
 from enroll.cli import main as enroll_main
+from enroll.repositories import Users
 from enroll.secret_input import SecretError, env_command, read_secret
 
 DASH_TOKEN = "-ft1.acme-fleet.0123456789.dash-first-secret"  # starts with '-' on purpose
@@ -182,7 +183,7 @@ def test_printed_login_command_works_for_an_invite_starting_with_dash(fleet, tmp
     invite = shlex.split(line)[0].split("=", 1)[1]
     assert invite.startswith("-") and "--invite" not in line
     with fleet.state.registry() as reg:
-        assert reg.db["users"].get("dash")["invite_hash"] == hashlib.sha256(invite.encode()).hexdigest()
+        assert Users(reg).get("dash").invite_hash == hashlib.sha256(invite.encode()).hexdigest()
     # `tunnel` on PATH runs this tree's code (python -m tunnel.cli)
     bindir = tmp_path / "bin"
     bindir.mkdir()

@@ -152,18 +152,18 @@ def test_session_end_is_written_only_behind_its_committed_start(tmp_path):
             assert rolled_back.write_end(reason="x")(db) is None
             assert never.write_end(reason="x")(db) is None
             assert committed.write_end(reason="done")(db) is not None
-        ends = audit.events(reg.db, "session.end")
-        assert [e["fields"]["session"] for e in ends] == ["a"] and ends[0]["reason"] == "done"
-        assert audit.verify(reg.db) is None
+        ends = audit.events(reg, "session.end")
+        assert [e.field("session") for e in ends] == ["a"] and ends[0].reason == "done"
+        assert audit.verify(reg) is None
 
 
 class ShortBusyState(FleetState):
     """A fleet state whose registry connections give up on a lock after 0.1 s, not 30 s."""
 
     def registry(self):
-        reg = super().registry()
-        reg.db.conn.execute("PRAGMA busy_timeout = 100")
-        return reg
+        from enroll.registry import Registry
+
+        return Registry(self.registry_path, timeout=0.1)
 
 
 def test_registry_writer_retries_a_locked_registry_instead_of_dropping_events(tmp_path):
@@ -200,7 +200,7 @@ def test_registry_writer_retries_a_locked_registry_instead_of_dropping_events(tm
 
     seq = asyncio.run(scenario())
     with state.registry() as reg:
-        assert [e["seq"] for e in audit.events(reg.db, "access.denied")] == [seq]
+        assert [e.seq for e in audit.events(reg, "access.denied")] == [seq]
 
 
 def test_liveness_needs_consecutive_silent_misses():
@@ -225,13 +225,13 @@ def test_close_open_sessions_pairs_every_start(tmp_path):
             assert audit.close_open_sessions(db, "proxy restarted") == ["a", "c"]
         with reg.write() as db:
             assert audit.close_open_sessions(db, "proxy restarted") == []
-        ends = {e["fields"]["session"]: e for e in audit.events(reg.db, "session.end")}
+        ends = {e.field("session"): e for e in audit.events(reg, "session.end")}
         assert set(ends) == {"a", "b", "c"}
         a = ends["a"]
-        assert (a["reason"], a["result"], a["actor"], a["actor_roles"], a["device"]) == \
-            ("proxy restarted", "error", "user:al", ["r"], "robot-1")
-        assert a["labels"] == {"customer": "acme"} and a["fields"]["service"] == "ssh"
-        assert audit.verify(reg.db) is None
+        assert (a.reason, a.result, a.actor, a.actor_roles, a.device) == \
+            ("proxy restarted", "error", "user:al", ("r",), "robot-1")
+        assert a.labels == {"customer": "acme"} and a.field("service") == "ssh"
+        assert audit.verify(reg) is None
 
 
 # --- helpers for the process tests ---------------------------------------------------------------

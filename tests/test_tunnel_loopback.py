@@ -18,6 +18,7 @@ from fleet_harness import Fleet, wait_until
 
 from enroll import admin
 from enroll.cli import main as enroll_main
+from enroll.repositories import Tokens
 
 
 @pytest.fixture(params=["quic", "tcp"])
@@ -212,8 +213,8 @@ def test_online_enrollment_checks_the_pin_before_sending_the_token(fleet, tmp_pa
     status = enroll_main([*base, "--dir", str(tmp_path / "d1"), "--ca-pin", other.pin])
     assert status == 1
     with fleet.state.registry() as reg:
-        assert list(reg.db["tokens"].rows)[0]["uses_left"] == 1  # never sent, never used
-        assert not list(reg.db["devices"].rows)
+        assert Tokens(reg).all()[0].uses_left == 1  # never sent, never used
+        assert not reg.devices()
     status = enroll_main([*base, "--dir", str(tmp_path / "d2"), "--ca-pin", fleet.pin, "--name", "online-1"])
     assert status == 0
     assert (tmp_path / "d2" / "device.crt").exists() and (tmp_path / "d2" / "agent.yaml").exists()

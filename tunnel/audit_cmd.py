@@ -191,11 +191,11 @@ def cmd_query(args) -> int:
                              device=args.device, selector=selector)
         if args.format == "jsonl":
             write = sys.stdout.write
-            for rec in events:
-                write(json.dumps(rec, ensure_ascii=False) + "\n")
+            for ev in events:
+                write(json.dumps(ev.as_record(), ensure_ascii=False) + "\n")
             sys.stdout.flush()
             return 0
-        rows = list(events)
+        rows = [ev.as_record() for ev in events]
     if args.format == "json":
         json.dump(rows, sys.stdout, indent=2, ensure_ascii=False)
         print()
@@ -308,11 +308,11 @@ def cmd_export(args) -> int:
         last: tuple[int, str] | None = None
         try:
             try:
-                for rec in audit.export_rows(reg, after, after_hash, args.limit):
-                    sink.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                for ev in audit.export_rows(reg, after, after_hash, args.limit):
+                    sink.write(json.dumps(ev.as_record(), ensure_ascii=False) + "\n")
                     count += 1
-                    first = first or rec["seq"]
-                    last = (rec["seq"], rec["hash"])
+                    first = first or ev.seq
+                    last = (ev.seq, ev.hash)
             except audit.ExportError as exc:
                 error = str(exc)
             sink.flush()

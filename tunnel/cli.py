@@ -143,7 +143,7 @@ async def _with_client(args, fn):
         return await fn(client)
     finally:
         client.close()
-        await asyncio.sleep(0.05)  # let the CONNECTION_CLOSE leave
+        await client.conn.wait_close_sent()  # the proxy hears the close, not its idle timeout
 
 
 def cmd_proxy_command(args) -> int:

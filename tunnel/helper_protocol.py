@@ -33,6 +33,8 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
+from enroll.errors import FleetError
+
 PROTOCOL = 1
 #: longest request or reply line, newline included
 MAX_LINE = 64 * 1024
@@ -54,7 +56,7 @@ MAX_FIELD = 255
 REPLACE = ("version_mismatch", "stale_identity")
 
 
-class ProtocolError(ValueError):
+class ProtocolError(FleetError, ValueError):
     """A malformed line or frame; ``code`` goes back to the peer."""
 
     def __init__(self, message: str, code: str = "bad_request"):

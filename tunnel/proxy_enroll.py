@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 from typing import TYPE_CHECKING
 
 from enroll.enrollment import enroll
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 #: how many logins may wait for one before new ones are refused ``busy``.
 LOGIN_THREADS = 2
 MAX_PENDING_LOGINS = 16
+#: After answering: how long to wait for the client to close the connection before closing it.
+HANGUP_WAIT = 2.0
 
 
 class OnlineEnrollment:
@@ -101,7 +104,7 @@ class OnlineEnrollment:
         except TransportError:
             return
         finish(stream)
-        await asyncio.sleep(0.2)  # let the reply leave before the connection is closed
+        await _hung_up(conn, HANGUP_WAIT)
         conn.close(0, "enrollment done")
 
     def _check_token_id(self, token: str) -> None:
@@ -183,6 +186,17 @@ def _authenticate_in_thread(state, name, password, invite, totp_code, source=Non
     with state.registry() as reg:  # scrypt takes ~0.3 s: keep it off the event loop
         return users.authenticate(reg, name, password=password, invite=invite, totp_code=totp_code,
                                   source=source)
+
+
+async def _hung_up(conn: Connection, timeout: float) -> None:
+    """Wait (at most ``timeout`` s) for the client to close the connection, which it does once
+    it has read the reply: closing first could drop a reply still in flight (a QUIC close
+    ends retransmission). An anonymous connection carries one request: a further stream is reset.
+    """
+    with contextlib.suppress(TransportError, TimeoutError):
+        async with asyncio.timeout(timeout):
+            while True:
+                (await conn.accept_stream()).reset(1)
 
 
 class _Tallied(EnrollError):

@@ -158,8 +158,8 @@ def _inventory_rows(quick: bool) -> list[dict]:
                                                                 "lifecycle": "active"}),
                     "cert_serial": f"{i:032x}", "ssh_host_key": "", "enrolled_at": now, "last_seen": now}
                    for i in range(n)]
-        with fleet.state.registry() as reg:
-            reg.db["devices"].insert_all(devices, batch_size=1000)
+        with fleet.state.registry() as reg, reg.write() as db:
+            db["devices"].insert_all(devices, batch_size=1000)
         fleet.start_proxy()
         ops = fleet.user("ops", ["admin"])
         inv = work / "big.fleet.yml"

@@ -101,7 +101,8 @@ def synthetic_events(n: int, *, devices: int = 2000, users: int = 100, days: int
 def build(state: FleetState, n: int, **kw) -> float:
     """Fill the state's registry with ``n`` synthetic events; return events written per second."""
     with state.registry() as reg:
-        reg.db.conn.execute("PRAGMA cache_size=-400000")  # this connection only: 400 MB of pages
+        with reg.write() as db:  # a connection setting; write() is the way to the handle
+            db.conn.execute("PRAGMA cache_size=-400000")  # this connection only: 400 MB of pages
         t0 = time.perf_counter()
         events = synthetic_events(n, **kw)
         done = 0
@@ -137,7 +138,7 @@ def run(quick: bool = False, events: int | None = None) -> list[dict]:
         since = now - dt.timedelta(days=90)
         selector = parse_selector(SELECTOR)
         with state.registry() as reg:
-            db = reg.db
+            db = reg
             cases = [
                 (f"audit query, {label} events, selector {SELECTOR}, 90 days",
                  dict(since=since, selector=selector)),

@@ -78,7 +78,7 @@ def _old_decide(reg, peer, device_id: str, service: str, login: str | None, now:
     from enroll.roles import check, visible
     from tunnel.admission import Denied, check_device
 
-    db = reg.db
+    db = reg._db  # the queries the proxy made before the snapshot, on the registry's connection
     ident = peer.identity
     if now > ident.not_after:
         return False
@@ -117,7 +117,7 @@ def _old_agent(reg, peer, now: dt.datetime) -> bool:
     from tunnel.admission import Denied, check_device
 
     dev = reg.device(peer.name)
-    row = reg.db.execute("SELECT revoked_at FROM certs WHERE serial = ?", [peer.identity.serial_hex]).fetchone()
+    row = reg._db.execute("SELECT revoked_at FROM certs WHERE serial = ?", [peer.identity.serial_hex]).fetchone()
     if dev is None or (row and row[0]):
         return False
     try:

@@ -239,6 +239,10 @@ class Connection(abc.ABC):
     async def wait_closed(self) -> TransportError | None: ...
 
     @abc.abstractmethod
+    async def wait_close_sent(self, timeout: float = 1.0) -> bool:
+        """After ``close()``: wait (at most ``timeout`` s) until the close has left this host."""
+
+    @abc.abstractmethod
     async def ping(self, timeout: float) -> float: ...
 
     @abc.abstractmethod

@@ -420,6 +420,22 @@ class CoreConnection(Connection):
         await self._terminated.wait()
         return None if self._closed_locally else self._error
 
+    async def wait_close_sent(self, timeout: float = 1.0) -> bool:
+        """After :meth:`close`: wait (at most ``timeout`` s) until the close has left this host,
+        so a process may exit without the peer waiting out its idle timeout. Never waits out a
+        QUIC closing period. False: not sent within ``timeout``."""
+        if self._close_sent():
+            return True
+        try:
+            await asyncio.wait_for(self._terminated.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _close_sent(self) -> bool:
+        """Transport hook: has our close left already? (by default: once the socket is gone)"""
+        return self._terminated.is_set()
+
     def _fail(self, error: TransportError) -> None:
         """The connection is over (``error`` says why): every waiter hears it, once."""
         if self._error is not None:

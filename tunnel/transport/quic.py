@@ -279,6 +279,9 @@ class _QuicConnection(CoreConnection):
 
     transport_name = "quic"
 
+    def _close_sent(self) -> bool:
+        return self.is_closed  # close() transmits the CONNECTION_CLOSE at once (QuicSession.close)
+
     def __init__(
         self,
         protocol: _Protocol,
