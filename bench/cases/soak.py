@@ -83,7 +83,8 @@ class Disruption:
     at: float
     kind: str  # agent-kill | transport-switch | proxy-sigterm | proxy-kill
     device: str | None = None
-    back_after: float | None = None
+    back_after: float | None = None  # every agent online again this long after ``at``
+    waited: float | None = None  # how long the soak waited for that, back or not
 
 
 def rss_by_kind(pid: int) -> dict[str, int] | None:
@@ -390,11 +391,12 @@ class Soak:
             else:
                 self.restarting.set()
                 at = time.monotonic()
+                d = Disruption(self.now(), kind)  # sessions start failing when the signal is sent
                 self.fleet.stop(self.proxy, signal.SIGKILL if kind == "proxy-kill" else signal.SIGTERM)
-                d = Disruption(self.now(), kind)
                 self.disruptions.append(d)
                 self.proxy = self.start_proxy()
                 d.back_after = self.wait_all_back(at)
+                d.waited = round(time.monotonic() - at, 2)
                 self.restarting.clear()
 
     # --- measurements -------------------------------------------------------------------------
@@ -459,8 +461,15 @@ class Soak:
                         found.append(Disruption(at, f"agent-reconnect: {rec.get('reason')}", device))
         return found
 
+    @staticmethod
+    def recovered(d: Disruption) -> float:
+        """When the fleet counts as back after ``d``: every agent online, or the soak gave up
+        waiting (agents not back in time are coming back all that while; what fails after
+        that is unexpected), plus grace."""
+        return d.at + (d.back_after if d.back_after is not None else d.waited or 0) + 2 * GRACE
+
     def caused_by_soak(self, r: Disruption) -> bool:
-        return any(d.device in (None, r.device) and d.at - GRACE <= r.at <= d.at + (d.back_after or 0) + 2 * GRACE
+        return any(d.device in (None, r.device) and d.at - GRACE <= r.at <= self.recovered(d)
                    for d in self.disruptions)
 
     def expected(self, o: Outcome) -> bool:
@@ -469,8 +478,7 @@ class Soak:
                 continue
             if o.start - GRACE <= d.at <= o.end + GRACE:
                 return True
-            recovered = d.at + (d.back_after or 0) + GRACE * 2
-            if d.at <= o.start <= recovered:
+            if d.at <= o.start <= self.recovered(d):
                 return True
         return False
 
