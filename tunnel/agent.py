@@ -499,6 +499,10 @@ class Agent:
                         err = await asyncio.wait_for(conn.wait_closed(), CLOSED_WAIT)
                         by = read_close(err) if err is not None and err.application else None
             return ended("error", exc.reason or "transport error", by), None
+        except TimeoutError:
+            # the proxy did not answer the hello (or a renewal) in time: a loaded proxy (seen in
+            # the soak right after a restart), not a reason for the agent to exit: reconnect
+            return ended("error", "the proxy did not answer in time"), None
         except asyncio.CancelledError:
             self._stop.set()  # run() is being cancelled: it stops in order
             raise

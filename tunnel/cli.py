@@ -65,8 +65,10 @@ def _run(coro) -> None:
 
 def cmd_proxy(args) -> int:
     from enroll.state import FleetState, default_state_dir  # the CA host's: never on a device
+    from tunnel.memory import tune_allocator
     from tunnel.proxy import Proxy
 
+    tune_allocator()  # before the proxy allocates its buffers or starts a thread (tunnel/memory.py)
     tlog.setup(args.log_format, args.log_level)
     state = FleetState(Path(args.state) if args.state else default_state_dir())
     host, port = split_host_port(args.listen, "--listen")

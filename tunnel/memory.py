@@ -1,18 +1,38 @@
-"""Hand freed memory back to the operating system: collect cyclic garbage, then ``malloc_trim``.
+"""Keep the proxy's RSS at the memory it uses: fixed glibc thresholds, a periodic collection and trim.
 
-Why (measured in issue 19 under the soak's load: 30 agents, 4 MiB sessions, FLEET_MEMORY_TRACE
-below): no proxy table grows, but every ended QUIC connection is a reference cycle in aioquic
-(bound methods of the connection in its own frame-handler table, TLS callbacks, crypto
-contexts; ~600 objects with their crypto and stream buffers), and 4,000-9,000 such unreachable
-objects a minute waited for Python's rare full collection, holding their buffers meanwhile.
-(Collecting them did not by itself flatten the soak's ~1 MB/min RSS creep: see bench/RESULTS.md.)
-Once a minute the proxy now runs a full collection (0.1 s for 85,000 objects on a loaded 2-core
-machine: a pause far below every keepalive and dead-peer timeout) and then
-``malloc_trim(0)``, which returns every whole free page of every glibc arena (``MADV_DONTNEED``):
-RSS stays near what is in use. Neither is needed for correctness; they keep the RSS an
-operator watches honest. (A fixed glibc mmap threshold was tried as well and did not lower RSS.)
+Why (measured in issue 19 under the soak's load: 30 agents, sessions of 64 KiB-4 MiB, the
+``FLEET_MEMORY_TRACE`` records below): no proxy table grows and live Python objects stay flat,
+yet the proxy's RSS crept up ~1-1.4 MB a minute for 25 minutes. Two causes, two remedies:
 
-Only glibc has ``malloc_trim``; elsewhere (musl, macOS) only the collection runs.
+* **glibc's dynamic mmap threshold** (``tune_allocator``, once at proxy start). glibc serves a
+  block of 128 KiB or more with its own ``mmap`` and gives it back at ``free`` - but when such a
+  block is freed it raises the threshold to that block's size (up to 32 MiB), and from then on
+  every block below it comes from the heap. The proxy's large blocks (QUIC send and receive
+  buffers of a 1 MiB stream window, joined reads, TLS records) then land in the heap between
+  small long-lived objects; freed, they leave holes that the heap's top cannot shrink past, and
+  a hole re-touched between two trims is resident again. With the thresholds fixed at glibc's
+  own defaults (128 KiB; ``mallopt`` turns the dynamic adjustment off) large blocks always go
+  to ``mmap`` and back to the kernel when freed. Measured side by side under the same load (10
+  minutes of soak-shaped churn, no restarts): glibc's free heap bytes 3-6 MB instead of
+  15-20 MB, the heap's RSS 17-21 MB instead of swinging 23-41 MB between trims, the proxy's
+  RSS 75-80 MB instead of 82-91 MB. The 30-minute soak's slope fell from 1.0-1.4 to 0.39
+  MB/min (a loaded run with a third of the sessions: not yet shown flat). Cost: one
+  ``mmap``/``munmap`` pair per large buffer; no CPU-per-MB difference showed in the
+  throughput case beyond its noise.
+  ``M_ARENA_MAX`` was measured as well (``arena_max=1``): no difference, the proxy's few
+  threads (registry writer, policy loader) allocate little, so it is left at glibc's default.
+  An operator's own ``GLIBC_TUNABLES=glibc.malloc.…`` wins: then nothing is changed.
+* **Garbage waiting for the collector** (``release_free_memory``, once a minute). Every ended
+  QUIC connection is a reference cycle in aioquic (bound methods of the connection in its own
+  frame-handler table, TLS callbacks, crypto contexts; ~600 objects with their crypto and
+  stream buffers): 4,000-9,000 such unreachable objects a minute waited for Python's rare full
+  collection, holding their buffers meanwhile. Once a minute the proxy runs a full collection
+  (0.1 s for 85,000 objects on a loaded 2-core machine: a pause far below every keepalive and
+  dead-peer timeout) and then ``malloc_trim(0)``, which returns every whole free page of every
+  glibc arena (``MADV_DONTNEED``).
+
+Neither is needed for correctness; they keep the RSS an operator watches honest. Only glibc has
+``mallopt``/``malloc_trim``; elsewhere (musl, macOS) only the collection runs.
 """
 
 from __future__ import annotations
@@ -37,6 +57,43 @@ def _load_malloc_trim():
 
 
 _malloc_trim = _load_malloc_trim()
+
+
+#: ``mallopt`` parameters (glibc's malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+#: blocks this large or larger get their own ``mmap`` and go back to the kernel when freed:
+#: glibc's default, fixed (setting it turns off glibc's raising it after each large free)
+MMAP_THRESHOLD = 128 * 1024
+#: free memory at the heap's top beyond this is returned at once (glibc's default, fixed too:
+#: the dynamic adjustment raises it to twice the largest freed mmapped block)
+TRIM_THRESHOLD = 128 * 1024
+
+
+def _load_mallopt():
+    try:
+        fn = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def tune_allocator() -> bool | None:
+    """Fix glibc's mmap and trim thresholds for this process (see the module docstring: why).
+
+    Call it once, early in a long-running process (the proxy calls it first thing in ``tunnel
+    proxy``). Returns True if set, False if glibc refused or the operator's ``GLIBC_TUNABLES``
+    already set malloc parameters (theirs win), None where there is no ``mallopt`` (not glibc).
+    """
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    mallopt = _load_mallopt()
+    if mallopt is None:
+        return None
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def trim_available() -> bool:

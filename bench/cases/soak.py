@@ -25,8 +25,9 @@ cause are reported in a row of their own, with their reasons. A session that end
 
 Reported: sessions and bytes verified, failures by class, truncated-as-clean, checksum
 failures, time until every agent is back after each proxy restart, proxy and agent RSS slope
-(MB/min, least squares after a warm-up) over the longest window without a proxy restart, proxy
-fds and threads over that window, audit ``session.start`` without ``session.end``, and
+(MB/min, least squares after a warm-up) over the longest window without a proxy restart (with
+the slopes of its two halves, and the proxy's resident memory by mapping: C heap, anonymous,
+files), proxy fds and threads over that window, audit ``session.start`` without ``session.end``, and
 tracebacks in every log (proxy, agents, forward, proxy-command).
 """
 
@@ -82,7 +83,28 @@ class Disruption:
     at: float
     kind: str  # agent-kill | transport-switch | proxy-sigterm | proxy-kill
     device: str | None = None
-    back_after: float | None = None
+    back_after: float | None = None  # every agent online again this long after ``at``
+    waited: float | None = None  # how long the soak waited for that, back or not
+
+
+def rss_by_kind(pid: int) -> dict[str, int] | None:
+    """Resident KiB of ``pid`` by kind of mapping: the C heap (``[heap]``: glibc's main arena),
+    anonymous (pymalloc's arenas, glibc's mmapped blocks and thread arenas, stacks) and files
+    (libraries). Tells heap fragmentation from Python objects or buffers when RSS grows."""
+    kinds = {"heap": 0, "anon": 0, "file": 0}
+    kind = "anon"
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                head = line.split(maxsplit=6)
+                if head and "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line
+                    path = head[5].strip() if len(head) > 5 else ""
+                    kind = "heap" if path == "[heap]" else "anon" if not path or path.startswith("[") else "file"
+                elif head and head[0] == "Rss:":
+                    kinds[kind] += int(head[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return kinds
 
 
 class EchoService:
@@ -369,11 +391,12 @@ class Soak:
             else:
                 self.restarting.set()
                 at = time.monotonic()
+                d = Disruption(self.now(), kind)  # sessions start failing when the signal is sent
                 self.fleet.stop(self.proxy, signal.SIGKILL if kind == "proxy-kill" else signal.SIGTERM)
-                d = Disruption(self.now(), kind)
                 self.disruptions.append(d)
                 self.proxy = self.start_proxy()
                 d.back_after = self.wait_all_back(at)
+                d.waited = round(time.monotonic() - at, 2)
                 self.restarting.clear()
 
     # --- measurements -------------------------------------------------------------------------
@@ -388,7 +411,7 @@ class Soak:
             except (OSError, AttributeError):
                 fds = threads = None
             self.samples.append({"t": self.now(), "proxy_pid": pid, "proxy_rss_kb": rss_kb(pid),
-                                 "proxy_fds": fds, "proxy_threads": threads,
+                                 "proxy_rss_by_kind": rss_by_kind(pid), "proxy_fds": fds, "proxy_threads": threads,
                                  "agents": {d: (p.pid, rss_kb(p.pid)) for d, p in self.agent_procs.items()}})
 
     def run(self) -> list[dict]:
@@ -438,8 +461,15 @@ class Soak:
                         found.append(Disruption(at, f"agent-reconnect: {rec.get('reason')}", device))
         return found
 
+    @staticmethod
+    def recovered(d: Disruption) -> float:
+        """When the fleet counts as back after ``d``: every agent online, or the soak gave up
+        waiting (agents not back in time are coming back all that while; what fails after
+        that is unexpected), plus grace."""
+        return d.at + (d.back_after if d.back_after is not None else d.waited or 0) + 2 * GRACE
+
     def caused_by_soak(self, r: Disruption) -> bool:
-        return any(d.device in (None, r.device) and d.at - GRACE <= r.at <= d.at + (d.back_after or 0) + 2 * GRACE
+        return any(d.device in (None, r.device) and d.at - GRACE <= r.at <= self.recovered(d)
                    for d in self.disruptions)
 
     def expected(self, o: Outcome) -> bool:
@@ -448,8 +478,7 @@ class Soak:
                 continue
             if o.start - GRACE <= d.at <= o.end + GRACE:
                 return True
-            recovered = d.at + (d.back_after or 0) + GRACE * 2
-            if d.at <= o.start <= recovered:
+            if d.at <= o.start <= self.recovered(d):
                 return True
         return False
 
@@ -505,7 +534,14 @@ class Soak:
         a, b = self.window()
         warm = min(120.0, (b - a) / 5)
         win = [s for s in self.samples if a + warm <= s["t"] < b]
-        proxy_slope = self.slope([(s["t"] / 60, s["proxy_rss_kb"] / 1024) for s in win if s["proxy_rss_kb"]])
+        proxy_points = [(s["t"] / 60, s["proxy_rss_kb"] / 1024) for s in win if s["proxy_rss_kb"]]
+        proxy_slope = self.slope(proxy_points)
+        # a plateau still being reached looks different from a steady leak: both halves' slopes
+        halves = [self.slope(proxy_points[:len(proxy_points) // 2]), self.slope(proxy_points[len(proxy_points) // 2:])]
+        kinds = [s["proxy_rss_by_kind"] for s in win if s.get("proxy_rss_by_kind")]
+        by_kind = ", ".join(f"{k} {kinds[0][k] / 1024:.1f} -> {kinds[-1][k] / 1024:.1f}"
+                            f" ({self.slope([(s['t'] / 60, s['proxy_rss_by_kind'][k] / 1024) for s in win if s.get('proxy_rss_by_kind')]) or 0:+.3f}/min)"
+                            for k in kinds[0]) if len(kinds) >= 3 else "not sampled"
         agent_slopes = []
         for d in self.devices:
             pts: dict[int, list] = {}
@@ -549,7 +585,9 @@ class Soak:
             {"metric": "soak: proxy RSS slope without restarts", "unit": "MB/min", "target": "<= 0.2",
              "value": round(proxy_slope, 3) if proxy_slope is not None else None,
              "note": f"window {a:.0f}-{b:.0f} s ({(b - a) / 60:.1f} min), first {warm:.0f} s skipped as "
-                     f"warm-up; RSS {win[0]['proxy_rss_kb'] / 1024:.1f} -> {win[-1]['proxy_rss_kb'] / 1024:.1f} MB"
+                     f"warm-up; RSS {win[0]['proxy_rss_kb'] / 1024:.1f} -> {win[-1]['proxy_rss_kb'] / 1024:.1f} MB; "
+                     f"slope of the first half {halves[0] or 0:.3f}, of the second {halves[1] or 0:.3f} MB/min; "
+                     f"by mapping (MB): {by_kind}"
                      if win else "no samples"},
             {"metric": "soak: agent RSS slope (median)", "unit": "MB/min",
              "value": round(agent_slopes[len(agent_slopes) // 2], 3) if agent_slopes else None,
