@@ -54,6 +54,13 @@ class AuthorizedServerConnection(_Base):
             log.info("refused %s: %s %s", self.remote_address, exc.wire_code, exc.reason)
             self.close(exc.wire_code, exc.reason)
             return
+        except TimeoutError:
+            # a loaded proxy (policy snapshot still loading): the peer retries; not a bug, so
+            # one line and no traceback
+            log.warning("authorizing %s took over %.0f s: closed, the peer will retry",
+                        self.remote_address, server._authorize_timeout)
+            self.close(ErrorCode.AUTHORIZE_FAILED, "authorization took too long: try again")
+            return
         except Exception:
             log.exception("authorize() failed for %s", self.remote_address)
             self.close(ErrorCode.AUTHORIZE_FAILED, "authorization failed")
