@@ -19,6 +19,13 @@ for a stream over a Unix socket (``tunnel.helper_protocol`` says what goes over 
   expires. Exits after ``idle`` seconds without sessions or requests (default 30 minutes).
 - The proxy sees the same identity, policy and audit as from ``tunnel proxy-command``: each
   session is one dial on the helper's connection, refused or not by the proxy alone.
+- Serves the engineer's other commands the same way: ``request`` (``tunnel ls``, ``whoami``,
+  ``status``, the inventory plugin's listing) is one request on the warm connection, ``cert``
+  (``tunnel ssh-cert``, ssh_config's ``Match exec``) one certificate, and ``forward``
+  (``tunnel forward``/``db``/``kube``) takes the command's listening socket and splices each
+  connection it accepts, for as long as the command stays attached.
+- Every session — ssh's stream or a forwarded TCP connection — goes through
+  ``Helper.splice_session``, the one place a tunnel stream meets a local end.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import logging
 import os
 import signal
@@ -34,15 +42,18 @@ import struct
 import time
 from pathlib import Path
 
+from enroll.addresses import AddressError, split_host_port
 from tunnel import helper_protocol as hp
 from tunnel.client import (
     Client,
     ClientError,
     UserIdentity,
     device_from_host,
+    preflight,
     service_from_port,
 )
-from tunnel.splice import Ends, StreamEnds, splice
+from tunnel.splice import Ends, SocketEnds, SpliceResult, StreamEnds, reset_on_close, splice
+from tunnel.transport import Stream
 
 log = logging.getLogger("tunnel.helper")
 
@@ -50,6 +61,8 @@ log = logging.getLogger("tunnel.helper")
 IDLE = 30 * 60.0
 #: how often the helper looks at its socket, the identity and the clock
 WATCH_EVERY = 0.5
+#: how long a ``forward`` client may take to send its listening socket after the ack
+FD_WAIT = 5.0
 #: a dial renews the LOGIN@DEVICE certificate when the cached one is older than this, so the
 #: next ssh finds it fresh (ssh_config's ``Match exec`` skips while it is < 3 minutes old)
 RENEW_AFTER = 60.0
@@ -307,6 +320,11 @@ class Helper:
             if code in hp.REPLACE:
                 self.retire(f"a client found this helper stale: {reason}")
             return
+        if req.get("proxy") and not self._same_proxy(req["proxy"]):
+            send({"ok": False, "code": hp.OTHER_PROXY, "version": self.version,
+                  "reason": f"this helper is connected to {self._proxy_text()}, not {req['proxy']}"})
+            await writer.drain()
+            return
         send({"ok": True, "pid": os.getpid(), "version": self.version})
         op = req["op"]
         if op == "status":
@@ -315,9 +333,28 @@ class Helper:
             self.stop("asked to stop")
         elif op == "cert":
             send(await self._cert(req))
+        elif op == "request":
+            await self._request(req, writer)
+        elif op == "forward":
+            await self._forward(req, reader, writer)  # first: no await between the ack and it
         elif op == "dial":
             await self._dial(req, reader, writer)
         await writer.drain()
+
+    def _proxy_text(self) -> str:
+        host, port = self.identity.proxy
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _same_proxy(self, given: str) -> bool:
+        try:
+            return split_host_port(given, "proxy") == tuple(self.identity.proxy)
+        except AddressError:
+            return False
+
+    def _check_expiry(self) -> None:
+        """An expired identity: the same "expired: log in again" error as the direct path."""
+        if self.expires and self.expires < time.time():
+            self.identity.tls()
 
     def status(self) -> dict:
         c = self._client
@@ -337,6 +374,7 @@ class Helper:
         from tunnel import engineer
 
         try:
+            self._check_expiry()
             path = await engineer.fetch_ssh_cert(self.identity, req["device"], req["login"],
                                                  client=await self.client())
         except ClientError as exc:
@@ -362,8 +400,7 @@ class Helper:
         login = req.get("login")
         renew = None
         try:
-            if self.expires and self.expires < time.time():
-                self.identity.tls()  # raises the same "expired: log in again" as the direct path
+            self._check_expiry()
             client = await self.client()
             if login and service == "ssh":
                 renew = asyncio.create_task(self._renew_cert(client, device, login))
@@ -375,14 +412,12 @@ class Helper:
             return
         writer.write(hp.encode_line({"ok": True}))
         local = FramedEnds(reader, writer)
-        self.sessions += 1
         try:
-            result = await splice(StreamEnds(stream, rest), local)
+            result = await self.splice_session(stream, rest, local)
         except asyncio.CancelledError:
             local.cut(f"the helper stopped ({self.stopping or 'shutting down'})")
             raise
         finally:
-            self.sessions -= 1
             if renew:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asyncio.wait_for(renew, 5.0)
@@ -390,6 +425,169 @@ class Helper:
             local.cut(f"{result.error} (after {result.a_to_b} bytes from the device)")
         else:
             await writer.drain()
+
+
+    async def splice_session(self, stream: Stream, rest: bytes, local: Ends) -> SpliceResult:
+        """Carry one session between its tunnel stream and its local end, both ways, until both
+        ended; a cut aborts both ends (``tunnel.splice``). The one place every session of the
+        helper — ssh's frames, each forwarded TCP connection — is spliced."""
+        self.sessions += 1
+        try:
+            return await splice(StreamEnds(stream, rest), local)
+        finally:
+            self.sessions -= 1
+
+    # --- request: one proxy request on the warm connection -------------------------------------
+
+    async def _request(self, req: dict, writer: asyncio.StreamWriter) -> None:
+        try:
+            self._check_expiry()
+            body = await (await self.client()).request(req["name"])
+        except ClientError as exc:
+            writer.write(hp.encode_line(self._refused(exc)))
+            return
+        writer.write(hp.encode_line({"ok": True}))
+        writer.write(hp.data_frames(json.dumps(body, separators=(",", ":")).encode()) + hp.frame(hp.END))
+
+    # --- forward: the command's listening socket, served here ----------------------------------
+
+    async def _receive_listener(self, writer: asyncio.StreamWriter) -> socket.socket:
+        """The listening TCP socket the client sends right after the ack (``SCM_RIGHTS``).
+
+        The stream's transport reads nothing meanwhile (a plain read would drop the descriptor):
+        the one byte is read with ``recvmsg`` on a duplicate of the connection's socket.
+        """
+        transport = writer.transport
+        assert isinstance(transport, asyncio.ReadTransport)  # a Unix socket's: reads and writes
+        transport.pause_reading()
+        raw = writer.get_extra_info("socket")
+        dup = socket.socket(fileno=os.dup(raw.fileno()))
+
+        def receive() -> tuple[bytes, list[int]]:
+            dup.settimeout(FD_WAIT)
+            msg, fds, _flags, _addr = socket.recv_fds(dup, 1, 4)
+            return msg, fds
+
+        try:
+            msg, fds = await asyncio.to_thread(receive)
+        except OSError as exc:
+            raise hp.ProtocolError(f"no listening socket from the client: {exc.strerror or exc}") from None
+        finally:
+            dup.close()
+            transport.resume_reading()
+        if msg != hp.FD_BYTE or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise hp.ProtocolError("forward: expected one byte carrying one listening socket")
+        listener = socket.socket(fileno=fds[0])
+        if (listener.family not in (socket.AF_INET, socket.AF_INET6) or listener.type != socket.SOCK_STREAM
+                or not listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+            listener.close()
+            raise hp.ProtocolError("forward: the socket sent is not a listening TCP socket")
+        # accepted connections inherit it: a helper killed with -9 resets them, never ends them
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return listener
+
+    async def _forward(self, req: dict, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve ``tunnel forward``/``db``/``kube``'s listening socket while the command is attached.
+
+        The same behaviour as ``tunnel.client.forward`` (a preflight session first; each local
+        connection one session; a refused or cut one reset, with one line for the command to
+        print; the forward over when the connection to the proxy ends), on the warm connection.
+        """
+        def send(message: dict) -> None:
+            with contextlib.suppress(OSError, RuntimeError):
+                writer.write(hp.encode_line(message))
+
+        try:
+            listener = await self._receive_listener(writer)
+        except hp.ProtocolError as exc:
+            send({"ok": False, "code": exc.code, "reason": str(exc)})
+            return
+        device, service = req["device"], req["service"]
+        try:
+            self._check_expiry()
+            client = await self.client()
+            if req.get("check", "yes") == "yes":
+                await preflight(client, device, service)
+        except ClientError as exc:
+            listener.close()
+            send(self._refused(exc))
+            return
+        send({"ok": True})
+        handlers: set[asyncio.Task] = set()
+
+        def say(peer, what: str) -> None:
+            who = "{}:{}".format(*peer[:2]) if peer else "a local connection"
+            send({"say": f"tunnel: forward {who} -> {device}/{service}: {what}"})
+
+        async def handle(local_reader: asyncio.StreamReader, local_writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None  # asyncio runs each connection's handler as a task
+            handlers.add(task)
+            task.add_done_callback(handlers.discard)
+            peer = local_writer.get_extra_info("peername")
+            clean = False
+            try:
+                try:
+                    stream, rest = await client.dial(device, service)
+                except ClientError as exc:
+                    say(peer, f"refused: {exc} (reset the local connection)")
+                    return
+                result = await self.splice_session(stream, rest, SocketEnds(local_reader, local_writer))
+                if result.error:
+                    say(peer, f"session cut after {result.a_to_b} bytes from the device and "
+                              f"{result.b_to_a} to it: {result.error} (reset the local connection)")
+                clean = not result.error
+            except asyncio.CancelledError:
+                pass  # the forward is ending: reset below
+            finally:
+                if not clean:  # refused, cut, or the forward is ending: a reset, never a FIN
+                    reset_on_close(local_writer)
+                    local_writer.transport.abort()
+                else:
+                    reset_on_close(local_writer, False)  # a clean end: a FIN after all
+                    with contextlib.suppress(OSError):
+                        local_writer.close()
+
+        server = await asyncio.start_server(handle, sock=listener)
+        lost = asyncio.create_task(self._lost(client))
+        detached = asyncio.create_task(reader.read(1))  # the command ended (or broke) the handoff
+        end: dict | None = None
+        try:
+            done, _ = await asyncio.wait({lost, detached}, return_when=asyncio.FIRST_COMPLETED)
+            if lost in done:
+                end = {"end": True, "code": "unreachable",
+                       "reason": f"connection to the proxy ended: {lost.result()}"}
+        except asyncio.CancelledError:
+            end = {"end": True, "code": "cut",
+                   "reason": f"the helper stopped ({self.stopping or 'shutting down'}): open "
+                             f"connections to {device}/{service} were reset"}
+            raise
+        finally:
+            lost.cancel()
+            detached.cancel()
+            server.close()  # stops listening (the command's own copy closes when it exits)
+            for task in list(handlers):
+                task.cancel()
+            if handlers:  # each open connection is reset, and says why
+                await asyncio.wait(handlers, timeout=2.0)
+            if end:
+                send(end)
+
+    @staticmethod
+    async def _lost(client: Client) -> str:
+        """Why ``client``'s connection is over for a forward (closed, or given up by its watch)."""
+        closed = asyncio.ensure_future(client.conn.wait_closed())
+        try:
+            while not closed.done():
+                if client.dead:
+                    return client.dead
+                await asyncio.wait({closed}, timeout=0.5)
+            why = closed.result()
+            return client.dead or (str(getattr(why, "reason", None) or why) if why else "closed")
+        finally:
+            closed.cancel()
 
 
 def run(identity: UserIdentity, idle: float | None = IDLE) -> int:
