@@ -193,9 +193,22 @@ class Fleet:
         proc._log_file.close()
 
     def close(self) -> None:
+        self.stop_helpers()
         for proc in reversed(self.processes):
             self.stop(proc)
         self.processes.clear()
+
+    def stop_helpers(self) -> None:
+        """Stop the per-user helpers the engineer commands started for this fleet's identities
+        (they would otherwise outlive the test by their 30-minute idle period)."""
+        from tunnel import helper_protocol
+
+        env = {**os.environ, **self.env}
+        users = self.root / "users"
+        for identity in sorted(users.iterdir()) if users.is_dir() else ():
+            if os.path.exists(helper_protocol.socket_path(str(identity), env)):
+                subprocess.run([PY, "-m", "tunnel.cli", "helper", "stop", "--identity", str(identity)],
+                               env=env, capture_output=True, timeout=30)
 
     def audit(self) -> list[dict]:
         from enroll import audit

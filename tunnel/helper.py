@@ -53,7 +53,7 @@ from tunnel.client import (
     service_from_port,
 )
 from tunnel.splice import Ends, SocketEnds, SpliceResult, StreamEnds, reset_on_close, splice
-from tunnel.transport import Stream
+from tunnel.transport import Stream, TransportError
 
 log = logging.getLogger("tunnel.helper")
 
@@ -61,6 +61,12 @@ log = logging.getLogger("tunnel.helper")
 IDLE = 30 * 60.0
 #: how often the helper looks at its socket, the identity and the clock
 WATCH_EVERY = 0.5
+#: a warm connection silent this long (its watch pings every 2 s) is pinged before it is used
+SILENT = 5.0
+#: a request unanswered this long makes the helper ping the connection it went on
+PROBE_AFTER = 1.0
+#: how long such a ping may take before the connection counts as dead
+PROBE_TIMEOUT = 2.0
 #: how long a ``forward`` client may take to send its listening socket after the ack
 FD_WAIT = 5.0
 #: a dial renews the LOGIN@DEVICE certificate when the cached one is older than this, so the
@@ -173,9 +179,13 @@ class Helper:
 
     async def client(self) -> Client:
         """The warm connection, made (again) if there is none: the race, keepalive and PING
-        watch of ``tunnel.client.Client``; a dead one is replaced at the next request."""
+        watch of ``tunnel.client.Client``; a dead one is replaced at the next request, and one
+        silent for SILENT seconds is pinged first (a proxy killed without a close leaves a
+        connection that looks open until the watch gives up on it)."""
         async with self._connecting:
             client = self._client
+            if client is not None and self._connected() and not await self._answers(client, SILENT):
+                self._drop(client, "the proxy stopped answering")
             if client is None or not self._connected():
                 if self._watch:
                     self._watch.cancel()
@@ -185,6 +195,38 @@ class Helper:
                 self._watch = asyncio.create_task(client.watch())
                 log.info("connected to the proxy %s:%s", *self.identity.proxy)
             return client
+
+    @staticmethod
+    async def _answers(client: Client, silent: float = 0.0) -> bool:
+        """False if ``client``'s connection, silent for ``silent`` seconds or more, does not
+        answer a ping within PROBE_TIMEOUT."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - getattr(client.conn, "last_received", 0.0) < silent:
+            return True
+        try:
+            await client.conn.ping(PROBE_TIMEOUT)
+        except (TimeoutError, TransportError, OSError):
+            return False
+        return True
+
+    def _drop(self, client: Client, why: str) -> None:
+        log.info("dropping the connection to the proxy: %s", why)
+        client.dead = client.dead or why
+        client.close()
+
+    async def _ask(self, call):
+        """``await call(client)`` on the warm connection. If it has no answer within PROBE_AFTER
+        and the connection does not answer a ping either (the proxy went away without a close),
+        once more on a new connection: only for requests that read (asking twice is harmless),
+        so the engineer gets today's quick "cannot connect", not a 20 s timeout."""
+        client = await self.client()
+        first = asyncio.ensure_future(call(client))
+        done, _ = await asyncio.wait({first}, timeout=PROBE_AFTER)
+        if done or await self._answers(client):
+            return await first
+        first.cancel()
+        self._drop(client, "the proxy stopped answering")
+        return await call(await self.client())
 
     async def _warm(self) -> None:
         with contextlib.suppress(ClientError):
@@ -375,8 +417,8 @@ class Helper:
 
         try:
             self._check_expiry()
-            path = await engineer.fetch_ssh_cert(self.identity, req["device"], req["login"],
-                                                 client=await self.client())
+            path = await self._ask(lambda client: engineer.fetch_ssh_cert(
+                self.identity, req["device"], req["login"], client=client))
         except ClientError as exc:
             return self._refused(exc)
         return {"ok": True, "path": str(path)}
@@ -442,7 +484,7 @@ class Helper:
     async def _request(self, req: dict, writer: asyncio.StreamWriter) -> None:
         try:
             self._check_expiry()
-            body = await (await self.client()).request(req["name"])
+            body = await self._ask(lambda client: client.request(req["name"]))
         except ClientError as exc:
             writer.write(hp.encode_line(self._refused(exc)))
             return

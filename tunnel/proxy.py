@@ -598,6 +598,18 @@ class Proxy:
             return
         except TransportError:
             return
+        # A connection outlives its admission (the engineer's per-user helper keeps one for
+        # 30 min): each stream checks the account again, and one locked, revoked or expired
+        # since gets the very refusal the connect would give, closing the connection.
+        snapshot = await self.policy.refresh()
+        if (denial := access.user_denial(snapshot, peer, dt.datetime.now(dt.UTC))) is not None:
+            code = denial.code if denial.code in CODES else "locked"
+            await self._settled(self._audit(
+                "access.denied", actor=peer.actor, actor_roles=peer.identity.roles, result="denied",
+                reason=denial.reason, code=code, remote=remote, stage="stream"))
+            self.metrics.refused(code, "stream")
+            conn.close(CODES[code], f"{code}: {denial.reason}")
+            return
         if msg.kind == "dial":
             await self._dial(peer, stream, msg, rest, remote)
         elif msg.kind == "request":
