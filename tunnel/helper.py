@@ -444,15 +444,16 @@ class Helper:
         try:
             self._check_expiry()
             client = await self.client()
-            if login and service == "ssh":
-                renew = asyncio.create_task(self._renew_cert(client, device, login))
             stream, rest = await client.dial(device, service, login)
         except ClientError as exc:
             writer.write(hp.encode_line(self._refused(exc)))
-            if renew:
-                renew.cancel()
             return
         writer.write(hp.encode_line({"ok": True}))
+        if login and service == "ssh":
+            # after the answer, not beside the dial: this ssh already holds a fresh certificate
+            # (its Match exec saw to that); the renewal is for the next one, and must not delay
+            # this one's banner on the proxy or on our loop
+            renew = asyncio.create_task(self._renew_cert(client, device, login))
         local = FramedEnds(reader, writer)
         try:
             result = await self.splice_session(stream, rest, local)

@@ -38,7 +38,6 @@ ack within ``ACK_TIMEOUT``) from a slow proxy, and never hangs on the former.
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 
@@ -156,10 +155,72 @@ def identity_stamp(identity_dir: str) -> str:
 
 
 # --- lines --------------------------------------------------------------------------------
+#
+# JSON through the ``_json`` accelerator module directly: the ``json`` package imports ``re``,
+# which costs the ProxyCommand client ~5 ms (more on a loaded machine) of every ssh. What the
+# client sends and reads is flat (strings, numbers, booleans, null); anything else the helper
+# writes goes through ``json`` (loaded there anyway).
+
+_scan: Any
+_quote: Any
+try:
+    import _json
+
+    class _Context:
+        """What ``_json.make_scanner`` reads off ``json.JSONDecoder``: strict JSON, no hooks."""
+
+        strict = True
+        object_hook = None
+        object_pairs_hook = None
+        parse_float = float
+        parse_int = int
+
+        @staticmethod
+        def parse_constant(name: str) -> None:
+            raise ValueError(f"{name} is not JSON")
+
+    _scan = _json.make_scanner(_Context())  # type: ignore[arg-type]  # duck-typed, as json does
+    _quote = _json.encode_basestring_ascii
+except (ImportError, AttributeError):  # pragma: no cover - a Python without the accelerator
+    _scan = _quote = None
+
+
+def _dumps(message: dict[str, Any]) -> str:
+    if _quote is not None and all(isinstance(k, str) for k in message):
+        parts = []
+        for key, value in message.items():
+            if value is None or isinstance(value, bool):
+                text = {None: "null", True: "true", False: "false"}[value]
+            elif isinstance(value, str):
+                text = _quote(value)
+            elif isinstance(value, int):
+                text = str(int(value))
+            else:
+                break  # nested or float: the json package
+            parts.append(f"{_quote(key)}:{text}")
+        else:
+            return "{" + ",".join(parts) + "}"
+    import json
+
+    return json.dumps(message, separators=(",", ":"))
+
+
+def _loads(text: str) -> object:
+    if _scan is None:  # pragma: no cover
+        import json
+
+        return json.loads(text)
+    try:
+        value, end = _scan(text, 0)
+    except StopIteration:
+        raise ValueError("not JSON") from None
+    if end != len(text):
+        raise ValueError("trailing data after the JSON value")
+    return value
 
 
 def encode_line(message: dict[str, Any]) -> bytes:
-    line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    line = _dumps(message).encode() + b"\n"
     if len(line) > MAX_LINE:
         raise ProtocolError(f"line of {len(line)} bytes is over {MAX_LINE}")
     return line
@@ -171,8 +232,8 @@ def decode_line(line: bytes) -> dict[str, Any]:
     if not line.endswith(b"\n"):
         raise ProtocolError("the line ended early (no newline)")
     try:
-        message = json.loads(line)
-    except ValueError:
+        message = _loads(line[:-1].decode())
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise ProtocolError("the line is not JSON") from None
     if not isinstance(message, dict):
         raise ProtocolError("the line is not a JSON object")
