@@ -326,7 +326,12 @@ def forward_via_helper(identity: UserIdentity, device: str, service: str, host: 
             elif event.get("end"):
                 raise ClientError(event.get("reason") or "the forward ended", event.get("code") or "cut")
     except _Detach:
-        pass
+        if handoff is not None:  # what the helper already said still reaches the engineer
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            for event in handoff.pending():
+                if "say" in event:
+                    print(event["say"], file=sys.stderr, flush=True)
     finally:
         if handoff is not None:
             handoff.close()

@@ -139,6 +139,19 @@ class FramedEnds(Ends):
         self.writer.close()
 
 
+class _SaidFirst(SocketEnds):
+    """A forwarded TCP connection whose reset waits until the command was told why.
+
+    ``splice`` aborts both ends when a session is cut; here that is left to the forward's
+    handler, which sends the command its line first and resets right after: the engineer who
+    sees the reset finds the reason already on its way (as in ``tunnel.client.forward``, where
+    one process does both in that order).
+    """
+
+    def abort(self) -> None:
+        pass
+
+
 class Helper:
     def __init__(self, identity: UserIdentity, *, idle: float | None = IDLE, path: str | None = None):
         self.identity = identity
@@ -577,7 +590,7 @@ class Helper:
                 except ClientError as exc:
                     say(peer, f"refused: {exc} (reset the local connection)")
                     return
-                result = await self.splice_session(stream, rest, SocketEnds(local_reader, local_writer))
+                result = await self.splice_session(stream, rest, _SaidFirst(local_reader, local_writer))
                 if result.error:
                     say(peer, f"session cut after {result.a_to_b} bytes from the device and "
                               f"{result.b_to_a} to it: {result.error} (reset the local connection)")
@@ -602,6 +615,9 @@ class Helper:
             if lost in done:
                 end = {"end": True, "code": "unreachable",
                        "reason": f"connection to the proxy ended: {lost.result()}"}
+                server.close()  # new connections are refused from here, not accepted and reset
+                if handlers:  # their streams fail now: let each say why before the end
+                    await asyncio.wait(set(handlers), timeout=2.0)
         except asyncio.CancelledError:
             end = {"end": True, "code": "cut",
                    "reason": f"the helper stopped ({self.stopping or 'shutting down'}): open "

@@ -489,6 +489,16 @@ class Forwarding:
             if event.get("end"):
                 return
 
+    def pending(self, timeout: float = 0.3) -> list[dict]:
+        """Lines the helper already sent (a connection reset just before the command stops:
+        its reason is on its way), waiting at most ``timeout`` for the next."""
+        events: list[dict] = []
+        while True:
+            try:
+                events.append(self.lines.line(timeout))
+            except (HelperGone, Unusable, hp.ProtocolError):
+                return events
+
     def close(self) -> None:
         """Detach: the helper stops listening and resets the connections still open."""
         self.sock.close()
