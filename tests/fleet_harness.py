@@ -201,14 +201,16 @@ class Fleet:
     def stop_helpers(self) -> None:
         """Stop the per-user helpers the engineer commands started for this fleet's identities
         (they would otherwise outlive the test by their 30-minute idle period)."""
-        from tunnel import helper_protocol
+        from tunnel import helper_client, helper_protocol
 
         env = {**os.environ, **self.env}
         users = self.root / "users"
         for identity in sorted(users.iterdir()) if users.is_dir() else ():
-            if os.path.exists(helper_protocol.socket_path(str(identity), env)):
-                subprocess.run([PY, "-m", "tunnel.cli", "helper", "stop", "--identity", str(identity)],
-                               env=env, capture_output=True, timeout=30)
+            path = helper_protocol.socket_path(str(identity), env)
+            if os.path.exists(path):
+                with contextlib.suppress(helper_client.Unusable, helper_client.Declined, OSError):
+                    sock, _lines, _ack = helper_client.ask(str(identity), path, "stop", {})
+                    sock.close()  # asked: it exits on its own (no process started here to wait)
 
     def audit(self) -> list[dict]:
         from enroll import audit
