@@ -8,7 +8,6 @@ code and tests import it as ``inventory_plugin.fleet``.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import shlex
@@ -30,9 +29,11 @@ description:
     C(fleet_online) and C(fleet_offline).
   - Sets the connection settings once, on the parent group (C(fleet) by default), so every task
     runs through the tunnel with nothing configured per device - C(ansible_ssh_common_args) is
-    C(-F) the ssh_config written by C(tunnel config --hosts '*' --write) (ProxyCommand
-    C(tunnel proxy-command %n %p), a per-login/device SSH certificate fetched on demand, and a
-    known_hosts that trusts the fleet host CA).
+    C(-F) the ssh_config written by C(tunnel config --hosts '*' --write) (ProxyCommand through
+    the per-user helper, falling back to C(tunnel proxy-command %n %p), a per-login/device SSH
+    certificate fetched on demand, and a known_hosts that trusts the fleet host CA).
+  - The device listing is asked over the per-user helper's warm connection too (set
+    C(FLEET_HELPER=off) to bypass it).
   - Configuration files must be named C(*.fleet.yml) or C(*.fleet.yaml).
 extends_documentation_fragment:
   - constructed
@@ -112,7 +113,32 @@ class FleetInventoryError(FleetError, code="inventory"):
 
 
 def fetch_devices(identity_dir: str | None, proxy: str | None, timeout: float = 20.0) -> list[dict]:
-    """The proxy's ``ls`` for this identity (already filtered by the engineer's roles)."""
+    """The proxy's ``ls`` for this identity (already filtered by the engineer's roles).
+
+    Asked over the per-user helper's warm connection (started on demand, as ssh starts it: the
+    playbook's ssh connections then find it warm), so the listing costs no handshake of its
+    own; directly, as before the helper, when none can be had (``FLEET_HELPER=off``, no runtime
+    directory, a helper connected to another proxy than ``proxy``).
+    """
+    from tunnel import helper_client
+
+    reply = helper_client.fetch(helper_client.identity_dir(identity_dir), "ls", proxy, timeout)
+    if reply is None:
+        body = _fetch_direct(identity_dir, proxy, timeout)
+    elif not reply.get("ok"):
+        raise FleetInventoryError(reply.get("reason") or "the proxy refused the device listing")
+    else:
+        body = reply["body"]
+    devices = body.get("devices") if isinstance(body, dict) else None
+    if not isinstance(devices, list):
+        raise FleetInventoryError("the proxy's listing has no 'devices' list")
+    return devices
+
+
+def _fetch_direct(identity_dir: str | None, proxy: str | None, timeout: float) -> dict:
+    """The listing on a connection of our own (no helper)."""
+    import asyncio
+
     from tunnel.client import Client, ClientError, UserIdentity
 
     async def run():
@@ -125,7 +151,7 @@ def fetch_devices(identity_dir: str | None, proxy: str | None, timeout: float = 
 
     try:
         identity = UserIdentity.load(Path(identity_dir) if identity_dir else None, proxy)
-        body = asyncio.run(asyncio.wait_for(run(), timeout + 5))
+        return asyncio.run(asyncio.wait_for(run(), timeout + 5))
     except ClientError as exc:
         raise FleetInventoryError(str(exc)) from None
     except TimeoutError:
@@ -135,10 +161,6 @@ def fetch_devices(identity_dir: str | None, proxy: str | None, timeout: float = 
         ) from None
     except OSError as exc:
         raise FleetInventoryError(f"cannot read the identity: {exc}") from None
-    devices = body.get("devices")
-    if not isinstance(devices, list):
-        raise FleetInventoryError("the proxy's listing has no 'devices' list")
-    return devices
 
 
 def ssh_common_args(identity_dir: str | None, proxy: str | None) -> str:

@@ -197,9 +197,24 @@ class Fleet:
         proc._log_file.close()
 
     def close(self) -> None:
+        self.stop_helpers()
         for proc in reversed(self.processes):
             self.stop(proc)
         self.processes.clear()
+
+    def stop_helpers(self) -> None:
+        """Stop the per-user helpers the engineer commands started for this fleet's identities
+        (they would otherwise outlive the test by their 30-minute idle period)."""
+        from tunnel import helper_client, helper_protocol
+
+        env = {**os.environ, **self.env}
+        users = self.root / "users"
+        for identity in sorted(users.iterdir()) if users.is_dir() else ():
+            path = helper_protocol.socket_path(str(identity), env)
+            if os.path.exists(path):
+                with contextlib.suppress(helper_client.Unusable, helper_client.Declined, OSError):
+                    sock, _lines, _ack = helper_client.ask(str(identity), path, "stop", {})
+                    sock.close()  # asked: it exits on its own (no process started here to wait)
 
     def audit(self) -> list[dict]:
         """The audit log as plain dicts, for tests to index (``e["type"]``, ``e["fields"]``)."""

@@ -101,18 +101,20 @@ def test_identity_stamp_changes_with_the_certificate(tmp_path):
 
 def test_client_imports_only_the_standard_library():
     """The ProxyCommand client must start fast: the standard library and the pure error root only
-    (no asyncio, cryptography, aioquic, yaml, h2)."""
+    (no asyncio, cryptography, aioquic, yaml, h2), and not even the slow parts of that: ``socket``
+    (enum, selectors), ``typing``, ``hashlib`` (OpenSSL), ``json`` (re); ``sshwire`` loads only to refuse."""
     out = subprocess.run([PY, "-I", "-S", "-X", "importtime", str(CLIENT)], capture_output=True, text=True,
                          timeout=30)
     assert out.returncode == 2 and "usage:" in out.stderr
     modules = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
     modules.discard("imported package")
     ours = {m for m in modules if m.split(".")[0] == "tunnel"}
-    assert ours == {"tunnel", "tunnel.helper_protocol", "tunnel.sshwire"}, ours
+    assert ours == {"tunnel", "tunnel.helper_protocol"}, ours
     core = {"enroll", "enroll.errors"}  # the error root: pure, imports nothing (sshwire's errors derive from it)
     foreign = {m for m in modules - ours - core if m.split(".")[0] not in sys.stdlib_module_names}
     assert not foreign, foreign
     assert not modules & {"asyncio", "cryptography", "aioquic", "yaml", "h2", "ssl"}
+    assert not modules & {"socket", "typing", "hashlib", "subprocess", "selectors", "json", "re"}, modules
 
 
 # --- real OpenSSH through a real helper -------------------------------------------------------

@@ -160,22 +160,30 @@ def cmd_proxy_command(args) -> int:
     return EXIT_OK
 
 
-def cmd_forward(args) -> int:
+def _forward(identity: UserIdentity, device: str, service: str, host: str, port: int, ready, check: bool) -> None:
+    """Through the per-user helper (it serves the listening socket this command binds), else
+    directly, as before the helper: ``FLEET_HELPER=off``, or no helper can be had."""
+    from tunnel import engineer
     from tunnel.client import forward
 
+    if not engineer.forward_via_helper(identity, device, service, host, port, ready, check):
+        _run(forward(identity, device, service, host, port, ready, check))
+
+
+def cmd_forward(args) -> int:
     host, port = split_host_port(args.local, "--local", allow_zero=True)
 
     def ready(addr):
         print(f"forwarding {addr[0]}:{addr[1]} -> {args.device}/{args.service}", file=sys.stderr, flush=True)
 
-    _run(forward(_identity(args), args.device, args.service, host, port, ready, args.check))
+    _forward(_identity(args), args.device, args.service, host, port, ready, args.check)
     return EXIT_OK
 
 
 def cmd_ls(args) -> int:
     # bad selector syntax fails before dialing; bare words may be ids, checked once listed
     parse_selector([a for a in args.selector if not clitools.is_bare(a)])
-    body = asyncio.run(_with_client(args, lambda c: c.request("ls")))
+    body = _request(args, "ls")
     devices = body["devices"]
     # a bare argument naming a device you may reach is that device; the rest is a selector
     ids, terms = clitools.split_ids(args.selector, (d["id"] for d in devices))
@@ -187,10 +195,18 @@ def cmd_ls(args) -> int:
     return EXIT_OK
 
 
+def _request(args, name: str) -> dict:
+    """A read-only proxy request over the per-user helper's warm connection, else directly."""
+    from tunnel import engineer
+
+    body = engineer.helper_request(_identity(args), name)
+    return body if body is not None else asyncio.run(_with_client(args, lambda c: c.request(name)))
+
+
 def cmd_status(args) -> int:
     from tunnel.client import ClientError
 
-    body = asyncio.run(_with_client(args, lambda c: c.request("status")))
+    body = _request(args, "status")
     agents = body["agents"]
     if args.device:
         agents = [a for a in agents if a["device"] == args.device]
@@ -249,7 +265,7 @@ def cmd_logout(args) -> int:
 
 
 def cmd_whoami(args) -> int:
-    body = asyncio.run(_with_client(args, lambda c: c.request("whoami")))
+    body = _request(args, "whoami")
     output.emit(body, args.format)
     return EXIT_OK
 
@@ -257,7 +273,9 @@ def cmd_whoami(args) -> int:
 def cmd_ssh_cert(args) -> int:
     from tunnel import engineer
 
-    path = asyncio.run(engineer.fetch_ssh_cert(_identity(args), args.device, args.login))
+    identity = _identity(args)
+    path = engineer.helper_ssh_cert(identity, args.device, args.login) \
+        or asyncio.run(engineer.fetch_ssh_cert(identity, args.device, args.login))
     if args.format != "table":
         output.emit({"device": args.device, "login": args.login, "certificate": str(path)}, args.format)
     elif args.print_path:
@@ -337,7 +355,6 @@ def _ssh_option(value: str) -> str:
 
 def cmd_kube(args) -> int:
     from tunnel import engineer
-    from tunnel.client import forward
 
     identity = _identity(args)
     host, port = split_host_port(args.local, "--local", allow_zero=True)
@@ -360,7 +377,7 @@ def cmd_kube(args) -> int:
               file=sys.stderr, flush=True)
 
     try:
-        _run(forward(identity, args.device, args.service, host, port, ready, args.check))
+        _forward(identity, args.device, args.service, host, port, ready, args.check)
     finally:
         if merged:  # ended (Ctrl-C, SIGTERM, the proxy gone): leave no context at a dead port
             engineer.unmerge_kubeconfig(kubeconfig, args.device, merged[0])
@@ -368,8 +385,6 @@ def cmd_kube(args) -> int:
 
 
 def cmd_db(args) -> int:
-    from tunnel.client import forward
-
     host, port = split_host_port(args.local, "--local", allow_zero=True)
 
     def ready(addr):
@@ -377,7 +392,7 @@ def cmd_db(args) -> int:
         print(f"postgresql://{user}{addr[0]}:{addr[1]}/{args.database or ''}", flush=True)
         print(f"forwarding to {args.device}/{args.service}; Ctrl-C to stop", file=sys.stderr, flush=True)
 
-    _run(forward(_identity(args), args.device, args.service, host, port, ready, args.check))
+    _forward(_identity(args), args.device, args.service, host, port, ready, args.check)
     return EXIT_OK
 
 

@@ -15,6 +15,9 @@ import base64
 import datetime as dt
 import shlex
 import shutil
+import signal
+import socket
+import struct
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -218,6 +221,124 @@ def ssh_argv(identity: UserIdentity, target: str, command: list[str], extra: Seq
         raise ClientError("give the target as LOGIN@DEVICE")
     config = write_ssh_config(identity, "*")
     return ["ssh", "-F", str(config), *extra, f"{login}@{strip_suffix(device)}", *command]
+
+
+# --- through the per-user helper ----------------------------------------------------------------
+
+
+def proxy_text(identity: UserIdentity) -> str:
+    """The identity's proxy as HOST:PORT (``[v6]:PORT``): what a helper must be connected to."""
+    host, port = identity.proxy
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _refusal(reply: dict) -> ClientError:
+    """A refusal the helper passed on, as the error the direct path would raise (the same words,
+    the same code: the exit status follows it)."""
+    return ClientError(reply.get("reason") or "refused", reply.get("code") or "refused")
+
+
+def helper_request(identity: UserIdentity, name: str) -> dict | None:
+    """The proxy's answer to ``name`` (``ls``, ``whoami``, ``status``) over the helper's warm
+    connection (started on demand); None when no helper can be had — the caller then asks the
+    proxy itself, as before the helper existed (``FLEET_HELPER=off``, no runtime directory, a
+    helper connected to another proxy)."""
+    from tunnel import helper_client
+
+    reply = helper_client.fetch(str(identity.directory), name, proxy_text(identity))
+    if reply is None:
+        return None
+    if not reply.get("ok"):
+        raise _refusal(reply)
+    return reply["body"]
+
+
+def helper_ssh_cert(identity: UserIdentity, device: str, login: str) -> Path | None:
+    """``fetch_ssh_cert`` through the helper (it reuses a certificate with a minute left, else
+    asks on its warm connection); None when no helper can be had."""
+    from tunnel import helper_client
+
+    reply = helper_client.certificate(str(identity.directory), device, login, proxy_text(identity))
+    if reply is None:
+        return None
+    if not reply.get("ok"):
+        raise _refusal(reply)
+    return Path(reply["path"])
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The local listening socket of ``tunnel forward``/``db``/``kube``, bound by the command
+    itself (so a port in use is its own one-line error, before anything is dialed).
+
+    Connections it accepts inherit ``SO_LINGER 0``: whichever process serves them, one still
+    open when that process dies is reset, never ended as if complete.
+    """
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+        sock = socket.create_server(address, family=family, backlog=128)
+    except OSError as exc:
+        raise ClientError(f"cannot listen on {host}:{port}: {exc.strerror or exc}: choose another "
+                          "--local HOST:PORT (port 0 picks a free one)") from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    return sock
+
+
+class _Detach(Exception):
+    """SIGTERM/SIGINT while attached to the helper: detach, as Ctrl-C ends a direct forward."""
+
+
+def _detach(signum, frame) -> None:
+    raise _Detach
+
+
+def forward_via_helper(identity: UserIdentity, device: str, service: str, host: str, port: int,
+                       ready=None, check: bool = True) -> bool:
+    """``tunnel.client.forward``, served by the per-user helper; False when no helper can be had
+    (nothing was dialed: the caller forwards by itself).
+
+    The command binds ``host:port`` and hands the listening socket to the helper, which runs the
+    preflight on its warm connection, then accepts and splices each connection. The command
+    stays attached: it prints the line the helper sends for each connection refused or cut, and
+    ``ready`` once the preflight passed. Ctrl-C or SIGTERM detaches (the helper stops listening
+    and resets what is still open; exit 0, as before). The forward over for the helper (its
+    connection to the proxy ended: ``unreachable``, exit 3) or the helper gone (killed, stopped:
+    ``cut``, exit 4) raises ClientError with its one line.
+    """
+    from tunnel import helper_client
+
+    listener = listen(host, port)
+    previous = {sig: signal.signal(sig, _detach) for sig in (signal.SIGTERM, signal.SIGINT)}
+    handoff = None
+    try:
+        handoff = helper_client.forward(str(identity.directory), device, service, listener.fileno(),
+                                        proxy_text(identity), check)
+        if handoff is None:
+            return False
+        result = handoff.result()
+        if not result.get("ok"):
+            raise _refusal(result)
+        if ready:
+            ready(listener.getsockname())
+        for event in handoff.events():
+            if "say" in event:
+                print(event["say"], file=sys.stderr, flush=True)
+            elif event.get("end"):
+                raise ClientError(event.get("reason") or "the forward ended", event.get("code") or "cut")
+    except _Detach:
+        if handoff is not None:  # what the helper already said still reaches the engineer
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            for event in handoff.pending():
+                if "say" in event:
+                    print(event["say"], file=sys.stderr, flush=True)
+    finally:
+        if handoff is not None:
+            handoff.close()
+        listener.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return True
 
 
 # --- kube and db --------------------------------------------------------------------------------

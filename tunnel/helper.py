@@ -19,6 +19,13 @@ for a stream over a Unix socket (``tunnel.helper_protocol`` says what goes over 
   expires. Exits after ``idle`` seconds without sessions or requests (default 30 minutes).
 - The proxy sees the same identity, policy and audit as from ``tunnel proxy-command``: each
   session is one dial on the helper's connection, refused or not by the proxy alone.
+- Serves the engineer's other commands the same way: ``request`` (``tunnel ls``, ``whoami``,
+  ``status``, the inventory plugin's listing) is one request on the warm connection, ``cert``
+  (``tunnel ssh-cert``, ssh_config's ``Match exec``) one certificate, and ``forward``
+  (``tunnel forward``/``db``/``kube``) takes the command's listening socket and splices each
+  connection it accepts, for as long as the command stays attached.
+- Every session — ssh's stream or a forwarded TCP connection — goes through
+  ``Helper.splice_session``, the one place a tunnel stream meets a local end.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import logging
 import os
 import signal
@@ -34,15 +42,18 @@ import struct
 import time
 from pathlib import Path
 
+from enroll.addresses import AddressError, split_host_port
 from tunnel import helper_protocol as hp
 from tunnel.client import (
     Client,
     ClientError,
     UserIdentity,
     device_from_host,
+    preflight,
     service_from_port,
 )
-from tunnel.splice import Ends, StreamEnds, splice
+from tunnel.splice import Ends, SocketEnds, SpliceResult, StreamEnds, reset_on_close, splice
+from tunnel.transport import Stream, TransportError
 
 log = logging.getLogger("tunnel.helper")
 
@@ -50,6 +61,14 @@ log = logging.getLogger("tunnel.helper")
 IDLE = 30 * 60.0
 #: how often the helper looks at its socket, the identity and the clock
 WATCH_EVERY = 0.5
+#: a warm connection silent this long (its watch pings every 2 s) is pinged before it is used
+SILENT = 5.0
+#: a request unanswered this long makes the helper ping the connection it went on
+PROBE_AFTER = 1.0
+#: how long such a ping may take before the connection counts as dead
+PROBE_TIMEOUT = 2.0
+#: how long a ``forward`` client may take to send its listening socket after the ack
+FD_WAIT = 5.0
 #: a dial renews the LOGIN@DEVICE certificate when the cached one is older than this, so the
 #: next ssh finds it fresh (ssh_config's ``Match exec`` skips while it is < 3 minutes old)
 RENEW_AFTER = 60.0
@@ -120,6 +139,19 @@ class FramedEnds(Ends):
         self.writer.close()
 
 
+class _SaidFirst(SocketEnds):
+    """A forwarded TCP connection whose reset waits until the command was told why.
+
+    ``splice`` aborts both ends when a session is cut; here that is left to the forward's
+    handler, which sends the command its line first and resets right after: the engineer who
+    sees the reset finds the reason already on its way (as in ``tunnel.client.forward``, where
+    one process does both in that order).
+    """
+
+    def abort(self) -> None:
+        pass
+
+
 class Helper:
     def __init__(self, identity: UserIdentity, *, idle: float | None = IDLE, path: str | None = None):
         self.identity = identity
@@ -160,9 +192,13 @@ class Helper:
 
     async def client(self) -> Client:
         """The warm connection, made (again) if there is none: the race, keepalive and PING
-        watch of ``tunnel.client.Client``; a dead one is replaced at the next request."""
+        watch of ``tunnel.client.Client``; a dead one is replaced at the next request, and one
+        silent for SILENT seconds is pinged first (a proxy killed without a close leaves a
+        connection that looks open until the watch gives up on it)."""
         async with self._connecting:
             client = self._client
+            if client is not None and self._connected() and not await self._answers(client, SILENT):
+                self._drop(client, "the proxy stopped answering")
             if client is None or not self._connected():
                 if self._watch:
                     self._watch.cancel()
@@ -172,6 +208,38 @@ class Helper:
                 self._watch = asyncio.create_task(client.watch())
                 log.info("connected to the proxy %s:%s", *self.identity.proxy)
             return client
+
+    @staticmethod
+    async def _answers(client: Client, silent: float = 0.0) -> bool:
+        """False if ``client``'s connection, silent for ``silent`` seconds or more, does not
+        answer a ping within PROBE_TIMEOUT."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - getattr(client.conn, "last_received", 0.0) < silent:
+            return True
+        try:
+            await client.conn.ping(PROBE_TIMEOUT)
+        except (TimeoutError, TransportError, OSError):
+            return False
+        return True
+
+    def _drop(self, client: Client, why: str) -> None:
+        log.info("dropping the connection to the proxy: %s", why)
+        client.dead = client.dead or why
+        client.close()
+
+    async def _ask(self, call):
+        """``await call(client)`` on the warm connection. If it has no answer within PROBE_AFTER
+        and the connection does not answer a ping either (the proxy went away without a close),
+        once more on a new connection: only for requests that read (asking twice is harmless),
+        so the engineer gets today's quick "cannot connect", not a 20 s timeout."""
+        client = await self.client()
+        first = asyncio.ensure_future(call(client))
+        done, _ = await asyncio.wait({first}, timeout=PROBE_AFTER)
+        if done or await self._answers(client):
+            return await first
+        first.cancel()
+        self._drop(client, "the proxy stopped answering")
+        return await call(await self.client())
 
     async def _warm(self) -> None:
         with contextlib.suppress(ClientError):
@@ -307,6 +375,11 @@ class Helper:
             if code in hp.REPLACE:
                 self.retire(f"a client found this helper stale: {reason}")
             return
+        if req.get("proxy") and not self._same_proxy(req["proxy"]):
+            send({"ok": False, "code": hp.OTHER_PROXY, "version": self.version,
+                  "reason": f"this helper is connected to {self._proxy_text()}, not {req['proxy']}"})
+            await writer.drain()
+            return
         send({"ok": True, "pid": os.getpid(), "version": self.version})
         op = req["op"]
         if op == "status":
@@ -315,9 +388,28 @@ class Helper:
             self.stop("asked to stop")
         elif op == "cert":
             send(await self._cert(req))
+        elif op == "request":
+            await self._request(req, writer)
+        elif op == "forward":
+            await self._forward(req, reader, writer)  # first: no await between the ack and it
         elif op == "dial":
             await self._dial(req, reader, writer)
         await writer.drain()
+
+    def _proxy_text(self) -> str:
+        host, port = self.identity.proxy
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _same_proxy(self, given: str) -> bool:
+        try:
+            return split_host_port(given, "proxy") == tuple(self.identity.proxy)
+        except AddressError:
+            return False
+
+    def _check_expiry(self) -> None:
+        """An expired identity: the same "expired: log in again" error as the direct path."""
+        if self.expires and self.expires < time.time():
+            self.identity.tls()
 
     def status(self) -> dict:
         c = self._client
@@ -337,8 +429,9 @@ class Helper:
         from tunnel import engineer
 
         try:
-            path = await engineer.fetch_ssh_cert(self.identity, req["device"], req["login"],
-                                                 client=await self.client())
+            self._check_expiry()
+            path = await self._ask(lambda client: engineer.fetch_ssh_cert(
+                self.identity, req["device"], req["login"], client=client))
         except ClientError as exc:
             return self._refused(exc)
         return {"ok": True, "path": str(path)}
@@ -362,27 +455,25 @@ class Helper:
         login = req.get("login")
         renew = None
         try:
-            if self.expires and self.expires < time.time():
-                self.identity.tls()  # raises the same "expired: log in again" as the direct path
+            self._check_expiry()
             client = await self.client()
-            if login and service == "ssh":
-                renew = asyncio.create_task(self._renew_cert(client, device, login))
             stream, rest = await client.dial(device, service, login)
         except ClientError as exc:
             writer.write(hp.encode_line(self._refused(exc)))
-            if renew:
-                renew.cancel()
             return
         writer.write(hp.encode_line({"ok": True}))
+        if login and service == "ssh":
+            # after the answer, not beside the dial: this ssh already holds a fresh certificate
+            # (its Match exec saw to that); the renewal is for the next one, and must not delay
+            # this one's banner on the proxy or on our loop
+            renew = asyncio.create_task(self._renew_cert(client, device, login))
         local = FramedEnds(reader, writer)
-        self.sessions += 1
         try:
-            result = await splice(StreamEnds(stream, rest), local)
+            result = await self.splice_session(stream, rest, local)
         except asyncio.CancelledError:
             local.cut(f"the helper stopped ({self.stopping or 'shutting down'})")
             raise
         finally:
-            self.sessions -= 1
             if renew:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asyncio.wait_for(renew, 5.0)
@@ -390,6 +481,172 @@ class Helper:
             local.cut(f"{result.error} (after {result.a_to_b} bytes from the device)")
         else:
             await writer.drain()
+
+
+    async def splice_session(self, stream: Stream, rest: bytes, local: Ends) -> SpliceResult:
+        """Carry one session between its tunnel stream and its local end, both ways, until both
+        ended; a cut aborts both ends (``tunnel.splice``). The one place every session of the
+        helper — ssh's frames, each forwarded TCP connection — is spliced."""
+        self.sessions += 1
+        try:
+            return await splice(StreamEnds(stream, rest), local)
+        finally:
+            self.sessions -= 1
+
+    # --- request: one proxy request on the warm connection -------------------------------------
+
+    async def _request(self, req: dict, writer: asyncio.StreamWriter) -> None:
+        try:
+            self._check_expiry()
+            body = await self._ask(lambda client: client.request(req["name"]))
+        except ClientError as exc:
+            writer.write(hp.encode_line(self._refused(exc)))
+            return
+        writer.write(hp.encode_line({"ok": True}))
+        writer.write(hp.data_frames(json.dumps(body, separators=(",", ":")).encode()) + hp.frame(hp.END))
+
+    # --- forward: the command's listening socket, served here ----------------------------------
+
+    async def _receive_listener(self, writer: asyncio.StreamWriter) -> socket.socket:
+        """The listening TCP socket the client sends right after the ack (``SCM_RIGHTS``).
+
+        The stream's transport reads nothing meanwhile (a plain read would drop the descriptor):
+        the one byte is read with ``recvmsg`` on a duplicate of the connection's socket.
+        """
+        transport = writer.transport
+        assert isinstance(transport, asyncio.ReadTransport)  # a Unix socket's: reads and writes
+        transport.pause_reading()
+        raw = writer.get_extra_info("socket")
+        dup = socket.socket(fileno=os.dup(raw.fileno()))
+
+        def receive() -> tuple[bytes, list[int]]:
+            dup.settimeout(FD_WAIT)
+            msg, fds, _flags, _addr = socket.recv_fds(dup, 1, 4)
+            return msg, fds
+
+        try:
+            msg, fds = await asyncio.to_thread(receive)
+        except OSError as exc:
+            raise hp.ProtocolError(f"no listening socket from the client: {exc.strerror or exc}") from None
+        finally:
+            dup.close()
+            transport.resume_reading()
+        if msg != hp.FD_BYTE or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise hp.ProtocolError("forward: expected one byte carrying one listening socket")
+        listener = socket.socket(fileno=fds[0])
+        if (listener.family not in (socket.AF_INET, socket.AF_INET6) or listener.type != socket.SOCK_STREAM
+                or not listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+            listener.close()
+            raise hp.ProtocolError("forward: the socket sent is not a listening TCP socket")
+        # accepted connections inherit it: a helper killed with -9 resets them, never ends them
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return listener
+
+    async def _forward(self, req: dict, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve ``tunnel forward``/``db``/``kube``'s listening socket while the command is attached.
+
+        The same behaviour as ``tunnel.client.forward`` (a preflight session first; each local
+        connection one session; a refused or cut one reset, with one line for the command to
+        print; the forward over when the connection to the proxy ends), on the warm connection.
+        """
+        def send(message: dict) -> None:
+            with contextlib.suppress(OSError, RuntimeError):
+                writer.write(hp.encode_line(message))
+
+        try:
+            listener = await self._receive_listener(writer)
+        except hp.ProtocolError as exc:
+            send({"ok": False, "code": exc.code, "reason": str(exc)})
+            return
+        device, service = req["device"], req["service"]
+        try:
+            self._check_expiry()
+            client = await self.client()
+            if req.get("check", "yes") == "yes":
+                await preflight(client, device, service)
+        except ClientError as exc:
+            listener.close()
+            send(self._refused(exc))
+            return
+        send({"ok": True})
+        handlers: set[asyncio.Task] = set()
+
+        def say(peer, what: str) -> None:
+            who = "{}:{}".format(*peer[:2]) if peer else "a local connection"
+            send({"say": f"tunnel: forward {who} -> {device}/{service}: {what}"})
+
+        async def handle(local_reader: asyncio.StreamReader, local_writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None  # asyncio runs each connection's handler as a task
+            handlers.add(task)
+            task.add_done_callback(handlers.discard)
+            peer = local_writer.get_extra_info("peername")
+            clean = False
+            try:
+                try:
+                    stream, rest = await client.dial(device, service)
+                except ClientError as exc:
+                    say(peer, f"refused: {exc} (reset the local connection)")
+                    return
+                result = await self.splice_session(stream, rest, _SaidFirst(local_reader, local_writer))
+                if result.error:
+                    say(peer, f"session cut after {result.a_to_b} bytes from the device and "
+                              f"{result.b_to_a} to it: {result.error} (reset the local connection)")
+                clean = not result.error
+            except asyncio.CancelledError:
+                pass  # the forward is ending: reset below
+            finally:
+                if not clean:  # refused, cut, or the forward is ending: a reset, never a FIN
+                    reset_on_close(local_writer)
+                    local_writer.transport.abort()
+                else:
+                    reset_on_close(local_writer, False)  # a clean end: a FIN after all
+                    with contextlib.suppress(OSError):
+                        local_writer.close()
+
+        server = await asyncio.start_server(handle, sock=listener)
+        lost = asyncio.create_task(self._lost(client))
+        detached = asyncio.create_task(reader.read(1))  # the command ended (or broke) the handoff
+        end: dict | None = None
+        try:
+            done, _ = await asyncio.wait({lost, detached}, return_when=asyncio.FIRST_COMPLETED)
+            if lost in done:
+                end = {"end": True, "code": "unreachable",
+                       "reason": f"connection to the proxy ended: {lost.result()}"}
+                server.close()  # new connections are refused from here, not accepted and reset
+                if handlers:  # their streams fail now: let each say why before the end
+                    await asyncio.wait(set(handlers), timeout=2.0)
+        except asyncio.CancelledError:
+            end = {"end": True, "code": "cut",
+                   "reason": f"the helper stopped ({self.stopping or 'shutting down'}): open "
+                             f"connections to {device}/{service} were reset"}
+            raise
+        finally:
+            lost.cancel()
+            detached.cancel()
+            server.close()  # stops listening (the command's own copy closes when it exits)
+            for task in list(handlers):
+                task.cancel()
+            if handlers:  # each open connection is reset, and says why
+                await asyncio.wait(handlers, timeout=2.0)
+            if end:
+                send(end)
+
+    @staticmethod
+    async def _lost(client: Client) -> str:
+        """Why ``client``'s connection is over for a forward (closed, or given up by its watch)."""
+        closed = asyncio.ensure_future(client.conn.wait_closed())
+        try:
+            while not closed.done():
+                if client.dead:
+                    return client.dead
+                await asyncio.wait({closed}, timeout=0.5)
+            why = closed.result()
+            return client.dead or (str(getattr(why, "reason", None) or why) if why else "closed")
+        finally:
+            closed.cancel()
 
 
 def run(identity: UserIdentity, idle: float | None = IDLE) -> int:

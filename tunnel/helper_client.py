@@ -27,13 +27,13 @@ a test holds it to that).
 
 from __future__ import annotations
 
+import _socket  # not socket: its enum and selectors imports cost ~10 ms per ssh
 import os
-import socket
 import stat
 import sys
 import time
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # not typing's: importing typing costs ~6 ms per ssh
 if TYPE_CHECKING:
     import subprocess
 
@@ -43,7 +43,6 @@ if __name__ == "__main__" and not __package__:
     sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 from tunnel import helper_protocol as hp  # noqa: E402
-from tunnel import sshwire  # noqa: E402
 
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: how long a client waits for a helper it started to answer before it takes the direct path
@@ -62,6 +61,10 @@ class HelperGone(Exception):
     """The helper ended the conversation before answering."""
 
 
+class Declined(Exception):
+    """A helper of ours, but not for this command (connected to another proxy): go direct."""
+
+
 def identity_dir(given: str | None) -> str:
     """``--identity``, else ``$FLEET_IDENTITY``, else ``$XDG_CONFIG_HOME/fleet-tunnel`` (the same
     rule as ``tunnel.client.default_identity_dir``), made absolute."""
@@ -75,7 +78,7 @@ def identity_dir(given: str | None) -> str:
 class Lines:
     """Lines off a socket, keeping what follows them (the first frames) for the splice."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: _socket.socket):
         self.sock, self.buffer = sock, b""
 
     def line(self, timeout: float | None) -> dict:
@@ -96,7 +99,7 @@ class Lines:
         return hp.decode_line(line)
 
 
-def connect(path: str) -> socket.socket:
+def connect(path: str) -> _socket.socket:
     """A connection to the helper at ``path``, if a process of ours listens there."""
     try:
         st = os.lstat(path)
@@ -106,11 +109,11 @@ def connect(path: str) -> socket.socket:
         raise Unusable(f"cannot look at {path}: {exc.strerror}") from None
     if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
         raise Unusable(f"{path} is not a socket of uid {os.getuid()} (uid {st.st_uid}): replacing it")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     sock.settimeout(hp.ACK_TIMEOUT)
     try:
         sock.connect(path)
-        _pid, uid, _gid = struct_unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        _pid, uid, _gid = struct_unpack(sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12))
     except OSError as exc:
         sock.close()
         raise Unusable(f"stale socket {path}: {exc.strerror or exc}") from None
@@ -125,9 +128,10 @@ def struct_unpack(data: bytes) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
-def ask(directory: str, path: str, op: str, fields: dict) -> tuple[socket.socket, Lines, dict]:
+def ask(directory: str, path: str, op: str, fields: dict) -> tuple[_socket.socket, Lines, dict]:
     """Send one request; return the socket, its line reader and the ack. Raises Unusable when
-    this helper should be replaced (wrong version, stale identity, stuck)."""
+    this helper should be replaced (wrong version, stale identity, stuck), Declined when it is
+    sound but connected to another proxy than the command's."""
     sock = connect(path)
     lines = Lines(sock)
     try:
@@ -141,6 +145,8 @@ def ask(directory: str, path: str, op: str, fields: dict) -> tuple[socket.socket
         raise
     if not ack.get("ok"):
         sock.close()
+        if ack.get("code") == hp.OTHER_PROXY:
+            raise Declined(ack.get("reason"))
         raise Unusable(f"the helper refused: {ack.get('reason')} ({ack.get('code')})")
     return sock, lines, ack
 
@@ -218,6 +224,8 @@ def obtain(directory: str, op: str, fields: dict, start: bool = True):
         while True:
             try:
                 return ask(directory, path, op, fields)
+            except Declined:
+                return None
             except Unusable:
                 if not start:
                     return None
@@ -243,6 +251,8 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def refuse(reply: dict) -> int:
     """A refusal before any session byte: ssh gets it as a server's disconnect (see sshwire)."""
+    from tunnel import sshwire  # only on a refusal: ~1 ms of every ssh otherwise
+
     reason = reply.get("reason") or "refused"
     unreachable = reply.get("code") == "unreachable"
     # Not sooner than REFUSAL_FLOOR after ssh started us: Ansible writes its first data (the
@@ -290,7 +300,7 @@ class _suppress:
         return kind is not None and issubclass(kind, OSError)
 
 
-def splice(sock: socket.socket, pending: bytes, what: str) -> int:
+def splice(sock: _socket.socket, pending: bytes, what: str) -> int:
     """stdin → DATA frames → helper; helper's frames → stdout; until both directions ended.
 
     END from the helper closes stdout (a clean end); CUT, a bad frame, or the helper's socket
@@ -398,6 +408,120 @@ def cert(directory: str, device: str, login: str) -> int:
         return EXIT_OK
     say(result.get("reason") or "refused")
     return EXIT_UNAVAILABLE if result.get("code") == "unreachable" else EXIT_REFUSED
+
+
+def certificate(directory: str, device: str, login: str, proxy: str | None = None) -> dict | None:
+    """``tunnel ssh-cert`` through the helper: ``{"ok": True, "path": …}`` or the refusal
+    (``code``, ``reason``); None when no helper can be had (the caller fetches it itself)."""
+    got = obtain(directory, "cert", {"device": device, "login": login, "proxy": proxy})
+    if got is None:
+        return None
+    sock, lines, _ack = got
+    try:
+        return lines.line(RESULT_TIMEOUT)
+    except (HelperGone, Unusable, hp.ProtocolError):
+        return None
+    finally:
+        sock.close()
+
+
+def fetch(directory: str, name: str, proxy: str | None = None, timeout: float = RESULT_TIMEOUT) -> dict | None:
+    """A read-only proxy request (``ls``, ``whoami``, ``status``) on the helper's warm connection.
+
+    ``{"ok": True, "body": …}``, or the refusal as the proxy (or the helper's dial) gave it
+    (``code``, ``reason``). None when no helper can be had, or it went away before the whole
+    answer: the caller then asks the proxy itself (these requests only read: asking twice is
+    harmless).
+    """
+    import json
+
+    got = obtain(directory, "request", {"name": name, "proxy": proxy})
+    if got is None:
+        return None
+    sock, lines, _ack = got
+    try:
+        result = lines.line(timeout)
+        if not result.get("ok"):
+            return result
+        decoder, body, pending = hp.FrameDecoder(), bytearray(), lines.buffer
+        sock.settimeout(timeout)
+        while True:
+            for kind, payload in decoder.feed(pending):
+                if kind == hp.DATA:
+                    body += payload
+                elif kind == hp.END:
+                    return {"ok": True, "body": json.loads(body)}
+                else:
+                    return None  # cut: the helper stopped mid-answer
+            pending = sock.recv(CHUNK)
+            if not pending:
+                return None
+    except (HelperGone, Unusable, hp.ProtocolError, OSError, ValueError):
+        return None
+    finally:
+        sock.close()
+
+
+class Forwarding:
+    """``tunnel forward``/``db``/``kube`` attached to the helper that serves its listening socket."""
+
+    def __init__(self, sock: _socket.socket, lines: Lines):
+        self.sock, self.lines = sock, lines
+
+    def result(self) -> dict:
+        """The preflight's answer: ``ok``, or the refusal (``code``, ``reason``)."""
+        try:
+            return self.lines.line(RESULT_TIMEOUT)
+        except (HelperGone, Unusable, hp.ProtocolError) as exc:
+            return {"ok": False, "code": "unreachable", "reason": f"the helper did not answer: {exc}"}
+
+    def events(self):
+        """``{"say": LINE}`` per connection refused or cut, until the end: ``{"end": True, "code",
+        "reason"}`` from the helper, or a cut one when the helper went away without it (killed)."""
+        while True:
+            try:
+                event = self.lines.line(None)
+            except (HelperGone, Unusable, hp.ProtocolError) as exc:
+                yield {"end": True, "code": "cut",
+                       "reason": f"the helper went away ({exc}): every connection it forwarded was reset"}
+                return
+            yield event
+            if event.get("end"):
+                return
+
+    def pending(self, timeout: float = 0.3) -> list[dict]:
+        """Lines the helper already sent (a connection reset just before the command stops:
+        its reason is on its way), waiting at most ``timeout`` for the next."""
+        events: list[dict] = []
+        while True:
+            try:
+                events.append(self.lines.line(timeout))
+            except (HelperGone, Unusable, hp.ProtocolError):
+                return events
+
+    def close(self) -> None:
+        """Detach: the helper stops listening and resets the connections still open."""
+        self.sock.close()
+
+
+def forward(directory: str, device: str, service: str, listener_fd: int, proxy: str | None,
+            check: bool) -> Forwarding | None:
+    """Hand the command's listening socket to the helper (``SCM_RIGHTS`` right after the ack).
+
+    None when no helper can be had: nothing was dialed, and the caller forwards by itself.
+    """
+    got = obtain(directory, "forward", {"device": device, "service": service, "proxy": proxy,
+                                        "check": "yes" if check else "no"})
+    if got is None:
+        return None
+    sock, lines, _ack = got
+    try:
+        sock.sendmsg([hp.FD_BYTE], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+                                     listener_fd.to_bytes(4, sys.byteorder, signed=True))])
+    except OSError:
+        sock.close()
+        return None
+    return Forwarding(sock, lines)
 
 
 def query(directory: str, op: str) -> dict | None:

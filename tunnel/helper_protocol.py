@@ -13,12 +13,24 @@ A conversation, on one connection to ``socket_path(identity)``:
    with a ``code`` the client acts on — ``version_mismatch`` (an older or newer helper: it
    retires and the client starts one of its own version), ``stale_identity`` (the certificate
    changed since the helper loaded it: likewise), ``bad_request``;
-3. for ``dial`` and ``cert`` a *result* line follows once the proxy answered (``ok``, or
-   ``code`` and ``reason``, the proxy's own words);
+3. for ``dial``, ``cert``, ``request`` and ``forward`` a *result* line follows once the proxy
+   answered (``ok``, or ``code`` and ``reason``, the proxy's own words);
 4. after a dial's result, both directions carry frames: ``D`` data, ``E`` a clean end of that
    direction, ``X`` the session was cut (payload: why). A connection that ends without ``E``
    was cut too (a killed helper, a killed client): issue 19's rule — a cut never looks like a
-   clean end.
+   clean end. After a ``request``'s result the helper sends the reply body (JSON) as ``D``
+   frames and ``E`` (a listing may be far longer than a line).
+5. ``forward``: right after the ack the client sends one byte carrying its listening socket
+   (``SCM_RIGHTS``); the result follows the preflight (``check``: ``yes``/``no``); then the
+   helper accepts and splices each connection and sends *event* lines — ``{"say": LINE}`` for
+   each connection refused or cut, and ``{"end": true, "code", "reason"}`` when the forward
+   is over for it (its connection to the proxy ended, it was stopped). The client ending the
+   conversation (Ctrl-C, exit) stops the forward: the helper stops listening and resets what
+   is still open.
+
+``proxy`` (on ``cert``, ``request``, ``forward``): the HOST:PORT the command would dial itself
+(``--proxy``, ``$FLEET_PROXY``); a helper connected elsewhere acks ``other_proxy`` and the
+command takes its direct path.
 
 The ack comes before the proxy is asked anything, so a client can tell a stuck helper (no
 ack within ``ACK_TIMEOUT``) from a slow proxy, and never hangs on the former.
@@ -26,14 +38,24 @@ ack within ``ACK_TIMEOUT``) from a slow proxy, and never hangs on the former.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import struct
-from collections.abc import Mapping
-from typing import Any
 
 from enroll.errors import FleetError
+
+TYPE_CHECKING = False  # not typing's: importing typing costs the ProxyCommand client ~6 ms
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
+
+try:  # the builtin module: hashlib would load OpenSSL (~4 ms) for one digest
+    from _sha256 import sha256  # type: ignore[import-not-found,unused-ignore]
+except ImportError:  # pragma: no cover - Python 3.12+ (_sha2), or a build without it
+    try:
+        from _sha2 import sha256  # type: ignore[import-not-found,no-redef,unused-ignore]
+    except ImportError:
+        from hashlib import sha256  # type: ignore[assignment,unused-ignore]
+
 
 PROTOCOL = 1
 #: longest request or reply line, newline included
@@ -46,14 +68,23 @@ ACK_TIMEOUT = 3.0
 DATA, END, CUT = b"D", b"E", b"X"
 FRAME_HEAD = struct.Struct(">cI")
 
-OPS = ("dial", "cert", "status", "stop")
+OPS = ("dial", "cert", "request", "forward", "status", "stop")
 #: fields each op needs (all strings), beyond protocol/version/identity/op
-REQUIRED = {"dial": ("device", "service"), "cert": ("device", "login"), "status": (), "stop": ()}
-OPTIONAL = {"dial": ("login",), "cert": (), "status": (), "stop": ()}
+REQUIRED = {"dial": ("device", "service"), "cert": ("device", "login"), "request": ("name",),
+            "forward": ("device", "service"), "status": (), "stop": ()}
+OPTIONAL = {"dial": ("login",), "cert": ("proxy",), "request": ("proxy",),
+            "forward": ("proxy", "check"), "status": (), "stop": ()}
 MAX_FIELD = 255
+#: the proxy requests a ``request`` may name: the engineer's read-only questions
+REQUESTS = ("ls", "whoami", "status")
+CHECK_VALUES = ("yes", "no")
+#: the byte a ``forward`` client sends its listening socket with
+FD_BYTE = b"F"
 
 #: ack codes that make the client replace the helper rather than report an error
 REPLACE = ("version_mismatch", "stale_identity")
+#: ack code of a helper connected to another proxy than the command's: the direct path
+OTHER_PROXY = "other_proxy"
 
 
 class ProtocolError(FleetError, ValueError):
@@ -76,7 +107,7 @@ def runtime_dir(identity_dir: str, environ: Mapping[str, str] = os.environ) -> s
 
 def identity_key(identity_dir: str) -> str:
     """A short name for one identity directory: a second identity gets its own helper."""
-    return hashlib.sha256(os.path.realpath(identity_dir).encode()).hexdigest()[:16]
+    return str(sha256(os.path.realpath(identity_dir).encode()).hexdigest()[:16])
 
 
 def socket_path(identity_dir: str, environ: Mapping[str, str] = os.environ) -> str:
@@ -98,7 +129,7 @@ def code_version(package_dir: str | None = None) -> str:
     client. Both sides compute it from the files on disk at their start.
     """
     package_dir = package_dir or os.path.dirname(os.path.abspath(__file__))
-    digest = hashlib.sha256()
+    digest = sha256()
     for sub in ("", "transport"):
         directory = os.path.join(package_dir, sub)
         try:
@@ -127,10 +158,72 @@ def identity_stamp(identity_dir: str) -> str:
 
 
 # --- lines --------------------------------------------------------------------------------
+#
+# JSON through the ``_json`` accelerator module directly: the ``json`` package imports ``re``,
+# which costs the ProxyCommand client ~5 ms (more on a loaded machine) of every ssh. What the
+# client sends and reads is flat (strings, numbers, booleans, null); anything else the helper
+# writes goes through ``json`` (loaded there anyway).
+
+_scan: Any
+_quote: Any
+try:
+    import _json
+
+    class _Context:
+        """What ``_json.make_scanner`` reads off ``json.JSONDecoder``: strict JSON, no hooks."""
+
+        strict = True
+        object_hook = None
+        object_pairs_hook = None
+        parse_float = float
+        parse_int = int
+
+        @staticmethod
+        def parse_constant(name: str) -> None:
+            raise ValueError(f"{name} is not JSON")
+
+    _scan = _json.make_scanner(_Context())  # type: ignore[arg-type]  # duck-typed, as json does
+    _quote = _json.encode_basestring_ascii
+except (ImportError, AttributeError):  # pragma: no cover - a Python without the accelerator
+    _scan = _quote = None
+
+
+def _dumps(message: dict[str, Any]) -> str:
+    if _quote is not None and all(isinstance(k, str) for k in message):
+        parts = []
+        for key, value in message.items():
+            if value is None or isinstance(value, bool):
+                text = {None: "null", True: "true", False: "false"}[value]
+            elif isinstance(value, str):
+                text = _quote(value)
+            elif isinstance(value, int):
+                text = str(int(value))
+            else:
+                break  # nested or float: the json package
+            parts.append(f"{_quote(key)}:{text}")
+        else:
+            return "{" + ",".join(parts) + "}"
+    import json
+
+    return json.dumps(message, separators=(",", ":"))
+
+
+def _loads(text: str) -> object:
+    if _scan is None:  # pragma: no cover
+        import json
+
+        return json.loads(text)
+    try:
+        value, end = _scan(text, 0)
+    except StopIteration:
+        raise ValueError("not JSON") from None
+    if end != len(text):
+        raise ValueError("trailing data after the JSON value")
+    return value
 
 
 def encode_line(message: dict[str, Any]) -> bytes:
-    line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    line = _dumps(message).encode() + b"\n"
     if len(line) > MAX_LINE:
         raise ProtocolError(f"line of {len(line)} bytes is over {MAX_LINE}")
     return line
@@ -142,8 +235,8 @@ def decode_line(line: bytes) -> dict[str, Any]:
     if not line.endswith(b"\n"):
         raise ProtocolError("the line ended early (no newline)")
     try:
-        message = json.loads(line)
-    except ValueError:
+        message = _loads(line[:-1].decode())
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise ProtocolError("the line is not JSON") from None
     if not isinstance(message, dict):
         raise ProtocolError("the line is not a JSON object")
@@ -180,6 +273,10 @@ def parse_request(line: bytes, version: str, identity: str) -> dict[str, Any]:
     for name in OPTIONAL[op]:
         if name in message and not _field_ok(message[name]):
             raise ProtocolError(f"{op}: field {name!r} is not a short printable string")
+    if op == "request" and message["name"] not in REQUESTS:
+        raise ProtocolError(f"request: {message['name']!r} is not one of {', '.join(REQUESTS)}")
+    if op == "forward" and message.get("check", "yes") not in CHECK_VALUES:
+        raise ProtocolError("forward: check must be yes or no")
     known = {"protocol", "version", "identity", "op", *REQUIRED[op], *OPTIONAL[op]}
     if extra := sorted(set(message) - known):
         raise ProtocolError(f"{op}: unknown fields {extra}")

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from tunnel import access, wire
-from tunnel.admission import Peer
+from tunnel.admission import CODES, Peer
 from tunnel.log import event
 from tunnel.protocol import read_header, reply_with_body
 from tunnel.proxy_core import DENIAL_AUDIT_WAIT, ProxyCore, Session, finish, try_write
@@ -68,6 +68,18 @@ class UserSessions:
             finish(stream)
             return
         except TransportError:
+            return
+        # A connection outlives its admission (the engineer's per-user helper keeps one for
+        # 30 min): each stream checks the account again, and one locked, revoked or expired
+        # since gets the very refusal the connect would give, closing the connection.
+        snapshot = await self.proxy.policy.refresh()
+        if (denial := access.user_denial(snapshot, peer, dt.datetime.now(dt.UTC))) is not None:
+            code = denial.code if denial.code in CODES else "locked"
+            await self.proxy.settled(self.proxy.audit(
+                "access.denied", actor=peer.actor, actor_roles=peer.identity.roles, result="denied",
+                reason=denial.reason, code=code, remote=remote, stage="stream"))
+            self.proxy.metrics.refused(code, "stream")
+            conn.close(CODES[code], f"{code}: {denial.reason}")
             return
         if msg.kind == "dial":
             await self._dial(peer, stream, msg, rest, remote)
