@@ -50,7 +50,7 @@ LAYERS: list[tuple[int, str, str, set[str]]] = [
         "tunnel.access", "tunnel.admission", "enroll.enrollment",
     }),
     (4, "agent", "the device's agent and its config", {
-        "tunnel.agent", "tunnel.agent_config", "tunnel.agent_decisions",
+        "tunnel.agent", "tunnel.agent_config", "tunnel.agent_decisions", "tunnel.agent_sessions",
     }),
     (4, "proxy", "the proxy, its registry writer and metrics", {
         "tunnel.proxy", "tunnel.registry_writer", "tunnel.metrics", "tunnel.live_policy",
