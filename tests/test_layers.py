@@ -31,7 +31,7 @@ LAYERS: list[tuple[int, str, str, set[str]]] = [
     (0, "core", "pure: no I/O, no project imports above it", {
         "enroll.errors", "enroll.durations", "enroll.addresses", "enroll.names", "enroll.events",
         "enroll.labels", "enroll.roles", "tunnel.wire", "tunnel.backoff", "tunnel.sshwire",
-        "tunnel.ratelimit", "tunnel.helper_protocol",
+        "tunnel.ratelimit", "tunnel.helper_protocol", "tunnel.resume",
     }),
     (0, "support", "small standard-library helpers with I/O: files, logging, memory", {
         "enroll.files", "tunnel.log", "tunnel.memory",
@@ -45,6 +45,7 @@ LAYERS: list[tuple[int, str, str, set[str]]] = [
     }),
     (2, "transport", "QUIC and TLS/TCP connections, streams, stream headers, splicing", {
         "tunnel.transport", "tunnel.transport.*", "tunnel.protocol", "tunnel.splice",
+        "tunnel.resumable",
     }),
     (3, "policy", "who may connect, open a session, or get a certificate", {
         "tunnel.access", "tunnel.admission", "enroll.enrollment",
