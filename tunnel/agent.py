@@ -754,8 +754,10 @@ class Agent:
             spliced = asyncio.ensure_future(splice(ends, SocketEnds(reader, writer)))
             if resumable:
                 await self.held.run(held, spliced)
-            with contextlib.suppress(SessionCut):
+            try:
                 await spliced
+            except SessionCut as cut:  # hold time over, or refused by the proxy: reset locally
+                self.held.ended(msg["session"], cut)
         finally:
             if spliced is not None and not spliced.done():
                 spliced.cancel()

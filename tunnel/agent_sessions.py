@@ -26,22 +26,17 @@ from dataclasses import dataclass, field
 from tunnel import wire
 from tunnel.log import event
 from tunnel.resumable import ResumableEnds
-from tunnel.resume import ResumeError, hold_expired_reason, secret_digest, secret_matches
+from tunnel.resume import ResumeError, secret_digest, secret_matches
 from tunnel.transport import Stream, TransportError
 
 log = logging.getLogger("tunnel.agent")
-
-#: a resume that arrives while the old stream is still attached (its reset is on its way) waits
-#: this long for the loss to be noticed before it is refused as ``resume_busy`` (retryable)
-BUSY_WAIT = 5.0
-
 
 @dataclass(frozen=True)
 class Refused:
     """Why a resume ``open`` was refused: a stable ``code`` (audited by the proxy) and a reason.
 
-    The codes are :data:`tunnel.resume.CODES` plus ``resume_busy``: the old stream is still
-    attached (its loss not noticed yet), and the engineer's end retries.
+    The codes are those of :data:`tunnel.resume.CODES`. (A resume for a session whose old
+    stream still looks attached is not refused: the new stream replaces it.)
     """
 
     code: str
@@ -114,8 +109,9 @@ class HeldSessions:
         session.attached.set()
 
     async def run(self, session: HeldSession, spliced: asyncio.Future) -> None:
-        """Follow ``session`` until its splice (``spliced``) ends: on each loss hold it, and give
-        it up when the hold runs out. The caller awaits ``spliced`` afterwards."""
+        """Follow ``session`` until its splice (``spliced``) ends, noting each loss (the session
+        is held) and re-attach. The hold time itself is kept by the ends: when it runs out they
+        cut the session and ``spliced`` raises ``SessionCut``. The caller awaits ``spliced``."""
         try:
             while not spliced.done():
                 lost = asyncio.ensure_future(session.ends.lost())
@@ -127,23 +123,23 @@ class HeldSessions:
                 event(log, "session held: its tunnel stream was lost", session=session.id,
                       reason=lost.result(), hold=self.hold)
                 attached = asyncio.ensure_future(session.attached.wait())
-                await asyncio.wait({attached, spliced}, timeout=self.hold,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                if not attached.done():
-                    attached.cancel()
-                    if not spliced.done():
-                        self.give_up(session, f"session {session.id} to {self.device_id} ended: "
-                                              f"{hold_expired_reason(self.hold)}")
-                    return
+                await asyncio.wait({attached, spliced}, return_when=asyncio.FIRST_COMPLETED)
+                attached.cancel()
         finally:
             self.sessions.pop(session.id, None)
+
+    def ended(self, session_id: str, cut: BaseException) -> str:
+        """The one line for a session that was cut (hold time, a refusal): why, by whom."""
+        reason = getattr(cut, "reason", None) or str(cut)
+        line = reason if reason.startswith("session ") else f"session {session_id} to {self.device_id} ended: {reason}"
+        event(log, "session ended", level=logging.WARNING, session=session_id, reason=line)
+        return line
 
     def give_up(self, session: HeldSession, reason: str) -> None:
         """End ``session`` for good: its local connection is reset (the data stream was cut)."""
         if session.ended is not None:
             return
         session.ended = reason
-        event(log, "session ended", level=logging.WARNING, session=session.id, reason=reason)
         session.ends.give_up(reason)
 
     def drop(self, session_id: str, reason: str) -> None:
@@ -170,20 +166,6 @@ class HeldSessions:
         with a code (audited by the proxy) leaving the held session as it was."""
         session = self.sessions.get(msg["resume"])
         refusal = resume_refusal(session, msg.get("resume_secret"), msg["identity"])
-        if refusal is None and session is not None and session.attached.is_set():
-            # the old stream's loss may still be on its way (its reset behind this open)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(_cleared(session.attached), BUSY_WAIT)
-            if session.attached.is_set():
-                refusal = Refused("resume_busy", "the session is still attached: retry in a moment")
-        if refusal is None and session is not None:
-            try:
-                check = getattr(session.ends, "check_offset", None)
-                if check is not None:
-                    check(msg.get("received", 0))
-            except ResumeError as exc:
-                refusal = Refused(exc.code, str(exc))
-                self.give_up(session, f"session {session.id} to {self.device_id} ended: {exc}")
         if refusal is not None or session is None:
             assert refusal is not None
             event(log, "resume refused", level=logging.WARNING, session=msg["resume"], code=refusal.code,
@@ -196,7 +178,7 @@ class HeldSessions:
             await stream.write(wire.reply_ok(session=session.id, resumable=True,
                                              received=session.ends.received, sent=session.ends.sent))
             replayed = await session.ends.attach(stream, rest, msg.get("received", 0))
-        except ResumeError as exc:
+        except ResumeError as exc:  # the engineer's offset is outside the replay buffer
             self.give_up(session, f"session {session.id} to {self.device_id} ended: {exc}")
             with contextlib.suppress(TransportError):
                 stream.reset(1)
@@ -206,7 +188,3 @@ class HeldSessions:
         session.attached.set()
         event(log, "session resumed", session=session.id, identity=session.identity, replayed=replayed)
 
-
-async def _cleared(flag: asyncio.Event) -> None:
-    while flag.is_set():
-        await asyncio.sleep(0.05)

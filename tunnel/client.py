@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -38,6 +39,9 @@ from tunnel.splice import (
     splice,
 )
 from tunnel.transport import Connection, ErrorCode, Stream, TLSIdentity, TransportError, dial
+
+if TYPE_CHECKING:  # loaded with the first resumable session
+    from tunnel.resumable import ResumableEnds
 
 #: engineer-side liveness while sessions are open (see ``Client.watch``)
 PING_INTERVAL, DEAD_AFTER = 2.0, 10.0
@@ -250,9 +254,9 @@ async def anonymous_request(
 # --- resumable sessions (issue 17): the engineer's end ---------------------------------------
 
 #: refusals of a re-attach worth retrying: the device has not reconnected yet, the proxy is
-#: restarting, the old stream is still attached at the agent; anything else ends the session
-RESUME_RETRY = frozenset({"device_offline", "device_unreachable", "shutdown", "resume_busy",
-                          "audit_unavailable", "over_limit"})
+#: restarting or its audit log is busy; anything else ends the session
+RESUME_RETRY = frozenset({"device_offline", "device_unreachable", "shutdown", "audit_unavailable",
+                          "over_limit"})
 #: reconnect backoff: from RESUME_FIRST_DELAY doubling to RESUME_MAX_DELAY, full jitter above half
 RESUME_FIRST_DELAY, RESUME_MAX_DELAY = 0.05, 2.0
 #: how long one reconnect attempt may take (a proxy that is down answers at once on TCP)
@@ -334,7 +338,7 @@ class ResumableSession:
         self.resumes = 0
         self._secret: str | None = None
         self._first: tuple[Stream, bytes] | None = None
-        self._ends = None
+        self._ends: ResumableEnds | None = None
 
     @classmethod
     async def open(cls, connect, device: str, service: str, login: str | None = None,
@@ -383,8 +387,8 @@ class ResumableSession:
                     break
             try:
                 return await spliced
-            except SessionCut as exc:
-                raise (ended or exc) from None
+            except SessionCut as exc:  # ours, or the ends' own hold timer ran out first
+                raise ended or SessionCut(f"session {self.id} to {self.device} ended: {exc.reason}") from None
             except (ResumeError, FleetError) as exc:  # the framing broke, or the peer aborted
                 raise ended or ClientError(f"session {self.id} to {self.device}/{self.service} cut: {exc}",
                                            "cut") from None
@@ -394,7 +398,7 @@ class ResumableSession:
                 with contextlib.suppress(BaseException):
                     await spliced
 
-    async def _reattach(self, ends, why: str, spliced: asyncio.Future) -> FleetError | None:
+    async def _reattach(self, ends: ResumableEnds, why: str, spliced: asyncio.Future) -> FleetError | None:
         """Dial again with ``resume`` until re-attached (None) or the session must end (the
         error to end it with). Backoff with jitter, capped at RESUME_MAX_DELAY, so a restarted
         proxy or a reconnected device is found within about that long."""
