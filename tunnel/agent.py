@@ -75,7 +75,7 @@ from tunnel.agent_decisions import (
     offline_since,
     usable_endpoints,
 )
-from tunnel.agent_sessions import HeldSessions
+from tunnel.agent_sessions import HeldSession, HeldSessions
 from tunnel.log import event
 from tunnel.protocol import ALPN_AGENT, CLOSE_NAMES, read_header, read_reply
 from tunnel.resume import SessionCut
@@ -740,6 +740,7 @@ class Agent:
         event(log, "session", session=msg["session"], service=name, identity=msg["identity"],
               resumable=resumable)
         spliced: asyncio.Future | None = None
+        held: HeldSession | None = None
         try:
             # loaded with the first session: an idle agent (most of a device's life) does
             # without the ~45 KB the splicing module costs
@@ -763,6 +764,8 @@ class Agent:
                 spliced.cancel()
                 with contextlib.suppress(BaseException):
                     await spliced
+            if resumable and held is not None:
+                await held.ends.close()  # its stream and tasks: a cut one is reset
             self.active_sessions -= 1
             if counted:
                 self._conn_sessions[conn] -= 1

@@ -397,6 +397,7 @@ class ResumableSession:
                 spliced.cancel()
                 with contextlib.suppress(BaseException):
                     await spliced
+            await ends.close()  # its stream and tasks: a cut one is reset
 
     async def _reattach(self, ends: ResumableEnds, why: str, spliced: asyncio.Future) -> FleetError | None:
         """Dial again with ``resume`` until re-attached (None) or the session must end (the
