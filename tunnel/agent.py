@@ -753,7 +753,7 @@ class Agent:
             else:
                 ends = StreamEnds(stream, rest)
             spliced = asyncio.ensure_future(splice(ends, SocketEnds(reader, writer)))
-            if resumable:
+            if held is not None:
                 await self.held.run(held, spliced)
             try:
                 await spliced
@@ -764,7 +764,7 @@ class Agent:
                 spliced.cancel()
                 with contextlib.suppress(BaseException):
                     await spliced
-            if resumable and held is not None:
+            if held is not None:
                 await held.ends.close()  # its stream and tasks: a cut one is reset
             self.active_sessions -= 1
             if counted:

