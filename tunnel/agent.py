@@ -597,7 +597,7 @@ class Agent:
                     reply, body = await self._request(conn, "held", sessions=report)
                 except (TransportError, wire.HeaderError, TimeoutError):
                     reply, body = None, {}
-                if reply is not None and not reply.get("ok") and reply.get("code") == "bad_request":
+                if reply is not None and not reply.get("ok") and reply.get("code") == "unknown_op":
                     return
                 drop = body.get("drop") if isinstance(body, dict) else None
                 for session_id, reason in (drop.items() if isinstance(drop, dict) else ()):
