@@ -13,8 +13,16 @@ unharmed; a lock issued during the outage ends the session at both ends with its
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
 
 import pytest
+from fleet_harness import PY, wait_until
 
 from enroll import audit
 from enroll.registry import Device, iso
@@ -182,3 +190,134 @@ def test_find_resumable_answers_only_for_the_owner_of_a_live_resumable_session(r
 def test_replayed_bytes_from_the_two_headers():
     assert replayed(1000, 400) == 600 and replayed(5, 9) == 0
     assert replayed(None, 3) is None and replayed(True, 0) is None
+
+
+# --- real processes on loopback ----------------------------------------------------------------
+
+TOTAL = 24 * 1024 * 1024  # bytes the engineer's client sends through the echo service and back
+PIECE = 64 * 1024
+
+
+def _pattern(i: int) -> bytes:
+    """Piece i of the transfer: deterministic, and different for every piece."""
+    return hashlib.sha256(i.to_bytes(8, "big")).digest() * (PIECE // 32)
+
+
+class Transfer:
+    """A paced, checksummed echo transfer over one local TCP connection, in two threads.
+
+    ``echoed`` grows as bytes come back; ``result`` is (bytes back, sha256 hex, how it ended:
+    "fin" | "reset" | "timeout") once the reader is done.
+    """
+
+    def __init__(self, port: int, pace: float = 0.01):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sent_digest = hashlib.sha256()
+        self.echoed = 0
+        self.result: tuple[int, str, str] | None = None
+        self.write_error: str | None = None
+        self._pace = pace
+        self.writer = threading.Thread(target=self._write, daemon=True)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.writer.start()
+        self.reader.start()
+
+    def _write(self) -> None:
+        try:
+            for i in range(TOTAL // PIECE):
+                data = _pattern(i)
+                self.sent_digest.update(data)
+                self.sock.sendall(data)
+                time.sleep(self._pace)
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self.write_error = str(exc)
+
+    def _read(self) -> None:
+        digest = hashlib.sha256()
+        self.sock.settimeout(90)
+        how = "fin"
+        try:
+            while data := self.sock.recv(65536):
+                digest.update(data)
+                self.echoed += len(data)
+        except ConnectionResetError:
+            how = "reset"
+        except TimeoutError:
+            how = "timeout"
+        self.result = (self.echoed, digest.hexdigest(), how)
+
+    def wait(self, timeout: float = 120) -> tuple[int, str, str]:
+        self.reader.join(timeout)
+        assert self.result is not None, f"the transfer did not end ({self.echoed} bytes back)"
+        return self.result
+
+
+def _forward(fleet, ops, service: str = "echo", env: dict | None = None) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen(
+        [PY, "-m", "tunnel.cli", "forward", "robot-1", service, "--no-check", "--identity", str(ops)],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, **fleet.env, **(env or {})})
+    line = proc.stderr.readline()
+    assert line.startswith("forwarding "), line
+    return proc, int(line.split()[1].rsplit(":", 1)[1])
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.stderr.read() if proc.stderr else ""
+
+
+def _sessions(fleet, types=("session.start", "session.detach", "session.resume", "session.end")) -> list[dict]:
+    return [e for e in fleet.audit() if e["type"] in types]
+
+
+@pytest.fixture
+def resumable_fleet(fleet, echo):
+    """A proxy, one agent (1 s keepalive, so a dead proxy is noticed within seconds) serving the
+    echo service, and an admin identity; short hold times where a test needs them."""
+    config = fleet.enroll_device("robot-1", {"customer": "acme"}, {"echo": f"127.0.0.1:{echo.port}"},
+                                 keepalive="1s", resume_hold="60s")
+    proxy = fleet.start_proxy()
+    agent = fleet.start_agent(config)
+    ops = fleet.user("ops", ["admin"])
+    fleet.wait_online(ops, "robot-1")
+    return {"fleet": fleet, "proxy": proxy, "agent": agent, "ops": ops, "config": config}
+
+
+@pytest.mark.resumable
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
+def test_forward_session_continues_across_a_proxy_restart(resumable_fleet, sig):
+    fleet, ops = resumable_fleet["fleet"], resumable_fleet["ops"]
+    fwd, port = _forward(fleet, ops)
+    try:
+        transfer = Transfer(port)
+        wait_until(lambda: transfer.echoed > 2 * 1024 * 1024, 30, what="the transfer under way")
+        resumable_fleet["proxy"].send_signal(sig)
+        resumable_fleet["proxy"].wait(10)
+        fleet.start_proxy()
+        got, digest, how = transfer.wait()
+        assert (got, how) == (TOTAL, "fin"), (got, how, transfer.write_error)
+        assert digest == transfer.sent_digest.hexdigest()  # no byte lost, none repeated
+        # the ends finish their closing handshake (the last ACKs) after the local FIN
+        wait_until(lambda: _sessions(fleet)[-1]["type"] == "session.end", 15, what="the session's end")
+    finally:
+        err = _stop(fwd)
+    assert "resumed after" in err, err
+    events = _sessions(fleet)
+    ids = {e["fields"]["session"] for e in events}
+    assert len(ids) == 1, events  # the same session continued
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "session.start" and kinds[-1] == "session.end", kinds
+    assert "session.detach" in kinds and "session.resume" in kinds, kinds
+    assert events[-1]["result"] == "ok", events[-1]
+    resume = next(e for e in events if e["type"] == "session.resume")
+    assert resume["fields"]["outage"] >= 0 and resume["fields"]["replayed_to_device"] >= 0
+    if sig == signal.SIGTERM:  # a graceful stop detaches the session, never ends it
+        detach = next(e for e in events if e["type"] == "session.detach")
+        assert detach["reason"] == "proxy shutdown", detach

@@ -92,10 +92,11 @@ def recover_open_sessions(db, reason: str) -> tuple[list[str], list[Detached]]:
     return ended, detached
 
 
-def end_if_not_resumed(db, detached: Detached, hold: float, now: dt.datetime | None = None) -> str:
+def end_if_not_resumed(db, detached: Detached, hold: float, now: dt.datetime | None = None, *,
+                       reason: str = NOT_RESUMED) -> str:
     """The sweep's decision for one detached session, written if it is an end.
 
-    Returns ``ended`` (its ``session.end``, reason ``not resumed``, was appended), ``waiting``
+    Returns ``ended`` (its ``session.end`` with ``reason`` was appended), ``waiting``
     (detached, still within ``hold`` seconds) or ``gone`` (resumed — by this or another proxy —
     or ended meanwhile: nothing to do here any more).
     """
@@ -106,7 +107,7 @@ def end_if_not_resumed(db, detached: Detached, hold: float, now: dt.datetime | N
     since = parse_iso(last[1])
     if (now - since).total_seconds() < hold:
         return "waiting"
-    audit.append(db, "session.end", **detached.common, result="error", reason=NOT_RESUMED, now=now)
+    audit.append(db, "session.end", **detached.common, result="error", reason=reason, now=now)
     return "ended"
 
 
