@@ -12,8 +12,10 @@ unharmed; a lock issued during the outage ends the session at both ends with its
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -31,6 +33,7 @@ from enroll.snapshot import PolicySnapshot, UserPolicy
 from enroll.state import FleetState
 from tunnel.agent_config import ConfigError, _hold, _size
 from tunnel.agent_sessions import HeldSession, resume_refusal
+from tunnel.client import Client, ProxyLink, Refusal, ResumableSession, UserIdentity
 from tunnel.proxy_resume import (
     end_if_not_resumed,
     find_resumable,
@@ -39,6 +42,7 @@ from tunnel.proxy_resume import (
     replayed,
 )
 from tunnel.resume import new_secret, secret_digest
+from tunnel.splice import SocketEnds
 
 NOW = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
 
@@ -248,9 +252,14 @@ class Transfer:
         self.result = (self.echoed, digest.hexdigest(), how)
 
     def wait(self, timeout: float = 120) -> tuple[int, str, str]:
+        """(bytes back, their sha256, how it ended). A reset is reported once, to whichever of
+        the two threads' calls meets it first: a reset seen by the writer counts too."""
         self.reader.join(timeout)
         assert self.result is not None, f"the transfer did not end ({self.echoed} bytes back)"
-        return self.result
+        got, digest, how = self.result
+        if how == "fin" and self.write_error and "reset" in self.write_error.lower():
+            how = "reset"
+        return got, digest, how
 
 
 def _forward(fleet, ops, service: str = "echo", env: dict | None = None) -> tuple[subprocess.Popen, int]:
@@ -277,13 +286,27 @@ def _sessions(fleet, types=("session.start", "session.detach", "session.resume",
     return [e for e in fleet.audit() if e["type"] in types]
 
 
+PROXY_HOLD = 20  # tunnel proxy --resume-hold in these tests (seconds)
+
+
+def _start_proxy(fleet) -> subprocess.Popen:
+    """``fleet.start_proxy()`` with a short ``--resume-hold``."""
+    log = fleet.root / "proxy.log"
+    mark = log.stat().st_size if log.exists() else 0
+    proc = fleet.start([PY, "-m", "tunnel.cli", "proxy", "--state", str(fleet.state.root), "--listen",
+                        fleet.address, "--log-format", "json", "--resume-hold", f"{PROXY_HOLD}s"], log)
+    wait_until(lambda: proc.poll() is None and '"listening"' in log.read_text()[mark:], 15, 0.05,
+               "proxy listening")
+    return proc
+
+
 @pytest.fixture
 def resumable_fleet(fleet, echo):
     """A proxy, one agent (1 s keepalive, so a dead proxy is noticed within seconds) serving the
     echo service, and an admin identity; short hold times where a test needs them."""
     config = fleet.enroll_device("robot-1", {"customer": "acme"}, {"echo": f"127.0.0.1:{echo.port}"},
                                  keepalive="1s", resume_hold="60s")
-    proxy = fleet.start_proxy()
+    proxy = _start_proxy(fleet)
     agent = fleet.start_agent(config)
     ops = fleet.user("ops", ["admin"])
     fleet.wait_online(ops, "robot-1")
@@ -300,7 +323,7 @@ def test_forward_session_continues_across_a_proxy_restart(resumable_fleet, sig):
         wait_until(lambda: transfer.echoed > 2 * 1024 * 1024, 30, what="the transfer under way")
         resumable_fleet["proxy"].send_signal(sig)
         resumable_fleet["proxy"].wait(10)
-        fleet.start_proxy()
+        _start_proxy(fleet)
         got, digest, how = transfer.wait()
         assert (got, how) == (TOTAL, "fin"), (got, how, transfer.write_error)
         assert digest == transfer.sent_digest.hexdigest()  # no byte lost, none repeated
@@ -321,3 +344,122 @@ def test_forward_session_continues_across_a_proxy_restart(resumable_fleet, sig):
     if sig == signal.SIGTERM:  # a graceful stop detaches the session, never ends it
         detach = next(e for e in events if e["type"] == "session.detach")
         assert detach["reason"] == "proxy shutdown", detach
+
+
+def _echo_once(reader_writer, payload: bytes):
+    reader, writer = reader_writer
+
+    async def run():
+        writer.write(payload)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readexactly(len(payload)), 20)
+
+    return run()
+
+
+@pytest.mark.resumable
+def test_bad_resumes_are_refused_audited_and_harmless(resumable_fleet):
+    """A forged secret, another user's resume with the right secret, an offset outside the replay
+    buffer and a resume after the proxy's hold time: each refused with its code, audited as an
+    access.denied at stage resume, and the real session goes on echoing."""
+    fleet, ops = resumable_fleet["fleet"], resumable_fleet["ops"]
+    mallory = fleet.user("mallory", ["admin"])
+
+    async def run() -> dict[str, str]:
+        me = UserIdentity.load(ops)
+        link = ProxyLink(me, await Client.connect(me))
+        session = await ResumableSession.open(link.client, "robot-1", "echo", None, 60)
+        assert session.resumable and session.id
+        ours, theirs = socket.socketpair()
+        local = SocketEnds(*await asyncio.open_connection(sock=ours))
+        app = await asyncio.open_connection(sock=theirs)
+        spliced = asyncio.create_task(session.splice(local))
+        assert await _echo_once(app, b"before") == b"before"
+        secret = session._secret
+        attacker = await Client.connect(UserIdentity.load(mallory))
+        again = await Client.connect(me)
+        tries = {
+            "forged": (again, dict(resume_secret=new_secret(), received=0, sent=0, away=1.0)),
+            "mallory": (attacker, dict(resume_secret=secret, received=0, sent=0, away=1.0)),
+            "offset": (again, dict(resume_secret=secret, received=10**9, sent=6, away=1.0)),
+            "late": (again, dict(resume_secret=secret, received=0, sent=6, away=PROXY_HOLD + 5.0)),
+        }
+        codes = {}
+        for name, (client, fields) in tries.items():
+            with pytest.raises(Refusal) as refused:
+                await client.dial_reply("robot-1", "echo", resume=session.id, **fields)
+            codes[name] = refused.value.code
+            assert await _echo_once(app, name.encode()) == name.encode()  # unharmed
+        app[1].write_eof()
+        assert await asyncio.wait_for(app[0].read(), 20) == b""  # the session ends cleanly
+        result = await asyncio.wait_for(spliced, 20)
+        assert result.error is None
+        for client in (attacker, again):
+            client.close()
+        link.close()
+        return codes
+
+    codes = asyncio.run(run())
+    assert codes == {"forged": "resume_secret", "mallory": "resume_unknown", "offset": "resume_offset",
+                     "late": "resume_expired"}
+    denied = [e for e in fleet.audit() if e["type"] == "access.denied" and e["fields"].get("stage") == "resume"]
+    assert sorted(e["fields"]["code"] for e in denied) == sorted(codes.values()), denied
+    assert {e["actor"] for e in denied} == {"user:ops", "user:mallory"}
+    wait_until(lambda: _sessions(fleet)[-1]["type"] == "session.end", 15, what="the session's end")
+    kinds = [e["type"] for e in _sessions(fleet)]
+    assert kinds == ["session.start", "session.end"], kinds  # no resume, no detach: untouched
+
+
+@pytest.mark.resumable
+def test_agent_killed_cannot_resume_and_the_engineer_sees_a_cut_after_the_hold(resumable_fleet):
+    """The device side is gone (kill -9): nothing can resume. The engineer's end holds the
+    session for its hold time (FLEET_RESUME_HOLD=3), then resets the local connection with one
+    line; the proxy ends the detached session with ``not resumed`` after its own hold."""
+    fleet, ops = resumable_fleet["fleet"], resumable_fleet["ops"]
+    fwd, port = _forward(fleet, ops, env={"FLEET_RESUME_HOLD": "3"})
+    try:
+        transfer = Transfer(port)
+        wait_until(lambda: transfer.echoed > 1024 * 1024, 30, what="the transfer under way")
+        resumable_fleet["agent"].send_signal(signal.SIGKILL)
+        got, _, how = transfer.wait(90)
+        assert how == "reset" and got < TOTAL, (got, how)
+        assert fwd.poll() is None  # forward itself goes on serving
+    finally:
+        err = _stop(fwd)
+    assert "the tunnel was away for 3 s (hold time)" in err, err
+    assert "reset the local connection" in err, err
+    wait_until(lambda: _sessions(fleet)[-1]["type"] == "session.end", PROXY_HOLD + 30, 0.5,
+               what="the proxy's end of the session not resumed")
+    events = _sessions(fleet)
+    assert [e["type"] for e in events] == ["session.start", "session.detach", "session.end"], events
+    assert events[-1]["reason"] == "not resumed"
+
+
+@pytest.mark.resumable
+def test_a_lock_during_the_outage_stops_the_resume_at_both_ends(resumable_fleet):
+    """The proxy is down; meanwhile the device is locked. When the proxy is back, the agent is
+    refused (locked) and ends its held session with that reason; the engineer's resume is
+    refused with the lock's reason, printed in one line, and the local connection is reset."""
+    from enroll.cli import main as enroll_main
+
+    fleet, ops = resumable_fleet["fleet"], resumable_fleet["ops"]
+    fwd, port = _forward(fleet, ops)
+    try:
+        transfer = Transfer(port)
+        wait_until(lambda: transfer.echoed > 1024 * 1024, 30, what="the transfer under way")
+        resumable_fleet["proxy"].send_signal(signal.SIGTERM)
+        resumable_fleet["proxy"].wait(10)
+        assert enroll_main(["--state", str(fleet.state.root), "lock", "robot-1",
+                            "--message", "stolen from the depot"]) == 0
+        _start_proxy(fleet)
+        got, _, how = transfer.wait(90)
+        assert how == "reset", (got, how)
+    finally:
+        err = _stop(fwd)
+    assert "could not resume" in err and "stolen from the depot" in err, err
+    agent_log = (resumable_fleet["config"].parent / "agent.log").read_text()
+    ended = [json.loads(line) for line in agent_log.splitlines()
+             if '"session ended"' in line]
+    assert ended and "stolen from the depot" in ended[-1]["reason"], agent_log[-3000:]
+    denied = [e for e in fleet.audit() if e["type"] == "access.denied" and e["fields"].get("stage") == "resume"]
+    assert denied and denied[-1]["fields"]["code"] == "locked", denied

@@ -80,6 +80,16 @@ def resume_refusal(held: HeldSession | None, secret: str | None, identity: str) 
     return None
 
 
+def offset_refusal(counters: dict[str, int], peer_received: int) -> Refused | None:
+    """``resume_offset`` unless the peer's ``received`` is inside this end's replay buffer
+    (pure; checked before the reply, so a bad offset is refused and the session is untouched).
+    ``counters`` are the ends' (``acked``: the buffer's start, ``sent``: its end)."""
+    if counters["acked"] <= peer_received <= counters["sent"]:
+        return None
+    return Refused("resume_offset", f"the other end has {peer_received} bytes; this end holds "
+                                    f"{counters['acked']}..{counters['sent']} (bytes would be lost or repeated)")
+
+
 class HeldSessions:
     """Every resumable session of the agent, by id, from its open until it ended."""
 
@@ -168,6 +178,8 @@ class HeldSessions:
         with a code (audited by the proxy) leaving the held session as it was."""
         session = self.sessions.get(msg["resume"])
         refusal = resume_refusal(session, msg.get("resume_secret"), msg["identity"])
+        if refusal is None and session is not None:
+            refusal = offset_refusal(session.ends.counters, msg.get("received", 0))
         if refusal is not None or session is None:
             assert refusal is not None
             event(log, "resume refused", level=logging.WARNING, session=msg["resume"], code=refusal.code,

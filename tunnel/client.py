@@ -261,6 +261,9 @@ RESUME_RETRY = frozenset({"device_offline", "device_unreachable", "shutdown", "a
 RESUME_FIRST_DELAY, RESUME_MAX_DELAY = 0.05, 2.0
 #: how long one reconnect attempt may take (a proxy that is down answers at once on TCP)
 RESUME_CONNECT_TIMEOUT = 3.0
+#: a silent proxy is given up after this long (not DEAD_AFTER): with resumable sessions a
+#: false alarm costs a re-attach, not a cut, and a killed proxy's replacement is found sooner
+RESUME_DEAD_AFTER = 5.0
 
 
 def resume_hold() -> float:
@@ -289,7 +292,8 @@ class ProxyLink:
     def __init__(self, identity: UserIdentity, client: Client | None = None):
         self.identity = identity
         self._client = client
-        self._watch: asyncio.Task | None = asyncio.create_task(client.watch()) if client else None
+        self._watch: asyncio.Task | None = (
+            asyncio.create_task(client.watch(dead_after=RESUME_DEAD_AFTER)) if client else None)
         self._connecting = asyncio.Lock()
 
     @property
@@ -305,7 +309,7 @@ class ProxyLink:
             if not self.alive():
                 self.close()
                 self._client = await Client.connect(self.identity, timeout)
-                self._watch = asyncio.create_task(self._client.watch())
+                self._watch = asyncio.create_task(self._client.watch(dead_after=RESUME_DEAD_AFTER))
             assert self._client is not None
             return self._client
 
