@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import sqlite3
 import time
@@ -25,6 +26,7 @@ from tunnel.admission import CODES, Peer
 from tunnel.log import event
 from tunnel.protocol import read_header, reply_with_body
 from tunnel.proxy_core import DENIAL_AUDIT_WAIT, AgentLink, Liveness, ProxyCore, try_write
+from tunnel.proxy_resume import end_if_not_resumed, held_denials
 from tunnel.transport import Connection, PathChange, Stream, TransportError
 
 log = logging.getLogger("tunnel.proxy")
@@ -220,6 +222,16 @@ class AgentLinks:
                         outage=args.get("outage"),
                     )
                 await stream.write(wire.reply_ok())
+            elif op == "held":
+                # the agent's held sessions (issue 17): which may no longer resume, and why —
+                # asked every second while it holds any, so a lock or relabel issued during the
+                # outage ends them at the device too; a detached one gets its session.end here
+                drop = held_denials(self.proxy.policy.snapshot, link.device_id, args.get("sessions"))
+                for session_id, reason in drop.items():
+                    if (detached := self.proxy.detached.pop(session_id, None)) is not None:
+                        self.proxy.write(functools.partial(end_if_not_resumed, detached=detached, hold=0,
+                                                           reason=reason))
+                await stream.write(reply_with_body({"drop": drop}))
             elif op == "renew":
                 cert = await asyncio.to_thread(
                     _renew_in_thread, self.proxy.state, link.device_id, str(args.get("csr", ""))
