@@ -591,12 +591,16 @@ class Agent:
         longer resume (a lock, relabel or user lock issued during the outage) and end those
         with its reason. An older proxy that does not know the request is asked no more."""
         while True:
-            report = self.held.report()
-            if report:
+            report, finished = self.held.report(), dict(self.held.finished)
+            if report or finished:
+                ended = [{"session": s, "reason": r} for s, r in finished.items()]
                 try:
-                    reply, body = await self._request(conn, "held", sessions=report)
+                    reply, body = await self._request(conn, "held", sessions=report, ended=ended)
                 except (TransportError, wire.HeaderError, TimeoutError):
                     reply, body = None, {}
+                if reply is not None and reply.get("ok"):
+                    for session_id in finished:  # told: the proxy writes their ends
+                        self.held.finished.pop(session_id, None)
                 if reply is not None and not reply.get("ok") and reply.get("code") == "unknown_op":
                     return
                 drop = body.get("drop") if isinstance(body, dict) else None
@@ -756,9 +760,12 @@ class Agent:
             if held is not None:
                 await self.held.run(held, spliced)
             try:
-                await spliced
+                result = await spliced
             except SessionCut as cut:  # hold time over, or refused by the proxy: reset locally
                 self.held.ended(msg["session"], cut)
+            else:
+                if held is not None and result.error:  # the engineer's end aborted it
+                    self.held.finished[held.id] = result.error
         finally:
             if spliced is not None and not spliced.done():
                 spliced.cancel()

@@ -31,6 +31,10 @@ from tunnel.transport import Stream, TransportError
 
 log = logging.getLogger("tunnel.agent")
 
+#: at most this many ended sessions wait to be told to the proxy
+MAX_FINISHED = 256
+
+
 @dataclass(frozen=True)
 class Refused:
     """Why a resume ``open`` was refused: a stable ``code`` (audited by the proxy) and a reason.
@@ -97,6 +101,10 @@ class HeldSessions:
                  clock: Callable[[], float] = time.monotonic):
         self.device_id, self.hold, self.buffer, self._clock = device_id, hold, buffer, clock
         self.sessions: dict[str, HeldSession] = {}
+        #: resumable sessions that ended here not cleanly (hold time, abort, refusal) → why:
+        #: told to the proxy with the next held check, so it writes their session.end (bounded:
+        #: the oldest are dropped past MAX_FINISHED; the proxy's sweep ends those anyway)
+        self.finished: dict[str, str] = {}
 
     @property
     def enabled(self) -> bool:
@@ -145,6 +153,9 @@ class HeldSessions:
         reason = getattr(cut, "reason", None) or str(cut)
         line = reason if reason.startswith("session ") else f"session {session_id} to {self.device_id} ended: {reason}"
         event(log, "session ended", level=logging.WARNING, session=session_id, reason=line)
+        self.finished[session_id] = reason
+        while len(self.finished) > MAX_FINISHED:
+            del self.finished[next(iter(self.finished))]
         return line
 
     def give_up(self, session: HeldSession, reason: str) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
+import signal
 import socket
 import struct
 import sys
@@ -505,6 +506,13 @@ async def proxy_command(identity: UserIdentity, device: str, target: str, login:
     ``SessionCut`` (exit status 4).
     """
     device, service = device_from_host(device), service_from_port(target)
+    # OpenSSH sends its ProxyCommand SIGHUP as it exits, right after the session's last bytes:
+    # a resumable session still has its closing handshake (END, the last ACKs) to finish, which
+    # takes a round trip. Dying at once would leave both ends holding the session.
+    loop, main = asyncio.get_running_loop(), asyncio.current_task()
+    if main is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.call_later(HANGUP_GRACE, main.cancel))
     try:
         hold = resume_hold()
         link = ProxyLink(identity, await Client.connect(identity))
@@ -517,7 +525,10 @@ async def proxy_command(identity: UserIdentity, device: str, target: str, login:
         except ClientError as exc:
             tell_ssh(exc)
             raise
-        result = await session.splice(StdioEnds())
+        try:
+            result = await session.splice(StdioEnds())
+        except asyncio.CancelledError:
+            raise ClientError(f"session to {device}/{service} cut: ssh hung up before it ended", "cut") from None
         if result.error:
             raise ClientError(f"session to {device}/{service} cut after {result.a_to_b} bytes "
                               f"received: {result.error}", "cut")
@@ -525,6 +536,9 @@ async def proxy_command(identity: UserIdentity, device: str, target: str, login:
         link.close()
         await asyncio.sleep(0)  # hand the close to the transport before the loop ends
 
+
+#: after ssh's SIGHUP, how long proxy-command may take to finish the session's closing handshake
+HANGUP_GRACE = 2.0
 
 #: how long the preflight session may take to end cleanly before it is reset
 PREFLIGHT_DRAIN = 2.0
