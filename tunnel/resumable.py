@@ -152,6 +152,14 @@ class ResumableEnds(Ends):
 
     # -- the seam with the dialing code
 
+    def check_offset(self, peer_received: int) -> None:
+        """Raise ``ResumeError("resume_offset")`` unless a replay can start at ``peer_received``
+        (the buffer's start .. the bytes sent); changes nothing. For the agent's reply, which
+        must refuse before ``attach()``."""
+        if self._cut is not None:
+            raise ResumeError("resume_expired", f"the session is over: {self._cut.reason}")
+        self._buffer.check(peer_received)
+
     async def attach(self, stream: Stream, first: bytes, peer_received: int) -> int:
         """Carry the session over ``stream`` from now on; returns the bytes replayed.
 
