@@ -339,6 +339,7 @@ class AckPolicy:
         self.taken = 0  # the count an ACK would carry now
         self.reported = 0  # the count the last ACK carried
         self._since: float | None = None  # when the first unreported byte was taken
+        self._urgent = False  # the END was taken and not reported yet
 
     def took(self, size: int, now: float) -> bool:
         """The application took ``size`` bytes; True when an ACK is due now (by bytes)."""
@@ -352,6 +353,7 @@ class AckPolicy:
     def took_end(self) -> bool:
         """The application took the END: acknowledge it (the count goes one past the bytes)."""
         self.taken += 1
+        self._urgent = True
         return True
 
     def deadline(self) -> float | None:
@@ -363,13 +365,15 @@ class AckPolicy:
     def due(self, now: float) -> bool:
         deadline = self.deadline()
         return self.taken > self.reported and (
-            self.taken - self.reported >= self.every or (deadline is not None and now >= deadline)
+            self._urgent or self.taken - self.reported >= self.every
+            or (deadline is not None and now >= deadline)
         )
 
     def sent(self) -> int:
         """An ACK is going out now: the count it carries."""
         self.reported = self.taken
         self._since = None
+        self._urgent = False
         return self.reported
 
 
