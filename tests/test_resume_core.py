@@ -250,6 +250,18 @@ def test_the_end_is_acknowledged_at_once_one_past_the_bytes():
     acks.took(7, now=0.0)
     assert acks.took_end()
     assert acks.due(0.0) and acks.sent() == 8
+    assert not acks.due(100.0)
+
+
+def test_a_new_stream_gets_the_count_again_at_once():
+    acks = AckPolicy()
+    acks.again()
+    assert not acks.due(0.0)  # nothing taken: nothing to say
+    acks.took(5, now=0.0)
+    acks.took_end()
+    assert acks.sent() == 6
+    acks.again()  # the ACK of the END may have died with the old stream
+    assert acks.due(0.0) and acks.sent() == 6 and not acks.due(0.0)
 
 
 # -- hold time ------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from tunnel.resume import (
     ABORT,
     ACK,
+    ACK_BYTES,
     DEFAULT_BUFFER,
     DEFAULT_HOLD,
     END,
@@ -86,7 +87,9 @@ class ResumableEnds(Ends):
         self._log = log or logging.getLogger("tunnel.resumable")
         self._loop = asyncio.get_running_loop()
         self._buffer = ReplayBuffer(buffer)
-        self._acks = AckPolicy()
+        # a quarter of the window at most between acks, so a small window never waits for the
+        # ack timer (the peer's window is not known: the same size as ours is assumed)
+        self._acks = AckPolicy(every=min(ACK_BYTES, max(1, buffer // 4)))
         self._hold = Hold(hold)
         # receiving: what came in and the application has not taken yet
         self._inbox: deque[bytes] = deque()
@@ -108,6 +111,9 @@ class ResumableEnds(Ends):
         self._loss_reason = "not attached yet"
         self._cut: SessionCut | None = None
         self._closed = False
+        # finished cleanly AND the peer is known to have all it needs (its FIN came), or the
+        # stream was lost after this end finished (delivering the last ACK is then best effort)
+        self._settled = False
         # wake-ups: a change any waiter may care about (one task waits on each)
         self._recv_wake = asyncio.Event()
         self._send_wake = asyncio.Event()
@@ -179,6 +185,7 @@ class ResumableEnds(Ends):
         self._stream = stream
         self._written = peer_received
         self._abort_sent = False
+        self._acks.again()
         self._hold.attached()
         if self._hold_timer is not None:
             self._hold_timer.cancel()
@@ -191,25 +198,38 @@ class ResumableEnds(Ends):
         return self._buffer.end - peer_received
 
     async def lost(self) -> str:
-        """Return, with the reason, once no stream is attached (at once if none is now).
+        """Return, with the reason, once no stream is attached and the session needs one (at
+        once if so now). Awaited again after each ``attach()``.
 
-        Never returns for a session that finished: the caller cancels its wait then.
+        Never returns for a session that needs no stream any more (finished, cut, aborted by
+        the other end, or aborted here with the ABORT written): the caller cancels its wait then.
         """
-        while self._stream is not None or self.done:
+        while self._stream is not None or not self._needs_stream():
             self._change.clear()
             await self._change.wait()
         return self._loss_reason
 
     async def finished(self) -> None:
-        """Wait until both directions ended cleanly (our END acknowledged, the peer's taken).
+        """Wait until both directions ended cleanly (our END acknowledged, the peer's taken) and
+        the peer's FIN said it has all it needs too (or the stream was lost after that point:
+        then nothing is missing here, and the peer's last ACK is best effort).
 
         Raises ``SessionCut`` if the session is cut meanwhile, ``PeerAborted`` if the other end
-        aborted. Losses meanwhile are waited out like any other (the caller re-attaches).
+        aborted. Losses before that are waited out like any other (the caller re-attaches).
         """
-        while not self._finished_cleanly():
-            self._raise_if_over()
+        while not self._settled:
+            if not self._finished_cleanly():
+                self._raise_if_over()
             self._change.clear()
             await self._change.wait()
+
+    def detach(self, reason: str = "replaced by a new stream") -> None:
+        """Drop the current stream as lost (the hold starts), e.g. when the other end re-attaches
+        before this end noticed the loss. Read ``received`` for a header only while detached:
+        an attached stream may still be delivering."""
+        stream = self._stream
+        if stream is not None:
+            self._stream_lost(stream, reason)
 
     def give_up(self, reason: str) -> None:
         """End the session as cut: ``recv()``/``send()`` raise ``SessionCut(reason)`` from now on."""
@@ -229,6 +249,7 @@ class ResumableEnds(Ends):
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(writer), CLOSE_GRACE)
         self._closed = True
+        self._settled = self._settled or self._finished_cleanly()
         if not self.done:
             self.give_up("the session was closed")
         for timer in (self._ack_timer, self._hold_timer):
@@ -284,7 +305,9 @@ class ResumableEnds(Ends):
                     break
                 self._send_wake.clear()
                 await self._send_wake.wait()
-            self._buffer.append(data if len(piece) == len(data) else bytes(piece))
+            # the buffer keeps what it is given: only an immutable bytes object is kept as is
+            whole = type(data) is bytes and len(piece) == len(data)
+            self._buffer.append(data if whole else bytes(piece))
             self._write_wake.set()
 
     def eof(self) -> None:
@@ -305,6 +328,10 @@ class ResumableEnds(Ends):
 
     def _finished_cleanly(self) -> bool:
         return self._end_acked and self._peer_end_taken
+
+    def _needs_stream(self) -> bool:
+        return (self._cut is None and self._peer_abort is None and not self._closed
+                and not self._finished_cleanly() and (self._abort is None or not self._abort_sent))
 
     def _raise_if_over(self) -> None:
         if self._peer_abort is not None:
@@ -348,8 +375,9 @@ class ResumableEnds(Ends):
         """``stream`` ended or broke without END/ABORT: hold the session and tell ``lost()``."""
         if stream is not self._stream:
             return  # an old stream's task finishing late
-        if self.done:
+        if not self._needs_stream():
             self._drop_stream()
+            self._settled = self._settled or self._finished_cleanly()
             self._wake_all()
             return
         self._loss_reason = reason
@@ -388,6 +416,8 @@ class ResumableEnds(Ends):
                 data = await stream.read(READ_SIZE)
                 if not data:
                     if self._finished_cleanly() and reader.idle:
+                        self._settled = True
+                        self._changed()
                         return
                     self._stream_lost(stream, "the stream ended without END")
                     return

@@ -356,6 +356,11 @@ class AckPolicy:
         self._urgent = True
         return True
 
+    def again(self) -> None:
+        """A new stream: the count goes out once more at once (the END's ack, in particular,
+        is carried by no header), whether or not it was reported on the stream that was lost."""
+        self._urgent = self.taken > 0
+
     def deadline(self) -> float | None:
         """The time an ACK is due by the clock, None when nothing is unreported."""
         if self.taken == self.reported or self._since is None:
@@ -364,9 +369,8 @@ class AckPolicy:
 
     def due(self, now: float) -> bool:
         deadline = self.deadline()
-        return self.taken > self.reported and (
-            self._urgent or self.taken - self.reported >= self.every
-            or (deadline is not None and now >= deadline)
+        return self._urgent or self.taken > self.reported and (
+            self.taken - self.reported >= self.every or (deadline is not None and now >= deadline)
         )
 
     def sent(self) -> int:
