@@ -228,7 +228,8 @@ def test_abort_reaches_the_peer_as_a_reset_with_the_reason(pki, transport):
                 while True:                           # data still queued (a raw reset did not)
                     got += await b.recv()
             assert b"partial".startswith(got)
-            assert "local connection was cut" in str(info.value) and info.value.code == "reset"
+            assert str(info.value) == "the other end aborted the session: its local connection was cut"
+            assert info.value.code == "reset"
             with pytest.raises(PeerAborted):
                 await b.send(b"x")
             assert b.done
@@ -247,9 +248,10 @@ def test_abort_while_detached_goes_out_on_the_next_attach(pki, transport):
             await link.attach_both(a, b)
             link.streams[0].reset(3)
             await both_lost(a, b)
-            a.abort()
+            a.abort("sshd reset the connection")
+            assert await a.lost()  # aborted here, but the ABORT still needs a stream
             await link.attach_both(a, b)
-            with pytest.raises(PeerAborted):
+            with pytest.raises(PeerAborted, match="sshd reset the connection"):
                 await asyncio.wait_for(b.recv(), 10)
             await asyncio.gather(a.close(), b.close())
             await link.close()

@@ -317,10 +317,13 @@ class ResumableEnds(Ends):
             self._eof = True
             self._write_wake.set()
 
-    def abort(self) -> None:
-        """Our local side broke: ABORT goes to the peer now, or on the next attach."""
+    def abort(self, reason: str = "its local connection was cut") -> None:
+        """Our local side broke: ABORT(reason) goes to the peer now, or on the next attach.
+
+        It goes before data still queued (as a raw stream's reset discarded it): the peer's
+        ``recv()`` raises ``PeerAborted``. ``splice`` calls it without a reason."""
         if self._abort is None and not self.done:
-            self._abort = "the other end's local connection was cut"
+            self._abort = reason
             self._write_wake.set()
             self._wake_all()
 
