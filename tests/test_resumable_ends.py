@@ -16,8 +16,15 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from transport.transport_helpers import SERVER_NAME, Transport, make_ca, make_leaf, run
 
-from tunnel.resumable import PeerAborted, ResumableEnds
-from tunnel.resume import ResumeError, SessionCut, new_secret, secret_digest, secret_matches
+from tunnel.resumable import READ_SIZE, PeerAborted, ResumableEnds
+from tunnel.resume import (
+    ResumeError,
+    SessionCut,
+    encode_data,
+    new_secret,
+    secret_digest,
+    secret_matches,
+)
 from tunnel.splice import Ends, splice
 from tunnel.transport import Stream, StreamReset, TransportError
 
@@ -622,6 +629,7 @@ def test_over_an_in_memory_pair_too_with_a_cut():
 @pytest.mark.parametrize("garbage, what", [
     (b"SSH-2.0-OpenSSH_9.6\r\n", "unknown frame type"),  # a raw stream where frames were agreed
     (bytes([2, 0, 0, 0, 8]) + (10**9).to_bytes(8, "big"), "acknowledgement of 1000000000 bytes"),
+    (bytes([3, 0, 0, 0, 0, 1, 0, 0, 0, 1]) + b"x", "DATA after END"),
 ])
 def test_a_peer_breaking_the_framing_cuts_the_session(garbage, what):
     async def main():
@@ -640,6 +648,30 @@ def test_a_peer_breaking_the_framing_cuts_the_session(garbage, what):
         await a.close()
 
     run(main())
+
+
+def test_a_peer_beyond_its_window_is_not_read_past_ours():
+    async def main():
+        window = 256 * 1024
+        a = ResumableEnds("m", buffer=window)
+        sa, sb = memory_pair(limit=64 * 1024)
+        await a.attach(sa, b"", 0)
+        frame = encode_data(bytes(60_000))
+        flood = asyncio.create_task(_write_forever(sb, frame))
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+        assert not flood.done()  # blocked: the stream's own flow control holds the rest
+        assert window <= a.counters["inbox"] <= window + READ_SIZE
+        assert len(await a.recv()) == 60_000  # taking makes room again
+        flood.cancel()
+        await a.close()
+
+    run(main())
+
+
+async def _write_forever(stream: Stream, frame: bytes) -> None:
+    while True:
+        await stream.write(frame)
 
 
 async def _cpu_per_mb(total: int, framed: bool) -> float:
