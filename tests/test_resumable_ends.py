@@ -650,6 +650,26 @@ def test_a_peer_breaking_the_framing_cuts_the_session(garbage, what):
     run(main())
 
 
+def test_held_for_follows_the_injected_clock():
+    async def main():
+        now = [100.0]
+        a = ResumableEnds("m", clock=lambda: now[0])
+        assert a.held_for is None  # not attached yet: nothing is held
+        sa, sb = memory_pair()
+        await a.attach(sa, b"", 0)
+        assert a.held_for is None
+        sb.reset(1)
+        assert await a.lost() == "stream reset by peer: code 1: reset"
+        now[0] = 142.5
+        assert a.held_for == 42.5 and not a.done
+        sa, sb = memory_pair()
+        await a.attach(sa, b"", 0)
+        assert a.held_for is None
+        await a.close()
+
+    run(main())
+
+
 def test_a_peer_beyond_its_window_is_not_read_past_ours():
     async def main():
         window = 256 * 1024
