@@ -11,8 +11,15 @@ splice resets the local side: a cut never looks like a clean end.
 
 Per attached stream two tasks run: a reader (frames in: DATA to the inbox, ACK trims the replay
 buffer, END/ABORT) and the one writer (DATA from the replay buffer, ACK, END, ABORT; one writer
-so frames never interleave, and so a reader never waits on a write: both ends' readers always
-drain their streams, so a blocked writer is only ever waiting for its peer's reader).
+so frames never interleave, and so a reader never waits on a write). An ACK counts what the
+application took, so the inbox never holds more than the peer's window: the reader keeps
+reading (ACKs included) while the local side is slow, and a blocked writer only ever waits for
+the peer's reader. Memory per session: the replay buffer (the window) plus the inbox (the
+peer's window); a peer past its window (a larger one configured, or a broken peer) makes the
+reader stop, and the stream's own flow control holds it.
+
+``send()`` returns once its bytes are in the replay buffer (the writer sends them): it blocks
+only on a full window, so backpressure on the local socket is the window, attached or not.
 """
 
 from __future__ import annotations
@@ -94,7 +101,10 @@ class ResumableEnds(Ends):
         # receiving: what came in and the application has not taken yet
         self._inbox: deque[bytes] = deque()
         self._inbox_bytes = 0
-        self._inbox_limit = buffer
+        # a peer within its window (the same size as ours) never fills this, so the reader never
+        # stops and its ACKs always get through; past it (a peer with a larger window, or a
+        # broken one) the reader stops and the stream's flow control holds the peer
+        self._inbox_limit = buffer + MAX_FRAME
         self._received = 0
         self._peer_end = False  # END arrived
         self._peer_end_taken = False  # recv() returned b"" for it
@@ -413,7 +423,7 @@ class ResumableEnds(Ends):
                             self._on_frame(event)
                     if self._peer_abort is not None:
                         return
-                while self._inbox_bytes >= self._inbox_limit:  # a peer beyond its window
+                while self._inbox_bytes > self._inbox_limit:  # a peer beyond its window
                     self._read_wake.clear()
                     await self._read_wake.wait()
                 data = await stream.read(READ_SIZE)
