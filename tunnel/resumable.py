@@ -256,8 +256,7 @@ class ResumableEnds(Ends):
             return
         writer = self._tasks[1] if len(self._tasks) == 2 else None
         if writer is not None and not writer.done() and (self._abort is not None or self._eof):
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(writer), CLOSE_GRACE)
+            await asyncio.wait({writer}, timeout=CLOSE_GRACE)  # neither cancels nor raises
         self._closed = True
         self._settled = self._settled or self._finished_cleanly()
         if not self.done:
