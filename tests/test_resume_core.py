@@ -40,6 +40,7 @@ from tunnel.resume import (
     encode_abort,
     encode_ack,
     encode_data,
+    encode_data_frames,
     encode_end,
     hold_expired_reason,
     new_secret,
@@ -92,6 +93,12 @@ def test_frames_decode_the_same_whatever_the_split():
     splits += [sorted(rng.sample(range(1, len(stream)), rng.randint(1, 40))) for _ in range(200)]
     for cuts in splits:
         assert _decode(stream, cuts) == expected, cuts
+
+
+def test_a_batch_of_data_frames_is_the_frames_one_after_another():
+    chunks = [b"a" * 10, memoryview(b"xbcd")[1:], b"", b"z" * 70_000]
+    assert encode_data_frames(chunks) == b"".join(encode_data(c) for c in chunks)
+    assert _decode(encode_data_frames(chunks), [3, 17, 40]) == [b"a" * 10 + b"bcd" + b"z" * 70_000]
 
 
 def test_data_is_handed_on_before_its_frame_is_complete():

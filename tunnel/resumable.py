@@ -51,7 +51,7 @@ from tunnel.resume import (
     SessionCut,
     encode_abort,
     encode_ack,
-    encode_data,
+    encode_data_frames,
     encode_end,
     hold_expired_reason,
 )
@@ -60,6 +60,8 @@ from tunnel.transport import Stream, StreamReset, TransportError
 
 #: bytes asked of the stream per read: several frames at once when they are queued
 READ_SIZE = 256 * 1024
+#: bytes of DATA gathered into one stream write when several chunks are waiting
+WRITE_BATCH = 256 * 1024
 #: the reset code of a stream this end dropped because it replaced or gave up the session
 RESET_DROPPED = 1
 #: seconds ``close()`` lets the writer deliver a last END/ABORT before the stream is dropped
@@ -418,9 +420,15 @@ class ResumableEnds(Ends):
             while True:
                 action = state.next_write(self._clock())
                 if action == WRITE_DATA:
+                    batch: list[bytes | memoryview] = []
+                    size = 0
                     for chunk in state.replay.since(state.written):
-                        await stream.write(encode_data(chunk))
-                        state.written += len(chunk)
+                        batch.append(chunk)
+                        size += len(chunk)
+                        if size >= WRITE_BATCH:
+                            break
+                    await stream.write(encode_data_frames(batch))
+                    state.written += size
                 elif action == WRITE_ACK:
                     await stream.write(encode_ack(state.acks.sent()))
                 elif action == WRITE_END:

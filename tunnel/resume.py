@@ -132,6 +132,16 @@ def encode_data(payload: bytes | memoryview) -> bytes:
     return b"".join((_HEADER.pack(DATA, len(payload)), payload))
 
 
+def encode_data_frames(chunks: list[bytes | memoryview]) -> bytes:
+    """Several DATA frames, one per chunk, in one buffer: one stream write for a batch (a
+    transport's per-write cost is paid once, and its frames stay full)."""
+    parts: list[bytes | memoryview] = []
+    for chunk in chunks:
+        parts.append(_HEADER.pack(DATA, len(chunk)))
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 def encode_ack(count: int) -> bytes:
     return _HEADER.pack(ACK, 8) + _U64.pack(count)
 
