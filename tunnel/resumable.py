@@ -38,12 +38,14 @@ from tunnel.resume import (
     DEFAULT_BUFFER,
     DEFAULT_HOLD,
     END,
+    FROM,
     MAX_FRAME,
     WRITE_ABORT,
     WRITE_ACK,
     WRITE_DATA,
     WRITE_END,
     WRITE_FIN,
+    WRITE_FROM,
     WRITE_STOP,
     EndState,
     FrameReader,
@@ -53,6 +55,7 @@ from tunnel.resume import (
     encode_ack,
     encode_data_frames,
     encode_end,
+    encode_from,
     hold_expired_reason,
 )
 from tunnel.splice import Ends, describe
@@ -378,10 +381,16 @@ class ResumableEnds(Ends):
                 if data:
                     for event in reader.feed(data):
                         if isinstance(event, bytes):
-                            state.on_data(len(event))
-                            self._inbox.append(event)
-                            self._inbox_bytes += len(event)
-                            self._recv_wake.set()
+                            drop = state.on_data(len(event))
+                            if drop:
+                                event = event[drop:]
+                            if event:
+                                self._inbox.append(event)
+                                self._inbox_bytes += len(event)
+                                self._recv_wake.set()
+                        elif event.kind == FROM:
+                            assert isinstance(event.value, int)
+                            state.on_from(event.value)
                         elif event.kind == ACK:
                             assert isinstance(event.value, int)
                             state.on_ack(event.value)
@@ -421,14 +430,18 @@ class ResumableEnds(Ends):
                 action = state.next_write(self._clock())
                 if action == WRITE_DATA:
                     batch: list[bytes | memoryview] = []
-                    size = 0
-                    for chunk in state.replay.since(state.written):
+                    begin, size = state.written, 0
+                    for chunk in state.replay.since(begin):
                         batch.append(chunk)
                         size += len(chunk)
                         if size >= WRITE_BATCH:
                             break
                     await stream.write(encode_data_frames(batch))
-                    state.written += size
+                    # an ACK meanwhile may have moved it on already (see EndState.on_ack)
+                    state.written = max(state.written, begin + size)
+                elif action == WRITE_FROM:
+                    await stream.write(encode_from(state.written))
+                    state.from_written = True
                 elif action == WRITE_ACK:
                     await stream.write(encode_ack(state.acks.sent()))
                 elif action == WRITE_END:
