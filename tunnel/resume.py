@@ -12,8 +12,9 @@ header, when both ends said ``resumable: true``, the stream carries frames inste
                          FIN on the local socket
                     ABORT: UTF-8 reason; the other end's local side broke (a reset locally)
                     FROM: u64be, the offset of the next DATA byte: the first frame on every
-                         stream, so the receiver drops what it already has (bytes its old
-                         stream delivered after it told the peer its count) and refuses a gap
+                         stream (again when an ACK moved the sender on), so the receiver drops
+                         what it already has (bytes its old stream delivered after it told the
+                         peer its count) and refuses a gap
 
 A stream that ends or resets without END/ABORT is a *loss*: each end holds its session (the local
 sockets stay open) and waits for a new stream; on re-attach each end resends what the other lacks
@@ -25,7 +26,8 @@ holds more than the sender's window, so its reader can always keep reading the s
 included) without a buffer of its own that could grow; see ``tunnel/resumable.py``.
 
 Everything here is pure: :class:`FrameReader` takes bytes in any split, :class:`AckPolicy` and
-:class:`Hold` take the time as an argument. ``tunnel/resumable.py`` is the asyncio adapter.
+:class:`Hold` take the time as an argument, :class:`EndState` makes one end's decisions (what
+to write next, whether a lost stream is held). ``tunnel/resumable.py`` is the asyncio adapter.
 """
 
 from __future__ import annotations
@@ -165,7 +167,8 @@ def encode_abort(reason: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """A decoded frame other than DATA: ``kind`` is ACK, END or ABORT; ``value`` the count or reason."""
+    """A decoded frame other than DATA: ``kind`` is ACK, END, ABORT or FROM; ``value`` the count,
+    reason or offset."""
 
     kind: int
     value: int | str | None = None
