@@ -1,7 +1,10 @@
 """ResumableEnds over real loopback transport streams (QUIC and TLS/TCP, in-process, no root):
 byte-exact transfers through cuts at random points (a stream reset by either side, the whole
 connection closed), END as the only clean end, ABORT, the hold time, the window as a memory
-bound, and a resume at a wrong offset that changes nothing."""
+bound, and a resume at a wrong offset that changes nothing. Then the same ends over an in-memory
+stream pair (a stale count in a header, a peer breaking the framing or its window), which also
+measures the framing's own CPU cost: ``python tests/test_resumable_ends.py [MB]`` (no test
+asserts a timing)."""
 
 from __future__ import annotations
 
