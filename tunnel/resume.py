@@ -3,7 +3,7 @@
 A resumable session outlives the tunnel stream that carries it (issue 17). After the stream
 header, when both ends said ``resumable: true``, the stream carries frames instead of raw bytes::
 
-    type    u8      DATA 1, ACK 2, END 3, ABORT 4
+    type    u8      DATA 1, ACK 2, END 3, ABORT 4, FROM 5
     length  u32be   payload length
     payload         DATA: application bytes (offsets are implicit: both ends count them)
                     ACK: u64be, cumulative application bytes the receiver's application took
@@ -11,6 +11,10 @@ header, when both ends said ``resumable: true``, the stream carries frames inste
                     END: empty; the clean end of this direction, the ONLY thing that becomes a
                          FIN on the local socket
                     ABORT: UTF-8 reason; the other end's local side broke (a reset locally)
+                    FROM: u64be, the offset of the next DATA byte: the first frame on every
+                         stream (again when an ACK moved the sender on), so the receiver drops
+                         what it already has (bytes its old stream delivered after it told the
+                         peer its count) and refuses a gap
 
 A stream that ends or resets without END/ABORT is a *loss*: each end holds its session (the local
 sockets stay open) and waits for a new stream; on re-attach each end resends what the other lacks
@@ -22,7 +26,8 @@ holds more than the sender's window, so its reader can always keep reading the s
 included) without a buffer of its own that could grow; see ``tunnel/resumable.py``.
 
 Everything here is pure: :class:`FrameReader` takes bytes in any split, :class:`AckPolicy` and
-:class:`Hold` take the time as an argument. ``tunnel/resumable.py`` is the asyncio adapter.
+:class:`Hold` take the time as an argument, :class:`EndState` makes one end's decisions (what
+to write next, whether a lost stream is held). ``tunnel/resumable.py`` is the asyncio adapter.
 """
 
 from __future__ import annotations
@@ -51,8 +56,8 @@ MAX_FRAME = 1024 * 1024
 #: longest ABORT reason, in bytes of UTF-8
 MAX_REASON = 1024
 
-DATA, ACK, END, ABORT = 1, 2, 3, 4
-FRAME_NAMES = {DATA: "DATA", ACK: "ACK", END: "END", ABORT: "ABORT"}
+DATA, ACK, END, ABORT, FROM = 1, 2, 3, 4, 5
+FRAME_NAMES = {DATA: "DATA", ACK: "ACK", END: "END", ABORT: "ABORT", FROM: "FROM"}
 _HEADER = struct.Struct("!BI")
 HEADER_SIZE = _HEADER.size
 _U64 = struct.Struct("!Q")
@@ -132,8 +137,22 @@ def encode_data(payload: bytes | memoryview) -> bytes:
     return b"".join((_HEADER.pack(DATA, len(payload)), payload))
 
 
+def encode_data_frames(chunks: list[bytes | memoryview]) -> bytes:
+    """Several DATA frames, one per chunk, in one buffer: one stream write for a batch (a
+    transport's per-write cost is paid once, and its frames stay full)."""
+    parts: list[bytes | memoryview] = []
+    for chunk in chunks:
+        parts.append(_HEADER.pack(DATA, len(chunk)))
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 def encode_ack(count: int) -> bytes:
     return _HEADER.pack(ACK, 8) + _U64.pack(count)
+
+
+def encode_from(offset: int) -> bytes:
+    return _HEADER.pack(FROM, 8) + _U64.pack(offset)
 
 
 def encode_end() -> bytes:
@@ -148,7 +167,8 @@ def encode_abort(reason: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """A decoded frame other than DATA: ``kind`` is ACK, END or ABORT; ``value`` the count or reason."""
+    """A decoded frame other than DATA: ``kind`` is ACK, END, ABORT or FROM; ``value`` the count,
+    reason or offset."""
 
     kind: int
     value: int | str | None = None
@@ -227,10 +247,10 @@ class FrameReader:
 
 def _control(kind: int, payload: bytes) -> Frame:
     name = FRAME_NAMES[kind]
-    if kind == ACK:
+    if kind in (ACK, FROM):
         if len(payload) != 8:
-            raise ResumeError("resume_frame", f"an ACK frame of {len(payload)} bytes (8)")
-        return Frame(ACK, _U64.unpack(payload)[0])
+            raise ResumeError("resume_frame", f"an {name} frame of {len(payload)} bytes (8)")
+        return Frame(kind, _U64.unpack(payload)[0])
     if kind == END:
         if payload:
             raise ResumeError("resume_frame", f"an END frame with {len(payload)} bytes of payload")
@@ -339,6 +359,7 @@ class AckPolicy:
         self.taken = 0  # the count an ACK would carry now
         self.reported = 0  # the count the last ACK carried
         self._since: float | None = None  # when the first unreported byte was taken
+        self._urgent = False  # the END was taken and not reported yet
 
     def took(self, size: int, now: float) -> bool:
         """The application took ``size`` bytes; True when an ACK is due now (by bytes)."""
@@ -352,7 +373,13 @@ class AckPolicy:
     def took_end(self) -> bool:
         """The application took the END: acknowledge it (the count goes one past the bytes)."""
         self.taken += 1
+        self._urgent = True
         return True
+
+    def again(self) -> None:
+        """A new stream: the count goes out once more at once (the END's ack, in particular,
+        is carried by no header), whether or not it was reported on the stream that was lost."""
+        self._urgent = self.taken > 0
 
     def deadline(self) -> float | None:
         """The time an ACK is due by the clock, None when nothing is unreported."""
@@ -362,7 +389,7 @@ class AckPolicy:
 
     def due(self, now: float) -> bool:
         deadline = self.deadline()
-        return self.taken > self.reported and (
+        return self._urgent or self.taken > self.reported and (
             self.taken - self.reported >= self.every or (deadline is not None and now >= deadline)
         )
 
@@ -370,6 +397,7 @@ class AckPolicy:
         """An ACK is going out now: the count it carries."""
         self.reported = self.taken
         self._since = None
+        self._urgent = False
         return self.reported
 
 
@@ -418,3 +446,196 @@ def describe_hold(seconds: float) -> str:
 
 def hold_expired_reason(hold: float) -> str:
     return f"the tunnel was away for {describe_hold(hold)} (hold time)"
+
+
+# -- one end ------------------------------------------------------------------------------------
+
+#: what an end's writer does next (:meth:`EndState.next_write`); None: wait for a change
+WRITE_ABORT = "abort"  # ABORT(reason), then FIN, then stop
+WRITE_FROM = "from"  # FROM(written): the first frame on a stream
+WRITE_ACK = "ack"  # ACK(acks.sent())
+WRITE_DATA = "data"  # DATA frames of replay.since(written), one per chunk
+WRITE_END = "end"  # END after the last byte
+WRITE_FIN = "fin"  # both ways ended cleanly and all said: FIN, then stop
+WRITE_STOP = "stop"  # nothing more goes on this stream (aborted, or cut)
+
+
+class EndState:
+    """Everything one end of a resumable session decides, without I/O or a clock of its own.
+
+    Counters: ``sent`` (= ``replay.end``), ``received``, the peer's acknowledgement
+    (``replay.start``), what went to the current stream (``written``). Flags of the two
+    directions: our ``eof``/``end_acked``/``abort``, the peer's ``peer_end``/``peer_end_taken``
+    /``peer_abort``; ``cut`` (why the session was given up). The adapter
+    (``tunnel/resumable.py``) feeds it frames and calls, and does what :meth:`next_write` says.
+    """
+
+    def __init__(self, buffer: int = DEFAULT_BUFFER, hold: float = DEFAULT_HOLD) -> None:
+        self.replay = ReplayBuffer(buffer)
+        # a quarter of the window at most between acks, so a small window never waits for the
+        # ack timer (the peer's window is not known: the same size as ours is assumed)
+        self.acks = AckPolicy(every=min(ACK_BYTES, max(1, buffer // 4)))
+        self.hold = Hold(hold)
+        # a peer within its window (the same size as ours) never fills this, so the reader
+        # never stops and its ACKs always get through; past it (a peer with a larger window,
+        # or a broken one) the reader stops and the stream's flow control holds the peer
+        self.inbox_limit = buffer + MAX_FRAME
+        self.received = 0
+        self.peer_end = False  # END arrived
+        self.peer_end_taken = False  # the application took it (recv() returned b"")
+        self.peer_abort: str | None = None
+        self.eof = False  # END goes after the last byte
+        self.end_acked = False
+        self.abort: str | None = None  # ABORT goes to the next stream
+        self.cut: str | None = None
+        self.closed = False
+        # finished cleanly AND the peer has all it needs (its FIN came), or the stream was lost
+        # after this end finished (the peer's last ACK is then best effort)
+        self.settled = False
+        self.attached = False
+        # of the stream attached now
+        self.written = 0
+        self.end_written = False
+        self.abort_written = False
+        self.from_written = False
+        self.from_read = False  # the peer's FROM came on this stream
+        self.skip = 0  # bytes of DATA still to drop: this end had them already
+
+    @property
+    def sent(self) -> int:
+        return self.replay.end
+
+    def finished_cleanly(self) -> bool:
+        """Our END acknowledged and the peer's END taken: nothing is missing at this end."""
+        return self.end_acked and self.peer_end_taken
+
+    def over(self) -> bool:
+        """The session is over for the application: finished, cut, or aborted by either end."""
+        return (self.finished_cleanly() or self.cut is not None or self.abort is not None
+                or self.peer_abort is not None)
+
+    def needs_stream(self) -> bool:
+        """Would a new stream do anything? Not once finished, cut, closed, aborted by the peer,
+        or aborted here with the ABORT written."""
+        return (self.cut is None and self.peer_abort is None and not self.closed
+                and not self.finished_cleanly() and (self.abort is None or not self.abort_written))
+
+    # -- streams come and go
+
+    def check_attach(self, peer_received: int) -> None:
+        """Raise unless a new stream could start with the peer at ``peer_received``: the session
+        was given up (``resume_expired``), or the offset is outside the buffer (``resume_offset``)."""
+        if self.cut is not None:
+            raise ResumeError("resume_expired", f"the session is over: {self.cut}")
+        self.replay.check(peer_received)
+
+    def attach(self, peer_received: int) -> int:
+        """A new stream, the peer having ``peer_received`` bytes: returns the bytes to replay."""
+        self.check_attach(peer_received)
+        self.replay.ack(peer_received)  # the peer has them (inbox or taken): never again
+        self.attached = True
+        self.written = peer_received
+        self.end_written = self.abort_written = self.from_written = self.from_read = False
+        self.skip = 0
+        self.acks.again()
+        self.hold.attached()
+        return self.replay.end - peer_received
+
+    def lost(self, now: float) -> bool:
+        """The stream is gone; True when the session is held (it needs another), False when it
+        needed none any more (and then, if it had finished, it is settled)."""
+        self.attached = False
+        if not self.needs_stream():
+            self.settled = self.settled or self.finished_cleanly()
+            return False
+        self.hold.lost(now)
+        return True
+
+    def hold_ran_out(self, now: float) -> bool:
+        return not self.attached and self.hold.state(now) == EXPIRED
+
+    def give_up(self, reason: str) -> bool:
+        """Cut the session (True), unless it is cut already or finished cleanly (False)."""
+        if self.cut is not None or self.finished_cleanly():
+            return False
+        self.cut = reason
+        return True
+
+    # -- frames in
+
+    def on_from(self, offset: int) -> None:
+        """The peer's DATA on this stream starts at ``offset``: drop what this end has already
+        (exactly once however late the old stream delivered); a gap is ``resume_offset``."""
+        if offset > self.received:
+            raise ResumeError("resume_offset", f"the other end resumes at byte {offset}, this end"
+                              f" has {self.received}: bytes would be lost")
+        self.from_read = True
+        self.skip = self.received - offset
+
+    def on_data(self, size: int) -> int:
+        """``size`` bytes of DATA came; returns how many leading ones to drop (already here)."""
+        if not self.from_read:
+            raise ResumeError("resume_frame", "DATA before FROM")
+        drop = min(self.skip, size)
+        self.skip -= drop
+        if drop < size and self.peer_end:
+            raise ResumeError("resume_frame", "DATA after END")
+        self.received += size - drop
+        return drop
+
+    def on_ack(self, count: int) -> None:
+        """The peer took ``count`` bytes (one more once it took our END)."""
+        if self.eof and count == self.replay.end + 1:
+            self.end_acked = True
+            count -= 1
+        self.replay.ack(count)
+        if self.written < self.replay.start:
+            # the peer had more than its header said (its old stream delivered late): what it
+            # acknowledged is not sent again; a new FROM tells it where DATA goes on from
+            self.written = self.replay.start
+            self.from_written = False
+
+    def on_end(self) -> None:
+        self.peer_end = True  # a repeated END (replayed after a loss) changes nothing
+
+    def on_abort(self, reason: str) -> None:
+        self.peer_abort = reason or "no reason given"
+
+    def on_fin(self, between_frames: bool) -> bool:
+        """The stream ended: True when that was the clean close after the session finished,
+        False when it is a loss (hold and re-attach)."""
+        if self.finished_cleanly() and between_frames:
+            self.settled = True
+            return True
+        return False
+
+    # -- the application
+
+    def took(self, size: int, now: float) -> bool:
+        """The application took ``size`` bytes; True when an ACK is due now."""
+        return self.acks.took(size, now)
+
+    def took_end(self) -> None:
+        if not self.peer_end_taken:
+            self.peer_end_taken = True
+            self.acks.took_end()
+
+    # -- frames out
+
+    def next_write(self, now: float) -> str | None:
+        """What the writer of the attached stream does next (one of WRITE_*), None: wait."""
+        if self.abort is not None:
+            return WRITE_STOP if self.abort_written else WRITE_ABORT
+        if self.peer_abort is not None or self.cut is not None:
+            return WRITE_STOP
+        if not self.from_written:
+            return WRITE_FROM
+        if self.acks.due(now):
+            return WRITE_ACK
+        if self.written < self.replay.end:
+            return WRITE_DATA
+        if self.eof and not self.end_written and not self.end_acked:
+            return WRITE_END
+        if self.finished_cleanly() and self.acks.reported == self.acks.taken:
+            return WRITE_FIN
+        return None
