@@ -476,14 +476,6 @@ def test_a_lock_during_the_outage_stops_the_resume_at_both_ends(resumable_fleet,
     assert denied and denied[-1]["fields"].get("stage") == stage, denied
 
 
-def test_offset_refusal_bounds():
-    from tunnel.agent_sessions import offset_refusal
-
-    counters = {"acked": 100, "sent": 500}
-    assert offset_refusal(counters, 100) is None and offset_refusal(counters, 500) is None
-    assert offset_refusal(counters, 99).code == "resume_offset"  # already dropped: lost bytes
-    assert offset_refusal(counters, 501).code == "resume_offset"  # never sent
-
 
 # --- tunnel proxy-command under real ssh -------------------------------------------------------
 

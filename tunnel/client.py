@@ -346,6 +346,8 @@ class ResumableSession:
         self._secret: str | None = None
         self._first: tuple[Stream, bytes] | None = None
         self._ends: ResumableEnds | None = None
+        #: why the session could not resume, once it could not
+        self._ended: FleetError | None = None
 
     @classmethod
     async def open(cls, connect, device: str, service: str, login: str | None = None,
@@ -378,33 +380,45 @@ class ResumableSession:
             return await splice(StreamEnds(stream, rest), local)
         from tunnel.resume import ResumeError, SessionCut
 
-        ended: FleetError | None = None
         await ends.attach(stream, rest, 0)
         spliced = asyncio.ensure_future(splice(ends, local))
+        finishing: asyncio.Future | None = None
         try:
-            while not spliced.done():
-                lost = asyncio.ensure_future(ends.lost())
-                await asyncio.wait({lost, spliced}, return_when=asyncio.FIRST_COMPLETED)
-                if not lost.done():
-                    lost.cancel()
-                    break
-                ended = await self._reattach(ends, lost.result(), spliced)
-                if ended is not None:
-                    ends.give_up(str(ended))
-                    break
             try:
-                return await spliced
+                await self._follow(ends, spliced)
+                result = await spliced
+                if not result.error:
+                    # clean here; our last bytes and END may still need a re-attach to arrive
+                    finishing = asyncio.ensure_future(ends.finished())
+                    await self._follow(ends, finishing)
+                    await finishing
+                return result
             except SessionCut as exc:  # ours, or the ends' own hold timer ran out first
-                raise ended or SessionCut(f"session {self.id} to {self.device} ended: {exc.reason}") from None
-            except (ResumeError, FleetError) as exc:  # the framing broke, or the peer aborted
-                raise ended or ClientError(f"session {self.id} to {self.device}/{self.service} cut: {exc}",
-                                           "cut") from None
+                raise self._ended or SessionCut(f"session {self.id} to {self.device} ended: {exc.reason}") from None
+            except (ResumeError, FleetError, TransportError) as exc:  # framing broke, peer aborted
+                raise self._ended or ClientError(f"session {self.id} to {self.device}/{self.service} cut: {exc}",
+                                                 "cut") from None
         finally:
-            if not spliced.done():
-                spliced.cancel()
-                with contextlib.suppress(BaseException):
-                    await spliced
+            for task in (spliced, finishing):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
             await ends.close()  # its stream and tasks: a cut one is reset
+
+    async def _follow(self, ends: ResumableEnds, work: asyncio.Future) -> None:
+        """Until ``work`` is done, re-attach after each loss; give up (``self._ended`` says why)
+        when that fails."""
+        while not work.done():
+            lost = asyncio.ensure_future(ends.lost())
+            await asyncio.wait({lost, work}, return_when=asyncio.FIRST_COMPLETED)
+            if not lost.done():
+                lost.cancel()
+                return
+            self._ended = await self._reattach(ends, lost.result(), work)
+            if self._ended is not None:
+                ends.give_up(str(self._ended))
+                return
 
     async def _reattach(self, ends: ResumableEnds, why: str, spliced: asyncio.Future) -> FleetError | None:
         """Dial again with ``resume`` until re-attached (None) or the session must end (the
