@@ -441,7 +441,8 @@ class ResumableSession:
                 stream, rest, reply = await client.dial_reply(
                     self.device, self.service, self.login, resume=self.id, resume_secret=self._secret,
                     received=ends.received, sent=ends.sent, away=round(away, 3))
-                replayed = await ends.attach(stream, rest, reply.get("received", 0))
+                sent, received = ends.sent, ends.received
+                await ends.attach(stream, rest, reply.get("received", 0))
             except Refusal as exc:
                 if exc.code not in RESUME_RETRY:
                     return Refusal(f"session {self.id} to {self.device} could not resume: {exc}", exc.code)
@@ -459,8 +460,10 @@ class ResumableSession:
                 pass  # no proxy yet, or the new stream failed: try again
             else:
                 self.resumes += 1
+                to_device = max(0, sent - reply.get("received", 0))
+                from_device = max(0, reply.get("sent", received) - received)
                 note(f"session {self.id} to {self.device} resumed after {loop.time() - lost_at:.1f}s "
-                     f"({replayed} bytes replayed)")
+                     f"(replayed: {to_device} B to the device, {from_device} B from it)")
                 return None
             delay = base * (0.5 + random.random() / 2)
             base = min(RESUME_MAX_DELAY, base * 2)
