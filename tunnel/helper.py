@@ -43,17 +43,20 @@ import time
 from pathlib import Path
 
 from enroll.addresses import AddressError, split_host_port
+from enroll.errors import FleetError
 from tunnel import helper_protocol as hp
 from tunnel.client import (
     Client,
     ClientError,
+    ResumableSession,
     UserIdentity,
     device_from_host,
     preflight,
+    resume_hold,
     service_from_port,
 )
-from tunnel.splice import Ends, SocketEnds, SpliceResult, StreamEnds, reset_on_close, splice
-from tunnel.transport import Stream, TransportError
+from tunnel.splice import Ends, SocketEnds, SpliceResult, reset_on_close
+from tunnel.transport import TransportError
 
 log = logging.getLogger("tunnel.helper")
 
@@ -457,7 +460,7 @@ class Helper:
         try:
             self._check_expiry()
             client = await self.client()
-            stream, rest = await client.dial(device, service, login)
+            session = await ResumableSession.open(self.client, device, service, login)
         except ClientError as exc:
             writer.write(hp.encode_line(self._refused(exc)))
             return
@@ -469,7 +472,10 @@ class Helper:
             renew = asyncio.create_task(self._renew_cert(client, device, login))
         local = FramedEnds(reader, writer)
         try:
-            result = await self.splice_session(stream, rest, local)
+            result = await self.splice_session(session, local)  # re-attaches when the tunnel is lost
+        except FleetError as exc:  # it could not resume: the hold ran out, or a refusal
+            local.cut(str(exc))
+            return
         except asyncio.CancelledError:
             local.cut(f"the helper stopped ({self.stopping or 'shutting down'})")
             raise
@@ -483,13 +489,14 @@ class Helper:
             await writer.drain()
 
 
-    async def splice_session(self, stream: Stream, rest: bytes, local: Ends) -> SpliceResult:
-        """Carry one session between its tunnel stream and its local end, both ways, until both
-        ended; a cut aborts both ends (``tunnel.splice``). The one place every session of the
-        helper — ssh's frames, each forwarded TCP connection — is spliced."""
+    async def splice_session(self, session: ResumableSession, local: Ends) -> SpliceResult:
+        """Carry one session between the tunnel and its local end, both ways, until both ended;
+        a cut aborts both ends (``tunnel.splice``), a lost tunnel is re-attached while the
+        session's hold lasts (issue 17; FleetError when it could not be). The one place every
+        session of the helper — ssh's frames, each forwarded TCP connection — is spliced."""
         self.sessions += 1
         try:
-            return await splice(StreamEnds(stream, rest), local)
+            return await session.splice(local)
         finally:
             self.sessions -= 1
 
@@ -586,11 +593,15 @@ class Helper:
             clean = False
             try:
                 try:
-                    stream, rest = await client.dial(device, service)
+                    session = await ResumableSession.open(self.client, device, service)
                 except ClientError as exc:
                     say(peer, f"refused: {exc} (reset the local connection)")
                     return
-                result = await self.splice_session(stream, rest, _SaidFirst(local_reader, local_writer))
+                try:
+                    result = await self.splice_session(session, _SaidFirst(local_reader, local_writer))
+                except FleetError as exc:  # could not resume: the hold ran out, or a refusal
+                    say(peer, f"{exc} (reset the local connection)")
+                    return
                 if result.error:
                     say(peer, f"session cut after {result.a_to_b} bytes from the device and "
                               f"{result.b_to_a} to it: {result.error} (reset the local connection)")
@@ -607,7 +618,9 @@ class Helper:
                         local_writer.close()
 
         server = await asyncio.start_server(handle, sock=listener)
-        lost = asyncio.create_task(self._lost(client))
+        # resumable sessions outlive the warm connection (the next dial or re-attach makes a
+        # new one), so the forward ends with the proxy connection only when resuming is off
+        lost = asyncio.create_task(self._lost(client) if resume_hold() <= 0 else asyncio.Event().wait())
         detached = asyncio.create_task(reader.read(1))  # the command ended (or broke) the handoff
         end: dict | None = None
         try:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import sqlite3
 import time
@@ -44,6 +45,7 @@ from tunnel.protocol import ALPN_AGENT, ALPN_ENROLL, ALPN_USER
 from tunnel.proxy_agents import AgentLinks
 from tunnel.proxy_core import AgentLink, Liveness, ProxyCore, Session
 from tunnel.proxy_enroll import OnlineEnrollment
+from tunnel.proxy_resume import NOT_RESUMED, end_if_not_resumed, recover_open_sessions
 from tunnel.proxy_sessions import UserSessions
 from tunnel.registry_writer import RegistryWriter
 from tunnel.transport import Connection, Refused, TLSIdentity, serve, tcp_serve
@@ -57,6 +59,8 @@ PEER_KIND = {ALPN_AGENT: "device", ALPN_USER: "user"}
 SHUTDOWN_BUDGET = 2.0
 #: On start-up: how long to wait for closing the sessions a crash left open before listening.
 RECOVERY_WAIT = 5.0
+#: how often the detached resumable sessions are checked for a hold that ran out
+SWEEP_INTERVAL = 5.0
 
 
 class Proxy(ProxyCore):
@@ -119,15 +123,17 @@ class Proxy(ProxyCore):
     async def _close_left_open(self) -> None:
         """Write ``session.end`` (reason ``proxy restarted``) for every session a crash left open.
 
-        No session can outlive the proxy process, so before listening every ``session.start``
-        without its ``session.end`` is closed. The write is queued first, so it runs before any
-        event of this process; if the registry is busy it stays queued and the proxy starts
-        anyway. (One registry serves one proxy: a second proxy on it would see its live
-        sessions closed here.)
+        No raw session can outlive the proxy process, so before listening every ``session.start``
+        without its ``session.end`` is closed. A resumable one may still be held at both ends:
+        it gets ``session.detach`` instead and joins the sessions the sweep ends if they are not
+        resumed within the hold time (:func:`tunnel.proxy_resume.recover_open_sessions`). The
+        write is queued first, so it runs before any event of this process; if the registry is
+        busy it stays queued and the proxy starts anyway. (One registry serves one proxy: a
+        second proxy on it would see its live sessions closed here.)
         """
-        closing = self.write(lambda db: audit.close_open_sessions(db, "proxy restarted"))
+        closing = self.write(lambda db: recover_open_sessions(db, "proxy restarted"))
         try:
-            closed = await asyncio.wait_for(asyncio.shield(closing), RECOVERY_WAIT)
+            closed, detached = await asyncio.wait_for(asyncio.shield(closing), RECOVERY_WAIT)
         except TimeoutError:
             event(log, "closing sessions left open is still queued", level=logging.WARNING)
         except Exception as exc:  # noqa: BLE001 - never keep the proxy from starting
@@ -136,6 +142,7 @@ class Proxy(ProxyCore):
             if closed:
                 event(log, "closed sessions left open by the last run", level=logging.WARNING,
                       count=len(closed), reason="proxy restarted")
+            self.detached.update((d.session, d) for d in detached)
 
     async def stop(self, budget: float = SHUTDOWN_BUDGET) -> None:
         """Shut down: end every open session (``session.end`` reason ``proxy shutdown``, within
@@ -148,7 +155,7 @@ class Proxy(ProxyCore):
         while self.open_sessions and loop.time() < deadline:
             await asyncio.sleep(0.02)  # each session's own task writes its end, with its bytes
         for session in list(self.open_sessions.values()):
-            self.end_session(session, result="error", reason="proxy shutdown")
+            self.end_session(session, result="error", reason="proxy shutdown")  # resumable: a detach
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -284,7 +291,7 @@ class Proxy(ProxyCore):
         The snapshot is refreshed once (off the loop, only if the policy changed); the checks
         themselves are pure and cost no I/O, however many sessions and agents there are.
         """
-        last_touch = time.monotonic()
+        last_touch = last_sweep = time.monotonic()
         while True:
             await asyncio.sleep(self.watch_interval)
             try:
@@ -298,8 +305,12 @@ class Proxy(ProxyCore):
                                          session.service, session.login, now=now)
                 if not decision.allowed:
                     event(log, "cutting session", session=session.id, code=decision.code)
+                    session.resumable = False  # over for good, not detached: its end says why
                     session.cut(decision.reason)
                     self.sessions.pop(session.id, None)
+            if self.detached and time.monotonic() - last_sweep > SWEEP_INTERVAL:
+                last_sweep = time.monotonic()
+                self._sweep_detached()
             for device_id, link in list(self.agents.items()):
                 if (denied := recheck_agent(snapshot, link.peer, now)) is not None:
                     event(log, "cutting agent", device=device_id, code=denied.code)
@@ -312,6 +323,25 @@ class Proxy(ProxyCore):
                     Devices(db).seen(online, seen)
 
                 self.write(touch)
+
+    def _sweep_detached(self) -> None:
+        """End (``session.end``, reason ``not resumed``) each detached session not resumed
+        within the hold time; forget those resumed (here or through another proxy)."""
+        hold = self.resume_hold
+        for session_id, detached in list(self.detached.items()):
+            if session_id in self.open_sessions:
+                self.detached.pop(session_id, None)  # resumed here
+                continue
+
+            def done(future: asyncio.Future, session_id: str = session_id) -> None:
+                if future.cancelled() or future.exception() is not None or future.result() == "waiting":
+                    return
+                if session_id not in self.open_sessions:
+                    self.detached.pop(session_id, None)
+                if future.result() == "ended":
+                    event(log, "session end", session=session_id, reason=NOT_RESUMED)
+
+            self.write(functools.partial(end_if_not_resumed, detached=detached, hold=hold)).add_done_callback(done)
 
 
 def _utc(t: float) -> str:

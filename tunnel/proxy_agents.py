@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import sqlite3
 import time
@@ -25,6 +26,7 @@ from tunnel.admission import CODES, Peer
 from tunnel.log import event
 from tunnel.protocol import read_header, reply_with_body
 from tunnel.proxy_core import DENIAL_AUDIT_WAIT, AgentLink, Liveness, ProxyCore, try_write
+from tunnel.proxy_resume import end_if_not_resumed, held_denials
 from tunnel.transport import Connection, PathChange, Stream, TransportError
 
 log = logging.getLogger("tunnel.proxy")
@@ -220,6 +222,25 @@ class AgentLinks:
                         outage=args.get("outage"),
                     )
                 await stream.write(wire.reply_ok())
+            elif op == "held":
+                # the agent's held sessions (issue 17): which may no longer resume, and why —
+                # asked every second while it holds any, so a lock or relabel issued during the
+                # outage ends them at the device too (each detached one gets its session.end);
+                # the sessions that ended at the device (hold time, an abort) get theirs, with
+                # the device's reason
+                drop = held_denials(self.proxy.policy.snapshot, link.device_id, args.get("sessions"))
+                ended = args.get("ended")
+                reported = {e["session"]: e["reason"] for e in (ended if isinstance(ended, list) else [])[:256]
+                            if isinstance(e, dict) and isinstance(e.get("session"), str)
+                            and isinstance(e.get("reason"), str)}
+                for session_id, reason in {**reported, **drop}.items():
+                    detached = self.proxy.detached.get(session_id)
+                    if detached is not None and detached.common.get("device") == link.device_id:
+                        del self.proxy.detached[session_id]  # this device's own session only
+                        why = reason if session_id in drop else f"ended at the device: {reason[:200]}"
+                        self.proxy.write(functools.partial(end_if_not_resumed, detached=detached, hold=0,
+                                                           reason=why))
+                await stream.write(reply_with_body({"drop": drop}))
             elif op == "renew":
                 cert = await asyncio.to_thread(
                     _renew_in_thread, self.proxy.state, link.device_id, str(args.get("csr", ""))

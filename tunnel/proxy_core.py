@@ -27,7 +27,9 @@ from tunnel.admission import CODES, Peer
 from tunnel.live_policy import LivePolicy
 from tunnel.log import event
 from tunnel.metrics import ProxyMetrics
+from tunnel.proxy_resume import Detached
 from tunnel.ratelimit import RateLimiter, RefusalTally
+from tunnel.resume import DEFAULT_HOLD
 from tunnel.transport import Connection, Stream, TransportError
 
 if TYPE_CHECKING:
@@ -141,6 +143,11 @@ class ProxyCore:
         #: (see end_session): what a shutdown must close
         self.open_sessions: dict[str, Session] = {}
         self.stopping = False
+        #: the longest a resumable session may be away and still resume (``--resume-hold``)
+        self.resume_hold = DEFAULT_HOLD
+        #: resumable sessions whose stream is away, by id: the sweep ends those not resumed
+        #: (:meth:`tunnel.proxy.Proxy._sweep_detached`)
+        self.detached: dict[str, Detached] = {}
         self.probe_interval, self.probe_timeout, self.dead_after = PROBE_INTERVAL, PROBE_TIMEOUT, DEAD_AFTER
         self.device_totals: dict[str, dict[str, int]] = {}  # connections and migrations per device
         self.enroll_limiter = RateLimiter(rate=enroll_rate, burst=max(1.0, enroll_rate * 2))
@@ -173,9 +180,19 @@ class ProxyCore:
 
     def end_session(self, session: Session, **fields) -> asyncio.Future | None:
         """Queue the session's ``session.end`` exactly once (whoever ends it first: its own task,
-        a failed start, or a shutdown); None if it was already queued."""
-        if self.open_sessions.pop(session.id, None) is None:
+        a failed start, or a shutdown); None if it was already queued, or if the session was
+        replaced by its own resume meanwhile.
+
+        A resumable session whose stream was lost (an error, not a policy cut) is not over: it
+        gets ``session.detach`` instead, and the sweep ends it if it is not resumed within the
+        hold time (see :mod:`tunnel.proxy_resume`)."""
+        if self.open_sessions.get(session.id) is not session:
             return None
+        del self.open_sessions[session.id]
+        if session.resumable and fields.get("result") == "error":
+            self.detached[session.id] = Detached(session.id, session.start_seq or 0, session.common)
+            return self.write(session.write_end(type_="session.detach", **fields))
+        self.detached.pop(session.id, None)
         return self.write(session.write_end(**fields))
 
     async def settled(self, future: asyncio.Future | None, timeout: float | None = DENIAL_AUDIT_WAIT) -> bool:
@@ -219,6 +236,8 @@ class Session:
     #: the reason session.end gives, when it must be exactly that (shutdown, dead agent)
     end_reason: str | None = None
     start_seq: int | None = None
+    #: both ends hold it when its streams are lost (issue 17): a loss is a detach, not an end
+    resumable: bool = False
 
     def cut(self, reason: str, code: int = CODES["revoked"], end_reason: str | None = None) -> None:
         self.cut_reason = reason
@@ -232,14 +251,15 @@ class Session:
         self.start_seq = audit.append(db, "session.start", **self.common)
         return self.start_seq
 
-    def write_end(self, **fields):
-        """A ``session.end`` write that appends only behind this session's committed start."""
+    def write_end(self, type_: str = "session.end", **fields):
+        """A ``session.end`` (or ``session.detach``) write that appends only behind this
+        session's committed start."""
         def write(db):
             if self.start_seq is None:
                 return None
             if not audit.is_session_start(db, self.start_seq, self.id):
                 return None  # its start was rolled back: nothing to pair
-            return audit.append(db, "session.end", **{**self.common, **fields})
+            return audit.append(db, type_, **{**self.common, **fields})
 
         return write
 

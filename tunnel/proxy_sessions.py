@@ -22,7 +22,8 @@ from tunnel import access, wire
 from tunnel.admission import CODES, Peer
 from tunnel.log import event
 from tunnel.protocol import read_header, reply_with_body
-from tunnel.proxy_core import DENIAL_AUDIT_WAIT, ProxyCore, Session, finish, try_write
+from tunnel.proxy_core import DENIAL_AUDIT_WAIT, AgentLink, ProxyCore, Session, finish, try_write
+from tunnel.proxy_resume import find_resumable, replayed
 from tunnel.splice import StreamEnds, splice
 from tunnel.transport import Connection, Stream, TransportError
 
@@ -94,6 +95,9 @@ class UserSessions:
             finish(stream)
 
     async def _dial(self, peer: Peer, stream: Stream, msg: wire.Message, rest: bytes, remote: str) -> None:
+        if msg.get("resume") is not None:
+            await self._resume(peer, stream, msg, rest, remote)
+            return
         device_id, requested, login = msg["device"], msg["service"], msg.get("login")
         snapshot = await self.proxy.policy.refresh()
         dev = snapshot.device(device_id)
@@ -123,8 +127,10 @@ class UserSessions:
         agent_stream = None
         try:
             agent_stream = await link.conn.open_stream()
+            # a resumable session (issue 17) when the engineer asked and this proxy allows it
+            secret = msg.get("resume_secret") if self.proxy.resume_hold > 0 else None
             await agent_stream.write(wire.encode("open", service=service, session=session,
-                                                 identity=peer.actor, login=login))
+                                                 identity=peer.actor, login=login, resume_secret=secret))
             reply, agent_rest = await read_header(agent_stream, AGENT_REPLY_TIMEOUT)
         except (TransportError, wire.HeaderError, TimeoutError) as exc:
             if agent_stream is not None:
@@ -137,8 +143,11 @@ class UserSessions:
             code, reason = reply.get("code", "refused"), reply.get("reason", "refused by the device")
             await self._refuse(stream, code, reason, result="denied", stage="device", **common)
             return
+        resumable = bool(reply.get("resumable")) and secret is not None
+        if resumable:
+            common["resumable"] = True
         tracked = Session(session, peer, device_id, service, login, (stream, agent_stream),
-                          link=link, common=common)
+                          link=link, common=common, resumable=resumable)
         self.proxy.open_sessions[session] = tracked
         # Recorded (durable) before the engineer is told the session is open; but never waited
         # for without bound: a locked or full registry refuses the session at once.
@@ -165,12 +174,18 @@ class UserSessions:
             finish(stream)
             return
         try:
-            await stream.write(wire.reply_ok(session=session))
+            await stream.write(wire.reply_ok(session=session, resumable=resumable or None))
         except TransportError:
             agent_stream.reset(1)
             await self.proxy.settled(self.proxy.end_session(tracked, result="error", reason="engineer went away"))
             return
         event(log, "session start", session=session, user=peer.name, device=device_id, service=service)
+        await self._carry(tracked, stream, rest, agent_stream, agent_rest, link)
+
+    async def _carry(self, tracked: Session, stream: Stream, rest: bytes, agent_stream: Stream,
+                     agent_rest: bytes, link: AgentLink) -> None:
+        """Splice an opened (or resumed) session until it ends; write its end (or detach)."""
+        session, device_id = tracked.id, tracked.device_id
         link.sessions += 1
         link.sessions_total += 1
         started = time.monotonic()
@@ -178,7 +193,8 @@ class UserSessions:
         try:
             result = await splice(StreamEnds(stream, rest), StreamEnds(agent_stream, agent_rest))
         finally:
-            self.proxy.sessions.pop(session, None)
+            if self.proxy.sessions.get(session) is tracked:  # not replaced by its resume meanwhile
+                del self.proxy.sessions[session]
             link.sessions -= 1
         link.bytes_down += result.a_to_b
         link.bytes_up += result.b_to_a
@@ -193,6 +209,90 @@ class UserSessions:
         )
         event(log, "session end", session=session, up=result.b_to_a, down=result.a_to_b)
         await self.proxy.settled(ended, None)
+
+    async def _resume(self, peer: Peer, stream: Stream, msg: wire.Message, rest: bytes, remote: str) -> None:
+        """Re-attach a held session (issue 17): authorized exactly as a new dial, then the
+        registry must know it as this user's live resumable session on this device, then the
+        agent checks its secret, identity and offset. Every refusal is audited and leaves the
+        real session as it was; a success writes ``session.resume`` (outage, bytes replayed)."""
+        device_id, requested, login, session = msg["device"], msg["service"], msg.get("login"), msg["resume"]
+        snapshot = await self.proxy.policy.refresh()
+        dev = snapshot.device(device_id)
+        link = self.proxy.agents.get(device_id)
+        if link is not None and not link.hello.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(link.hello.wait(), HELLO_WAIT)
+        resolved = access.canonical_service(requested, link.services if link else None, device_id)
+        service = resolved.name
+        decision = access.decide(snapshot, peer, device_id, service or requested, login,
+                                 online=link is not None)
+        if not resolved.ok and (decision.allowed or (service is None and decision.code == "forbidden")):
+            decision = access.Decision(False, resolved.code, resolved.reason)
+        if decision.allowed and self.proxy.stopping:
+            decision = access.Decision(False, "shutdown", "the proxy is shutting down: retry in a moment")
+        away = msg.get("away", 0.0)
+        if decision.allowed and away > self.proxy.resume_hold:
+            decision = access.Decision(False, "resume_expired",
+                                       f"session {session} was away {away:.0f}s, longer than this proxy holds "
+                                       f"a session ({self.proxy.resume_hold:g}s)")
+        common = dict(actor=peer.actor, actor_roles=peer.identity.roles, device=device_id,
+                      labels=dev.labels if dev else None, remote=remote, service=service,
+                      requested=requested if requested != service else None, login=login, session=session)
+        if not decision.allowed:
+            await self._refuse(stream, decision.code, decision.reason, result="denied", stage="resume", **common)
+            return
+        assert link is not None and service is not None
+        try:
+            found = await asyncio.wait_for(asyncio.shield(self.proxy.write(
+                lambda db: find_resumable(db, session, peer.actor, device_id))), START_AUDIT_WAIT)
+        except Exception as exc:  # noqa: BLE001 - TimeoutError or why the read failed
+            await self._refuse(stream, "audit_unavailable", f"the proxy cannot read its audit log now ({exc})",
+                               result="failed", stage="resume", audit_wait=0, **common)
+            return
+        if found is None or found.common.get("service") != service or found.common.get("login") != login:
+            await self._refuse(stream, "resume_unknown", f"no resumable session {session} of yours on {device_id}",
+                               result="denied", stage="resume", **common)
+            return
+        agent_stream = None
+        try:
+            agent_stream = await link.conn.open_stream()
+            await agent_stream.write(wire.encode(
+                "open", service=service, session=session, identity=peer.actor, login=login, resume=session,
+                resume_secret=msg.get("resume_secret"), received=msg.get("received", 0)))
+            reply, agent_rest = await read_header(agent_stream, AGENT_REPLY_TIMEOUT)
+        except (TransportError, wire.HeaderError, TimeoutError) as exc:
+            if agent_stream is not None:
+                with contextlib.suppress(TransportError):
+                    agent_stream.reset(1)
+            reason = f"device {device_id} did not answer: {exc or 'timeout'}"
+            await self._refuse(stream, "device_unreachable", reason, result="failed", stage="resume", **common)
+            return
+        if not reply.get("ok"):
+            code, reason = reply.get("code", "refused"), reply.get("reason", "refused by the device")
+            await self._refuse(stream, code, reason, result="denied", stage="resume", **common)
+            return
+        # the same session through this proxy still looks attached (its loss not seen yet): the
+        # agent has moved it to the new stream, so the old one ends here without an event
+        if (old := self.proxy.open_sessions.pop(session, None)) is not None:
+            old.cut("resumed on a new stream", end_reason=None)
+        common = {**found.common, "labels": common["labels"], "remote": remote}
+        tracked = Session(session, peer, device_id, service, login, (stream, agent_stream), link=link,
+                          common=common, resumable=True, start_seq=found.start_seq)
+        self.proxy.open_sessions[session] = tracked
+        self.proxy.detached.pop(session, None)
+        resumed = self.proxy.audit("session.resume", **common, outage=round(away, 3),
+                              replayed_to_device=replayed(msg.get("sent"), reply.get("received")),
+                              replayed_from_device=replayed(reply.get("sent"), msg.get("received")))
+        await self.proxy.settled(resumed, START_AUDIT_WAIT)
+        try:
+            await stream.write(wire.reply_ok(session=session, resumable=True, received=reply.get("received"),
+                                             sent=reply.get("sent")))
+        except TransportError:
+            agent_stream.reset(1)
+            await self.proxy.settled(self.proxy.end_session(tracked, result="error", reason="engineer went away"))
+            return
+        event(log, "session resume", session=session, user=peer.name, device=device_id, outage=away)
+        await self._carry(tracked, stream, rest, agent_stream, agent_rest, link)
 
     async def _refuse(self, stream: Stream, code: str, reason: str, *, result: str, stage: str,
                       audit_wait: float = DENIAL_AUDIT_WAIT, **common) -> None:
