@@ -1,0 +1,229 @@
+"""Sessions that survive a new connection (issue 17), proved in the network lab.
+
+Each case keeps two things open through a disruption that QUIC migration cannot carry (the
+agent, or the engineer's end, needs a new connection):
+
+* an OpenSSH session through ``tunnel proxy-command`` whose remote loop prints a sequence number
+  every 100 ms (``resume_harness.SeqTickSession``): the SAME ssh process must go on printing,
+  with no number lost or repeated;
+* a 32 MiB download through ``tunnel forward`` from a paced server on the device, sha256 on both
+  ends: it must complete byte-exact, and the device's local connection must complete (not reset).
+
+and checks the proxy audited ``session.resume`` for both sessions. The largest gap between ticks
+(and between transfer bytes) is printed per case (``pytest -s``); bench/cases/migration.py
+reports the same numbers as "resume gap, CASE" rows.
+
+The last case is the refusal: a device lock issued during an outage stops the resume, the
+engineer's ssh and forward print the reason, the agent logs it, the device's local connection is
+reset and the audit has the refusal.
+
+One proxy (internet namespace, 0.0.0.0:443) serves the module; every case adds its own device
+and stops its agent at the end. The 3-minute outage is the only long case.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+from fleet_harness import wait_until
+from migration_harness import TunnelLab
+from resume_harness import (
+    TRANSFER_SIZE,
+    CaseRun,
+    add_resume_device,
+    enroll_cli,
+    finish_case,
+    mentions,
+    report,
+    restart_proxy,
+    resumes,
+    session_ids,
+    start_case,
+)
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+#: how long the session may take to print again once the agent is on the TCP fallback
+RESUME_WAIT_TCP = 30.0
+
+
+@pytest.fixture(scope="module")
+def tl(module_lab, tmp_path_factory):
+    t = TunnelLab(module_lab, tmp_path_factory.mktemp("resume"))
+    yield t
+    t.close()
+
+
+@pytest.fixture
+def case(tl):
+    """Collects the case's run and device so both are closed even when an assertion fails."""
+    opened: dict = {}
+    yield opened
+    run = opened.get("run")
+    if run is not None:
+        run.close()
+    device = opened.get("device")
+    if device in tl.devices:
+        tl.fleet.stop(tl.devices[device]["agent"])
+
+
+def assert_survived(tl: TunnelLab, run: CaseRun) -> None:
+    """The same session went on, byte-exact, and the proxy audited the resume of both."""
+    session, transfer, server = run.session, run.transfer, run.server
+    assert session.alive, f"the ssh session ended: {session.stderr()}"
+    assert run.first_line is not None, "no tick after the disruption"
+    assert not session.sequence_problems(), session.sequence_problems()
+    assert transfer.ended == "eof", f"transfer: {transfer.ended}; forward said: {transfer.stderr()}"
+    assert transfer.received == TRANSFER_SIZE
+    assert transfer.sha256 == server.sha256, "the transfer's bytes differ from what was sent"
+    wait_until(lambda: server.outcomes == ["complete"], 10, 0.1, f"server side complete: {server.outcomes}")
+    # the same sessions: no new session.start for the device, and each one resumed
+    assert session_ids(tl, run.device) == {"ssh": [run.ssh_session], "bulk": [run.bulk_session]}
+    for name, events in run.resumes(tl).items():
+        assert events, f"no session.resume audited for the {name} session"
+        assert all(e["device"] == run.device and e["result"] == "ok" for e in events), events
+    ends = [e for e in tl.audit("session.end", device=run.device)
+            if e["fields"].get("session") in (run.ssh_session, run.bulk_session)]
+    assert not [e for e in ends if e["fields"].get("session") == run.ssh_session], \
+        f"the ssh session was ended in the audit though it goes on: {ends}"
+
+
+def print_case(tl: TunnelLab, run: CaseRun, **extra) -> None:
+    resumed = run.resumes(tl)
+    report(f"resume: {run.name}", gap=run.gap, first_line=run.first_line,
+           transfer_gap=run.transfer_gap, resumes_ssh=len(resumed["ssh"]),
+           resumes_bulk=len(resumed["bulk"]), replayed=run.replayed(tl), **extra)
+
+
+def test_cellular_to_satellite_reaching_only_the_ground_endpoint(tl, case):
+    proxies = [tl.endpoint(tl.lab.proxy_public), tl.endpoint(tl.lab.proxy_ground, via=["satellite"])]
+    dev, _ = add_resume_device(tl, "rground", ("cellular", "satellite"), proxies=proxies)
+    case["device"] = "rground"
+    reconnects = len(tl.audit("device.reconnect", device="rground"))
+    run = case["run"] = start_case(tl, "cellular -> satellite (ground endpoint only)", "rground")
+    run.started = time.monotonic()
+    dev.use("satellite")
+    run.back = time.monotonic()
+    finish_case(run)
+    print_case(tl, run)
+    assert len(tl.audit("device.reconnect", device="rground")) > reconnects, "no new connection"
+    status = tl.status("rground")
+    assert status["address"].startswith(dev.public_address("satellite") + ":")
+    assert_survived(tl, run)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill9"])
+def test_proxy_restart(tl, case, sig):
+    name = f"rrestart{int(sig)}"
+    add_resume_device(tl, name, ("wifi",))
+    case["device"] = name
+    run = case["run"] = start_case(tl, f"proxy restart ({signal.Signals(sig).name})", name)
+    run.started = time.monotonic()
+    run.back = restart_proxy(tl, sig)
+    finish_case(run)
+    print_case(tl, run)
+    if sig == signal.SIGTERM:
+        # a clean shutdown detaches a resumable session instead of ending it
+        detached = [e for e in tl.audit("session.detach", device=name)
+                    if e["fields"].get("session") == run.ssh_session]
+        assert detached, "no session.detach for the ssh session at the proxy's shutdown"
+    assert_survived(tl, run)
+
+
+def test_three_minutes_without_any_uplink(tl, case):
+    dev, _ = add_resume_device(tl, "routage", ("wifi",))
+    case["device"] = "routage"
+    connects = len(tl.audit("device.connect", device="routage"))
+    run = case["run"] = start_case(tl, "3 min without any uplink", "routage")
+    run.started = time.monotonic()
+    dev.outage(180.0)
+    run.back = time.monotonic()
+    finish_case(run)
+    print_case(tl, run)
+    # longer than the idle timeout: the agent had to come back on a new connection
+    assert len(tl.audit("device.connect", device="routage")) > connects, "the agent did not reconnect"
+    outages = [e["fields"].get("outage") for e in run.resumes(tl)["ssh"]]
+    assert outages and max(o or 0 for o in outages) >= 60, f"resume outage not recorded: {outages}"
+    assert_survived(tl, run)
+
+
+def test_udp_blocked_mid_session_then_unblocked(tl, case):
+    dev, _ = add_resume_device(tl, "rudp", ("wifi",), quic_retry="2s")
+    case["device"] = "rudp"
+    assert tl.status("rudp")["transport"] == "quic"
+    run = case["run"] = start_case(tl, "UDP blocked (QUIC -> TCP) and unblocked", "rudp")
+    run.started = time.monotonic()
+    dev.block_udp("wifi", True)
+    wait_until(lambda: (tl.status("rudp") or {}).get("transport") == "tcp", 30, 0.3, "rudp on TCP")
+    run.back = time.monotonic()
+    on_tcp = run.session.wait_line_after(run.back, RESUME_WAIT_TCP)
+    assert on_tcp is not None, f"no tick on the TCP fallback: {run.session.stderr()}"
+    time.sleep(2)
+    unblocked = time.monotonic()
+    dev.block_udp("wifi", False)
+    wait_until(lambda: (tl.status("rudp") or {}).get("transport") == "quic", 30, 0.3, "rudp back on QUIC")
+    back_quic = time.monotonic()
+    assert run.transfer.ended is None, "the transfer ended before UDP came back: make it longer"
+    finish_case(run)
+    print_case(tl, run, back_on_tcp=on_tcp, gap_back_to_quic=run.session.max_gap(unblocked - 0.2),
+               quic_after=back_quic - unblocked)
+    assert_survived(tl, run)
+
+
+
+def test_tcp_fallback_changing_uplink(tl, case):
+    dev, _ = add_resume_device(tl, "rtcpmove", ("wifi", "cellular"))
+    case["device"] = "rtcpmove"
+    for uplink in ("wifi", "cellular"):
+        dev.block_udp(uplink, True)
+    wait_until(lambda: (tl.status("rtcpmove") or {}).get("transport") == "tcp", 30, 0.3, "on TCP")
+    run = case["run"] = start_case(tl, "TCP fallback changing uplink", "rtcpmove")
+    run.started = time.monotonic()
+    dev.use("cellular")
+    run.back = time.monotonic()
+    finish_case(run)
+    print_case(tl, run)
+    status = tl.status("rtcpmove")
+    assert status["transport"] == "tcp"
+    assert status["address"].startswith(dev.public_address("cellular") + ":")
+    assert_survived(tl, run)
+
+
+def test_lock_during_an_outage_refuses_the_resume(tl, case):
+    dev, _ = add_resume_device(tl, "rlock", ("wifi",))
+    case["device"] = "rlock"
+    run = case["run"] = start_case(tl, "device locked during an outage", "rlock")
+    run.started = time.monotonic()
+    outage = dev.outage(10.0, block=False)
+    time.sleep(1.0)
+    locked_at = time.monotonic()
+    enroll_cli(tl, "lock", "rlock", "--ttl", "1h", "--message", "resume lab")
+    outage.join(30)
+    run.back = time.monotonic()
+    session, transfer, server = run.session, run.transfer, run.server
+    # the engineer's ends stop, each saying why in one line
+    wait_until(lambda: not session.alive, 60, 0.2, "the ssh session to end")
+    assert transfer.wait(30) not in (None, "eof"), f"the transfer did not fail: {transfer.ended}"
+    report("resume refused: device locked during an outage", ssh_ended_after=time.monotonic() - locked_at,
+           ssh_said=session.stderr().strip().splitlines()[-1:] or "", forward_said=transfer.stderr_lines[-1:])
+    assert session.proc.returncode != 0
+    assert [line for line in session.stderr_lines if "locked" in line], session.stderr()
+    assert [line for line in transfer.stderr_lines if "locked" in line], transfer.stderr()
+    # the device's local connection was reset (not closed as if the download had ended)
+    wait_until(lambda: server.outcomes and server.outcomes[0] != "sending", 30, 0.2,
+               f"the device's local connection to end: {server.outcomes}")
+    assert server.outcomes == ["reset"], server.outcomes
+    # the agent logged the end of each session with the reason
+    for sid in (run.ssh_session, run.bulk_session):
+        wait_until(lambda sid=sid: [r for r in tl.agent_log("rlock") if mentions(r, sid, "lock")], 30, 0.2,
+                   f"the agent's log line for session {sid}")
+    # no resume went through after the lock, and the audit has the refusal
+    for sid in (run.ssh_session, run.bulk_session):
+        assert not resumes(tl, sid), f"session {sid} was resumed though the device was locked"
+    refusals = [e for e in tl.audit(device="rlock")
+                if e["type"] in ("access.denied", "session.end") and e["result"] != "ok"
+                and "lock" in (e["reason"] or "").lower()]
+    assert refusals, "no audited refusal naming the lock"
+    enroll_cli(tl, "unlock", "rlock")
