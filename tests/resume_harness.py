@@ -417,3 +417,105 @@ def enroll_cli(tl: TunnelLab, *args: str) -> None:
 def mentions(record: dict, *words: str) -> bool:
     text = json.dumps(record).lower()
     return all(w.lower() in text for w in words)
+
+
+# --- the disruptions (shared by tests/test_resume_lab.py and bench/cases/migration.py) --------
+# Each adds its device (name given), opens the session and the transfer, disrupts, and returns
+# the finished CaseRun; ``keep`` receives "device" and "run" as soon as they exist, so the
+# caller can clean up when a step fails half-way.
+
+
+def case_ground_endpoint(tl: TunnelLab, name: str, keep: dict) -> CaseRun:
+    """cellular -> satellite, whose uplink reaches only the ground-station endpoint."""
+    proxies = [tl.endpoint(tl.lab.proxy_public), tl.endpoint(tl.lab.proxy_ground, via=["satellite"])]
+    dev, _ = add_resume_device(tl, name, ("cellular", "satellite"), proxies=proxies)
+    keep["device"] = name
+    run = keep["run"] = start_case(tl, "cellular -> satellite (ground endpoint only)", name)
+    run.started = time.monotonic()
+    dev.use("satellite")
+    run.back = time.monotonic()
+    return finish_case(run)
+
+
+def case_proxy_restart(tl: TunnelLab, name: str, keep: dict, sig: int = signal.SIGTERM) -> CaseRun:
+    """The proxy stopped with ``sig`` and started again on the same address and state."""
+    add_resume_device(tl, name, ("wifi",))
+    keep["device"] = name
+    run = keep["run"] = start_case(tl, f"proxy restart ({signal.Signals(sig).name})", name)
+    run.started = time.monotonic()
+    run.back = restart_proxy(tl, sig)
+    return finish_case(run)
+
+
+def case_outage(tl: TunnelLab, name: str, keep: dict, seconds: float = 180.0) -> CaseRun:
+    """Every uplink down for ``seconds`` (longer than the idle timeout: a new connection)."""
+    dev, _ = add_resume_device(tl, name, ("wifi",))
+    keep["device"] = name
+    run = keep["run"] = start_case(tl, f"{seconds:g} s without any uplink", name)
+    run.started = time.monotonic()
+    dev.outage(seconds)
+    run.back = time.monotonic()
+    return finish_case(run)
+
+
+def transport_is(tl: TunnelLab, name: str, transport: str) -> bool:
+    return (tl.status(name) or {}).get("transport") == transport
+
+
+def case_udp_blocked(tl: TunnelLab, name: str, keep: dict) -> CaseRun:
+    """UDP blocked mid-session (QUIC -> TCP fallback), then unblocked (back to QUIC).
+
+    ``notes``: ``on_tcp`` (seconds from the agent being on TCP to the first tick, None if none
+    came), ``gap_back_to_quic`` (largest tick gap from the unblock on), ``quic_after``.
+    """
+    dev, _ = add_resume_device(tl, name, ("wifi",), quic_retry="2s")
+    keep["device"] = name
+    run = keep["run"] = start_case(tl, "UDP blocked (QUIC -> TCP) and unblocked", name)
+    run.notes["transport_before"] = (tl.status(name) or {}).get("transport")
+    run.started = time.monotonic()
+    dev.block_udp("wifi", True)
+    wait_until(lambda: transport_is(tl, name, "tcp"), 30, 0.3, f"{name} on TCP")
+    run.back = time.monotonic()
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: run.session.first_after(run.back) is not None or not run.session.alive,
+                   RESUME_WAIT, 0.02, "a tick on TCP")
+    run.notes["on_tcp"] = run.session.first_after(run.back)
+    time.sleep(2)
+    unblocked = time.monotonic()
+    run.notes["transfer_ended_before_unblock"] = run.transfer.ended
+    dev.block_udp("wifi", False)
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: transport_is(tl, name, "quic"), 30, 0.3, f"{name} back on QUIC")
+    run.notes["quic_after"] = time.monotonic() - unblocked if transport_is(tl, name, "quic") else None
+    finish_case(run)
+    run.notes["gap_back_to_quic"] = run.session.max_gap(unblocked - 0.2)
+    return run
+
+
+def case_tcp_uplink_change(tl: TunnelLab, name: str, keep: dict) -> CaseRun:
+    """The agent on the TCP fallback (UDP blocked on both uplinks) moves wifi -> cellular."""
+    dev, _ = add_resume_device(tl, name, ("wifi", "cellular"))
+    keep["device"] = name
+    for uplink in ("wifi", "cellular"):
+        dev.block_udp(uplink, True)
+    wait_until(lambda: transport_is(tl, name, "tcp"), 30, 0.3, f"{name} on TCP")
+    run = keep["run"] = start_case(tl, "TCP fallback changing uplink", name)
+    run.started = time.monotonic()
+    dev.use("cellular")
+    run.back = time.monotonic()
+    return finish_case(run)
+
+
+def survived(tl: TunnelLab, run: CaseRun) -> str | None:
+    """Why the case did not survive (None: same session, byte-exact, resume audited)."""
+    if not run.session.alive:
+        lines = [line for line in run.session.stderr_lines if line.strip()]
+        return f"ssh session ended: {lines[0] if lines else '?'}"
+    if run.session.sequence_problems():
+        return f"tick sequence: {run.session.sequence_problems()[:3]}"
+    if run.transfer_end != "eof" or run.transfer.sha256 != run.server.sha256:
+        return f"transfer: {run.transfer_end}"
+    missing = [k for k, v in run.resumes(tl).items() if not v]
+    if missing:
+        return f"no session.resume audited for {', '.join(missing)}"
+    return None

@@ -33,11 +33,14 @@ from resume_harness import (
     TRANSFER_SIZE,
     CaseRun,
     add_resume_device,
+    case_ground_endpoint,
+    case_outage,
+    case_proxy_restart,
+    case_tcp_uplink_change,
+    case_udp_blocked,
     enroll_cli,
-    finish_case,
     mentions,
     report,
-    restart_proxy,
     resumes,
     session_ids,
     start_case,
@@ -45,8 +48,6 @@ from resume_harness import (
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
-#: how long the session may take to print again once the agent is on the TCP fallback
-RESUME_WAIT_TCP = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -98,31 +99,19 @@ def print_case(tl: TunnelLab, run: CaseRun, **extra) -> None:
 
 
 def test_cellular_to_satellite_reaching_only_the_ground_endpoint(tl, case):
-    proxies = [tl.endpoint(tl.lab.proxy_public), tl.endpoint(tl.lab.proxy_ground, via=["satellite"])]
-    dev, _ = add_resume_device(tl, "rground", ("cellular", "satellite"), proxies=proxies)
-    case["device"] = "rground"
-    reconnects = len(tl.audit("device.reconnect", device="rground"))
-    run = case["run"] = start_case(tl, "cellular -> satellite (ground endpoint only)", "rground")
-    run.started = time.monotonic()
-    dev.use("satellite")
-    run.back = time.monotonic()
-    finish_case(run)
+    run = case_ground_endpoint(tl, "rground", case)
     print_case(tl, run)
-    assert len(tl.audit("device.reconnect", device="rground")) > reconnects, "no new connection"
+    # the satellite uplink reaches only the ground endpoint: the agent had to reconnect
+    assert tl.audit("device.reconnect", device="rground"), "no new connection"
     status = tl.status("rground")
-    assert status["address"].startswith(dev.public_address("satellite") + ":")
+    assert status["address"].startswith(tl.devices["rground"]["dev"].public_address("satellite") + ":")
     assert_survived(tl, run)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill9"])
 def test_proxy_restart(tl, case, sig):
     name = f"rrestart{int(sig)}"
-    add_resume_device(tl, name, ("wifi",))
-    case["device"] = name
-    run = case["run"] = start_case(tl, f"proxy restart ({signal.Signals(sig).name})", name)
-    run.started = time.monotonic()
-    run.back = restart_proxy(tl, sig)
-    finish_case(run)
+    run = case_proxy_restart(tl, name, case, sig)
     print_case(tl, run)
     if sig == signal.SIGTERM:
         # a clean shutdown detaches a resumable session instead of ending it
@@ -133,61 +122,32 @@ def test_proxy_restart(tl, case, sig):
 
 
 def test_three_minutes_without_any_uplink(tl, case):
-    dev, _ = add_resume_device(tl, "routage", ("wifi",))
-    case["device"] = "routage"
-    connects = len(tl.audit("device.connect", device="routage"))
-    run = case["run"] = start_case(tl, "3 min without any uplink", "routage")
-    run.started = time.monotonic()
-    dev.outage(180.0)
-    run.back = time.monotonic()
-    finish_case(run)
+    run = case_outage(tl, "routage", case, 180.0)
     print_case(tl, run)
     # longer than the idle timeout: the agent had to come back on a new connection
-    assert len(tl.audit("device.connect", device="routage")) > connects, "the agent did not reconnect"
+    assert len(tl.audit("device.connect", device="routage")) > 1, "the agent did not reconnect"
     outages = [e["fields"].get("outage") for e in run.resumes(tl)["ssh"]]
     assert outages and max(o or 0 for o in outages) >= 60, f"resume outage not recorded: {outages}"
     assert_survived(tl, run)
 
 
 def test_udp_blocked_mid_session_then_unblocked(tl, case):
-    dev, _ = add_resume_device(tl, "rudp", ("wifi",), quic_retry="2s")
-    case["device"] = "rudp"
-    assert tl.status("rudp")["transport"] == "quic"
-    run = case["run"] = start_case(tl, "UDP blocked (QUIC -> TCP) and unblocked", "rudp")
-    run.started = time.monotonic()
-    dev.block_udp("wifi", True)
-    wait_until(lambda: (tl.status("rudp") or {}).get("transport") == "tcp", 30, 0.3, "rudp on TCP")
-    run.back = time.monotonic()
-    on_tcp = run.session.wait_line_after(run.back, RESUME_WAIT_TCP)
-    assert on_tcp is not None, f"no tick on the TCP fallback: {run.session.stderr()}"
-    time.sleep(2)
-    unblocked = time.monotonic()
-    dev.block_udp("wifi", False)
-    wait_until(lambda: (tl.status("rudp") or {}).get("transport") == "quic", 30, 0.3, "rudp back on QUIC")
-    back_quic = time.monotonic()
-    assert run.transfer.ended is None, "the transfer ended before UDP came back: make it longer"
-    finish_case(run)
-    print_case(tl, run, back_on_tcp=on_tcp, gap_back_to_quic=run.session.max_gap(unblocked - 0.2),
-               quic_after=back_quic - unblocked)
+    run = case_udp_blocked(tl, "rudp", case)
+    print_case(tl, run, **{k: v for k, v in run.notes.items() if k != "transfer_ended_before_unblock"})
+    assert run.notes["transport_before"] == "quic"
+    assert run.notes["on_tcp"] is not None, f"no tick on the TCP fallback: {run.session.stderr()}"
+    assert run.notes["transfer_ended_before_unblock"] is None, \
+        "the transfer ended before UDP came back (make it longer, or it was cut)"
+    assert run.notes["quic_after"] is not None, "the agent did not go back to QUIC"
     assert_survived(tl, run)
 
 
-
 def test_tcp_fallback_changing_uplink(tl, case):
-    dev, _ = add_resume_device(tl, "rtcpmove", ("wifi", "cellular"))
-    case["device"] = "rtcpmove"
-    for uplink in ("wifi", "cellular"):
-        dev.block_udp(uplink, True)
-    wait_until(lambda: (tl.status("rtcpmove") or {}).get("transport") == "tcp", 30, 0.3, "on TCP")
-    run = case["run"] = start_case(tl, "TCP fallback changing uplink", "rtcpmove")
-    run.started = time.monotonic()
-    dev.use("cellular")
-    run.back = time.monotonic()
-    finish_case(run)
+    run = case_tcp_uplink_change(tl, "rtcpmove", case)
     print_case(tl, run)
     status = tl.status("rtcpmove")
     assert status["transport"] == "tcp"
-    assert status["address"].startswith(dev.public_address("cellular") + ":")
+    assert status["address"].startswith(tl.devices["rtcpmove"]["dev"].public_address("cellular") + ":")
     assert_survived(tl, run)
 
 
@@ -207,7 +167,8 @@ def test_lock_during_an_outage_refuses_the_resume(tl, case):
     wait_until(lambda: not session.alive, 60, 0.2, "the ssh session to end")
     assert transfer.wait(30) not in (None, "eof"), f"the transfer did not fail: {transfer.ended}"
     report("resume refused: device locked during an outage", ssh_ended_after=time.monotonic() - locked_at,
-           ssh_said=session.stderr().strip().splitlines()[-1:] or "", forward_said=transfer.stderr_lines[-1:])
+           ssh_said=[line for line in session.stderr_lines if "tunnel" in line],
+           forward_said=transfer.stderr_lines[1:])
     assert session.proc.returncode != 0
     assert [line for line in session.stderr_lines if "locked" in line], session.stderr()
     assert [line for line in transfer.stderr_lines if "locked" in line], transfer.stderr()
