@@ -100,11 +100,46 @@ class SeqTickSession(TickSession):
         return False
 
 
-def seq_tick_session(tl: TunnelLab, name: str, env: dict | None = None) -> SeqTickSession:
-    """A sequence-numbered tick session to ``name`` through ``tunnel proxy-command``, flowing."""
-    session = SeqTickSession(tl.lab, tl.lab.internet, tl.ssh_argv(name, SEQ_TICK), env=env)
+def seq_tick_session(tl: TunnelLab, name: str, *, helper: bool = False) -> SeqTickSession:
+    """A sequence-numbered tick session to ``name``, flowing.
+
+    Direct (default): ssh's ProxyCommand is ``tunnel proxy-command`` (``FLEET_HELPER=off``, as
+    the generated ssh config does without the helper). ``helper=True``: the ProxyCommand the
+    generated ssh config uses (``tunnel/helper_client.py dial``), which starts the per-user
+    helper and gets the session from it.
+    """
+    if helper:
+        argv, env = helper_ssh_argv(tl, name, SEQ_TICK), helper_env(tl)
+    else:
+        argv, env = tl.ssh_argv(name, SEQ_TICK), {**os.environ, "FLEET_HELPER": "off"}
+    session = SeqTickSession(tl.lab, tl.lab.internet, argv, env=env)
     session.wait_flowing()
     return session
+
+
+def helper_env(tl: TunnelLab) -> dict:
+    """The environment of ssh through the per-user helper: its socket under a private run dir."""
+    run_dir = tl.lab.tmpdir / "xdg-run"
+    run_dir.mkdir(mode=0o700, exist_ok=True)
+    return {**os.environ, **tl.fleet.env, "XDG_RUNTIME_DIR": str(run_dir), "FLEET_HELPER": "on"}
+
+
+def helper_ssh_argv(tl: TunnelLab, name: str, *command: str) -> list[str]:
+    """ssh to ``name`` with the generated ssh config's ProxyCommand (the helper client)."""
+    from tunnel.engineer import helper_client_command
+
+    argv = tl.ssh_argv(name, *command)
+    index = next(i for i, a in enumerate(argv) if a.startswith("ProxyCommand="))
+    argv[index] = (f"ProxyCommand={helper_client_command()} dial %h %p --login %r "
+                   f"--identity {tl.engineer}")
+    return argv
+
+
+def stop_helper(tl: TunnelLab) -> None:
+    """Stop the engineer's helper (it runs detached: the lab's process groups do not hold it)."""
+    subprocess.run(netns.ns_argv(tl.lab.internet, [PY, "-m", "tunnel.cli", "helper", "stop",
+                                                   "--identity", str(tl.engineer)]),
+                   env=helper_env(tl), capture_output=True, timeout=30)
 
 
 # --- the byte-exact transfer ----------------------------------------------------------------
@@ -365,13 +400,14 @@ class CaseRun:
 
 
 def start_case(tl: TunnelLab, name: str, device: str, *, size: int = TRANSFER_SIZE,
-               rate: float = TRANSFER_RATE, env: dict | None = None) -> CaseRun:
-    """Open the tick session and the transfer to ``device`` (added already); both flowing."""
+               rate: float = TRANSFER_RATE, helper: bool = False) -> CaseRun:
+    """Open the tick session (``helper``: through the per-user helper) and the transfer to
+    ``device`` (added already); both flowing."""
     dev = tl.devices[device]["dev"]
     server = ByteServer(tl.lab, dev.ns, size=size, rate=rate)
-    session = seq_tick_session(tl, device, env=env)
+    session = seq_tick_session(tl, device, helper=helper)
     try:
-        transfer = Transfer(tl, device, env=env)
+        transfer = Transfer(tl, device)
         transfer.wait_received(min(size // 8, 2 * 1024 * 1024), 30)
     except BaseException:
         session.close()
@@ -392,6 +428,8 @@ def finish_case(run: CaseRun, transfer_timeout: float = 120.0) -> CaseRun:
         run.session.wait_seq_past(run.session.seqs[-1] + 20, 10)
     run.transfer_end = run.transfer.wait(transfer_timeout)
     run.gap = run.session.max_gap(run.started - 0.2)
+    if not run.session.alive and run.session.arrivals:  # a dead session's gap runs until now
+        run.gap = max(run.gap, time.monotonic() - run.session.arrivals[-1])
     run.transfer_gap = run.transfer.max_gap(run.started - 0.2, run.transfer.arrivals[-1][0]
                                             if run.transfer.arrivals else None)
     return run
@@ -425,23 +463,26 @@ def mentions(record: dict, *words: str) -> bool:
 # caller can clean up when a step fails half-way.
 
 
-def case_ground_endpoint(tl: TunnelLab, name: str, keep: dict) -> CaseRun:
+def case_ground_endpoint(tl: TunnelLab, name: str, keep: dict, helper: bool = False) -> CaseRun:
     """cellular -> satellite, whose uplink reaches only the ground-station endpoint."""
     proxies = [tl.endpoint(tl.lab.proxy_public), tl.endpoint(tl.lab.proxy_ground, via=["satellite"])]
     dev, _ = add_resume_device(tl, name, ("cellular", "satellite"), proxies=proxies)
     keep["device"] = name
-    run = keep["run"] = start_case(tl, "cellular -> satellite (ground endpoint only)", name)
+    title = "cellular -> satellite (ground endpoint only)" + (", ssh via the helper" if helper else "")
+    run = keep["run"] = start_case(tl, title, name, helper=helper)
     run.started = time.monotonic()
     dev.use("satellite")
     run.back = time.monotonic()
     return finish_case(run)
 
 
-def case_proxy_restart(tl: TunnelLab, name: str, keep: dict, sig: int = signal.SIGTERM) -> CaseRun:
+def case_proxy_restart(tl: TunnelLab, name: str, keep: dict, sig: int = signal.SIGTERM,
+                       helper: bool = False) -> CaseRun:
     """The proxy stopped with ``sig`` and started again on the same address and state."""
     add_resume_device(tl, name, ("wifi",))
     keep["device"] = name
-    run = keep["run"] = start_case(tl, f"proxy restart ({signal.Signals(sig).name})", name)
+    title = f"proxy restart ({signal.Signals(sig).name})" + (", ssh via the helper" if helper else "")
+    run = keep["run"] = start_case(tl, title, name, helper=helper)
     run.started = time.monotonic()
     run.back = restart_proxy(tl, sig)
     return finish_case(run)

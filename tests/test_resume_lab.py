@@ -44,6 +44,7 @@ from resume_harness import (
     resumes,
     session_ids,
     start_case,
+    stop_helper,
 )
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
@@ -54,6 +55,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow]
 def tl(module_lab, tmp_path_factory):
     t = TunnelLab(module_lab, tmp_path_factory.mktemp("resume"))
     yield t
+    stop_helper(t)  # started detached by the helper variants: not in the lab's process groups
     t.close()
 
 
@@ -118,6 +120,15 @@ def test_proxy_restart(tl, case, sig):
         detached = [e for e in tl.audit("session.detach", device=name)
                     if e["fields"].get("session") == run.ssh_session]
         assert detached, "no session.detach for the ssh session at the proxy's shutdown"
+    assert_survived(tl, run)
+
+
+def test_through_the_helper_proxy_killed(tl, case):
+    """The ssh session through the per-user helper (the generated ssh config's ProxyCommand):
+    the helper's connection to the proxy is gone after a kill -9, so the helper's splice must
+    re-attach the session like ``tunnel proxy-command`` does."""
+    run = case_proxy_restart(tl, "rhelper", case, signal.SIGKILL, helper=True)
+    print_case(tl, run)
     assert_survived(tl, run)
 
 
