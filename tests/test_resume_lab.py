@@ -136,7 +136,8 @@ def test_three_minutes_without_any_uplink(tl, case):
     run = case_outage(tl, "routage", case, 180.0)
     print_case(tl, run)
     # longer than the idle timeout: the agent had to come back on a new connection
-    assert len(tl.audit("device.connect", device="routage")) > 1, "the agent did not reconnect"
+    wait_until(lambda: len(tl.audit("device.connect", "device.reconnect", device="routage")) > 1, 20, 0.2,
+               "the agent back on a new connection")
     outages = [e["fields"].get("outage") for e in run.resumes(tl)["ssh"]]
     assert outages and max(o or 0 for o in outages) >= 60, f"resume outage not recorded: {outages}"
     assert_survived(tl, run)
