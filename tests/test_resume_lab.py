@@ -104,7 +104,7 @@ def test_cellular_to_satellite_reaching_only_the_ground_endpoint(tl, case):
     run = case_ground_endpoint(tl, "rground", case)
     print_case(tl, run)
     # the satellite uplink reaches only the ground endpoint: the agent had to reconnect
-    assert tl.audit("device.reconnect", device="rground"), "no new connection"
+    wait_until(lambda: tl.audit("device.reconnect", device="rground"), 20, 0.2, "a new connection")
     status = tl.status("rground")
     assert status["address"].startswith(tl.devices["rground"]["dev"].public_address("satellite") + ":")
     assert_survived(tl, run)
