@@ -10,6 +10,9 @@ from __future__ import annotations
 #: Stable event type names. Producers: enroll/ (tokens, enrollment, admin), the proxy, and user
 #: login (user.login, user.login.failed). ``anonymous.refused`` sums up the refused requests of
 #: one source of certificate-less peers over one window (fields count, codes, first, last).
+#: A resumable session (issue 17) runs session.start … [session.detach … session.resume]* …
+#: session.end: detach when its stream through the proxy was lost, resume when it re-attached
+#: (fields outage, replayed_to_device, replayed_from_device).
 EVENT_TYPES = (
     "token.create",
     "token.revoke",
@@ -29,6 +32,8 @@ EVENT_TYPES = (
     "user.login.failed",
     "session.start",
     "session.end",
+    "session.resume",
+    "session.detach",
     "access.denied",
     "anonymous.refused",
 )

@@ -31,7 +31,7 @@ LAYERS: list[tuple[int, str, str, set[str]]] = [
     (0, "core", "pure: no I/O, no project imports above it", {
         "enroll.errors", "enroll.durations", "enroll.addresses", "enroll.names", "enroll.events",
         "enroll.labels", "enroll.roles", "tunnel.wire", "tunnel.backoff", "tunnel.sshwire",
-        "tunnel.ratelimit", "tunnel.helper_protocol",
+        "tunnel.ratelimit", "tunnel.helper_protocol", "tunnel.resume",
     }),
     (0, "support", "small standard-library helpers with I/O: files, logging, memory", {
         "enroll.files", "tunnel.log", "tunnel.memory",
@@ -45,15 +45,16 @@ LAYERS: list[tuple[int, str, str, set[str]]] = [
     }),
     (2, "transport", "QUIC and TLS/TCP connections, streams, stream headers, splicing", {
         "tunnel.transport", "tunnel.transport.*", "tunnel.protocol", "tunnel.splice",
+        "tunnel.resumable",
     }),
     (3, "policy", "who may connect, open a session, or get a certificate", {
         "tunnel.access", "tunnel.admission", "enroll.enrollment",
     }),
     (4, "agent", "the device's agent and its config", {
-        "tunnel.agent", "tunnel.agent_config", "tunnel.agent_decisions",
+        "tunnel.agent", "tunnel.agent_config", "tunnel.agent_decisions", "tunnel.agent_sessions",
     }),
     (4, "proxy", "the proxy, its registry writer and metrics", {
-        "tunnel.proxy", "tunnel.registry_writer", "tunnel.metrics", "tunnel.live_policy",
+        "tunnel.proxy", "tunnel.registry_writer", "tunnel.metrics", "tunnel.live_policy", "tunnel.proxy_resume",
     }),
     (4, "engineer", "the engineer's client and tools", {
         "tunnel.client", "tunnel.engineer", "tunnel.helper", "tunnel.helper_client",

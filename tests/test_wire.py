@@ -108,3 +108,65 @@ def test_fuzz_round_trip(device, service, login):
     message, rest = read_all(wire.encode("dial", device=device, service=service, login=login), 7)
     assert message["device"] == device and message["service"] == service
     assert message.get("login") == login and rest == b""
+
+
+# --- resumable sessions (issue 17) ---------------------------------------------------------------
+
+SECRET = "A" * 42 + "_"  # the shape tunnel.resume.new_secret makes: 43 urlsafe base64 characters
+
+
+def _decoded(data: bytes) -> wire.Message:
+    got = HeaderReader().feed(data)
+    assert got is not None
+    return got[0]
+
+
+def test_resume_fields_round_trip():
+    dial = _decoded(wire.encode("dial", device="d1", service="ssh", resume="0123abcd", resume_secret=SECRET,
+                                received=10, sent=2**63, away=12.5))
+    assert (dial["resume"], dial["received"], dial["sent"], dial["away"]) == ("0123abcd", 10, 2**63, 12.5)
+    opened = _decoded(wire.encode("open", service="ssh", session="s", identity="user:a",
+                                  resume="s", resume_secret=SECRET, received=0))
+    assert opened["resume_secret"] == SECRET
+    reply = _decoded(wire.reply_ok(session="s", resumable=True, received=3, sent=4))
+    assert (reply["resumable"], reply["received"], reply["sent"]) == (True, 3, 4)
+    # the first dial of an older engineer: no resume fields at all
+    assert "resume_secret" not in _decoded(wire.encode("dial", device="d1", service="ssh")).fields
+
+
+@pytest.mark.parametrize("kind,fields", [
+    ("dial", {"received": "10"}),              # a count as a string
+    ("dial", {"received": True}),              # bool is not an int here
+    ("dial", {"received": 1.0}),
+    ("dial", {"received": -1}),                # below the buffer can be
+    ("dial", {"sent": 2**64}),                 # above u64
+    ("dial", {"away": 3}),                     # an int where a float is expected
+    ("dial", {"away": -0.5}),
+    ("dial", {"resume_secret": "short"}),
+    ("dial", {"resume_secret": "A" * 42 + "="}),  # not urlsafe base64 without padding
+    ("dial", {"resume_secret": 123}),
+    ("dial", {"resume": ""}),
+    ("dial", {"resume": "x" * 65}),
+    ("open", {"received": "0"}),
+    ("reply", {"resumable": "yes"}),
+    ("reply", {"sent": -5}),
+])
+def test_resume_fields_with_bad_types_or_values_are_refused(kind, fields):
+    base = {"dial": {"device": "d1", "service": "ssh"},
+            "open": {"service": "ssh", "session": "s", "identity": "user:a"},
+            "reply": {"ok": True}}[kind]
+    with pytest.raises(HeaderError) as err:
+        wire.encode(kind, **base, **fields)
+    assert err.value.code == "bad_header"
+    # and the same fields arriving from a peer that skipped the encoder's check
+    import json
+    payload = json.dumps({**base, **fields}).encode()
+    with pytest.raises(HeaderError) as err:
+        HeaderReader().feed(struct.pack("!BBH", 1, wire.KIND_BY_NAME[kind], len(payload)) + payload)
+    assert err.value.code == "bad_header"
+
+
+def test_non_finite_outage_from_a_peer_is_refused():
+    for raw in (b'{"device":"d","service":"s","away":1e400}', b'{"device":"d","service":"s","away":NaN}'):
+        with pytest.raises(HeaderError):
+            HeaderReader().feed(struct.pack("!BBH", 1, 1, len(raw)) + raw)

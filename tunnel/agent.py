@@ -75,8 +75,10 @@ from tunnel.agent_decisions import (
     offline_since,
     usable_endpoints,
 )
+from tunnel.agent_sessions import HeldSession, HeldSessions
 from tunnel.log import event
 from tunnel.protocol import ALPN_AGENT, CLOSE_NAMES, read_header, read_reply
+from tunnel.resume import SessionCut
 from tunnel.transport import Connection, ErrorCode, Stream, TLSIdentity, TransportError, dial
 
 __all__ = ["Agent", "Counters", "Route", "load_identity", "sample_routes"]
@@ -84,7 +86,12 @@ __all__ = ["Agent", "Counters", "Route", "load_identity", "sample_routes"]
 log = logging.getLogger("tunnel.agent")
 
 LOCAL_CONNECT_TIMEOUT = 5.0
-MAX_SESSIONS = 64
+MAX_SESSIONS = 64  # open sessions, held resumable ones included
+#: close codes after which no held session can resume (tunnel.protocol.CLOSE_CODES)
+REFUSALS_ENDING_HELD = frozenset({"locked", "decommissioned", "revoked", "unknown_identity",
+                                  "not_fleet_certificate", "wrong_kind", "expired"})
+#: while sessions are held, how often the agent asks the proxy which of them may still resume
+HELD_CHECK = 1.0
 RENEW_AT = 2 / 3  # renew when this fraction of the certificate's life is gone
 HANDSHAKE_TIMEOUT = 3.0
 HEAD_START = 0.3  # QUIC's head start before TLS over TCP joins the race
@@ -231,6 +238,8 @@ class Agent:
         self._conns: set[Connection] = set()  # every connection we opened and did not close yet
         self._sessions: set[asyncio.Task] = set()  # one per session (see _spawn)
         self._tasks: set[asyncio.Task] = set()  # drains and uplink reports
+        #: resumable sessions, held while their stream is away (tunnel.agent_sessions)
+        self.held = HeldSessions(config.device_id, config.resume_hold, config.resume_buffer)
 
     def _spawn(self, coro, kept: set[asyncio.Task] | None = None) -> asyncio.Task:
         """Start a task and keep it until it ends: the event loop holds tasks only weakly, so
@@ -325,6 +334,8 @@ class Agent:
             if conn is None:
                 offline_at = offline_at or self._clock()
                 step = policy.after_no_connection(refused, bool(offered))
+                if refused is not None:
+                    self._refused_held(*refused)
                 if step.action == "stop" and refused is not None:  # only a refusal stops
                     return self._retire(step, *refused)
                 if step.cause == "locked" and refused is not None:
@@ -348,6 +359,8 @@ class Agent:
             if self._stop.is_set():
                 return
             step = policy.after_end(ended)
+            if ended.code:
+                self._refused_held(ended.code, ended.close_reason)
             if step.action == "stop":
                 return self._retire(step, ended.code or "", ended.close_reason)
             event(log, "connection ended; reconnecting", reason=reason)
@@ -372,6 +385,12 @@ class Agent:
             if changed and self.candidates() != offered:
                 policy.network_changed()
                 return
+
+    def _refused_held(self, code: str, reason: str) -> None:
+        """The proxy refused this device (locked, decommissioned, revoked…): sessions held for
+        a resume cannot resume through it, so they end now, with its reason."""
+        if code in REFUSALS_ENDING_HELD and self.held.held():
+            self.held.drop_held(f"the proxy refused this device ({code}): {reason}")
 
     def _retire(self, step: Next, code: str, reason: str) -> None:
         """Stop for good: the proxy will refuse this identity until an operator acts."""
@@ -450,6 +469,7 @@ class Agent:
         event(log, "connected", endpoint=ep.address, uplink=route.uplink,
               local="{}:{}".format(*conn.local_address[:2]), reconnect=reconnect, outage=outage)
         upgrade: asyncio.Task | None = None
+        held_check: asyncio.Task | None = None
         if conn.transport_name == "tcp" and "quic" in self.config.transports:
             upgrade = asyncio.create_task(self._back_to_quic(conn))
         # in the order their decisions count when several are ready at once
@@ -467,6 +487,7 @@ class Agent:
         try:
             await self._hello(conn, reconnect, outage)
             accepted = True
+            held_check = asyncio.create_task(self._check_held(conn))
             await self._maybe_renew(conn)
             closed = asyncio.create_task(conn.wait_closed())
             stop = asyncio.create_task(self._stop.wait())
@@ -503,7 +524,7 @@ class Agent:
             self._stop.set()  # run() is being cancelled: it stops in order
             raise
         finally:
-            await _cancel(watchers)
+            await _cancel([*watchers, *([held_check] if held_check else [])])
             if upgrade is not None and successor is None and upgrade.done() and not upgrade.cancelled() \
                     and upgrade.exception() is None:
                 self._close(upgrade.result(), "not needed")  # QUIC came back as this one ended
@@ -532,6 +553,7 @@ class Agent:
         The close comes before the sessions end rather than after: a session ended first would
         reach the proxy as a bare stream reset, without the reason."""
         await _cancel(self._tasks)
+        self.held.drop_all("agent stopping")
         conns = list(self._conns)
         for conn in conns:
             self._close(conn, "agent stopping")
@@ -563,6 +585,25 @@ class Agent:
         if self._interception:
             args["tls_interception"], self._interception = self._interception, None
         await self._request(conn, "hello", **args)
+
+    async def _check_held(self, conn: Connection) -> None:
+        """While sessions are held, ask the proxy every ``HELD_CHECK`` s which of them may no
+        longer resume (a lock, relabel or user lock issued during the outage) and end those
+        with its reason. An older proxy that does not know the request is asked no more."""
+        while True:
+            report = self.held.report()
+            if report:
+                try:
+                    reply, body = await self._request(conn, "held", sessions=report)
+                except (TransportError, wire.HeaderError, TimeoutError):
+                    reply, body = None, {}
+                if reply is not None and not reply.get("ok") and reply.get("code") == "unknown_op":
+                    return
+                drop = body.get("drop") if isinstance(body, dict) else None
+                for session_id, reason in (drop.items() if isinstance(drop, dict) else ()):
+                    if isinstance(session_id, str) and isinstance(reason, str):
+                        self.held.drop(session_id, reason)
+            await asyncio.sleep(HELD_CHECK)
 
     async def _maybe_renew(self, conn: Connection) -> None:
         cert = certs.load_cert(self.config.cert.read_bytes())
@@ -664,6 +705,10 @@ class Agent:
         if msg.kind != "open":
             await self._refuse(stream, "bad_header", f"expected an open header, got {msg.kind!r}")
             return
+        if msg.get("resume") is not None:  # re-attach a held session (tunnel.agent_sessions)
+            await self.held.resume(stream, msg, rest)
+            return
+        resumable = self.held.enabled and msg.get("resume_secret") is not None
         found = self.config.service_for(msg["service"])  # exact listed names only, never ports
         if found is None:
             listed = ", ".join(sorted(self.config.services)) or "none"
@@ -681,25 +726,51 @@ class Agent:
                                f"service {name} ({host}:{port}) on {self.config.device_id} is not accepting: {exc}")
             return
         try:
-            await stream.write(wire.reply_ok(session=msg["session"]))
+            await stream.write(wire.reply_ok(session=msg["session"], resumable=resumable or None))
         except TransportError:
             writer.close()
             return
         self.active_sessions += 1
-        self._conn_sessions[conn] = self._conn_sessions.get(conn, 0) + 1
+        # a resumable session is not tied to this connection (a drain may close it: the session
+        # re-attaches over the next one), so only raw ones keep a connection open
+        counted = not resumable
+        if counted:
+            self._conn_sessions[conn] = self._conn_sessions.get(conn, 0) + 1
         self.counters.sessions += 1
-        event(log, "session", session=msg["session"], service=name, identity=msg["identity"])
+        event(log, "session", session=msg["session"], service=name, identity=msg["identity"],
+              resumable=resumable)
+        spliced: asyncio.Future | None = None
+        held: HeldSession | None = None
         try:
             # loaded with the first session: an idle agent (most of a device's life) does
             # without the ~45 KB the splicing module costs
-            from tunnel.splice import SocketEnds, StreamEnds, splice
+            from tunnel.splice import Ends, SocketEnds, StreamEnds, splice
 
-            await splice(StreamEnds(stream, rest), SocketEnds(reader, writer))
+            if resumable:
+                held = self.held.open(msg)
+                await self.held.attach_first(held, stream, rest)
+                ends: Ends = held.ends
+            else:
+                ends = StreamEnds(stream, rest)
+            spliced = asyncio.ensure_future(splice(ends, SocketEnds(reader, writer)))
+            if held is not None:
+                await self.held.run(held, spliced)
+            try:
+                await spliced
+            except SessionCut as cut:  # hold time over, or refused by the proxy: reset locally
+                self.held.ended(msg["session"], cut)
         finally:
+            if spliced is not None and not spliced.done():
+                spliced.cancel()
+                with contextlib.suppress(BaseException):
+                    await spliced
+            if held is not None:
+                await held.ends.close()  # its stream and tasks: a cut one is reset
             self.active_sessions -= 1
-            self._conn_sessions[conn] -= 1
-            if not self._conn_sessions[conn]:
-                del self._conn_sessions[conn]  # holds no closed connection alive
+            if counted:
+                self._conn_sessions[conn] -= 1
+                if not self._conn_sessions[conn]:
+                    del self._conn_sessions[conn]  # holds no closed connection alive
             writer.close()
 
     async def _refuse(self, stream: Stream, code: str, reason: str) -> None:

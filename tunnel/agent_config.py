@@ -25,6 +25,9 @@ Example::
     reconnect_backoff_max: 30s     # ... up to this; a change of network retries at once
     transport: auto                # QUIC, racing TLS over TCP 443 when UDP is blocked; or quic/tcp
     quic_retry: 30s                # while on TCP, try to get back onto QUIC this often
+    resume_hold: 10m               # how long a session whose tunnel was lost is held for the
+                                   # engineer to re-attach (0: sessions are not resumable)
+    resume_buffer: 4MiB            # replay buffer per direction per resumable session
 
 Every problem is reported as one ConfigError naming the field.
 """
@@ -95,6 +98,10 @@ class AgentConfig:
     transport: str = "auto"
     #: while on TCP, how often to try getting back onto QUIC
     quic_retry: float = 30.0
+    #: seconds a resumable session is held after its tunnel stream was lost (0: no resuming)
+    resume_hold: float = 600.0
+    #: bytes of replay buffer (and send window) per direction per resumable session
+    resume_buffer: int = 4 * 1024 * 1024
 
     @property
     def transports(self) -> tuple[str, ...]:
@@ -134,6 +141,34 @@ def _seconds(value, what: str) -> float:
         return parse_duration(text) / dt.timedelta(seconds=1)
     except ValueError as exc:
         raise ConfigError(f"{what}: {exc}") from None
+
+
+def _hold(value, what: str) -> float:
+    """Like :func:`_seconds`, but 0 is allowed (it turns resuming off)."""
+    if value == 0 and not isinstance(value, bool) or str(value).strip() in ("0", "0s"):
+        return 0.0
+    return _seconds(value, what)
+
+
+_SIZE_UNITS = (("KiB", 1024), ("MiB", 1024**2), ("GiB", 1024**3), ("B", 1))
+MIN_RESUME_BUFFER = 64 * 1024
+
+
+def _size(value, what: str) -> int:
+    """A size in bytes: a whole number, or ``512KiB``, ``4MiB``; at least MIN_RESUME_BUFFER."""
+    size: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        text = str(value).strip()
+        for unit, scale in _SIZE_UNITS:
+            number = text[: -len(unit)].strip()
+            if text.endswith(unit) and number.isascii() and number.isdigit():
+                size = int(number) * scale
+                break
+    if size is None or size < MIN_RESUME_BUFFER:
+        raise ConfigError(f"{what}: expected a size of at least 64KiB (e.g. 4MiB), got {value!r}")
+    return size
 
 
 def _count(value, what: str) -> int:
@@ -209,5 +244,7 @@ def load(path: Path | str) -> AgentConfig:
         reconnect_backoff_max=_seconds(raw.get("reconnect_backoff_max", "30s"), "reconnect_backoff_max"),
         transport=_choice(raw.get("transport", "auto"), "transport", ("auto", "quic", "tcp")),
         quic_retry=_seconds(raw.get("quic_retry", "30s"), "quic_retry"),
+        resume_hold=_hold(raw.get("resume_hold", "10m"), "resume_hold"),
+        resume_buffer=_size(raw.get("resume_buffer", "4MiB"), "resume_buffer"),
         **files,
     )

@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -27,8 +28,20 @@ from enroll.addresses import split_host_port
 from enroll.errors import EXIT_CUT, EXIT_REFUSED, EXIT_UNAVAILABLE, FleetError
 from tunnel import wire
 from tunnel.protocol import ALPN_USER, CLOSE_NAMES, read_header, read_reply
-from tunnel.splice import SocketEnds, StdioEnds, StreamEnds, describe, reset_on_close, splice
+from tunnel.splice import (
+    Ends,
+    SocketEnds,
+    SpliceResult,
+    StdioEnds,
+    StreamEnds,
+    describe,
+    reset_on_close,
+    splice,
+)
 from tunnel.transport import Connection, ErrorCode, Stream, TLSIdentity, TransportError, dial
+
+if TYPE_CHECKING:  # loaded with the first resumable session
+    from tunnel.resumable import ResumableEnds
 
 #: engineer-side liveness while sessions are open (see ``Client.watch``)
 PING_INTERVAL, DEAD_AFTER = 2.0, 10.0
@@ -169,9 +182,16 @@ class Client:
 
     async def dial(self, device: str, service: str, login: str | None = None) -> tuple[Stream, bytes]:
         """Open a session to ``service`` on ``device``; raise Refusal with the reason if refused."""
+        stream, rest, _ = await self.dial_reply(device, service, login)
+        return stream, rest
+
+    async def dial_reply(self, device: str, service: str, login: str | None = None,
+                         **resume) -> tuple[Stream, bytes, wire.Message]:
+        """:meth:`dial`, with the resume fields of the dial header (``resume_secret``, and on a
+        re-attach ``resume``, ``received``, ``sent``, ``away``) and the proxy's reply returned."""
         try:
             stream = await self.conn.open_stream()
-            await stream.write(wire.encode("dial", device=device, service=service, login=login))
+            await stream.write(wire.encode("dial", device=device, service=service, login=login, **resume))
             reply, rest = await read_header(stream, timeout=20.0)
         except (wire.HeaderError, TimeoutError) as exc:
             raise ClientError(f"no answer from the proxy: {exc or 'timeout'}") from None
@@ -181,7 +201,7 @@ class Client:
             raise ClientError(f"the connection to the proxy failed: {describe(exc)}", "unreachable") from None
         if not reply["ok"]:
             raise Refusal(reply.get("reason", "refused"), reply.get("code", "refused"))
-        return stream, rest
+        return stream, rest, reply
 
     async def request(self, op: str, **args) -> dict:
         try:
@@ -231,6 +251,206 @@ async def anonymous_request(
         conn.close(0, "done")
 
 
+# --- resumable sessions (issue 17): the engineer's end ---------------------------------------
+
+#: refusals of a re-attach worth retrying: the device has not reconnected yet, the proxy is
+#: restarting or its audit log is busy; anything else ends the session
+RESUME_RETRY = frozenset({"device_offline", "device_unreachable", "shutdown", "audit_unavailable",
+                          "over_limit"})
+#: reconnect backoff: from RESUME_FIRST_DELAY doubling to RESUME_MAX_DELAY, full jitter above half
+RESUME_FIRST_DELAY, RESUME_MAX_DELAY = 0.05, 2.0
+#: how long one reconnect attempt may take (a proxy that is down answers at once on TCP)
+RESUME_CONNECT_TIMEOUT = 3.0
+#: a silent proxy is given up after this long (not DEAD_AFTER): with resumable sessions a
+#: false alarm costs a re-attach, not a cut, and a killed proxy's replacement is found sooner
+RESUME_DEAD_AFTER = 5.0
+
+
+def resume_hold() -> float:
+    """Seconds this end holds a session whose tunnel was lost (``$FLEET_RESUME_HOLD``; 0: off)."""
+    from tunnel.resume import DEFAULT_HOLD
+
+    raw = os.environ.get("FLEET_RESUME_HOLD")
+    if raw is None or not raw.strip():
+        return DEFAULT_HOLD
+    try:
+        hold = float(raw)
+    except ValueError:
+        hold = -1.0
+    if not 0 <= hold < float("inf"):
+        raise ClientError(f"FLEET_RESUME_HOLD={raw!r}: give the hold time in seconds (0 turns resuming off)")
+    return hold
+
+
+class ProxyLink:
+    """The engineer's connection to the proxy, made again when it is lost (one at a time).
+
+    What a resumable session re-attaches through: a proxy restart or a dead path closes the
+    connection (``Client.watch`` closes a silent one), and the next :meth:`client` connects anew.
+    """
+
+    def __init__(self, identity: UserIdentity, client: Client | None = None):
+        self.identity = identity
+        self._client = client
+        self._watch: asyncio.Task | None = (
+            asyncio.create_task(client.watch(dead_after=RESUME_DEAD_AFTER)) if client else None)
+        self._connecting = asyncio.Lock()
+
+    @property
+    def current(self) -> Client | None:
+        return self._client
+
+    def alive(self) -> bool:
+        c = self._client
+        return c is not None and c.dead is None and not c.conn.is_closed
+
+    async def client(self, timeout: float = RESUME_CONNECT_TIMEOUT) -> Client:
+        async with self._connecting:
+            if not self.alive():
+                self.close()
+                self._client = await Client.connect(self.identity, timeout)
+                self._watch = asyncio.create_task(self._client.watch(dead_after=RESUME_DEAD_AFTER))
+            assert self._client is not None
+            return self._client
+
+    def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+class ResumableSession:
+    """One session from the engineer's end: raw bytes as before, or — when both ends agreed on
+    ``resumable`` — framed through :class:`tunnel.resumable.ResumableEnds`, re-attached over a
+    new stream (and a new connection if need be) whenever the old one is lost.
+
+    :meth:`open` makes the first dial (a refusal raises :class:`Refusal`, as :meth:`Client.dial`
+    does); :meth:`splice` then carries the session to its end. While the tunnel is away the local
+    side (ssh's stdio, a forwarded socket) stays open; it is reset only when the session cannot
+    go on: the hold time ran out (``SessionCut``, exit status 4) or a re-attach was refused (the
+    :class:`Refusal`, with the proxy's reason: a lock or relabel issued during the outage).
+    """
+
+    def __init__(self, connect, device: str, service: str, login: str | None, hold: float):
+        #: ``connect()`` → a live Client (ProxyLink.client, or the helper's warm connection)
+        self._connect = connect
+        self.device, self.service, self.login, self.hold = device, service, login, hold
+        self.id: str | None = None
+        self.resumes = 0
+        self._secret: str | None = None
+        self._first: tuple[Stream, bytes] | None = None
+        self._ends: ResumableEnds | None = None
+
+    @classmethod
+    async def open(cls, connect, device: str, service: str, login: str | None = None,
+                   hold: float | None = None) -> ResumableSession:
+        from tunnel.resume import new_secret
+
+        session = cls(connect, device, service, login, resume_hold() if hold is None else hold)
+        session._secret = new_secret() if session.hold > 0 else None
+        client = await connect()
+        stream, rest, reply = await client.dial_reply(device, service, login, resume_secret=session._secret)
+        session.id = reply.get("session")
+        session._first = (stream, rest)
+        if session._secret is not None and reply.get("resumable") and session.id:
+            from tunnel.resumable import ResumableEnds
+
+            session._ends = ResumableEnds(session.id, hold=session.hold)
+        return session
+
+    @property
+    def resumable(self) -> bool:
+        return self._ends is not None
+
+    async def splice(self, local: Ends) -> SpliceResult:
+        """Splice to ``local`` until the session ends; raise SessionCut or Refusal when it could
+        not resume (``local`` was reset first)."""
+        assert self._first is not None, "open() first"
+        stream, rest = self._first
+        ends = self._ends
+        if ends is None:
+            return await splice(StreamEnds(stream, rest), local)
+        from tunnel.resume import ResumeError, SessionCut
+
+        ended: FleetError | None = None
+        await ends.attach(stream, rest, 0)
+        spliced = asyncio.ensure_future(splice(ends, local))
+        try:
+            while not spliced.done():
+                lost = asyncio.ensure_future(ends.lost())
+                await asyncio.wait({lost, spliced}, return_when=asyncio.FIRST_COMPLETED)
+                if not lost.done():
+                    lost.cancel()
+                    break
+                ended = await self._reattach(ends, lost.result(), spliced)
+                if ended is not None:
+                    ends.give_up(str(ended))
+                    break
+            try:
+                return await spliced
+            except SessionCut as exc:  # ours, or the ends' own hold timer ran out first
+                raise ended or SessionCut(f"session {self.id} to {self.device} ended: {exc.reason}") from None
+            except (ResumeError, FleetError) as exc:  # the framing broke, or the peer aborted
+                raise ended or ClientError(f"session {self.id} to {self.device}/{self.service} cut: {exc}",
+                                           "cut") from None
+        finally:
+            if not spliced.done():
+                spliced.cancel()
+                with contextlib.suppress(BaseException):
+                    await spliced
+            await ends.close()  # its stream and tasks: a cut one is reset
+
+    async def _reattach(self, ends: ResumableEnds, why: str, spliced: asyncio.Future) -> FleetError | None:
+        """Dial again with ``resume`` until re-attached (None) or the session must end (the
+        error to end it with). Backoff with jitter, capped at RESUME_MAX_DELAY, so a restarted
+        proxy or a reconnected device is found within about that long."""
+        import random
+
+        from tunnel.resume import ResumeError, SessionCut, hold_expired_reason
+
+        loop = asyncio.get_running_loop()
+        lost_at, base = loop.time(), RESUME_FIRST_DELAY
+        note(f"session {self.id} to {self.device}: the tunnel was lost ({why}); resuming")
+        while not spliced.done():
+            away = loop.time() - lost_at
+            if away >= self.hold:
+                return SessionCut(f"session {self.id} to {self.device} ended: {hold_expired_reason(self.hold)}")
+            stream = None
+            try:
+                client = await asyncio.wait_for(self._connect(), max(0.1, self.hold - away))
+                stream, rest, reply = await client.dial_reply(
+                    self.device, self.service, self.login, resume=self.id, resume_secret=self._secret,
+                    received=ends.received, sent=ends.sent, away=round(away, 3))
+                replayed = await ends.attach(stream, rest, reply.get("received", 0))
+            except Refusal as exc:
+                if exc.code not in RESUME_RETRY:
+                    return Refusal(f"session {self.id} to {self.device} could not resume: {exc}", exc.code)
+            except ResumeError as exc:
+                if stream is not None:
+                    with contextlib.suppress(TransportError):
+                        stream.reset(1)
+                return SessionCut(f"session {self.id} to {self.device} ended: {exc}")
+            except (ClientError, TransportError, OSError, TimeoutError):
+                pass  # no proxy yet, or the new stream failed: try again
+            else:
+                self.resumes += 1
+                note(f"session {self.id} to {self.device} resumed after {loop.time() - lost_at:.1f}s "
+                     f"({replayed} bytes replayed)")
+                return None
+            delay = base * (0.5 + random.random() / 2)
+            base = min(RESUME_MAX_DELAY, base * 2)
+            await asyncio.sleep(min(delay, max(0.0, self.hold - (loop.time() - lost_at))))
+        return None
+
+
+def note(line: str) -> None:
+    """One line on stderr for the engineer (a session held or resumed: not an error)."""
+    print(f"tunnel: {line}", file=sys.stderr, flush=True)
+
+
 def service_from_port(target: str) -> str:
     """ssh's ``%p`` is a port: 22 means the ssh service; other values pass through unchanged."""
     return "ssh" if target == "22" else target
@@ -270,27 +490,32 @@ async def proxy_command(identity: UserIdentity, device: str, target: str, login:
     A pipe cannot carry a reset, so a session that did not end cleanly raises
     ``ClientError(code="cut")``: one line on stderr and exit status 4, never a clean exit
     after truncated output.
+
+    The session is resumable (issue 17) unless ``$FLEET_RESUME_HOLD`` is 0 or the device's
+    agent is too old: when the tunnel is lost, stdin/stdout stay open (ssh sees nothing) while
+    this end reconnects and re-attaches, for at most the hold time. A re-attach refused (a lock
+    issued during the outage) ends it with the proxy's reason, the hold running out with
+    ``SessionCut`` (exit status 4).
     """
     device, service = device_from_host(device), service_from_port(target)
     try:
-        client = await Client.connect(identity)
+        hold = resume_hold()
+        link = ProxyLink(identity, await Client.connect(identity))
     except ClientError as exc:
         tell_ssh(exc)
         raise
-    watch = asyncio.create_task(client.watch())
     try:
         try:
-            stream, rest = await client.dial(device, service, login)
+            session = await ResumableSession.open(link.client, device, service, login, hold)
         except ClientError as exc:
             tell_ssh(exc)
             raise
-        result = await splice(StreamEnds(stream, rest), StdioEnds())
+        result = await session.splice(StdioEnds())
         if result.error:
             raise ClientError(f"session to {device}/{service} cut after {result.a_to_b} bytes "
                               f"received: {result.error}", "cut")
     finally:
-        watch.cancel()
-        client.close()
+        link.close()
         await asyncio.sleep(0)  # hand the close to the transport before the loop ends
 
 
@@ -331,7 +556,13 @@ async def forward(identity: UserIdentity, device: str, service: str, host: str, 
     would pass truncated data off as complete) and ``tunnel forward`` prints one line saying
     why. It returns — raising ``ClientError(code="unreachable")`` — when the connection to the
     proxy ends; cancelling it (SIGTERM, Ctrl-C) resets the sessions still open.
+
+    With resumable sessions (the default; ``$FLEET_RESUME_HOLD=0`` turns them off) a lost
+    connection is made again instead: each open session re-attaches (its local connection
+    stays open, see :class:`ResumableSession`), new local connections dial through the new
+    connection, and forward runs until it is cancelled.
     """
+    hold = resume_hold()
     client = await Client.connect(identity)
     if check:
         try:
@@ -340,6 +571,7 @@ async def forward(identity: UserIdentity, device: str, service: str, host: str, 
             client.close()
             await asyncio.sleep(0)  # hand the close to the transport before the loop ends
             raise
+    link = ProxyLink(identity, client) if hold > 0 else None
     open_sessions = 0
     watch: asyncio.Task | None = None
     handlers: set[asyncio.Task] = set()
@@ -362,10 +594,13 @@ async def forward(identity: UserIdentity, device: str, service: str, host: str, 
         handlers.add(task)
         task.add_done_callback(handlers.discard)
         open_sessions += 1
-        if watch is None or watch.done():
+        if link is None and (watch is None or watch.done()):
             watch = asyncio.create_task(client.watch())
             watch.add_done_callback(lambda _: lost.set() if client.dead else None)
         try:
+            if link is not None:
+                clean = await resumable(link, peer, reader, writer)
+                return
             try:
                 stream, rest = await client.dial(device, service)
             except ClientError as exc:
@@ -392,6 +627,24 @@ async def forward(identity: UserIdentity, device: str, service: str, host: str, 
                 with contextlib.suppress(OSError):
                     writer.close()
 
+    async def resumable(link: ProxyLink, peer, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter) -> bool:
+        """One local connection as a resumable session; True when it ended cleanly."""
+        try:
+            session = await ResumableSession.open(link.client, device, service, None, hold)
+        except ClientError as exc:
+            say(peer, f"refused: {exc} (reset the local connection)")
+            return False
+        try:
+            result = await session.splice(SocketEnds(reader, writer))
+        except FleetError as exc:  # could not resume: the hold ran out, or a refusal
+            say(peer, f"{exc} (reset the local connection)")
+            return False
+        if result.error:
+            say(peer, f"session cut after {result.a_to_b} bytes from the device and "
+                      f"{result.b_to_a} to it: {result.error} (reset the local connection)")
+        return not result.error
+
     server = await asyncio.start_server(handle, host, port)
     # Accepted sockets inherit SO_LINGER 0 from the listener: one whose handler never ran (it
     # was cancelled while forward exits) still ends with a reset, not a FIN, when we exit.
@@ -403,6 +656,9 @@ async def forward(identity: UserIdentity, device: str, service: str, host: str, 
         ready(bound)
     try:
         async with server:
+            if link is not None:  # a lost connection is made again: serve until cancelled
+                await server.serve_forever()
+                return
             closed = asyncio.create_task(client.conn.wait_closed())
             ended = asyncio.create_task(lost.wait())
             serving = asyncio.create_task(server.serve_forever())
@@ -414,4 +670,6 @@ async def forward(identity: UserIdentity, device: str, service: str, host: str, 
                 why = (closed.result() if closed.done() else None) or client.dead or "closed"
                 raise ClientError(f"connection to the proxy ended: {why}", "unreachable")
     finally:
+        if link is not None:
+            link.close()
         client.close()

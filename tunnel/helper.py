@@ -34,15 +34,17 @@ import struct
 import time
 from pathlib import Path
 
+from enroll.errors import FleetError
 from tunnel import helper_protocol as hp
 from tunnel.client import (
     Client,
     ClientError,
+    ResumableSession,
     UserIdentity,
     device_from_host,
     service_from_port,
 )
-from tunnel.splice import Ends, StreamEnds, splice
+from tunnel.splice import Ends
 
 log = logging.getLogger("tunnel.helper")
 
@@ -367,7 +369,7 @@ class Helper:
             client = await self.client()
             if login and service == "ssh":
                 renew = asyncio.create_task(self._renew_cert(client, device, login))
-            stream, rest = await client.dial(device, service, login)
+            session = await ResumableSession.open(self.client, device, service, login)
         except ClientError as exc:
             writer.write(hp.encode_line(self._refused(exc)))
             if renew:
@@ -377,7 +379,10 @@ class Helper:
         local = FramedEnds(reader, writer)
         self.sessions += 1
         try:
-            result = await splice(StreamEnds(stream, rest), local)
+            result = await session.splice(local)  # re-attaches when the tunnel is lost (issue 17)
+        except FleetError as exc:  # it could not resume: the hold ran out, or a refusal
+            local.cut(str(exc))
+            return
         except asyncio.CancelledError:
             local.cut(f"the helper stopped ({self.stopping or 'shutting down'})")
             raise

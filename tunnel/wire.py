@@ -29,17 +29,39 @@ _PREFIX = struct.Struct("!BBH")
 # kind -> (name, {field: (type, required)})
 KINDS: dict[int, tuple[str, dict[str, tuple[type, bool]]]] = {
     # engineer -> proxy: reach SERVICE on DEVICE
-    1: ("dial", {"device": (str, True), "service": (str, True), "login": (str, False)}),
-    # proxy -> agent: a session for a local service, on behalf of an identity
+    # (resumable sessions, issue 17: ``resume_secret`` on a first dial asks for a resumable
+    # session; ``resume`` names the session to re-attach, with this end's byte counts and how
+    # long it has been away)
+    1: ("dial", {"device": (str, True), "service": (str, True), "login": (str, False),
+                 "resume_secret": (str, False), "resume": (str, False), "received": (int, False),
+                 "sent": (int, False), "away": (float, False)}),
+    # proxy -> agent: a session for a local service, on behalf of an identity (or, with
+    # ``resume``, a re-attach of the held session of that id)
     2: ("open", {"service": (str, True), "session": (str, True), "identity": (str, True),
-                 "login": (str, False)}),
-    # any -> any: answer to dial/open/request: ok, or a refusal with code and reason
+                 "login": (str, False), "resume_secret": (str, False), "resume": (str, False),
+                 "received": (int, False)}),
+    # any -> any: answer to dial/open/request: ok, or a refusal with code and reason;
+    # ``resumable`` says the stream is framed (tunnel.resumable), ``received``/``sent`` are the
+    # answering end's byte counts on a re-attach
     3: ("reply", {"ok": (bool, True), "code": (str, False), "reason": (str, False),
-                  "session": (str, False), "body_length": (int, False)}),
+                  "session": (str, False), "body_length": (int, False),
+                  "resumable": (bool, False), "received": (int, False), "sent": (int, False)}),
     # engineer/agent/enroller -> proxy: a control request (ls, status, renew, enroll, …)
     4: ("request", {"op": (str, True), "args": (dict, False)}),
 }
 KIND_BY_NAME = {name: kind for kind, (name, _) in KINDS.items()}
+
+#: resume secrets are 32 random bytes in urlsafe base64 without padding (tunnel.resume.new_secret)
+RESUME_SECRET_LENGTH = 43
+_URLSAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+#: value checks beyond the type: byte counts are u64, an outage a finite non-negative time
+_RANGES: dict[str, Any] = {
+    "received": lambda v: 0 <= v < 2**64,
+    "sent": lambda v: 0 <= v < 2**64,
+    "away": lambda v: 0.0 <= v < float("inf"),
+    "resume_secret": lambda v: len(v) == RESUME_SECRET_LENGTH and _URLSAFE.issuperset(v),
+    "resume": lambda v: 0 < len(v) <= 64,
+}
 
 
 class HeaderError(FleetError, ValueError):
@@ -71,6 +93,8 @@ def _check(kind: str, fields: dict[str, Any]) -> dict[str, Any]:
             continue
         if type(fields[name]) is not typ:
             raise HeaderError("bad_header", f"{kind} header field {name!r} must be {typ.__name__}")
+        if name in _RANGES and not _RANGES[name](fields[name]):
+            raise HeaderError("bad_header", f"{kind} header field {name!r} is out of range")
     unknown = set(fields) - set(schema)
     if unknown:
         raise HeaderError("bad_header", f"{kind} header has unknown field {sorted(unknown)[0]!r}")

@@ -1,0 +1,465 @@
+"""Resumable sessions wired through engineer, proxy and agent (issue 17).
+
+First the decisions without sockets: the agent's resume checks, the proxy's held-session policy
+check, the registry-only audit pairing (detach, resume, "not resumed" after the hold, recovery
+after a restart) on a real registry. Then loopback runs of real processes (proxy, agent,
+``tunnel forward``, ``tunnel proxy-command`` under real ``ssh`` against a real sshd): a proxy
+restart mid-transfer (SIGTERM and kill -9) continues the same session byte-exactly; an agent
+killed cannot resume and the engineer sees a cut within the hold time; forged, foreign,
+out-of-buffer and late resumes are refused with their code, audited, and leave the real session
+unharmed; a lock issued during the outage ends the session at both ends with its reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+from fleet_harness import PY, wait_until
+
+from enroll import audit
+from enroll.registry import Device, iso
+from enroll.roles import ADMIN_ROLE_YAML, parse_roles
+from enroll.snapshot import PolicySnapshot, UserPolicy
+from enroll.state import FleetState
+from tunnel.agent_config import ConfigError, _hold, _size
+from tunnel.agent_sessions import HeldSession, resume_refusal
+from tunnel.client import Client, ProxyLink, Refusal, ResumableSession, UserIdentity
+from tunnel.proxy_resume import (
+    end_if_not_resumed,
+    find_resumable,
+    held_denials,
+    recover_open_sessions,
+    replayed,
+)
+from tunnel.resume import new_secret, secret_digest
+from tunnel.splice import SocketEnds
+
+NOW = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
+
+# --- the agent's checks on a resume open ---------------------------------------------------------
+
+
+def _held(secret: str, identity: str = "user:alice") -> HeldSession:
+    return HeldSession("s1", secret_digest(secret), identity, "ssh", None, ends=None)  # type: ignore[arg-type]  # the checks never touch the ends
+
+
+def test_resume_refusal_codes():
+    secret = new_secret()
+    held = _held(secret)
+    assert resume_refusal(held, secret, "user:alice") is None
+    assert resume_refusal(None, secret, "user:alice").code == "resume_unknown"
+    assert resume_refusal(held, new_secret(), "user:alice").code == "resume_secret"  # forged
+    assert resume_refusal(held, None, "user:alice").code == "resume_secret"
+    assert resume_refusal(held, secret[:-1] + "A", "user:alice").code == "resume_secret"
+    # the right secret in another user's hands (the proxy authenticated mallory)
+    assert resume_refusal(held, secret, "user:mallory").code == "resume_identity"
+    held.ended = "hold time"
+    assert resume_refusal(held, secret, "user:alice").code == "resume_unknown"
+
+
+# --- agent config knobs ------------------------------------------------------------------------
+
+
+def test_agent_config_resume_knobs():
+    assert _hold("10m", "resume_hold") == 600.0 and _hold(0, "resume_hold") == 0.0
+    assert _hold("0", "resume_hold") == 0.0 and _hold(2, "resume_hold") == 2.0
+    assert _size("4MiB", "resume_buffer") == 4 * 1024 * 1024 and _size(65536, "resume_buffer") == 65536
+    for bad in ("-1", "soon", True):
+        with pytest.raises(ConfigError, match="resume_hold"):
+            _hold(bad, "resume_hold")
+    for bad in ("1KiB", "lots", 10, "4 MB", True):
+        with pytest.raises(ConfigError, match="resume_buffer"):
+            _size(bad, "resume_buffer")
+
+
+# --- the proxy's held-session check (pure) -----------------------------------------------------
+
+ROLES = parse_roles(ADMIN_ROLE_YAML + """\
+---
+kind: role
+version: v7
+metadata: {name: acme-ops}
+spec:
+  allow:
+    node_labels: {customer: acme}
+    logins: [root]
+    services: [ssh]
+""")
+
+
+def _device(id_: str, *, locked_until: str | None = None, **labels: str) -> Device:
+    return Device(id_, {"lifecycle": "active", **labels}, "d1", iso(NOW), None, locked_until,
+                  "incident 42" if locked_until else None)
+
+
+def test_held_denials_say_why_a_held_session_may_not_resume():
+    later = iso(NOW + dt.timedelta(hours=1))
+    snap = PolicySnapshot.build(
+        devices=[_device("r1", customer="acme"), _device("r2", customer="globex"),
+                 _device("r3", customer="acme", locked_until=later)],
+        users=[UserPolicy("alice", ("acme-ops",)), UserPolicy("dave", ("acme-ops",), later, "left")],
+        roles=ROLES)
+    held = [
+        {"session": "ok", "identity": "user:alice", "service": "ssh"},
+        {"session": "locked-user", "identity": "user:dave", "service": "ssh"},
+        {"session": "bad-service", "identity": "user:alice", "service": "postgres"},
+        {"session": "no-user-record", "identity": "user:zed", "service": "ssh"},
+        "junk", {"session": 5},
+    ]
+    assert held_denials(snap, "r1", held, NOW) == {
+        "locked-user": "user dave is locked: left",
+        "bad-service": held_denials(snap, "r1", [held[2]], NOW)["bad-service"],
+    }
+    assert "postgres" in held_denials(snap, "r1", [held[2]], NOW)["bad-service"]
+    # relabelled out of alice's reach, locked, gone from the registry
+    assert "no longer within alice's reach" in held_denials(snap, "r2", held[:1], NOW)["ok"]
+    assert "locked" in held_denials(snap, "r3", held[:1], NOW)["ok"]
+    assert "no longer in the registry" in held_denials(snap, "r9", held[:1], NOW)["ok"]
+    assert held_denials(snap, "r1", "not a list", NOW) == {}
+
+
+# --- audit pairing from the registry alone -----------------------------------------------------
+
+
+@pytest.fixture
+def registry(tmp_path):
+    state = FleetState.create(tmp_path / "state", fleet="f", proxy_name="proxy.test",
+                              proxy_ips=["127.0.0.1"], proxy_port=4433)
+    with state.registry() as reg:
+        yield reg
+
+
+def _start(reg, session: str, resumable: bool, actor: str = "user:alice", when=NOW) -> int:
+    with reg.write() as db:
+        return audit.append(db, "session.start", actor=actor, device="r1", service="ssh", session=session,
+                            resumable=True if resumable else None, now=when)
+
+
+def test_recovery_detaches_resumable_sessions_and_ends_the_others(registry):
+    _start(registry, "raw", False)
+    seq = _start(registry, "res", True)
+    with registry.write() as db:
+        ended, detached = recover_open_sessions(db, "proxy restarted")
+    assert ended == ["raw"] and [d.session for d in detached] == ["res"] and detached[0].start_seq == seq
+    with registry.write() as db:  # a second restart writes no second detach
+        assert recover_open_sessions(db, "proxy restarted") == ([], detached)
+    kinds = [(e["type"], e["fields"].get("session")) for e in audit.events(registry.db)]
+    assert kinds.count(("session.detach", "res")) == 1 and ("session.end", "raw") in kinds
+
+
+def test_sweep_ends_a_detached_session_only_after_the_hold_and_only_if_not_resumed(registry):
+    seq = _start(registry, "a", True)
+    _start(registry, "b", True)
+    with registry.write() as db:
+        _, detached = recover_open_sessions(db, "proxy restarted")
+    a, b = detached
+    assert a.session == "a" and a.start_seq == seq
+    soon, late = dt.datetime.now(dt.UTC), dt.datetime.now(dt.UTC) + dt.timedelta(seconds=120)
+    with registry.write() as db:
+        assert end_if_not_resumed(db, a, 60, soon) == "waiting"
+        audit.append(db, "session.resume", actor="user:alice", device="r1", session="b", outage=3.0)
+    with registry.write() as db:
+        assert end_if_not_resumed(db, a, 60, late) == "ended"
+        assert end_if_not_resumed(db, b, 60, late) == "gone"  # resumed meanwhile
+        assert end_if_not_resumed(db, a, 60, late) == "gone"  # ended once
+    ends = [e for e in audit.events(registry.db) if e["type"] == "session.end"]
+    assert [(e["fields"]["session"], e["reason"]) for e in ends] == [("a", "not resumed")]
+    assert ends[0]["actor"] == "user:alice" and ends[0]["fields"]["service"] == "ssh"
+
+
+def test_find_resumable_answers_only_for_the_owner_of_a_live_resumable_session(registry):
+    _start(registry, "mine", True)
+    _start(registry, "raw", False)
+    found = find_resumable(registry.db, "mine", "user:alice", "r1")
+    assert found is not None and found.common["service"] == "ssh" and not found.detached
+    assert find_resumable(registry.db, "mine", "user:mallory", "r1") is None  # another user's
+    assert find_resumable(registry.db, "mine", "user:alice", "r2") is None  # another device
+    assert find_resumable(registry.db, "raw", "user:alice", "r1") is None  # never resumable
+    assert find_resumable(registry.db, "nope", "user:alice", "r1") is None
+    with registry.write() as db:
+        audit.append(db, "session.end", actor="user:alice", device="r1", session="mine")
+    assert find_resumable(registry.db, "mine", "user:alice", "r1") is None  # ended
+
+
+def test_replayed_bytes_from_the_two_headers():
+    assert replayed(1000, 400) == 600 and replayed(5, 9) == 0
+    assert replayed(None, 3) is None and replayed(True, 0) is None
+
+
+# --- real processes on loopback ----------------------------------------------------------------
+
+TOTAL = 24 * 1024 * 1024  # bytes the engineer's client sends through the echo service and back
+PIECE = 64 * 1024
+
+
+def _pattern(i: int) -> bytes:
+    """Piece i of the transfer: deterministic, and different for every piece."""
+    return hashlib.sha256(i.to_bytes(8, "big")).digest() * (PIECE // 32)
+
+
+class Transfer:
+    """A paced, checksummed echo transfer over one local TCP connection, in two threads.
+
+    ``echoed`` grows as bytes come back; ``result`` is (bytes back, sha256 hex, how it ended:
+    "fin" | "reset" | "timeout") once the reader is done.
+    """
+
+    def __init__(self, port: int, pace: float = 0.01):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sent_digest = hashlib.sha256()
+        self.echoed = 0
+        self.result: tuple[int, str, str] | None = None
+        self.write_error: str | None = None
+        self._pace = pace
+        self.writer = threading.Thread(target=self._write, daemon=True)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.writer.start()
+        self.reader.start()
+
+    def _write(self) -> None:
+        try:
+            for i in range(TOTAL // PIECE):
+                data = _pattern(i)
+                self.sent_digest.update(data)
+                self.sock.sendall(data)
+                time.sleep(self._pace)
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self.write_error = str(exc)
+
+    def _read(self) -> None:
+        digest = hashlib.sha256()
+        self.sock.settimeout(90)
+        how = "fin"
+        try:
+            while data := self.sock.recv(65536):
+                digest.update(data)
+                self.echoed += len(data)
+        except ConnectionResetError:
+            how = "reset"
+        except TimeoutError:
+            how = "timeout"
+        self.result = (self.echoed, digest.hexdigest(), how)
+
+    def wait(self, timeout: float = 120) -> tuple[int, str, str]:
+        """(bytes back, their sha256, how it ended). A reset is reported once, to whichever of
+        the two threads' calls meets it first: a reset seen by the writer counts too."""
+        self.reader.join(timeout)
+        assert self.result is not None, f"the transfer did not end ({self.echoed} bytes back)"
+        got, digest, how = self.result
+        if how == "fin" and self.write_error and "reset" in self.write_error.lower():
+            how = "reset"
+        return got, digest, how
+
+
+def _forward(fleet, ops, service: str = "echo", env: dict | None = None) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen(
+        [PY, "-m", "tunnel.cli", "forward", "robot-1", service, "--no-check", "--identity", str(ops)],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, **fleet.env, **(env or {})})
+    line = proc.stderr.readline()
+    assert line.startswith("forwarding "), line
+    return proc, int(line.split()[1].rsplit(":", 1)[1])
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.stderr.read() if proc.stderr else ""
+
+
+def _sessions(fleet, types=("session.start", "session.detach", "session.resume", "session.end")) -> list[dict]:
+    return [e for e in fleet.audit() if e["type"] in types]
+
+
+PROXY_HOLD = 20  # tunnel proxy --resume-hold in these tests (seconds)
+
+
+def _start_proxy(fleet) -> subprocess.Popen:
+    """``fleet.start_proxy()`` with a short ``--resume-hold``."""
+    log = fleet.root / "proxy.log"
+    mark = log.stat().st_size if log.exists() else 0
+    proc = fleet.start([PY, "-m", "tunnel.cli", "proxy", "--state", str(fleet.state.root), "--listen",
+                        fleet.address, "--log-format", "json", "--resume-hold", f"{PROXY_HOLD}s"], log)
+    wait_until(lambda: proc.poll() is None and '"listening"' in log.read_text()[mark:], 15, 0.05,
+               "proxy listening")
+    return proc
+
+
+@pytest.fixture
+def resumable_fleet(fleet, echo):
+    """A proxy, one agent (1 s keepalive, so a dead proxy is noticed within seconds) serving the
+    echo service, and an admin identity; short hold times where a test needs them."""
+    config = fleet.enroll_device("robot-1", {"customer": "acme"}, {"echo": f"127.0.0.1:{echo.port}"},
+                                 keepalive="1s", resume_hold="60s")
+    proxy = _start_proxy(fleet)
+    agent = fleet.start_agent(config)
+    ops = fleet.user("ops", ["admin"])
+    fleet.wait_online(ops, "robot-1")
+    return {"fleet": fleet, "proxy": proxy, "agent": agent, "ops": ops, "config": config}
+
+
+@pytest.mark.resumable
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
+def test_forward_session_continues_across_a_proxy_restart(resumable_fleet, sig):
+    fleet, ops = resumable_fleet["fleet"], resumable_fleet["ops"]
+    fwd, port = _forward(fleet, ops)
+    try:
+        transfer = Transfer(port)
+        wait_until(lambda: transfer.echoed > 2 * 1024 * 1024, 30, what="the transfer under way")
+        resumable_fleet["proxy"].send_signal(sig)
+        resumable_fleet["proxy"].wait(10)
+        _start_proxy(fleet)
+        got, digest, how = transfer.wait()
+        assert (got, how) == (TOTAL, "fin"), (got, how, transfer.write_error)
+        assert digest == transfer.sent_digest.hexdigest()  # no byte lost, none repeated
+        # the ends finish their closing handshake (the last ACKs) after the local FIN
+        wait_until(lambda: _sessions(fleet)[-1]["type"] == "session.end", 15, what="the session's end")
+    finally:
+        err = _stop(fwd)
+    assert "resumed after" in err, err
+    events = _sessions(fleet)
+    ids = {e["fields"]["session"] for e in events}
+    assert len(ids) == 1, events  # the same session continued
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "session.start" and kinds[-1] == "session.end", kinds
+    assert "session.detach" in kinds and "session.resume" in kinds, kinds
+    assert events[-1]["result"] == "ok", events[-1]
+    resume = next(e for e in events if e["type"] == "session.resume")
+    assert resume["fields"]["outage"] >= 0 and resume["fields"]["replayed_to_device"] >= 0
+    if sig == signal.SIGTERM:  # a graceful stop detaches the session, never ends it
+        detach = next(e for e in events if e["type"] == "session.detach")
+        assert detach["reason"] == "proxy shutdown", detach
+
+
+def _echo_once(reader_writer, payload: bytes):
+    reader, writer = reader_writer
+
+    async def run():
+        writer.write(payload)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readexactly(len(payload)), 20)
+
+    return run()
+
+
+@pytest.mark.resumable
+def test_bad_resumes_are_refused_audited_and_harmless(resumable_fleet):
+    """A forged secret, another user's resume with the right secret, an offset outside the replay
+    buffer and a resume after the proxy's hold time: each refused with its code, audited as an
+    access.denied at stage resume, and the real session goes on echoing."""
+    fleet, ops = resumable_fleet["fleet"], resumable_fleet["ops"]
+    mallory = fleet.user("mallory", ["admin"])
+
+    async def run() -> dict[str, str]:
+        me = UserIdentity.load(ops)
+        link = ProxyLink(me, await Client.connect(me))
+        session = await ResumableSession.open(link.client, "robot-1", "echo", None, 60)
+        assert session.resumable and session.id
+        ours, theirs = socket.socketpair()
+        local = SocketEnds(*await asyncio.open_connection(sock=ours))
+        app = await asyncio.open_connection(sock=theirs)
+        spliced = asyncio.create_task(session.splice(local))
+        assert await _echo_once(app, b"before") == b"before"
+        secret = session._secret
+        attacker = await Client.connect(UserIdentity.load(mallory))
+        again = await Client.connect(me)
+        tries = {
+            "forged": (again, dict(resume_secret=new_secret(), received=0, sent=0, away=1.0)),
+            "mallory": (attacker, dict(resume_secret=secret, received=0, sent=0, away=1.0)),
+            "offset": (again, dict(resume_secret=secret, received=10**9, sent=6, away=1.0)),
+            "late": (again, dict(resume_secret=secret, received=0, sent=6, away=PROXY_HOLD + 5.0)),
+        }
+        codes = {}
+        for name, (client, fields) in tries.items():
+            with pytest.raises(Refusal) as refused:
+                await client.dial_reply("robot-1", "echo", resume=session.id, **fields)
+            codes[name] = refused.value.code
+            assert await _echo_once(app, name.encode()) == name.encode()  # unharmed
+        app[1].write_eof()
+        assert await asyncio.wait_for(app[0].read(), 20) == b""  # the session ends cleanly
+        result = await asyncio.wait_for(spliced, 20)
+        assert result.error is None
+        for client in (attacker, again):
+            client.close()
+        link.close()
+        return codes
+
+    codes = asyncio.run(run())
+    assert codes == {"forged": "resume_secret", "mallory": "resume_unknown", "offset": "resume_offset",
+                     "late": "resume_expired"}
+    denied = [e for e in fleet.audit() if e["type"] == "access.denied" and e["fields"].get("stage") == "resume"]
+    assert sorted(e["fields"]["code"] for e in denied) == sorted(codes.values()), denied
+    assert {e["actor"] for e in denied} == {"user:ops", "user:mallory"}
+    wait_until(lambda: _sessions(fleet)[-1]["type"] == "session.end", 15, what="the session's end")
+    kinds = [e["type"] for e in _sessions(fleet)]
+    assert kinds == ["session.start", "session.end"], kinds  # no resume, no detach: untouched
+
+
+@pytest.mark.resumable
+def test_agent_killed_cannot_resume_and_the_engineer_sees_a_cut_after_the_hold(resumable_fleet):
+    """The device side is gone (kill -9): nothing can resume. The engineer's end holds the
+    session for its hold time (FLEET_RESUME_HOLD=3), then resets the local connection with one
+    line; the proxy ends the detached session with ``not resumed`` after its own hold."""
+    fleet, ops = resumable_fleet["fleet"], resumable_fleet["ops"]
+    fwd, port = _forward(fleet, ops, env={"FLEET_RESUME_HOLD": "3"})
+    try:
+        transfer = Transfer(port)
+        wait_until(lambda: transfer.echoed > 1024 * 1024, 30, what="the transfer under way")
+        resumable_fleet["agent"].send_signal(signal.SIGKILL)
+        got, _, how = transfer.wait(90)
+        assert how == "reset" and got < TOTAL, (got, how)
+        assert fwd.poll() is None  # forward itself goes on serving
+    finally:
+        err = _stop(fwd)
+    assert "the tunnel was away for 3 s (hold time)" in err, err
+    assert "reset the local connection" in err, err
+    wait_until(lambda: _sessions(fleet)[-1]["type"] == "session.end", PROXY_HOLD + 30, 0.5,
+               what="the proxy's end of the session not resumed")
+    events = _sessions(fleet)
+    assert [e["type"] for e in events] == ["session.start", "session.detach", "session.end"], events
+    assert events[-1]["reason"] == "not resumed"
+
+
+@pytest.mark.resumable
+def test_a_lock_during_the_outage_stops_the_resume_at_both_ends(resumable_fleet):
+    """The proxy is down; meanwhile the device is locked. When the proxy is back, the agent is
+    refused (locked) and ends its held session with that reason; the engineer's resume is
+    refused with the lock's reason, printed in one line, and the local connection is reset."""
+    from enroll.cli import main as enroll_main
+
+    fleet, ops = resumable_fleet["fleet"], resumable_fleet["ops"]
+    fwd, port = _forward(fleet, ops)
+    try:
+        transfer = Transfer(port)
+        wait_until(lambda: transfer.echoed > 1024 * 1024, 30, what="the transfer under way")
+        resumable_fleet["proxy"].send_signal(signal.SIGTERM)
+        resumable_fleet["proxy"].wait(10)
+        assert enroll_main(["--state", str(fleet.state.root), "lock", "robot-1",
+                            "--message", "stolen from the depot"]) == 0
+        _start_proxy(fleet)
+        got, _, how = transfer.wait(90)
+        assert how == "reset", (got, how)
+    finally:
+        err = _stop(fwd)
+    assert "could not resume" in err and "stolen from the depot" in err, err
+    agent_log = (resumable_fleet["config"].parent / "agent.log").read_text()
+    ended = [json.loads(line) for line in agent_log.splitlines()
+             if '"session ended"' in line]
+    assert ended and "stolen from the depot" in ended[-1]["reason"], agent_log[-3000:]
+    denied = [e for e in fleet.audit() if e["type"] == "access.denied" and e["fields"].get("stage") == "resume"]
+    assert denied and denied[-1]["fields"]["code"] == "locked", denied
