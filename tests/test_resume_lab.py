@@ -47,7 +47,7 @@ from resume_harness import (
     stop_helper,
 )
 
-pytestmark = [pytest.mark.lab, pytest.mark.slow]
+pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.resumable]
 
 
 
