@@ -384,6 +384,9 @@ class CaseRun:
     transfer_gap: float = 0.0  # largest interval without transfer bytes around it
     transfer_end: str | None = None
     notes: dict = field(default_factory=dict)
+    #: the device's session ids per service once both were open (``tunnel forward`` also makes
+    #: a short check session when it starts): a resume must add none
+    ids_at_start: dict = field(default_factory=dict)
 
     def resumes(self, tl: TunnelLab) -> dict[str, list[dict]]:
         return {"ssh": resumes(tl, self.ssh_session or "?"), "bulk": resumes(tl, self.bulk_session or "?")}
@@ -415,7 +418,8 @@ def start_case(tl: TunnelLab, name: str, device: str, *, size: int = TRANSFER_SI
         raise
     ids = wait_until(lambda: (lambda s: s if s.get("ssh") and s.get("bulk") else None)(session_ids(tl, device)),
                      10, 0.1, "session.start of both sessions")
-    return CaseRun(name, device, session, transfer, server, ids["ssh"][-1], ids["bulk"][-1])
+    return CaseRun(name, device, session, transfer, server, ids["ssh"][-1], ids["bulk"][-1],
+                   ids_at_start=ids)
 
 
 def finish_case(run: CaseRun, transfer_timeout: float = 120.0) -> CaseRun:

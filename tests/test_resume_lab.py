@@ -83,7 +83,7 @@ def assert_survived(tl: TunnelLab, run: CaseRun) -> None:
     assert transfer.sha256 == server.sha256, "the transfer's bytes differ from what was sent"
     wait_until(lambda: server.outcomes == ["complete"], 10, 0.1, f"server side complete: {server.outcomes}")
     # the same sessions: no new session.start for the device, and each one resumed
-    assert session_ids(tl, run.device) == {"ssh": [run.ssh_session], "bulk": [run.bulk_session]}
+    assert session_ids(tl, run.device) == run.ids_at_start, "a new session was started"
     for name, events in run.resumes(tl).items():
         assert events, f"no session.resume audited for the {name} session"
         assert all(e["device"] == run.device and e["result"] == "ok" for e in events), events
