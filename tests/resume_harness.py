@@ -124,15 +124,27 @@ def helper_env(tl: TunnelLab) -> dict:
     return {**os.environ, **tl.fleet.env, "XDG_RUNTIME_DIR": str(run_dir), "FLEET_HELPER": "on"}
 
 
+def generated_keepalive_options(tl: TunnelLab) -> list[str]:
+    """The ``ServerAlive*`` settings of the ssh config ``tunnel config`` generates, as ``-o``
+    options: ssh itself gives up a silent server after interval × count, tunnel or not."""
+    from tunnel.client import UserIdentity
+    from tunnel.engineer import ssh_config
+
+    text = ssh_config(UserIdentity.load(tl.engineer), "*")
+    found = re.findall(r"^\s*(ServerAlive\w+)\s+(\S+)\s*$", text, re.MULTILINE)
+    return [a for key, value in found for a in ("-o", f"{key}={value}")]
+
+
 def helper_ssh_argv(tl: TunnelLab, name: str, *command: str) -> list[str]:
-    """ssh to ``name`` with the generated ssh config's ProxyCommand (the helper client)."""
+    """ssh to ``name`` as the generated ssh config runs it: its ProxyCommand (the helper
+    client) and its keepalive settings; the key and host checks stay the lab's."""
     from tunnel.engineer import helper_client_command
 
     argv = tl.ssh_argv(name, *command)
     index = next(i for i, a in enumerate(argv) if a.startswith("ProxyCommand="))
     argv[index] = (f"ProxyCommand={helper_client_command()} dial %h %p --login %r "
                    f"--identity {tl.engineer}")
-    return argv
+    return [argv[0], *generated_keepalive_options(tl), *argv[1:]]
 
 
 def stop_helper(tl: TunnelLab) -> None:
@@ -387,9 +399,26 @@ class CaseRun:
     #: the device's session ids per service once both were open (``tunnel forward`` also makes
     #: a short check session when it starts): a resume must add none
     ids_at_start: dict = field(default_factory=dict)
+    #: a second tick session through the helper (``start_case(also_helper=True)``), or None
+    helper_session: SeqTickSession | None = None
+
+    @property
+    def helper_ssh_session(self) -> str | None:
+        ssh = self.ids_at_start.get("ssh", [])
+        return ssh[1] if self.helper_session is not None and len(ssh) > 1 else None
+
+    def sessions(self) -> dict[str, SeqTickSession]:
+        """The tick sessions by name ("ssh", and "ssh via the helper" when there is one)."""
+        out = {"ssh": self.session}
+        if self.helper_session is not None:
+            out["ssh via the helper"] = self.helper_session
+        return out
 
     def resumes(self, tl: TunnelLab) -> dict[str, list[dict]]:
-        return {"ssh": resumes(tl, self.ssh_session or "?"), "bulk": resumes(tl, self.bulk_session or "?")}
+        out = {"ssh": resumes(tl, self.ssh_session or "?"), "bulk": resumes(tl, self.bulk_session or "?")}
+        if self.helper_session is not None:
+            out["ssh via the helper"] = resumes(tl, self.helper_ssh_session or "?")
+        return out
 
     def replayed(self, tl: TunnelLab) -> int | None:
         counts = [replayed_bytes(e) for events in self.resumes(tl).values() for e in events]
@@ -398,28 +427,37 @@ class CaseRun:
 
     def close(self) -> None:
         self.session.close()
+        if self.helper_session is not None:
+            self.helper_session.close()
         self.transfer.close()
         self.server.close()
 
 
 def start_case(tl: TunnelLab, name: str, device: str, *, size: int = TRANSFER_SIZE,
-               rate: float = TRANSFER_RATE, helper: bool = False) -> CaseRun:
-    """Open the tick session (``helper``: through the per-user helper) and the transfer to
-    ``device`` (added already); both flowing."""
+               rate: float = TRANSFER_RATE, helper: bool = False, also_helper: bool = False) -> CaseRun:
+    """Open the tick session (``helper``: through the per-user helper; ``also_helper``: a second
+    one through it besides the direct one) and the transfer to ``device`` (added already); all
+    flowing."""
     dev = tl.devices[device]["dev"]
     server = ByteServer(tl.lab, dev.ns, size=size, rate=rate)
     session = seq_tick_session(tl, device, helper=helper)
+    second = None
     try:
+        if also_helper:
+            second = seq_tick_session(tl, device, helper=True)
         transfer = Transfer(tl, device)
         transfer.wait_received(min(size // 8, 2 * 1024 * 1024), 30)
     except BaseException:
         session.close()
+        if second is not None:
+            second.close()
         server.close()
         raise
-    ids = wait_until(lambda: (lambda s: s if s.get("ssh") and s.get("bulk") else None)(session_ids(tl, device)),
-                     10, 0.1, "session.start of both sessions")
-    return CaseRun(name, device, session, transfer, server, ids["ssh"][-1], ids["bulk"][-1],
-                   ids_at_start=ids)
+    wanted = 2 if also_helper else 1
+    ids = wait_until(lambda: (lambda s: s if len(s.get("ssh", ())) >= wanted and s.get("bulk") else None)(
+        session_ids(tl, device)), 10, 0.1, "session.start of every session")
+    return CaseRun(name, device, session, transfer, server, ids["ssh"][0], ids["bulk"][-1],
+                   ids_at_start=ids, helper_session=second)
 
 
 def finish_case(run: CaseRun, transfer_timeout: float = 120.0) -> CaseRun:
@@ -428,12 +466,19 @@ def finish_case(run: CaseRun, transfer_timeout: float = 120.0) -> CaseRun:
         wait_until(lambda: run.session.first_after(run.back) is not None or not run.session.alive,
                    RESUME_WAIT, 0.02, "a tick after the disruption")
     run.first_line = run.session.first_after(run.back)
+    if run.helper_session is not None:
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: run.helper_session.first_after(run.back) is not None
+                       or not run.helper_session.alive, RESUME_WAIT, 0.02, "a tick via the helper")
+        run.notes["helper_first_line"] = run.helper_session.first_after(run.back)
     if run.session.seqs and run.session.alive:
         run.session.wait_seq_past(run.session.seqs[-1] + 20, 10)
     run.transfer_end = run.transfer.wait(transfer_timeout)
     run.gap = run.session.max_gap(run.started - 0.2)
     if not run.session.alive and run.session.arrivals:  # a dead session's gap runs until now
         run.gap = max(run.gap, time.monotonic() - run.session.arrivals[-1])
+    if run.helper_session is not None:
+        run.notes["helper_gap"] = run.helper_session.max_gap(run.started - 0.2)
     run.transfer_gap = run.transfer.max_gap(run.started - 0.2, run.transfer.arrivals[-1][0]
                                             if run.transfer.arrivals else None)
     return run
@@ -493,10 +538,13 @@ def case_proxy_restart(tl: TunnelLab, name: str, keep: dict, sig: int = signal.S
 
 
 def case_outage(tl: TunnelLab, name: str, keep: dict, seconds: float = 180.0) -> CaseRun:
-    """Every uplink down for ``seconds`` (longer than the idle timeout: a new connection)."""
+    """Every uplink down for ``seconds`` (longer than the idle timeout: a new connection).
+
+    A second ssh session runs as the generated ssh config runs it (the helper, and ssh's own
+    keepalive settings), since a long outage is where ssh's keepalive would give up first."""
     dev, _ = add_resume_device(tl, name, ("wifi",))
     keep["device"] = name
-    run = keep["run"] = start_case(tl, f"{seconds:g} s without any uplink", name)
+    run = keep["run"] = start_case(tl, f"{seconds:g} s without any uplink", name, also_helper=True)
     run.started = time.monotonic()
     dev.outage(seconds)
     run.back = time.monotonic()
@@ -553,11 +601,12 @@ def case_tcp_uplink_change(tl: TunnelLab, name: str, keep: dict) -> CaseRun:
 
 def survived(tl: TunnelLab, run: CaseRun) -> str | None:
     """Why the case did not survive (None: same session, byte-exact, resume audited)."""
-    if not run.session.alive:
-        lines = [line for line in run.session.stderr_lines if line.strip()]
-        return f"ssh session ended: {lines[0] if lines else '?'}"
-    if run.session.sequence_problems():
-        return f"tick sequence: {run.session.sequence_problems()[:3]}"
+    for name, session in run.sessions().items():
+        if not session.alive:
+            lines = [line for line in session.stderr_lines if line.strip()]
+            return f"{name} session ended: {' / '.join(lines[:2]) or '?'}"
+        if session.sequence_problems():
+            return f"{name} tick sequence: {session.sequence_problems()[:3]}"
     if run.transfer_end != "eof" or run.transfer.sha256 != run.server.sha256:
         return f"transfer: {run.transfer_end}"
     missing = [k for k, v in run.resumes(tl).items() if not v]

@@ -74,10 +74,11 @@ def case(tl):
 
 def assert_survived(tl: TunnelLab, run: CaseRun) -> None:
     """The same session went on, byte-exact, and the proxy audited the resume of both."""
-    session, transfer, server = run.session, run.transfer, run.server
-    assert session.alive, f"the ssh session ended: {session.stderr()}"
-    assert run.first_line is not None, "no tick after the disruption"
-    assert not session.sequence_problems(), session.sequence_problems()
+    transfer, server = run.transfer, run.server
+    for name, session in run.sessions().items():
+        assert session.alive, f"the {name} session ended: {session.stderr()}"
+        assert session.first_after(run.back) is not None, f"no tick on the {name} session after the disruption"
+        assert not session.sequence_problems(), (name, session.sequence_problems())
     assert transfer.ended == "eof", f"transfer: {transfer.ended}; forward said: {transfer.stderr()}"
     assert transfer.received == TRANSFER_SIZE
     assert transfer.sha256 == server.sha256, "the transfer's bytes differ from what was sent"
@@ -87,17 +88,20 @@ def assert_survived(tl: TunnelLab, run: CaseRun) -> None:
     for name, events in run.resumes(tl).items():
         assert events, f"no session.resume audited for the {name} session"
         assert all(e["device"] == run.device and e["result"] == "ok" for e in events), events
-    ends = [e for e in tl.audit("session.end", device=run.device)
-            if e["fields"].get("session") in (run.ssh_session, run.bulk_session)]
-    assert not [e for e in ends if e["fields"].get("session") == run.ssh_session], \
-        f"the ssh session was ended in the audit though it goes on: {ends}"
+    ends = tl.audit("session.end", device=run.device)
+    assert not [e for e in ends if e["fields"].get("session") in (run.ssh_session, run.helper_ssh_session)], \
+        f"an ssh session was ended in the audit though it goes on: {ends}"
 
 
-def print_case(tl: TunnelLab, run: CaseRun, **extra) -> None:
+def print_case(tl: TunnelLab, run: CaseRun) -> None:
+    """One line per case (``pytest -s``): the gaps, how often each session resumed, the audited
+    outage and bytes replayed, and the case's own numbers (``run.notes``)."""
     resumed = run.resumes(tl)
-    report(f"resume: {run.name}", gap=run.gap, first_line=run.first_line,
-           transfer_gap=run.transfer_gap, resumes_ssh=len(resumed["ssh"]),
-           resumes_bulk=len(resumed["bulk"]), replayed=run.replayed(tl), **extra)
+    outages = [e["fields"].get("outage") for e in resumed["ssh"]]
+    notes = {k: v for k, v in run.notes.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    report(f"resume: {run.name}", gap=run.gap, first_line=run.first_line, transfer_gap=run.transfer_gap,
+           resumes={k: len(v) for k, v in resumed.items()}, audited_outage=outages,
+           replayed=run.replayed(tl), **notes)
 
 
 def test_cellular_to_satellite_reaching_only_the_ground_endpoint(tl, case):
@@ -145,7 +149,7 @@ def test_three_minutes_without_any_uplink(tl, case):
 
 def test_udp_blocked_mid_session_then_unblocked(tl, case):
     run = case_udp_blocked(tl, "rudp", case)
-    print_case(tl, run, **{k: v for k, v in run.notes.items() if k != "transfer_ended_before_unblock"})
+    print_case(tl, run)
     assert run.notes["transport_before"] == "quic"
     assert run.notes["on_tcp"] is not None, f"no tick on the TCP fallback: {run.session.stderr()}"
     assert run.notes["transfer_ended_before_unblock"] is None, \
