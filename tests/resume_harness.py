@@ -401,6 +401,13 @@ class CaseRun:
     ids_at_start: dict = field(default_factory=dict)
     #: a second tick session through the helper (``start_case(also_helper=True)``), or None
     helper_session: SeqTickSession | None = None
+    #: the server's connection index of the transfer (``tunnel forward``'s preflight came first)
+    server_index: int = -1
+
+    @property
+    def server_outcome(self) -> str:
+        """How the device's local connection of the transfer ended ("sending" while open)."""
+        return self.server.outcomes[self.server_index]
 
     @property
     def helper_ssh_session(self) -> str | None:
@@ -457,7 +464,7 @@ def start_case(tl: TunnelLab, name: str, device: str, *, size: int = TRANSFER_SI
     ids = wait_until(lambda: (lambda s: s if len(s.get("ssh", ())) >= wanted and s.get("bulk") else None)(
         session_ids(tl, device)), 10, 0.1, "session.start of every session")
     return CaseRun(name, device, session, transfer, server, ids["ssh"][0], ids["bulk"][-1],
-                   ids_at_start=ids, helper_session=second)
+                   ids_at_start=ids, helper_session=second, server_index=len(server.outcomes) - 1)
 
 
 def finish_case(run: CaseRun, transfer_timeout: float = 120.0) -> CaseRun:

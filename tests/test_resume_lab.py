@@ -50,7 +50,6 @@ from resume_harness import (
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.resumable]
 
 
-
 @pytest.fixture(scope="module")
 def tl(module_lab, tmp_path_factory):
     t = TunnelLab(module_lab, tmp_path_factory.mktemp("resume"))
@@ -82,7 +81,7 @@ def assert_survived(tl: TunnelLab, run: CaseRun) -> None:
     assert transfer.ended == "eof", f"transfer: {transfer.ended}; forward said: {transfer.stderr()}"
     assert transfer.received == TRANSFER_SIZE
     assert transfer.sha256 == server.sha256, "the transfer's bytes differ from what was sent"
-    wait_until(lambda: server.outcomes == ["complete"], 10, 0.1, f"server side complete: {server.outcomes}")
+    wait_until(lambda: run.server_outcome == "complete", 10, 0.1, f"server side complete: {server.outcomes}")
     # the same sessions: no new session.start for the device, and each one resumed
     assert session_ids(tl, run.device) == run.ids_at_start, "a new session was started"
     for name, events in run.resumes(tl).items():
@@ -189,9 +188,9 @@ def test_lock_during_an_outage_refuses_the_resume(tl, case):
     assert [line for line in session.stderr_lines if "locked" in line], session.stderr()
     assert [line for line in transfer.stderr_lines if "locked" in line], transfer.stderr()
     # the device's local connection was reset (not closed as if the download had ended)
-    wait_until(lambda: server.outcomes and server.outcomes[0] != "sending", 30, 0.2,
+    wait_until(lambda: run.server_outcome != "sending", 30, 0.2,
                f"the device's local connection to end: {server.outcomes}")
-    assert server.outcomes == ["reset"], server.outcomes
+    assert run.server_outcome == "reset", server.outcomes
     # the agent logged the end of each session with the reason
     for sid in (run.ssh_session, run.bulk_session):
         wait_until(lambda sid=sid: [r for r in tl.agent_log("rlock") if mentions(r, sid, "lock")], 30, 0.2,
