@@ -44,7 +44,7 @@ ERRORS = [
     ("tunnel.sshwire", "DecodeError", ValueError, "ssh_decode"),
     ("tunnel.admission", "Denied", Exception, None),
     ("tunnel.transport.policy", "CertificateRejected", Exception, "certificate_rejected"),
-    ("tunnel.proxy", "_Tallied", ValueError, None),
+    ("tunnel.proxy_enroll", "_Tallied", ValueError, None),
 ]
 
 

@@ -54,7 +54,9 @@ LAYERS: list[tuple[int, str, str, set[str]]] = [
         "tunnel.agent", "tunnel.agent_config", "tunnel.agent_decisions", "tunnel.agent_sessions",
     }),
     (4, "proxy", "the proxy, its registry writer and metrics", {
-        "tunnel.proxy", "tunnel.registry_writer", "tunnel.metrics", "tunnel.live_policy", "tunnel.proxy_resume",
+        "tunnel.proxy", "tunnel.proxy_core", "tunnel.proxy_agents", "tunnel.proxy_sessions",
+        "tunnel.proxy_enroll", "tunnel.proxy_resume", "tunnel.registry_writer", "tunnel.metrics",
+        "tunnel.live_policy",
     }),
     (4, "engineer", "the engineer's client and tools", {
         "tunnel.client", "tunnel.engineer", "tunnel.helper", "tunnel.helper_client",

@@ -9,16 +9,25 @@ import asyncio
 import hashlib
 import random
 import types
+from collections import deque
 
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from transport.transport_helpers import SERVER_NAME, Transport, make_ca, make_leaf, run
 
-from tunnel.resumable import PeerAborted, ResumableEnds
-from tunnel.resume import ResumeError, SessionCut, new_secret, secret_digest, secret_matches
+from tunnel.resumable import READ_SIZE, PeerAborted, ResumableEnds
+from tunnel.resume import (
+    MAX_FRAME,
+    ResumeError,
+    SessionCut,
+    encode_data,
+    new_secret,
+    secret_digest,
+    secret_matches,
+)
 from tunnel.splice import Ends, splice
-from tunnel.transport import Stream
+from tunnel.transport import Stream, StreamReset, TransportError
 
 
 @pytest.fixture(params=["quic", "tcp"])
@@ -227,7 +236,8 @@ def test_abort_reaches_the_peer_as_a_reset_with_the_reason(pki, transport):
                 while True:                           # data still queued (a raw reset did not)
                     got += await b.recv()
             assert b"partial".startswith(got)
-            assert "local connection was cut" in str(info.value) and info.value.code == "reset"
+            assert str(info.value) == "the other end aborted the session: its local connection was cut"
+            assert info.value.code == "reset"
             with pytest.raises(PeerAborted):
                 await b.send(b"x")
             assert b.done
@@ -246,9 +256,10 @@ def test_abort_while_detached_goes_out_on_the_next_attach(pki, transport):
             await link.attach_both(a, b)
             link.streams[0].reset(3)
             await both_lost(a, b)
-            a.abort()
+            a.abort("sshd reset the connection")
+            assert await a.lost()  # aborted here, but the ABORT still needs a stream
             await link.attach_both(a, b)
-            with pytest.raises(PeerAborted):
+            with pytest.raises(PeerAborted, match="sshd reset the connection"):
                 await asyncio.wait_for(b.recv(), 10)
             await asyncio.gather(a.close(), b.close())
             await link.close()
@@ -511,3 +522,222 @@ def test_a_forged_or_replayed_secret_is_refused():
     other_session = new_secret()
     assert not secret_matches(other_session, digest)  # another session's secret, replayed
     assert not secret_matches(secret[:-2] + "AA" if not secret.endswith("AA") else secret[:-2] + "BB", digest)
+
+
+# -- an in-memory stream pair: the framing alone, without a transport under it ---------------
+
+
+class _Pipe:
+    """One direction of an in-memory stream: chunks kept as written, bounded like a window."""
+
+    def __init__(self, limit: int) -> None:
+        self.chunks: deque[bytes] = deque()
+        self.size, self.limit = 0, limit
+        self.eof = False
+        self.error: Exception | None = None
+        self.readable, self.writable = asyncio.Event(), asyncio.Event()
+
+
+class MemoryStream(Stream):
+    """A ``Stream`` over two in-memory pipes, with the real one's behaviour where the ends can
+    see it: reads up to ``max_bytes``, b"" at FIN, writes wait above the high-water mark, a
+    write after ``write_eof`` is an error, ``reset`` fails both directions at both ends."""
+
+    def __init__(self, inbound: _Pipe, outbound: _Pipe) -> None:
+        self.id, self.bytes_sent, self.bytes_received = 0, 0, 0
+        self._in, self._out = inbound, outbound
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        pipe = self._in
+        while True:
+            if pipe.error is not None:
+                raise pipe.error
+            if pipe.chunks:
+                chunk = pipe.chunks.popleft()
+                if len(chunk) > max_bytes:
+                    pipe.chunks.appendleft(chunk[max_bytes:])
+                    chunk = chunk[:max_bytes]
+                pipe.size -= len(chunk)
+                self.bytes_received += len(chunk)
+                pipe.writable.set()
+                return chunk
+            if pipe.eof:
+                return b""
+            pipe.readable.clear()
+            await pipe.readable.wait()
+
+    async def write(self, data: bytes) -> None:
+        pipe = self._out
+        while True:
+            if pipe.error is not None:
+                raise pipe.error
+            if pipe.eof:
+                raise TransportError(0, "write after write_eof()", remote=False, kind="internal")
+            if pipe.size < pipe.limit:
+                break
+            pipe.writable.clear()
+            await pipe.writable.wait()
+        pipe.chunks.append(data)
+        pipe.size += len(data)
+        self.bytes_sent += len(data)
+        pipe.readable.set()
+
+    def write_eof(self) -> None:
+        self._out.eof = True
+        self._out.readable.set()
+
+    def reset(self, code: int = 0) -> None:
+        for pipe in (self._in, self._out):
+            if pipe.error is None:
+                pipe.error = StreamReset(code, "reset", remote=True)
+            pipe.readable.set()
+            pipe.writable.set()
+
+
+def memory_pair(limit: int = 1024 * 1024) -> tuple[MemoryStream, MemoryStream]:
+    ab, ba = _Pipe(limit), _Pipe(limit)
+    return MemoryStream(ba, ab), MemoryStream(ab, ba)
+
+
+def test_over_an_in_memory_pair_too_with_a_cut():
+    async def main():
+        a, b = ResumableEnds("m", buffer=512 * 1024), ResumableEnds("m", buffer=512 * 1024)
+        sa, sb = memory_pair()
+        await a.attach(sa, b"", 0)
+        await b.attach(sb, b"", 0)
+        data = random.Random(9).randbytes(3_000_000)
+        sending = asyncio.create_task(send_all(a, data, random.Random(10)))
+        got = bytearray(await b.recv())
+        while len(got) < 1_000_000:
+            got += await b.recv()
+        sb.reset(9)
+        await both_lost(a, b)
+        sa, sb = memory_pair()
+        a_received, b_received = a.received, b.received
+        await a.attach(sa, b"", b_received)
+        await b.attach(sb, b"", a_received)
+        got += await recv_all(b)
+        assert bytes(got) == data
+        await sending
+        b.eof()
+        assert await recv_all(a) == b""
+        await asyncio.wait_for(asyncio.gather(a.finished(), b.finished()), 10)
+        await asyncio.gather(a.close(), b.close())
+
+    run(main())
+
+
+@pytest.mark.parametrize("garbage, what", [
+    (b"SSH-2.0-OpenSSH_9.6\r\n", "unknown frame type"),  # a raw stream where frames were agreed
+    (bytes([2, 0, 0, 0, 8]) + (10**9).to_bytes(8, "big"), "acknowledgement of 1000000000 bytes"),
+    (bytes([3, 0, 0, 0, 0, 1, 0, 0, 0, 1]) + b"x", "DATA after END"),
+])
+def test_a_peer_breaking_the_framing_cuts_the_session(garbage, what):
+    async def main():
+        a = ResumableEnds("m")
+        sa, sb = memory_pair()
+        await a.attach(sa, b"", 0)
+        await a.send(b"hello")
+        await sb.write(garbage)
+        with pytest.raises(SessionCut) as info:
+            await asyncio.wait_for(a.recv(), 10)
+        assert "resumable framing" in info.value.reason and what in info.value.reason
+        assert not a.attached and a.done
+        with pytest.raises(TransportError):  # the stream was reset, not ended
+            while await sb.read():
+                pass
+        await a.close()
+
+    run(main())
+
+
+def test_held_for_follows_the_injected_clock():
+    async def main():
+        now = [100.0]
+        a = ResumableEnds("m", clock=lambda: now[0])
+        assert a.held_for is None  # not attached yet: nothing is held
+        sa, sb = memory_pair()
+        await a.attach(sa, b"", 0)
+        assert a.held_for is None
+        sb.reset(1)
+        assert await a.lost() == "stream reset by peer: code 1: reset"
+        now[0] = 142.5
+        assert a.held_for == 42.5 and not a.done
+        sa, sb = memory_pair()
+        await a.attach(sa, b"", 0)
+        assert a.held_for is None
+        await a.close()
+
+    run(main())
+
+
+def test_a_peer_beyond_its_window_is_not_read_past_ours():
+    async def main():
+        window = 256 * 1024
+        a = ResumableEnds("m", buffer=window)
+        sa, sb = memory_pair(limit=64 * 1024)
+        await a.attach(sa, b"", 0)
+        frame = encode_data(bytes(60_000))
+        flood = asyncio.create_task(_write_forever(sb, frame))
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+        assert not flood.done()  # blocked: the stream's own flow control holds the rest
+        assert window + MAX_FRAME < a.counters["inbox"] <= window + MAX_FRAME + READ_SIZE
+        assert len(await a.recv()) == 60_000  # taking makes room again
+        flood.cancel()
+        await a.close()
+
+    run(main())
+
+
+async def _write_forever(stream: Stream, frame: bytes) -> None:
+    while True:
+        await stream.write(frame)
+
+
+async def _cpu_per_mb(total: int, framed: bool) -> float:
+    """CPU milliseconds per MB to move ``total`` bytes one way in 64 KiB chunks over an
+    in-memory pair: through two ResumableEnds (framed) or two raw StreamEnds."""
+    import time
+
+    from tunnel.splice import StreamEnds
+
+    sa, sb = memory_pair()
+    if framed:
+        a, b = ResumableEnds("bench"), ResumableEnds("bench")
+        await a.attach(sa, b"", 0)
+        await b.attach(sb, b"", 0)
+        sender, receiver = a, b
+    else:
+        sender, receiver = StreamEnds(sa), StreamEnds(sb)
+    chunk = bytes(64 * 1024)
+
+    async def send() -> None:
+        for _ in range(total // len(chunk)):
+            await sender.send(chunk)
+        sender.eof()
+
+    async def receive() -> int:
+        n = 0
+        while data := await receiver.recv():
+            n += len(data)
+        return n
+
+    start = time.process_time()
+    _, n = await asyncio.gather(send(), receive())
+    cpu = time.process_time() - start
+    assert n == total
+    if framed:
+        await asyncio.gather(a.close(), b.close())
+    return cpu * 1000 / (total / 1e6)
+
+
+if __name__ == "__main__":
+    # python tests/test_resumable_ends.py [MB]: the framing's CPU cost per MB (report it; the
+    # tests above assert no timing)
+    import sys
+
+    megabytes = int(sys.argv[1]) if len(sys.argv) > 1 else 64
+    for framed in (False, True, False, True):
+        ms = asyncio.run(_cpu_per_mb(megabytes * 1024 * 1024, framed))
+        print(f"{'framed (ResumableEnds)' if framed else 'raw (StreamEnds)':24} {ms:.3f} CPU-ms/MB")

@@ -23,7 +23,14 @@ from tunnel.resume import (
     HELD,
     MAX_FRAME,
     MAX_REASON,
+    WRITE_ABORT,
+    WRITE_ACK,
+    WRITE_DATA,
+    WRITE_END,
+    WRITE_FIN,
+    WRITE_STOP,
     AckPolicy,
+    EndState,
     Frame,
     FrameReader,
     Hold,
@@ -330,3 +337,185 @@ def test_a_forged_or_other_sessions_secret_does_not_match():
                    "!" * 43, digest.hex()):
         assert not secret_matches(forged, digest), forged
     assert not secret_matches(secret, secret_digest(other))
+
+
+# -- one end's state: what the writer does next, and two ends simulated without sockets -----
+
+
+def test_next_write_in_order_of_priority():
+    state = EndState(buffer=1000)
+    state.attach(0)
+    assert state.next_write(0.0) is None  # nothing to say
+    state.replay.append(b"abc")
+    assert state.next_write(0.0) == WRITE_DATA
+    state.written = 3
+    state.eof = True
+    assert state.next_write(0.0) == WRITE_END
+    state.end_written = True
+    assert state.next_write(0.0) is None
+    state.on_data(5)
+    state.took(5, now=1.0)
+    assert state.next_write(1.0) is None and state.next_write(1.0 + ACK_INTERVAL) == WRITE_ACK
+    state.replay.append(b"more")  # (after eof only in this table) an ACK goes before DATA
+    assert state.next_write(2.0) == WRITE_ACK
+    state.acks.sent()
+    assert state.next_write(2.0) == WRITE_DATA
+    state.abort = "sshd reset"
+    assert state.next_write(2.0) == WRITE_ABORT  # before anything else
+    state.abort_written = True
+    assert state.next_write(2.0) == WRITE_STOP
+
+
+def test_a_finished_end_says_its_last_ack_then_fin():
+    state = EndState()
+    state.attach(0)
+    state.replay.append(b"hi")
+    state.written, state.eof, state.end_written = 2, True, True
+    state.on_ack(3)  # 2 bytes and the END
+    assert state.end_acked and state.replay.held == 0
+    state.on_end()
+    assert not state.finished_cleanly() and state.needs_stream()
+    state.took_end()
+    assert state.finished_cleanly() and not state.needs_stream()
+    assert state.next_write(0.0) == WRITE_ACK  # the peer must learn we took its END
+    assert state.acks.sent() == 1
+    assert state.next_write(0.0) == WRITE_FIN
+    assert not state.on_fin(between_frames=False)  # a FIN inside a frame is no clean close
+    assert state.on_fin(between_frames=True) and state.settled
+
+
+@pytest.mark.parametrize("setup, needs", [
+    (lambda s: None, True),
+    (lambda s: setattr(s, "cut", "locked"), False),
+    (lambda s: s.on_abort(""), False),
+    (lambda s: setattr(s, "abort", "reset"), True),  # the ABORT still has to go out
+    (lambda s: (setattr(s, "abort", "reset"), setattr(s, "abort_written", True)), False),
+    (lambda s: setattr(s, "closed", True), False),
+])
+def test_a_lost_stream_is_held_only_when_a_new_one_would_do_something(setup, needs):
+    state = EndState(hold=30)
+    state.attach(0)
+    setup(state)
+    assert state.lost(now=5.0) is needs
+    assert state.hold.state(5.0) == (HELD if needs else ATTACHED)
+    assert state.hold_ran_out(35.0) is needs
+
+
+def test_a_cut_session_refuses_an_attach_as_expired():
+    state = EndState()
+    assert state.give_up("the tunnel was away for 10 min (hold time)")
+    assert not state.give_up("again")  # the first reason stays
+    with pytest.raises(ResumeError) as info:
+        state.attach(0)
+    assert info.value.code == "resume_expired" and "hold time" in str(info.value)
+    assert state.next_write(0.0) == WRITE_STOP and state.over()
+
+
+def test_a_peer_abort_gets_a_reason_even_empty():
+    state = EndState()
+    state.on_abort("")
+    assert state.peer_abort == "no reason given" and state.over()
+
+
+def test_an_end_ack_without_our_end_is_a_broken_peer():
+    state = EndState()
+    state.replay.append(b"12")
+    with pytest.raises(ResumeError):
+        state.on_ack(3)  # one past the bytes means END taken: but no END was sent
+
+
+class _SimEnd:
+    """One end in the pure simulation: its state, the application's data, the wire it writes."""
+
+    def __init__(self, data: bytes, buffer: int) -> None:
+        self.state = EndState(buffer=buffer, hold=1e9)
+        self.data, self.pos = data, 0
+        self.inbox: list[bytes] = []
+        self.got = bytearray()
+        self.wire = bytearray()  # written, not yet delivered
+        self.reader = FrameReader()
+        self.fin = False
+
+    def app_send(self, rng: random.Random) -> None:
+        if self.pos < len(self.data):
+            n = rng.randint(1, 700)
+            if self.state.replay.room(n):
+                self.state.replay.append(self.data[self.pos:self.pos + n])
+                self.pos += n
+        elif not self.state.eof:
+            self.state.eof = True
+
+    def app_take(self, now: float) -> None:
+        if self.inbox:
+            chunk = self.inbox.pop(0)
+            self.got += chunk
+            self.state.took(len(chunk), now)
+        elif self.state.peer_end:
+            self.state.took_end()
+
+    def write(self, now: float) -> None:
+        state = self.state
+        if not state.attached or self.fin:
+            return
+        action = state.next_write(now)
+        if action == WRITE_DATA:
+            for chunk in state.replay.since(state.written):
+                self.wire += encode_data(chunk)
+                state.written += len(chunk)
+        elif action == WRITE_ACK:
+            self.wire += encode_ack(state.acks.sent())
+        elif action == WRITE_END:
+            self.wire += encode_end()
+            state.end_written = True
+        elif action == WRITE_FIN:
+            self.fin = True
+
+    def deliver(self, peer: _SimEnd, size: int) -> None:
+        chunk, self.wire[:size] = bytes(self.wire[:size]), b""
+        for event in peer.reader.feed(chunk):
+            if isinstance(event, bytes):
+                peer.state.on_data(len(event))
+                peer.inbox.append(event)
+            elif event.kind == ACK:
+                peer.state.on_ack(event.value)
+            elif event.kind == END:
+                peer.state.on_end()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_two_ends_through_random_cuts_deliver_every_byte_once(seed):
+    rng = random.Random(seed)
+    buffer = rng.choice((700, 2000, 10_000))
+    a = _SimEnd(rng.randbytes(rng.randint(0, 30_000)), buffer)
+    b = _SimEnd(rng.randbytes(rng.randint(0, 30_000)), buffer)
+    a.state.attach(0)
+    b.state.attach(0)
+    now, cuts = 0.0, 0
+    for _ in range(100_000):
+        if a.state.finished_cleanly() and b.state.finished_cleanly():
+            break
+        now += 0.01
+        end, peer = (a, b) if rng.random() < 0.5 else (b, a)
+        step = rng.random()
+        if step < 0.25:
+            end.app_send(rng)
+        elif step < 0.5:
+            end.app_take(now)
+        elif step < 0.75:
+            end.write(now)
+        elif step < 0.995:
+            end.deliver(peer, rng.randint(1, 3000))
+        else:  # the stream is lost with whatever was in flight
+            cuts += 1
+            for one in (a, b):
+                one.state.lost(now)
+                one.wire.clear()
+                one.reader = FrameReader()
+                one.fin = False
+            a_received, b_received = a.state.received, b.state.received  # the headers
+            assert a.state.attach(b_received) == a.state.sent - b_received
+            assert b.state.attach(a_received) == b.state.sent - a_received
+        for one in (a, b):  # the window bounds what is held, whatever happens
+            assert one.state.replay.held <= buffer + 700
+    assert a.state.finished_cleanly() and b.state.finished_cleanly(), (seed, cuts)
+    assert bytes(b.got) == a.data and bytes(a.got) == b.data

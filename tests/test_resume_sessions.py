@@ -436,10 +436,15 @@ def test_agent_killed_cannot_resume_and_the_engineer_sees_a_cut_after_the_hold(r
 
 
 @pytest.mark.resumable
-def test_a_lock_during_the_outage_stops_the_resume_at_both_ends(resumable_fleet):
-    """The proxy is down; meanwhile the device is locked. When the proxy is back, the agent is
-    refused (locked) and ends its held session with that reason; the engineer's resume is
-    refused with the lock's reason, printed in one line, and the local connection is reset."""
+@pytest.mark.parametrize("lock,stage", [
+    (["lock", "robot-1"], "resume"),
+    (["user", "lock", "ops"], "connect"),
+], ids=["device-lock", "user-lock"])
+def test_a_lock_during_the_outage_stops_the_resume_at_both_ends(resumable_fleet, lock, stage):
+    """The proxy is down; meanwhile the device (or the engineer) is locked. When the proxy is
+    back, the agent learns it — refused as locked, or told by the proxy's answer to its list of
+    held sessions — and ends its held session with the lock's reason; the engineer's resume is
+    refused with that reason, printed in one line, and the local connection is reset."""
     from enroll.cli import main as enroll_main
 
     fleet, ops = resumable_fleet["fleet"], resumable_fleet["ops"]
@@ -449,17 +454,30 @@ def test_a_lock_during_the_outage_stops_the_resume_at_both_ends(resumable_fleet)
         wait_until(lambda: transfer.echoed > 1024 * 1024, 30, what="the transfer under way")
         resumable_fleet["proxy"].send_signal(signal.SIGTERM)
         resumable_fleet["proxy"].wait(10)
-        assert enroll_main(["--state", str(fleet.state.root), "lock", "robot-1",
-                            "--message", "stolen from the depot"]) == 0
+        assert enroll_main(["--state", str(fleet.state.root), *lock, "--message", "stolen from the depot"]) == 0
         _start_proxy(fleet)
         got, _, how = transfer.wait(90)
         assert how == "reset", (got, how)
     finally:
         err = _stop(fwd)
     assert "could not resume" in err and "stolen from the depot" in err, err
-    agent_log = (resumable_fleet["config"].parent / "agent.log").read_text()
-    ended = [json.loads(line) for line in agent_log.splitlines()
-             if '"session ended"' in line]
-    assert ended and "stolen from the depot" in ended[-1]["reason"], agent_log[-3000:]
-    denied = [e for e in fleet.audit() if e["type"] == "access.denied" and e["fields"].get("stage") == "resume"]
-    assert denied and denied[-1]["fields"]["code"] == "locked", denied
+    agent_log = resumable_fleet["config"].parent / "agent.log"
+
+    def agent_ended() -> list[dict]:
+        return [json.loads(line) for line in agent_log.read_text().splitlines() if '"session ended"' in line]
+
+    wait_until(agent_ended, 30, 0.2, what="the agent's line for the held session")
+    assert "stolen from the depot" in agent_ended()[-1]["reason"], agent_ended()
+    # audited: the resume dial refused (device lock), or the engineer's connection (user lock)
+    denied = [e for e in fleet.audit() if e["type"] == "access.denied" and e["fields"].get("code") == "locked"
+              and "stolen from the depot" in e["reason"]]
+    assert denied and denied[-1]["fields"].get("stage") == stage, denied
+
+
+def test_offset_refusal_bounds():
+    from tunnel.agent_sessions import offset_refusal
+
+    counters = {"acked": 100, "sent": 500}
+    assert offset_refusal(counters, 100) is None and offset_refusal(counters, 500) is None
+    assert offset_refusal(counters, 99).code == "resume_offset"  # already dropped: lost bytes
+    assert offset_refusal(counters, 501).code == "resume_offset"  # never sent

@@ -81,10 +81,12 @@ def cmd_proxy(args) -> int:
     from tunnel import metrics
 
     metrics_at = metrics.parse_listen(args.metrics_listen) if args.metrics_listen else None
+    resume_hold = _hold_seconds(args.resume_hold, "--resume-hold")
 
     async def serve():
         proxy = Proxy(state, anonymous_rate=args.anonymous_rate)
         proxy.anchor_dir, proxy.anchor_every = anchor_dir, anchor_every
+        proxy.resume_hold = resume_hold
         # metrics first: a port in use fails before the proxy listens (/healthz: 503 until it does)
         scrape = await metrics.serve(proxy.metrics, *metrics_at) if metrics_at else None
         try:
@@ -99,6 +101,18 @@ def cmd_proxy(args) -> int:
 
     _run(serve())
     return EXIT_OK
+
+
+def _hold_seconds(text: str, flag: str) -> float:
+    """A hold time: ``0`` (off), seconds, or a duration (``90s``, ``10m``)."""
+    text = text.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = parse_duration(text).total_seconds()
+    if not 0 <= seconds < float("inf"):
+        raise Refused(f"{flag} {text!r}: give seconds or a duration such as 10m (0 turns resuming off)")
+    return seconds
 
 
 def cmd_agent(args) -> int:
@@ -441,6 +455,9 @@ TUNNEL = Program("tunnel", __doc__, epilog=EPILOG, commands=(
         opt("--metrics-listen", metavar="[HOST:]PORT",
             help="serve Prometheus /metrics and /healthz over HTTP, unauthenticated (default: "
                  "off); a bare PORT binds 127.0.0.1, anything wider must be named (0.0.0.0:9100)"),
+        opt("--resume-hold", default="10m", metavar="DURATION",
+            help="the longest a session's tunnel may be away and still resume (an engineer's "
+                 "or agent's own hold may be shorter); 0 turns resuming off (default: 10m)"),
         *LOGGING,
     )),
     Command("agent", "run the agent on a device (dials out; listens on nothing)", cmd_agent, (

@@ -257,6 +257,8 @@ async def anonymous_request(
 #: restarting or its audit log is busy; anything else ends the session
 RESUME_RETRY = frozenset({"device_offline", "device_unreachable", "shutdown", "audit_unavailable",
                           "over_limit"})
+#: failures to connect worth retrying (anything else is the proxy refusing this identity)
+CONNECT_RETRY = frozenset({"unreachable", "error", "shutdown"})
 #: reconnect backoff: from RESUME_FIRST_DELAY doubling to RESUME_MAX_DELAY, full jitter above half
 RESUME_FIRST_DELAY, RESUME_MAX_DELAY = 0.05, 2.0
 #: how long one reconnect attempt may take (a proxy that is down answers at once on TCP)
@@ -433,7 +435,12 @@ class ResumableSession:
                     with contextlib.suppress(TransportError):
                         stream.reset(1)
                 return SessionCut(f"session {self.id} to {self.device} ended: {exc}")
-            except (ClientError, TransportError, OSError, TimeoutError):
+            except ClientError as exc:
+                # the proxy refused this identity (locked, revoked, expired), at the connect or
+                # by closing the connection: final; anything else (no proxy yet) is retried
+                if exc.code not in CONNECT_RETRY:
+                    return ClientError(f"session {self.id} to {self.device} could not resume: {exc}", exc.code)
+            except (TransportError, OSError, TimeoutError):
                 pass  # no proxy yet, or the new stream failed: try again
             else:
                 self.resumes += 1

@@ -9,10 +9,18 @@ replays exactly the bytes the peer lacks. After the hold time without a stream, 
 caller gives up (``give_up()``: a resume refused), ``recv()``/``send()`` raise ``SessionCut`` so
 splice resets the local side: a cut never looks like a clean end.
 
-Per attached stream two tasks run: a reader (frames in: DATA to the inbox, ACK trims the replay
+The decisions are :class:`tunnel.resume.EndState`'s (pure); this class does the I/O and the
+waiting. Per attached stream two tasks run: a reader (frames in: DATA to the inbox, ACK trims the replay
 buffer, END/ABORT) and the one writer (DATA from the replay buffer, ACK, END, ABORT; one writer
-so frames never interleave, and so a reader never waits on a write: both ends' readers always
-drain their streams, so a blocked writer is only ever waiting for its peer's reader).
+so frames never interleave, and so a reader never waits on a write). An ACK counts what the
+application took, so the inbox never holds more than the peer's window: the reader keeps
+reading (ACKs included) while the local side is slow, and a blocked writer only ever waits for
+the peer's reader. Memory per session: the replay buffer (the window) plus the inbox (the
+peer's window); a peer past its window (a larger one configured, or a broken peer) makes the
+reader stop, and the stream's own flow control holds it.
+
+``send()`` returns once its bytes are in the replay buffer (the writer sends them): it blocks
+only on a full window, so backpressure on the local socket is the window, attached or not.
 """
 
 from __future__ import annotations
@@ -27,16 +35,18 @@ from collections.abc import Callable
 from tunnel.resume import (
     ABORT,
     ACK,
-    ACK_BYTES,
     DEFAULT_BUFFER,
     DEFAULT_HOLD,
     END,
     MAX_FRAME,
-    AckPolicy,
-    Frame,
+    WRITE_ABORT,
+    WRITE_ACK,
+    WRITE_DATA,
+    WRITE_END,
+    WRITE_FIN,
+    WRITE_STOP,
+    EndState,
     FrameReader,
-    Hold,
-    ReplayBuffer,
     ResumeError,
     SessionCut,
     encode_abort,
@@ -86,40 +96,20 @@ class ResumableEnds(Ends):
         self._clock = clock
         self._log = log or logging.getLogger("tunnel.resumable")
         self._loop = asyncio.get_running_loop()
-        self._buffer = ReplayBuffer(buffer)
-        # a quarter of the window at most between acks, so a small window never waits for the
-        # ack timer (the peer's window is not known: the same size as ours is assumed)
-        self._acks = AckPolicy(every=min(ACK_BYTES, max(1, buffer // 4)))
-        self._hold = Hold(hold)
-        # receiving: what came in and the application has not taken yet
+        self._state = EndState(buffer, hold)
+        # what came in and the application has not taken yet
         self._inbox: deque[bytes] = deque()
         self._inbox_bytes = 0
-        self._inbox_limit = buffer
-        self._received = 0
-        self._peer_end = False  # END arrived
-        self._peer_end_taken = False  # recv() returned b"" for it
-        self._peer_abort: str | None = None
-        # sending
-        self._eof = False  # eof() called: END goes after the last byte
-        self._end_acked = False
-        self._abort: str | None = None  # abort() called: ABORT goes to the next stream
-        self._abort_sent = False
-        # the stream attached now
+        # the stream attached now, and its reader and writer tasks
         self._stream: Stream | None = None
-        self._written = 0  # offset written to the current stream
         self._tasks: list[asyncio.Task[None]] = []
         self._loss_reason = "not attached yet"
-        self._cut: SessionCut | None = None
-        self._closed = False
-        # finished cleanly AND the peer is known to have all it needs (its FIN came), or the
-        # stream was lost after this end finished (delivering the last ACK is then best effort)
-        self._settled = False
-        # wake-ups: a change any waiter may care about (one task waits on each)
+        # wake-ups: one task waits on each but _change (lost() and finished())
         self._recv_wake = asyncio.Event()
         self._send_wake = asyncio.Event()
         self._write_wake = asyncio.Event()
         self._read_wake = asyncio.Event()
-        self._change = asyncio.Event()  # attach/loss/finish/cut: lost() and finished() wait on it
+        self._change = asyncio.Event()
         self._ack_timer: asyncio.TimerHandle | None = None
         self._hold_timer: asyncio.TimerHandle | None = None
 
@@ -128,17 +118,17 @@ class ResumableEnds(Ends):
     @property
     def received(self) -> int:
         """Application bytes this end has received (delivered or waiting in its inbox)."""
-        return self._received
+        return self._state.received
 
     @property
     def sent(self) -> int:
         """Application bytes this end has sent (written, or buffered to be written)."""
-        return self._buffer.end
+        return self._state.sent
 
     @property
     def held_for(self) -> float | None:
         """Seconds since the stream was lost; None while attached (and before the first attach)."""
-        return self._hold.held_for(self._clock())
+        return self._state.hold.held_for(self._clock())
 
     @property
     def attached(self) -> bool:
@@ -147,46 +137,40 @@ class ResumableEnds(Ends):
     @property
     def done(self) -> bool:
         """The session is over here: ended cleanly both ways, aborted, or cut."""
-        return self._finished_cleanly() or self._cut is not None or self._abort is not None \
-            or self._peer_abort is not None
+        return self._state.over()
 
     @property
     def counters(self) -> dict[str, int]:
         """Numbers for status, tests and the memory bound: bytes held and queued."""
-        return {"sent": self.sent, "received": self._received, "acked": self._buffer.start,
-                "held": self._buffer.held, "inbox": self._inbox_bytes, "written": self._written}
+        state = self._state
+        return {"sent": state.sent, "received": state.received, "acked": state.replay.start,
+                "held": state.replay.held, "inbox": self._inbox_bytes, "written": state.written}
 
     # -- the seam with the dialing code
 
     def check_offset(self, peer_received: int) -> None:
         """Raise ``ResumeError("resume_offset")`` unless a replay can start at ``peer_received``
-        (the buffer's start .. the bytes sent); changes nothing. For the agent's reply, which
-        must refuse before ``attach()``."""
-        if self._cut is not None:
-            raise ResumeError("resume_expired", f"the session is over: {self._cut.reason}")
-        self._buffer.check(peer_received)
+        (the buffer's start .. the bytes sent), ``ResumeError("resume_expired")`` if the session
+        was given up; changes nothing. For the agent's reply, which must refuse before
+        ``attach()``."""
+        self._state.check_attach(peer_received)
 
     async def attach(self, stream: Stream, first: bytes, peer_received: int) -> int:
         """Carry the session over ``stream`` from now on; returns the bytes replayed.
 
         ``first`` is what was read of the stream after its header; ``peer_received`` the
         other end's ``received``. An offset outside the replay buffer raises
-        ``ResumeError("resume_offset")`` and changes nothing (the current stream, if any, stays).
-        A stream still attached is dropped (reset) for the new one.
+        ``ResumeError("resume_offset")`` and changes nothing (the current stream, if any, stays);
+        a session given up raises its ``SessionCut``. A stream still attached is dropped (reset)
+        for the new one.
         """
-        if self._cut is not None:
-            raise self._cut
-        if self._closed:
-            raise SessionCut("the session is closed")
-        self._buffer.check(peer_received)
-        if peer_received > self._buffer.start:
-            self._buffer.ack(peer_received)  # the peer has them (inbox or taken): never again
+        state = self._state
+        if state.cut is not None:
+            raise SessionCut(state.cut)
+        state.replay.check(peer_received)
         self._drop_stream()
+        replayed = state.attach(peer_received)
         self._stream = stream
-        self._written = peer_received
-        self._abort_sent = False
-        self._acks.again()
-        self._hold.attached()
         if self._hold_timer is not None:
             self._hold_timer.cancel()
             self._hold_timer = None
@@ -195,7 +179,7 @@ class ResumableEnds(Ends):
             self._loop.create_task(self._write_loop(stream), name=f"resume-write {self.session}"),
         ]
         self._wake_all()
-        return self._buffer.end - peer_received
+        return replayed
 
     async def lost(self) -> str:
         """Return, with the reason, once no stream is attached and the session needs one (at
@@ -204,7 +188,7 @@ class ResumableEnds(Ends):
         Never returns for a session that needs no stream any more (finished, cut, aborted by
         the other end, or aborted here with the ABORT written): the caller cancels its wait then.
         """
-        while self._stream is not None or not self._needs_stream():
+        while self._stream is not None or not self._state.needs_stream():
             self._change.clear()
             await self._change.wait()
         return self._loss_reason
@@ -217,8 +201,8 @@ class ResumableEnds(Ends):
         Raises ``SessionCut`` if the session is cut meanwhile, ``PeerAborted`` if the other end
         aborted. Losses before that are waited out like any other (the caller re-attaches).
         """
-        while not self._settled:
-            if not self._finished_cleanly():
+        while not self._state.settled:
+            if not self._state.finished_cleanly():
                 self._raise_if_over()
             self._change.clear()
             await self._change.wait()
@@ -233,25 +217,24 @@ class ResumableEnds(Ends):
 
     def give_up(self, reason: str) -> None:
         """End the session as cut: ``recv()``/``send()`` raise ``SessionCut(reason)`` from now on."""
-        if self._cut is not None or self._finished_cleanly():
+        if not self._state.give_up(reason):
             return
-        self._cut = SessionCut(reason)
         self._log.info("session %s cut: %s", self.session, reason)
         self._drop_stream()
         self._wake_all()
 
     async def close(self) -> None:
         """Stop everything; a last END/ABORT still being written gets CLOSE_GRACE seconds."""
-        if self._closed:
+        state = self._state
+        if state.closed:
             return
         writer = self._tasks[1] if len(self._tasks) == 2 else None
-        if writer is not None and not writer.done() and (self._abort is not None or self._eof):
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(writer), CLOSE_GRACE)
-        self._closed = True
-        self._settled = self._settled or self._finished_cleanly()
-        if not self.done:
+        if writer is not None and not writer.done() and (state.abort is not None or state.eof):
+            await asyncio.wait({writer}, timeout=CLOSE_GRACE)  # neither cancels nor raises
+        if not state.over():
             self.give_up("the session was closed")
+        state.closed = True
+        state.settled = state.settled or state.finished_cleanly()
         for timer in (self._ack_timer, self._hold_timer):
             if timer is not None:
                 timer.cancel()
@@ -259,7 +242,7 @@ class ResumableEnds(Ends):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._stream is not None and not self._finished_cleanly():
+        if self._stream is not None and not state.finished_cleanly():
             with contextlib.suppress(TransportError, ValueError):
                 self._stream.reset(RESET_DROPPED)
         self._stream = None
@@ -268,32 +251,30 @@ class ResumableEnds(Ends):
     # -- tunnel.splice.Ends
 
     async def recv(self) -> bytes:
+        state = self._state
         while True:
             if self._inbox:
                 data = self._inbox.popleft()
                 self._inbox_bytes -= len(data)
                 self._read_wake.set()
-                if self._acks.took(len(data), self._clock()):
+                if state.took(len(data), self._clock()):
                     self._write_wake.set()
                 elif self._ack_timer is None:
                     self._arm_ack_timer()
                 return data
-            if self._peer_abort is not None:
-                raise PeerAborted(self._peer_abort)
-            if self._cut is not None:
-                raise self._cut
-            if self._peer_end:
-                if not self._peer_end_taken:
-                    self._peer_end_taken = True
-                    self._acks.took_end()
+            self._raise_if_over(own_abort=False)
+            if state.peer_end:
+                if not state.peer_end_taken:
+                    state.took_end()
                     self._write_wake.set()
-                    self._changed()
+                    self._change.set()
                 return b""
             self._recv_wake.clear()
             await self._recv_wake.wait()
 
     async def send(self, data: bytes) -> None:
-        if self._eof:
+        state = self._state
+        if state.eof:
             raise TransportError(0, "send after eof()", remote=False, kind="internal")
         view = memoryview(data)
         while view:
@@ -301,55 +282,48 @@ class ResumableEnds(Ends):
             view = view[MAX_FRAME:]
             while True:
                 self._raise_if_over()
-                if self._buffer.room(len(piece)):
+                if state.replay.room(len(piece)):
                     break
                 self._send_wake.clear()
                 await self._send_wake.wait()
             # the buffer keeps what it is given: only an immutable bytes object is kept as is
             whole = type(data) is bytes and len(piece) == len(data)
-            self._buffer.append(data if whole else bytes(piece))
+            state.replay.append(data if whole else bytes(piece))
             self._write_wake.set()
 
     def eof(self) -> None:
         """This direction ended cleanly: END goes after the bytes sent (on every stream until
         acknowledged)."""
-        if not self._eof:
-            self._eof = True
+        if not self._state.eof:
+            self._state.eof = True
             self._write_wake.set()
 
-    def abort(self) -> None:
-        """Our local side broke: ABORT goes to the peer now, or on the next attach."""
-        if self._abort is None and not self.done:
-            self._abort = "the other end's local connection was cut"
-            self._write_wake.set()
+    def abort(self, reason: str = "its local connection was cut") -> None:
+        """Our local side broke: ABORT(reason) goes to the peer now, or on the next attach.
+
+        It goes before data still queued (as a raw stream's reset discarded it): the peer's
+        ``recv()`` raises ``PeerAborted``. ``splice`` calls it without a reason."""
+        if not self._state.over():
+            self._state.abort = reason
             self._wake_all()
 
     # -- inside
 
-    def _finished_cleanly(self) -> bool:
-        return self._end_acked and self._peer_end_taken
-
-    def _needs_stream(self) -> bool:
-        return (self._cut is None and self._peer_abort is None and not self._closed
-                and not self._finished_cleanly() and (self._abort is None or not self._abort_sent))
-
-    def _raise_if_over(self) -> None:
-        if self._peer_abort is not None:
-            raise PeerAborted(self._peer_abort)
-        if self._cut is not None:
-            raise self._cut
-        if self._abort is not None:
+    def _raise_if_over(self, own_abort: bool = True) -> None:
+        state = self._state
+        if state.peer_abort is not None:
+            raise PeerAborted(state.peer_abort)
+        if state.cut is not None:
+            raise SessionCut(state.cut)
+        if own_abort and state.abort is not None:
             raise TransportError(0, "the session was aborted here", remote=False, kind="reset")
-
-    def _changed(self) -> None:
-        self._change.set()
 
     def _wake_all(self) -> None:
         for event in (self._recv_wake, self._send_wake, self._write_wake, self._read_wake, self._change):
             event.set()
 
     def _arm_ack_timer(self) -> None:
-        deadline = self._acks.deadline()
+        deadline = self._state.acks.deadline()
         if deadline is None:
             return
 
@@ -362,6 +336,7 @@ class ResumableEnds(Ends):
     def _drop_stream(self) -> None:
         """Forget the current stream (reset it) and stop its tasks; no loss is reported."""
         stream, self._stream = self._stream, None
+        self._state.attached = False
         tasks, self._tasks = self._tasks, []
         current = asyncio.current_task()
         for task in tasks:
@@ -375,29 +350,25 @@ class ResumableEnds(Ends):
         """``stream`` ended or broke without END/ABORT: hold the session and tell ``lost()``."""
         if stream is not self._stream:
             return  # an old stream's task finishing late
-        if not self._needs_stream():
-            self._drop_stream()
-            self._settled = self._settled or self._finished_cleanly()
-            self._wake_all()
-            return
-        self._loss_reason = reason
-        self._log.info("session %s: stream lost (%s); holding it", self.session, reason)
         self._drop_stream()
         now = self._clock()
-        self._hold.lost(now)
-        expires = self._hold.expires_at()
-        assert expires is not None
-        if self._hold_timer is not None:
-            self._hold_timer.cancel()
-        self._hold_timer = self._loop.call_later(max(0.0, expires - now), self._hold_ran_out)
+        if self._state.lost(now):
+            self._loss_reason = reason
+            self._log.info("session %s: stream lost (%s); holding it", self.session, reason)
+            expires = self._state.hold.expires_at()
+            assert expires is not None
+            if self._hold_timer is not None:
+                self._hold_timer.cancel()
+            self._hold_timer = self._loop.call_later(max(0.0, expires - now), self._hold_ran_out)
         self._wake_all()
 
     def _hold_ran_out(self) -> None:
         self._hold_timer = None
-        if self._stream is None and self._hold.state(self._clock()) != "attached":
-            self.give_up(hold_expired_reason(self._hold.hold))
+        if self._state.hold_ran_out(self._clock()):
+            self.give_up(hold_expired_reason(self._state.hold.hold))
 
     async def _read_loop(self, stream: Stream, first: bytes) -> None:
+        state = self._state
         reader = FrameReader()
         data = first
         try:
@@ -405,19 +376,34 @@ class ResumableEnds(Ends):
                 if data:
                     for event in reader.feed(data):
                         if isinstance(event, bytes):
-                            self._on_data(event)
-                        else:
-                            self._on_frame(event)
-                    if self._peer_abort is not None:
-                        return
-                while self._inbox_bytes >= self._inbox_limit:  # a peer beyond its window
+                            state.on_data(len(event))
+                            self._inbox.append(event)
+                            self._inbox_bytes += len(event)
+                            self._recv_wake.set()
+                        elif event.kind == ACK:
+                            assert isinstance(event.value, int)
+                            state.on_ack(event.value)
+                            self._send_wake.set()
+                            if state.end_acked:
+                                self._write_wake.set()
+                                self._change.set()
+                        elif event.kind == END:
+                            state.on_end()
+                            self._recv_wake.set()
+                        elif event.kind == ABORT:
+                            assert isinstance(event.value, str)
+                            state.on_abort(event.value)
+                            self._log.info("session %s: the other end aborted: %s", self.session,
+                                           state.peer_abort)
+                            self._wake_all()
+                            return
+                while self._inbox_bytes > state.inbox_limit:  # a peer beyond its window
                     self._read_wake.clear()
                     await self._read_wake.wait()
                 data = await stream.read(READ_SIZE)
                 if not data:
-                    if self._finished_cleanly() and reader.idle:
-                        self._settled = True
-                        self._changed()
+                    if state.on_fin(reader.idle):
+                        self._change.set()
                         return
                     self._stream_lost(stream, "the stream ended without END")
                     return
@@ -426,66 +412,37 @@ class ResumableEnds(Ends):
         except (TransportError, OSError) as exc:
             self._stream_lost(stream, describe(exc))
 
-    def _on_data(self, data: bytes) -> None:
-        if self._peer_end:
-            raise ResumeError("resume_frame", "DATA after END")
-        self._inbox.append(data)
-        self._inbox_bytes += len(data)
-        self._received += len(data)
-        self._recv_wake.set()
-
-    def _on_frame(self, frame: Frame) -> None:
-        if frame.kind == ACK:
-            assert isinstance(frame.value, int)
-            count = frame.value
-            if self._eof and count == self._buffer.end + 1:
-                self._end_acked = True
-                count -= 1
-            self._buffer.ack(count)
-            self._send_wake.set()
-            if self._end_acked:
-                self._write_wake.set()
-                self._changed()
-        elif frame.kind == END:
-            self._peer_end = True  # a repeated END (replayed after a loss) changes nothing
-            self._recv_wake.set()
-        elif frame.kind == ABORT:
-            assert isinstance(frame.value, str)
-            self._peer_abort = frame.value or "no reason given"
-            self._log.info("session %s: the other end aborted: %s", self.session, self._peer_abort)
-            self._wake_all()
-
     async def _write_loop(self, stream: Stream) -> None:
-        end_written = False
+        state = self._state
         try:
             while True:
-                if self._abort is not None:
-                    if not self._abort_sent:
-                        await stream.write(encode_abort(self._abort))
-                        self._abort_sent = True
-                        stream.write_eof()
-                    return
-                if self._peer_abort is not None or self._cut is not None:
-                    return
-                if self._acks.due(self._clock()):
-                    await stream.write(encode_ack(self._acks.sent()))
-                    continue
-                if self._written < self._buffer.end:
-                    for chunk in self._buffer.since(self._written):
+                action = state.next_write(self._clock())
+                if action == WRITE_DATA:
+                    for chunk in state.replay.since(state.written):
                         await stream.write(encode_data(chunk))
-                        self._written += len(chunk)
-                    continue
-                if self._eof and not end_written and not self._end_acked:
+                        state.written += len(chunk)
+                elif action == WRITE_ACK:
+                    await stream.write(encode_ack(state.acks.sent()))
+                elif action == WRITE_END:
                     await stream.write(encode_end())
-                    end_written = True
-                    continue
-                if self._finished_cleanly() and self._acks.reported == self._acks.taken:
+                    state.end_written = True
+                elif action == WRITE_ABORT:
+                    assert state.abort is not None
+                    await stream.write(encode_abort(state.abort))
+                    state.abort_written = True
                     stream.write_eof()
-                    self._changed()
+                    self._change.set()
                     return
-                if self._acks.deadline() is not None and self._ack_timer is None:
-                    self._arm_ack_timer()
-                self._write_wake.clear()
-                await self._write_wake.wait()
+                elif action == WRITE_FIN:
+                    stream.write_eof()
+                    self._change.set()
+                    return
+                elif action == WRITE_STOP:
+                    return
+                else:
+                    if state.acks.deadline() is not None and self._ack_timer is None:
+                        self._arm_ack_timer()
+                    self._write_wake.clear()
+                    await self._write_wake.wait()
         except (TransportError, OSError) as exc:
             self._stream_lost(stream, describe(exc))

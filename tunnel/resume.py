@@ -426,3 +426,169 @@ def describe_hold(seconds: float) -> str:
 
 def hold_expired_reason(hold: float) -> str:
     return f"the tunnel was away for {describe_hold(hold)} (hold time)"
+
+
+# -- one end ------------------------------------------------------------------------------------
+
+#: what an end's writer does next (:meth:`EndState.next_write`); None: wait for a change
+WRITE_ABORT = "abort"  # ABORT(reason), then FIN, then stop
+WRITE_ACK = "ack"  # ACK(acks.sent())
+WRITE_DATA = "data"  # DATA frames of replay.since(written), one per chunk
+WRITE_END = "end"  # END after the last byte
+WRITE_FIN = "fin"  # both ways ended cleanly and all said: FIN, then stop
+WRITE_STOP = "stop"  # nothing more goes on this stream (aborted, or cut)
+
+
+class EndState:
+    """Everything one end of a resumable session decides, without I/O or a clock of its own.
+
+    Counters: ``sent`` (= ``replay.end``), ``received``, the peer's acknowledgement
+    (``replay.start``), what went to the current stream (``written``). Flags of the two
+    directions: our ``eof``/``end_acked``/``abort``, the peer's ``peer_end``/``peer_end_taken``
+    /``peer_abort``; ``cut`` (why the session was given up). The adapter
+    (``tunnel/resumable.py``) feeds it frames and calls, and does what :meth:`next_write` says.
+    """
+
+    def __init__(self, buffer: int = DEFAULT_BUFFER, hold: float = DEFAULT_HOLD) -> None:
+        self.replay = ReplayBuffer(buffer)
+        # a quarter of the window at most between acks, so a small window never waits for the
+        # ack timer (the peer's window is not known: the same size as ours is assumed)
+        self.acks = AckPolicy(every=min(ACK_BYTES, max(1, buffer // 4)))
+        self.hold = Hold(hold)
+        # a peer within its window (the same size as ours) never fills this, so the reader
+        # never stops and its ACKs always get through; past it (a peer with a larger window,
+        # or a broken one) the reader stops and the stream's flow control holds the peer
+        self.inbox_limit = buffer + MAX_FRAME
+        self.received = 0
+        self.peer_end = False  # END arrived
+        self.peer_end_taken = False  # the application took it (recv() returned b"")
+        self.peer_abort: str | None = None
+        self.eof = False  # END goes after the last byte
+        self.end_acked = False
+        self.abort: str | None = None  # ABORT goes to the next stream
+        self.cut: str | None = None
+        self.closed = False
+        # finished cleanly AND the peer has all it needs (its FIN came), or the stream was lost
+        # after this end finished (the peer's last ACK is then best effort)
+        self.settled = False
+        self.attached = False
+        # of the stream attached now
+        self.written = 0
+        self.end_written = False
+        self.abort_written = False
+
+    @property
+    def sent(self) -> int:
+        return self.replay.end
+
+    def finished_cleanly(self) -> bool:
+        """Our END acknowledged and the peer's END taken: nothing is missing at this end."""
+        return self.end_acked and self.peer_end_taken
+
+    def over(self) -> bool:
+        """The session is over for the application: finished, cut, or aborted by either end."""
+        return (self.finished_cleanly() or self.cut is not None or self.abort is not None
+                or self.peer_abort is not None)
+
+    def needs_stream(self) -> bool:
+        """Would a new stream do anything? Not once finished, cut, closed, aborted by the peer,
+        or aborted here with the ABORT written."""
+        return (self.cut is None and self.peer_abort is None and not self.closed
+                and not self.finished_cleanly() and (self.abort is None or not self.abort_written))
+
+    # -- streams come and go
+
+    def check_attach(self, peer_received: int) -> None:
+        """Raise unless a new stream could start with the peer at ``peer_received``: the session
+        was given up (``resume_expired``), or the offset is outside the buffer (``resume_offset``)."""
+        if self.cut is not None:
+            raise ResumeError("resume_expired", f"the session is over: {self.cut}")
+        self.replay.check(peer_received)
+
+    def attach(self, peer_received: int) -> int:
+        """A new stream, the peer having ``peer_received`` bytes: returns the bytes to replay."""
+        self.check_attach(peer_received)
+        self.replay.ack(peer_received)  # the peer has them (inbox or taken): never again
+        self.attached = True
+        self.written = peer_received
+        self.end_written = self.abort_written = False
+        self.acks.again()
+        self.hold.attached()
+        return self.replay.end - peer_received
+
+    def lost(self, now: float) -> bool:
+        """The stream is gone; True when the session is held (it needs another), False when it
+        needed none any more (and then, if it had finished, it is settled)."""
+        self.attached = False
+        if not self.needs_stream():
+            self.settled = self.settled or self.finished_cleanly()
+            return False
+        self.hold.lost(now)
+        return True
+
+    def hold_ran_out(self, now: float) -> bool:
+        return not self.attached and self.hold.state(now) == EXPIRED
+
+    def give_up(self, reason: str) -> bool:
+        """Cut the session (True), unless it is cut already or finished cleanly (False)."""
+        if self.cut is not None or self.finished_cleanly():
+            return False
+        self.cut = reason
+        return True
+
+    # -- frames in
+
+    def on_data(self, size: int) -> None:
+        if self.peer_end:
+            raise ResumeError("resume_frame", "DATA after END")
+        self.received += size
+
+    def on_ack(self, count: int) -> None:
+        """The peer took ``count`` bytes (one more once it took our END)."""
+        if self.eof and count == self.replay.end + 1:
+            self.end_acked = True
+            count -= 1
+        self.replay.ack(count)
+
+    def on_end(self) -> None:
+        self.peer_end = True  # a repeated END (replayed after a loss) changes nothing
+
+    def on_abort(self, reason: str) -> None:
+        self.peer_abort = reason or "no reason given"
+
+    def on_fin(self, between_frames: bool) -> bool:
+        """The stream ended: True when that was the clean close after the session finished,
+        False when it is a loss (hold and re-attach)."""
+        if self.finished_cleanly() and between_frames:
+            self.settled = True
+            return True
+        return False
+
+    # -- the application
+
+    def took(self, size: int, now: float) -> bool:
+        """The application took ``size`` bytes; True when an ACK is due now."""
+        return self.acks.took(size, now)
+
+    def took_end(self) -> None:
+        if not self.peer_end_taken:
+            self.peer_end_taken = True
+            self.acks.took_end()
+
+    # -- frames out
+
+    def next_write(self, now: float) -> str | None:
+        """What the writer of the attached stream does next (one of WRITE_*), None: wait."""
+        if self.abort is not None:
+            return WRITE_STOP if self.abort_written else WRITE_ABORT
+        if self.peer_abort is not None or self.cut is not None:
+            return WRITE_STOP
+        if self.acks.due(now):
+            return WRITE_ACK
+        if self.written < self.replay.end:
+            return WRITE_DATA
+        if self.eof and not self.end_written and not self.end_acked:
+            return WRITE_END
+        if self.finished_cleanly() and self.acks.reported == self.acks.taken:
+            return WRITE_FIN
+        return None
