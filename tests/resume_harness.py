@@ -606,9 +606,12 @@ def case_tcp_uplink_change(tl: TunnelLab, name: str, keep: dict) -> CaseRun:
     return finish_case(run)
 
 
-def survived(tl: TunnelLab, run: CaseRun) -> str | None:
-    """Why the case did not survive (None: same session, byte-exact, resume audited)."""
+def survived(tl: TunnelLab, run: CaseRun, with_helper: bool = True) -> str | None:
+    """Why the case did not survive (None: same session, byte-exact, resume audited);
+    ``with_helper=False`` leaves a second session through the helper out."""
     for name, session in run.sessions().items():
+        if name != "ssh" and not with_helper:
+            continue
         if not session.alive:
             lines = [line for line in session.stderr_lines if line.strip()]
             return f"{name} session ended: {' / '.join(lines[:2]) or '?'}"
@@ -616,7 +619,7 @@ def survived(tl: TunnelLab, run: CaseRun) -> str | None:
             return f"{name} tick sequence: {session.sequence_problems()[:3]}"
     if run.transfer_end != "eof" or run.transfer.sha256 != run.server.sha256:
         return f"transfer: {run.transfer_end}"
-    missing = [k for k, v in run.resumes(tl).items() if not v]
+    missing = [k for k, v in run.resumes(tl).items() if not v and (with_helper or k in ("ssh", "bulk"))]
     if missing:
         return f"no session.resume audited for {', '.join(missing)}"
     return None

@@ -199,9 +199,13 @@ def resume_rows(tl, rows, quick: bool) -> None:
         value, note, replayed = None, None, None
         try:
             result = fn(tl, f"rs{key}"[:12], keep, *args)
-            note = survived(tl, result)
+            note = survived(tl, result, with_helper=False)
             if note is None:
                 value = round(result.gap, 3)
+            if result.helper_session is not None:  # the outage's second session: generated config
+                why = survived(tl, result)
+                note = "; ".join(filter(None, [note, "ssh via the generated ssh config: " +
+                                               ("survived" if why is None else why)]))
             replayed = result.replayed(tl)
             extra = {k: v for k, v in result.notes.items() if isinstance(v, int | float)}
             if extra:
