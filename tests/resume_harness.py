@@ -144,6 +144,8 @@ def helper_ssh_argv(tl: TunnelLab, name: str, *command: str) -> list[str]:
     index = next(i for i, a in enumerate(argv) if a.startswith("ProxyCommand="))
     argv[index] = (f"ProxyCommand={helper_client_command()} dial %h %p --login %r "
                    f"--identity {tl.engineer}")
+    # the generated config sets no LogLevel: ssh says why it gave up ("Timeout, server …")
+    argv = [a.replace("LogLevel=ERROR", "LogLevel=INFO") for a in argv]
     return [argv[0], *generated_keepalive_options(tl), *argv[1:]]
 
 
@@ -485,7 +487,10 @@ def finish_case(run: CaseRun, transfer_timeout: float = 120.0) -> CaseRun:
     if not run.session.alive and run.session.arrivals:  # a dead session's gap runs until now
         run.gap = max(run.gap, time.monotonic() - run.session.arrivals[-1])
     if run.helper_session is not None:
-        run.notes["helper_gap"] = run.helper_session.max_gap(run.started - 0.2)
+        helper = run.helper_session
+        run.notes["helper_gap"] = helper.max_gap(run.started - 0.2)
+        if not helper.alive and helper.arrivals:  # as above: a dead session's gap runs until now
+            run.notes["helper_gap"] = max(run.notes["helper_gap"], time.monotonic() - helper.arrivals[-1])
     run.transfer_gap = run.transfer.max_gap(run.started - 0.2, run.transfer.arrivals[-1][0]
                                             if run.transfer.arrivals else None)
     return run
