@@ -1,7 +1,10 @@
 """ResumableEnds over real loopback transport streams (QUIC and TLS/TCP, in-process, no root):
 byte-exact transfers through cuts at random points (a stream reset by either side, the whole
 connection closed), END as the only clean end, ABORT, the hold time, the window as a memory
-bound, and a resume at a wrong offset that changes nothing."""
+bound, and a resume at a wrong offset that changes nothing. Then the same ends over an in-memory
+stream pair (a stale count in a header, a peer breaking the framing or its window), which also
+measures the framing's own CPU cost: ``python tests/test_resumable_ends.py [MB]`` (no test
+asserts a timing)."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from tunnel.resume import (
     ResumeError,
     SessionCut,
     encode_data,
+    encode_from,
     new_secret,
     secret_digest,
     secret_matches,
@@ -405,7 +409,7 @@ def test_a_small_transfer_is_acknowledged_by_the_timer(pki, transport):
             await link.attach_both(a, b)
             await a.send(b"ten bytes!")
             assert await b.recv() == b"ten bytes!"
-            for _ in range(200):
+            for _ in range(1000):  # the 0.2 s ack timer; a loaded machine may take longer
                 if a.counters["acked"] == 10:
                     break
                 await asyncio.sleep(0.02)
@@ -630,7 +634,9 @@ def test_over_an_in_memory_pair_too_with_a_cut():
 @pytest.mark.parametrize("garbage, what", [
     (b"SSH-2.0-OpenSSH_9.6\r\n", "unknown frame type"),  # a raw stream where frames were agreed
     (bytes([2, 0, 0, 0, 8]) + (10**9).to_bytes(8, "big"), "acknowledgement of 1000000000 bytes"),
-    (bytes([3, 0, 0, 0, 0, 1, 0, 0, 0, 1]) + b"x", "DATA after END"),
+    (bytes([5, 0, 0, 0, 8]) + bytes(8) + bytes([3, 0, 0, 0, 0, 1, 0, 0, 0, 1]) + b"x", "DATA after END"),
+    (bytes([1, 0, 0, 0, 1]) + b"x", "DATA before FROM"),
+    (bytes([5, 0, 0, 0, 8]) + (7).to_bytes(8, "big"), "resumes at byte 7, this end has 0"),
 ])
 def test_a_peer_breaking_the_framing_cuts_the_session(garbage, what):
     async def main():
@@ -647,6 +653,37 @@ def test_a_peer_breaking_the_framing_cuts_the_session(garbage, what):
             while await sb.read():
                 pass
         await a.close()
+
+    run(main())
+
+
+def test_a_stale_count_in_a_header_still_delivers_every_byte_once():
+    # the race FROM closes: an end tells the peer its count, then its old stream (not yet
+    # noticed as lost) delivers more; the peer replays from the told count
+    async def main():
+        a, b = ResumableEnds("m"), ResumableEnds("m")
+        sa, sb = memory_pair(limit=64 * 1024)  # a small window: delivery goes in steps
+        await a.attach(sa, b"", 0)
+        await b.attach(sb, b"", 0)
+        data = random.Random(12).randbytes(1_500_000)
+        for at in range(0, 1_000_000, 50_000):
+            await a.send(data[at:at + 50_000])
+        while b.received == 0:
+            await asyncio.sleep(0)
+        told = b.received  # the header b's side sends now
+        while b.received == told:  # b's old stream goes on delivering
+            await asyncio.sleep(0)
+        assert told < b.received < 1_000_000
+        sa2, sb2 = memory_pair()
+        await a.attach(sa2, b"", told)  # a replays from what b said
+        await b.attach(sb2, b"", a.received)  # (b drops the old stream here)
+        await a.send(data[1_000_000:])
+        a.eof()
+        assert await recv_all(b) == data
+        b.eof()
+        assert await recv_all(a) == b""
+        await asyncio.wait_for(asyncio.gather(a.finished(), b.finished()), 10)
+        await asyncio.gather(a.close(), b.close())
 
     run(main())
 
@@ -678,6 +715,7 @@ def test_a_peer_beyond_its_window_is_not_read_past_ours():
         sa, sb = memory_pair(limit=64 * 1024)
         await a.attach(sa, b"", 0)
         frame = encode_data(bytes(60_000))
+        await sb.write(encode_from(0))
         flood = asyncio.create_task(_write_forever(sb, frame))
         for _ in range(50):
             await asyncio.sleep(0.01)

@@ -20,6 +20,7 @@ from tunnel.resume import (
     DATA,
     END,
     EXPIRED,
+    FROM,
     HELD,
     MAX_FRAME,
     MAX_REASON,
@@ -28,6 +29,7 @@ from tunnel.resume import (
     WRITE_DATA,
     WRITE_END,
     WRITE_FIN,
+    WRITE_FROM,
     WRITE_STOP,
     AckPolicy,
     EndState,
@@ -40,7 +42,9 @@ from tunnel.resume import (
     encode_abort,
     encode_ack,
     encode_data,
+    encode_data_frames,
     encode_end,
+    encode_from,
     hold_expired_reason,
     new_secret,
     secret_digest,
@@ -92,6 +96,12 @@ def test_frames_decode_the_same_whatever_the_split():
     splits += [sorted(rng.sample(range(1, len(stream)), rng.randint(1, 40))) for _ in range(200)]
     for cuts in splits:
         assert _decode(stream, cuts) == expected, cuts
+
+
+def test_a_batch_of_data_frames_is_the_frames_one_after_another():
+    chunks = [b"a" * 10, memoryview(b"xbcd")[1:], b"", b"z" * 70_000]
+    assert encode_data_frames(chunks) == b"".join(encode_data(c) for c in chunks)
+    assert _decode(encode_data_frames(chunks), [3, 17, 40]) == [b"a" * 10 + b"bcd" + b"z" * 70_000]
 
 
 def test_data_is_handed_on_before_its_frame_is_complete():
@@ -345,6 +355,9 @@ def test_a_forged_or_other_sessions_secret_does_not_match():
 def test_next_write_in_order_of_priority():
     state = EndState(buffer=1000)
     state.attach(0)
+    assert state.next_write(0.0) == WRITE_FROM  # every stream starts with the offset
+    state.from_written = True
+    state.on_from(0)
     assert state.next_write(0.0) is None  # nothing to say
     state.replay.append(b"abc")
     assert state.next_write(0.0) == WRITE_DATA
@@ -370,7 +383,7 @@ def test_a_finished_end_says_its_last_ack_then_fin():
     state = EndState()
     state.attach(0)
     state.replay.append(b"hi")
-    state.written, state.eof, state.end_written = 2, True, True
+    state.written, state.eof, state.end_written, state.from_written = 2, True, True, True
     state.on_ack(3)  # 2 bytes and the END
     assert state.end_acked and state.replay.held == 0
     state.on_end()
@@ -399,6 +412,34 @@ def test_a_lost_stream_is_held_only_when_a_new_one_would_do_something(setup, nee
     assert state.lost(now=5.0) is needs
     assert state.hold.state(5.0) == (HELD if needs else ATTACHED)
     assert state.hold_ran_out(35.0) is needs
+
+
+def test_from_drops_what_this_end_has_and_refuses_a_gap():
+    state = EndState()
+    state.attach(0)
+    with pytest.raises(ResumeError) as info:
+        state.on_data(3)  # every stream starts with FROM
+    assert info.value.code == "resume_frame"
+    state.on_from(0)
+    assert state.on_data(10) == 0 and state.received == 10
+    state.lost(1.0)
+    state.on_data(5)  # the old stream delivered more after this end told the peer 10
+    state.attach(0)
+    state.on_from(10)  # the peer replays from the 10 it was told
+    assert state.on_data(3) == 3 and state.on_data(4) == 2  # 5 dropped, then new bytes
+    assert state.received == 17
+    state.on_end()
+    assert state.on_data(0) == 0
+    state.attach(0)
+    state.on_from(12)
+    assert state.on_data(5) == 5  # a replay of bytes before the END: dropped, not an error
+    with pytest.raises(ResumeError, match="DATA after END"):
+        state.on_data(1)
+    gap = EndState()
+    gap.attach(0)
+    with pytest.raises(ResumeError) as info:
+        gap.on_from(1)
+    assert info.value.code == "resume_offset" and "would be lost" in str(info.value)
 
 
 def test_a_cut_session_refuses_an_attach_as_expired():
@@ -458,7 +499,10 @@ class _SimEnd:
         if not state.attached or self.fin:
             return
         action = state.next_write(now)
-        if action == WRITE_DATA:
+        if action == WRITE_FROM:
+            self.wire += encode_from(state.written)
+            state.from_written = True
+        elif action == WRITE_DATA:
             for chunk in state.replay.since(state.written):
                 self.wire += encode_data(chunk)
                 state.written += len(chunk)
@@ -474,8 +518,11 @@ class _SimEnd:
         chunk, self.wire[:size] = bytes(self.wire[:size]), b""
         for event in peer.reader.feed(chunk):
             if isinstance(event, bytes):
-                peer.state.on_data(len(event))
-                peer.inbox.append(event)
+                drop = peer.state.on_data(len(event))
+                if drop < len(event):
+                    peer.inbox.append(event[drop:])
+            elif event.kind == FROM:
+                peer.state.on_from(event.value)
             elif event.kind == ACK:
                 peer.state.on_ack(event.value)
             elif event.kind == END:
@@ -509,10 +556,15 @@ def test_two_ends_through_random_cuts_deliver_every_byte_once(seed):
             cuts += 1
             for one in (a, b):
                 one.state.lost(now)
+            a_received, b_received = a.state.received, b.state.received  # the headers
+            if rng.random() < 0.5:  # the old streams still deliver after the headers were read
+                for one, other in ((a, b), (b, a)):
+                    if one.wire:
+                        one.deliver(other, rng.randint(1, len(one.wire)))
+            for one in (a, b):
                 one.wire.clear()
                 one.reader = FrameReader()
                 one.fin = False
-            a_received, b_received = a.state.received, b.state.received  # the headers
             assert a.state.attach(b_received) == a.state.sent - b_received
             assert b.state.attach(a_received) == b.state.sent - a_received
         for one in (a, b):  # the window bounds what is held, whatever happens

@@ -591,12 +591,16 @@ class Agent:
         longer resume (a lock, relabel or user lock issued during the outage) and end those
         with its reason. An older proxy that does not know the request is asked no more."""
         while True:
-            report = self.held.report()
-            if report:
+            report, finished = self.held.report(), dict(self.held.finished)
+            if report or finished:
+                ended = [{"session": s, "reason": r} for s, r in finished.items()]
                 try:
-                    reply, body = await self._request(conn, "held", sessions=report)
+                    reply, body = await self._request(conn, "held", sessions=report, ended=ended)
                 except (TransportError, wire.HeaderError, TimeoutError):
                     reply, body = None, {}
+                if reply is not None and reply.get("ok"):
+                    for session_id in finished:  # told: the proxy writes their ends
+                        self.held.finished.pop(session_id, None)
                 if reply is not None and not reply.get("ok") and reply.get("code") == "unknown_op":
                     return
                 drop = body.get("drop") if isinstance(body, dict) else None
@@ -741,6 +745,7 @@ class Agent:
               resumable=resumable)
         spliced: asyncio.Future | None = None
         held: HeldSession | None = None
+        finishing: asyncio.Future | None = None
         try:
             # loaded with the first session: an idle agent (most of a device's life) does
             # without the ~45 KB the splicing module costs
@@ -756,15 +761,29 @@ class Agent:
             if held is not None:
                 await self.held.run(held, spliced)
             try:
-                await spliced
+                result = await spliced
+                if held is not None and not result.error:
+                    # clean here; the closing handshake (our END acknowledged) may still need a
+                    # re-attach, so the session stays findable until it is done
+                    finishing = asyncio.ensure_future(held.ends.finished())
+                    await self.held.run(held, finishing)
+                    await finishing
             except SessionCut as cut:  # hold time over, or refused by the proxy: reset locally
                 self.held.ended(msg["session"], cut)
+            except TransportError as exc:  # PeerAborted while finishing: the engineer's end cut it
+                if held is not None:
+                    self.held.finished[held.id] = str(exc)
+            else:
+                if held is not None and result.error:  # the engineer's end aborted it
+                    self.held.finished[held.id] = result.error
         finally:
-            if spliced is not None and not spliced.done():
-                spliced.cancel()
-                with contextlib.suppress(BaseException):
-                    await spliced
+            for task in (spliced, finishing):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
             if held is not None:
+                self.held.forget(held)
                 await held.ends.close()  # its stream and tasks: a cut one is reset
             self.active_sessions -= 1
             if counted:

@@ -31,6 +31,10 @@ from tunnel.transport import Stream, TransportError
 
 log = logging.getLogger("tunnel.agent")
 
+#: at most this many ended sessions wait to be told to the proxy
+MAX_FINISHED = 256
+
+
 @dataclass(frozen=True)
 class Refused:
     """Why a resume ``open`` was refused: a stable ``code`` (audited by the proxy) and a reason.
@@ -80,16 +84,6 @@ def resume_refusal(held: HeldSession | None, secret: str | None, identity: str) 
     return None
 
 
-def offset_refusal(counters: dict[str, int], peer_received: int) -> Refused | None:
-    """``resume_offset`` unless the peer's ``received`` is inside this end's replay buffer
-    (pure; checked before the reply, so a bad offset is refused and the session is untouched).
-    ``counters`` are the ends' (``acked``: the buffer's start, ``sent``: its end)."""
-    if counters["acked"] <= peer_received <= counters["sent"]:
-        return None
-    return Refused("resume_offset", f"the other end has {peer_received} bytes; this end holds "
-                                    f"{counters['acked']}..{counters['sent']} (bytes would be lost or repeated)")
-
-
 class HeldSessions:
     """Every resumable session of the agent, by id, from its open until it ended."""
 
@@ -97,6 +91,10 @@ class HeldSessions:
                  clock: Callable[[], float] = time.monotonic):
         self.device_id, self.hold, self.buffer, self._clock = device_id, hold, buffer, clock
         self.sessions: dict[str, HeldSession] = {}
+        #: resumable sessions that ended here not cleanly (hold time, abort, refusal) → why:
+        #: told to the proxy with the next held check, so it writes their session.end (bounded:
+        #: the oldest are dropped past MAX_FINISHED; the proxy's sweep ends those anyway)
+        self.finished: dict[str, str] = {}
 
     @property
     def enabled(self) -> bool:
@@ -120,31 +118,37 @@ class HeldSessions:
         await session.ends.attach(stream, rest, 0)
         session.attached.set()
 
-    async def run(self, session: HeldSession, spliced: asyncio.Future) -> None:
-        """Follow ``session`` until its splice (``spliced``) ends, noting each loss (the session
-        is held) and re-attach. The hold time itself is kept by the ends: when it runs out they
-        cut the session and ``spliced`` raises ``SessionCut``. The caller awaits ``spliced``."""
-        try:
-            while not spliced.done():
-                lost = asyncio.ensure_future(session.ends.lost())
-                await asyncio.wait({lost, spliced}, return_when=asyncio.FIRST_COMPLETED)
-                if not lost.done():
-                    lost.cancel()
-                    return
-                session.attached.clear()
-                event(log, "session held: its tunnel stream was lost", session=session.id,
-                      reason=lost.result(), hold=self.hold)
-                attached = asyncio.ensure_future(session.attached.wait())
-                await asyncio.wait({attached, spliced}, return_when=asyncio.FIRST_COMPLETED)
-                attached.cancel()
-        finally:
-            self.sessions.pop(session.id, None)
+    async def run(self, session: HeldSession, work: asyncio.Future) -> None:
+        """Follow ``session`` until ``work`` (its splice, then its closing handshake) is done,
+        noting each loss (the session is held) and re-attach; resume opens find it meanwhile.
+        The hold time itself is kept by the ends: when it runs out they cut the session and
+        ``work`` raises ``SessionCut``. The caller awaits ``work``, then :meth:`forget`."""
+        while not work.done():
+            lost = asyncio.ensure_future(session.ends.lost())
+            await asyncio.wait({lost, work}, return_when=asyncio.FIRST_COMPLETED)
+            if not lost.done():
+                lost.cancel()
+                return
+            session.attached.clear()
+            event(log, "session held: its tunnel stream was lost", session=session.id,
+                  reason=lost.result(), hold=self.hold)
+            attached = asyncio.ensure_future(session.attached.wait())
+            await asyncio.wait({attached, work}, return_when=asyncio.FIRST_COMPLETED)
+            attached.cancel()
+
+    def forget(self, session: HeldSession) -> None:
+        """The session is over here: no resume can find it any more."""
+        if self.sessions.get(session.id) is session:
+            del self.sessions[session.id]
 
     def ended(self, session_id: str, cut: BaseException) -> str:
         """The one line for a session that was cut (hold time, a refusal): why, by whom."""
         reason = getattr(cut, "reason", None) or str(cut)
         line = reason if reason.startswith("session ") else f"session {session_id} to {self.device_id} ended: {reason}"
         event(log, "session ended", level=logging.WARNING, session=session_id, reason=line)
+        self.finished[session_id] = reason
+        while len(self.finished) > MAX_FINISHED:
+            del self.finished[next(iter(self.finished))]
         return line
 
     def give_up(self, session: HeldSession, reason: str) -> None:
@@ -179,7 +183,14 @@ class HeldSessions:
         session = self.sessions.get(msg["resume"])
         refusal = resume_refusal(session, msg.get("resume_secret"), msg["identity"])
         if refusal is None and session is not None:
-            refusal = offset_refusal(session.ends.counters, msg.get("received", 0))
+            try:  # before anything changes: a refused resume leaves the session as it was
+                session.ends.check_offset(msg.get("received", 0))
+            except ResumeError as exc:
+                refusal = Refused(exc.code, str(exc))
+            else:
+                # the engineer's end is back before this end noticed the loss: drop the old
+                # stream first, so the counts in the reply are final (it delivers nothing more)
+                session.ends.detach("the other end re-attached")
         if refusal is not None or session is None:
             assert refusal is not None
             event(log, "resume refused", level=logging.WARNING, session=msg["resume"], code=refusal.code,

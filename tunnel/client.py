@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
+import signal
 import socket
 import struct
 import sys
@@ -345,6 +346,8 @@ class ResumableSession:
         self._secret: str | None = None
         self._first: tuple[Stream, bytes] | None = None
         self._ends: ResumableEnds | None = None
+        #: why the session could not resume, once it could not
+        self._ended: FleetError | None = None
 
     @classmethod
     async def open(cls, connect, device: str, service: str, login: str | None = None,
@@ -377,33 +380,45 @@ class ResumableSession:
             return await splice(StreamEnds(stream, rest), local)
         from tunnel.resume import ResumeError, SessionCut
 
-        ended: FleetError | None = None
         await ends.attach(stream, rest, 0)
         spliced = asyncio.ensure_future(splice(ends, local))
+        finishing: asyncio.Future | None = None
         try:
-            while not spliced.done():
-                lost = asyncio.ensure_future(ends.lost())
-                await asyncio.wait({lost, spliced}, return_when=asyncio.FIRST_COMPLETED)
-                if not lost.done():
-                    lost.cancel()
-                    break
-                ended = await self._reattach(ends, lost.result(), spliced)
-                if ended is not None:
-                    ends.give_up(str(ended))
-                    break
             try:
-                return await spliced
+                await self._follow(ends, spliced)
+                result = await spliced
+                if not result.error:
+                    # clean here; our last bytes and END may still need a re-attach to arrive
+                    finishing = asyncio.ensure_future(ends.finished())
+                    await self._follow(ends, finishing)
+                    await finishing
+                return result
             except SessionCut as exc:  # ours, or the ends' own hold timer ran out first
-                raise ended or SessionCut(f"session {self.id} to {self.device} ended: {exc.reason}") from None
-            except (ResumeError, FleetError) as exc:  # the framing broke, or the peer aborted
-                raise ended or ClientError(f"session {self.id} to {self.device}/{self.service} cut: {exc}",
-                                           "cut") from None
+                raise self._ended or SessionCut(f"session {self.id} to {self.device} ended: {exc.reason}") from None
+            except (ResumeError, FleetError, TransportError) as exc:  # framing broke, peer aborted
+                raise self._ended or ClientError(f"session {self.id} to {self.device}/{self.service} cut: {exc}",
+                                                 "cut") from None
         finally:
-            if not spliced.done():
-                spliced.cancel()
-                with contextlib.suppress(BaseException):
-                    await spliced
+            for task in (spliced, finishing):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
             await ends.close()  # its stream and tasks: a cut one is reset
+
+    async def _follow(self, ends: ResumableEnds, work: asyncio.Future) -> None:
+        """Until ``work`` is done, re-attach after each loss; give up (``self._ended`` says why)
+        when that fails."""
+        while not work.done():
+            lost = asyncio.ensure_future(ends.lost())
+            await asyncio.wait({lost, work}, return_when=asyncio.FIRST_COMPLETED)
+            if not lost.done():
+                lost.cancel()
+                return
+            self._ended = await self._reattach(ends, lost.result(), work)
+            if self._ended is not None:
+                ends.give_up(str(self._ended))
+                return
 
     async def _reattach(self, ends: ResumableEnds, why: str, spliced: asyncio.Future) -> FleetError | None:
         """Dial again with ``resume`` until re-attached (None) or the session must end (the
@@ -505,6 +520,13 @@ async def proxy_command(identity: UserIdentity, device: str, target: str, login:
     ``SessionCut`` (exit status 4).
     """
     device, service = device_from_host(device), service_from_port(target)
+    # OpenSSH sends its ProxyCommand SIGHUP as it exits, right after the session's last bytes:
+    # a resumable session still has its closing handshake (END, the last ACKs) to finish, which
+    # takes a round trip. Dying at once would leave both ends holding the session.
+    loop, main = asyncio.get_running_loop(), asyncio.current_task()
+    if main is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.call_later(HANGUP_GRACE, main.cancel))
     try:
         hold = resume_hold()
         link = ProxyLink(identity, await Client.connect(identity))
@@ -517,7 +539,10 @@ async def proxy_command(identity: UserIdentity, device: str, target: str, login:
         except ClientError as exc:
             tell_ssh(exc)
             raise
-        result = await session.splice(StdioEnds())
+        try:
+            result = await session.splice(StdioEnds())
+        except asyncio.CancelledError:
+            raise ClientError(f"session to {device}/{service} cut: ssh hung up before it ended", "cut") from None
         if result.error:
             raise ClientError(f"session to {device}/{service} cut after {result.a_to_b} bytes "
                               f"received: {result.error}", "cut")
@@ -525,6 +550,9 @@ async def proxy_command(identity: UserIdentity, device: str, target: str, login:
         link.close()
         await asyncio.sleep(0)  # hand the close to the transport before the loop ends
 
+
+#: after ssh's SIGHUP, how long proxy-command may take to finish the session's closing handshake
+HANGUP_GRACE = 2.0
 
 #: how long the preflight session may take to end cleanly before it is reset
 PREFLIGHT_DRAIN = 2.0

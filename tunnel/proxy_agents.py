@@ -225,12 +225,21 @@ class AgentLinks:
             elif op == "held":
                 # the agent's held sessions (issue 17): which may no longer resume, and why —
                 # asked every second while it holds any, so a lock or relabel issued during the
-                # outage ends them at the device too; a detached one gets its session.end here
+                # outage ends them at the device too (each detached one gets its session.end);
+                # the sessions that ended at the device (hold time, an abort) get theirs, with
+                # the device's reason
                 drop = held_denials(self.proxy.policy.snapshot, link.device_id, args.get("sessions"))
-                for session_id, reason in drop.items():
-                    if (detached := self.proxy.detached.pop(session_id, None)) is not None:
+                ended = args.get("ended")
+                reported = {e["session"]: e["reason"] for e in (ended if isinstance(ended, list) else [])[:256]
+                            if isinstance(e, dict) and isinstance(e.get("session"), str)
+                            and isinstance(e.get("reason"), str)}
+                for session_id, reason in {**reported, **drop}.items():
+                    detached = self.proxy.detached.get(session_id)
+                    if detached is not None and detached.common.get("device") == link.device_id:
+                        del self.proxy.detached[session_id]  # this device's own session only
+                        why = reason if session_id in drop else f"ended at the device: {reason[:200]}"
                         self.proxy.write(functools.partial(end_if_not_resumed, detached=detached, hold=0,
-                                                           reason=reason))
+                                                           reason=why))
                 await stream.write(reply_with_body({"drop": drop}))
             elif op == "renew":
                 cert = await asyncio.to_thread(

@@ -38,12 +38,14 @@ from tunnel.resume import (
     DEFAULT_BUFFER,
     DEFAULT_HOLD,
     END,
+    FROM,
     MAX_FRAME,
     WRITE_ABORT,
     WRITE_ACK,
     WRITE_DATA,
     WRITE_END,
     WRITE_FIN,
+    WRITE_FROM,
     WRITE_STOP,
     EndState,
     FrameReader,
@@ -51,8 +53,9 @@ from tunnel.resume import (
     SessionCut,
     encode_abort,
     encode_ack,
-    encode_data,
+    encode_data_frames,
     encode_end,
+    encode_from,
     hold_expired_reason,
 )
 from tunnel.splice import Ends, describe
@@ -60,6 +63,8 @@ from tunnel.transport import Stream, StreamReset, TransportError
 
 #: bytes asked of the stream per read: several frames at once when they are queued
 READ_SIZE = 256 * 1024
+#: bytes of DATA gathered into one stream write when several chunks are waiting
+WRITE_BATCH = 256 * 1024
 #: the reset code of a stream this end dropped because it replaced or gave up the session
 RESET_DROPPED = 1
 #: seconds ``close()`` lets the writer deliver a last END/ABORT before the stream is dropped
@@ -376,10 +381,16 @@ class ResumableEnds(Ends):
                 if data:
                     for event in reader.feed(data):
                         if isinstance(event, bytes):
-                            state.on_data(len(event))
-                            self._inbox.append(event)
-                            self._inbox_bytes += len(event)
-                            self._recv_wake.set()
+                            drop = state.on_data(len(event))
+                            if drop:
+                                event = event[drop:]
+                            if event:
+                                self._inbox.append(event)
+                                self._inbox_bytes += len(event)
+                                self._recv_wake.set()
+                        elif event.kind == FROM:
+                            assert isinstance(event.value, int)
+                            state.on_from(event.value)
                         elif event.kind == ACK:
                             assert isinstance(event.value, int)
                             state.on_ack(event.value)
@@ -418,9 +429,19 @@ class ResumableEnds(Ends):
             while True:
                 action = state.next_write(self._clock())
                 if action == WRITE_DATA:
-                    for chunk in state.replay.since(state.written):
-                        await stream.write(encode_data(chunk))
-                        state.written += len(chunk)
+                    batch: list[bytes | memoryview] = []
+                    begin, size = state.written, 0
+                    for chunk in state.replay.since(begin):
+                        batch.append(chunk)
+                        size += len(chunk)
+                        if size >= WRITE_BATCH:
+                            break
+                    await stream.write(encode_data_frames(batch))
+                    # an ACK meanwhile may have moved it on already (see EndState.on_ack)
+                    state.written = max(state.written, begin + size)
+                elif action == WRITE_FROM:
+                    await stream.write(encode_from(state.written))
+                    state.from_written = True
                 elif action == WRITE_ACK:
                     await stream.write(encode_ack(state.acks.sent()))
                 elif action == WRITE_END:

@@ -3,7 +3,7 @@
 A resumable session outlives the tunnel stream that carries it (issue 17). After the stream
 header, when both ends said ``resumable: true``, the stream carries frames instead of raw bytes::
 
-    type    u8      DATA 1, ACK 2, END 3, ABORT 4
+    type    u8      DATA 1, ACK 2, END 3, ABORT 4, FROM 5
     length  u32be   payload length
     payload         DATA: application bytes (offsets are implicit: both ends count them)
                     ACK: u64be, cumulative application bytes the receiver's application took
@@ -11,6 +11,10 @@ header, when both ends said ``resumable: true``, the stream carries frames inste
                     END: empty; the clean end of this direction, the ONLY thing that becomes a
                          FIN on the local socket
                     ABORT: UTF-8 reason; the other end's local side broke (a reset locally)
+                    FROM: u64be, the offset of the next DATA byte: the first frame on every
+                         stream (again when an ACK moved the sender on), so the receiver drops
+                         what it already has (bytes its old stream delivered after it told the
+                         peer its count) and refuses a gap
 
 A stream that ends or resets without END/ABORT is a *loss*: each end holds its session (the local
 sockets stay open) and waits for a new stream; on re-attach each end resends what the other lacks
@@ -22,7 +26,8 @@ holds more than the sender's window, so its reader can always keep reading the s
 included) without a buffer of its own that could grow; see ``tunnel/resumable.py``.
 
 Everything here is pure: :class:`FrameReader` takes bytes in any split, :class:`AckPolicy` and
-:class:`Hold` take the time as an argument. ``tunnel/resumable.py`` is the asyncio adapter.
+:class:`Hold` take the time as an argument, :class:`EndState` makes one end's decisions (what
+to write next, whether a lost stream is held). ``tunnel/resumable.py`` is the asyncio adapter.
 """
 
 from __future__ import annotations
@@ -51,8 +56,8 @@ MAX_FRAME = 1024 * 1024
 #: longest ABORT reason, in bytes of UTF-8
 MAX_REASON = 1024
 
-DATA, ACK, END, ABORT = 1, 2, 3, 4
-FRAME_NAMES = {DATA: "DATA", ACK: "ACK", END: "END", ABORT: "ABORT"}
+DATA, ACK, END, ABORT, FROM = 1, 2, 3, 4, 5
+FRAME_NAMES = {DATA: "DATA", ACK: "ACK", END: "END", ABORT: "ABORT", FROM: "FROM"}
 _HEADER = struct.Struct("!BI")
 HEADER_SIZE = _HEADER.size
 _U64 = struct.Struct("!Q")
@@ -132,8 +137,22 @@ def encode_data(payload: bytes | memoryview) -> bytes:
     return b"".join((_HEADER.pack(DATA, len(payload)), payload))
 
 
+def encode_data_frames(chunks: list[bytes | memoryview]) -> bytes:
+    """Several DATA frames, one per chunk, in one buffer: one stream write for a batch (a
+    transport's per-write cost is paid once, and its frames stay full)."""
+    parts: list[bytes | memoryview] = []
+    for chunk in chunks:
+        parts.append(_HEADER.pack(DATA, len(chunk)))
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 def encode_ack(count: int) -> bytes:
     return _HEADER.pack(ACK, 8) + _U64.pack(count)
+
+
+def encode_from(offset: int) -> bytes:
+    return _HEADER.pack(FROM, 8) + _U64.pack(offset)
 
 
 def encode_end() -> bytes:
@@ -148,7 +167,8 @@ def encode_abort(reason: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """A decoded frame other than DATA: ``kind`` is ACK, END or ABORT; ``value`` the count or reason."""
+    """A decoded frame other than DATA: ``kind`` is ACK, END, ABORT or FROM; ``value`` the count,
+    reason or offset."""
 
     kind: int
     value: int | str | None = None
@@ -227,10 +247,10 @@ class FrameReader:
 
 def _control(kind: int, payload: bytes) -> Frame:
     name = FRAME_NAMES[kind]
-    if kind == ACK:
+    if kind in (ACK, FROM):
         if len(payload) != 8:
-            raise ResumeError("resume_frame", f"an ACK frame of {len(payload)} bytes (8)")
-        return Frame(ACK, _U64.unpack(payload)[0])
+            raise ResumeError("resume_frame", f"an {name} frame of {len(payload)} bytes (8)")
+        return Frame(kind, _U64.unpack(payload)[0])
     if kind == END:
         if payload:
             raise ResumeError("resume_frame", f"an END frame with {len(payload)} bytes of payload")
@@ -432,6 +452,7 @@ def hold_expired_reason(hold: float) -> str:
 
 #: what an end's writer does next (:meth:`EndState.next_write`); None: wait for a change
 WRITE_ABORT = "abort"  # ABORT(reason), then FIN, then stop
+WRITE_FROM = "from"  # FROM(written): the first frame on a stream
 WRITE_ACK = "ack"  # ACK(acks.sent())
 WRITE_DATA = "data"  # DATA frames of replay.since(written), one per chunk
 WRITE_END = "end"  # END after the last byte
@@ -476,6 +497,9 @@ class EndState:
         self.written = 0
         self.end_written = False
         self.abort_written = False
+        self.from_written = False
+        self.from_read = False  # the peer's FROM came on this stream
+        self.skip = 0  # bytes of DATA still to drop: this end had them already
 
     @property
     def sent(self) -> int:
@@ -511,7 +535,8 @@ class EndState:
         self.replay.ack(peer_received)  # the peer has them (inbox or taken): never again
         self.attached = True
         self.written = peer_received
-        self.end_written = self.abort_written = False
+        self.end_written = self.abort_written = self.from_written = self.from_read = False
+        self.skip = 0
         self.acks.again()
         self.hold.attached()
         return self.replay.end - peer_received
@@ -538,10 +563,25 @@ class EndState:
 
     # -- frames in
 
-    def on_data(self, size: int) -> None:
-        if self.peer_end:
+    def on_from(self, offset: int) -> None:
+        """The peer's DATA on this stream starts at ``offset``: drop what this end has already
+        (exactly once however late the old stream delivered); a gap is ``resume_offset``."""
+        if offset > self.received:
+            raise ResumeError("resume_offset", f"the other end resumes at byte {offset}, this end"
+                              f" has {self.received}: bytes would be lost")
+        self.from_read = True
+        self.skip = self.received - offset
+
+    def on_data(self, size: int) -> int:
+        """``size`` bytes of DATA came; returns how many leading ones to drop (already here)."""
+        if not self.from_read:
+            raise ResumeError("resume_frame", "DATA before FROM")
+        drop = min(self.skip, size)
+        self.skip -= drop
+        if drop < size and self.peer_end:
             raise ResumeError("resume_frame", "DATA after END")
-        self.received += size
+        self.received += size - drop
+        return drop
 
     def on_ack(self, count: int) -> None:
         """The peer took ``count`` bytes (one more once it took our END)."""
@@ -549,6 +589,11 @@ class EndState:
             self.end_acked = True
             count -= 1
         self.replay.ack(count)
+        if self.written < self.replay.start:
+            # the peer had more than its header said (its old stream delivered late): what it
+            # acknowledged is not sent again; a new FROM tells it where DATA goes on from
+            self.written = self.replay.start
+            self.from_written = False
 
     def on_end(self) -> None:
         self.peer_end = True  # a repeated END (replayed after a loss) changes nothing
@@ -583,6 +628,8 @@ class EndState:
             return WRITE_STOP if self.abort_written else WRITE_ABORT
         if self.peer_abort is not None or self.cut is not None:
             return WRITE_STOP
+        if not self.from_written:
+            return WRITE_FROM
         if self.acks.due(now):
             return WRITE_ACK
         if self.written < self.replay.end:
