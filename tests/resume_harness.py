@@ -14,6 +14,11 @@ bench/cases/migration.py need on top of ``migration_harness``.
   the byte server as service ``bulk``.
 * :func:`restart_proxy`: stop the proxy (SIGTERM or SIGKILL) and start it again on the same
   address with the same state directory, as an operator's service manager would.
+* ssh through the per-user helper as the generated ssh config runs it (:func:`helper_ssh_argv`:
+  its ProxyCommand and its ``ServerAlive*`` settings, read from ``tunnel.engineer.ssh_config``).
+* The disruptions themselves (``case_*``): each adds its device, opens a :class:`CaseRun` (tick
+  session + transfer), disrupts, waits for the outcome and returns the run; the test judges it,
+  the bench (bench/cases/migration.py) reports its gap. :func:`survived` says what broke.
 """
 
 from __future__ import annotations
@@ -45,16 +50,14 @@ class SeqTickSession(TickSession):
     """A tick session that keeps each line's sequence number, and ssh's stderr."""
 
     def __init__(self, lab: Lab, ns: str, argv: list[str], env: dict | None = None):
+        # TickSession.__init__ spawns without an environment (FLEET_HELPER must be set here)
         self.seqs: list[int] = []
         self.stderr_lines: list[str] = []
-        if env is None:
-            super().__init__(lab, ns, argv)
-        else:  # TickSession spawns without an environment: do the same with one
-            self.proc = lab.spawn(ns, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, env=env)
-            self.arrivals = []
-            self._thread = threading.Thread(target=self._read, daemon=True)
-            self._thread.start()
+        self.proc = lab.spawn(ns, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=env if env is not None else os.environ)
+        self.arrivals = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
         self._err_thread = threading.Thread(target=self._read_stderr, daemon=True)
         self._err_thread.start()
 
@@ -501,10 +504,6 @@ def report(name: str, **numbers) -> str:
                                    for k, v in numbers.items())
     print("\n" + text, flush=True)
     return text
-
-
-def agent_records(tl: TunnelLab, device: str) -> list[dict]:
-    return tl.agent_log(device)
 
 
 def enroll_cli(tl: TunnelLab, *args: str) -> None:
