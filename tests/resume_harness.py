@@ -617,7 +617,8 @@ def survived(tl: TunnelLab, run: CaseRun, with_helper: bool = True) -> str | Non
         if name != "ssh" and not with_helper:
             continue
         if not session.alive:
-            lines = [line for line in session.stderr_lines if line.strip()]
+            lines = [line for line in session.stderr_lines
+                     if line.strip() and not line.startswith("Warning: Permanently added")]
             return f"{name} session ended: {' / '.join(lines[:2]) or '?'}"
         if session.sequence_problems():
             return f"{name} tick sequence: {session.sequence_problems()[:3]}"
