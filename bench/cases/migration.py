@@ -14,12 +14,24 @@ moment:
 
 The lab's delay relay only delays UDP, so the baseline's satellite leg has no added RTT (again in
 its favour). ``--quick`` skips the 60 s dead zone.
+
+Resumable sessions (issue 17): rows "resume gap, CASE" run the disruptions of
+tests/test_resume_lab.py (``resume_harness``) that need a new connection — the ground-station
+endpoint, a proxy restart (SIGTERM, kill -9), UDP blocked and unblocked, the TCP fallback
+changing uplink, and (not with ``--quick``) 3 minutes without any uplink. Each keeps a
+sequence-numbered ssh tick session and a sha256-checked 32 MiB ``tunnel forward`` download open
+through the disruption; the value is the largest interval between ticks from the disruption on,
+reported only when the same session went on without a lost or repeated line, the download
+arrived byte-exact and ``session.resume`` was audited (otherwise null, with the reason in
+``note``). "bytes replayed, CASE" rows give what the audit says the resumes replayed. No
+baseline: autossh cannot keep a session across any of these.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +44,14 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
 from lab import Lab, netns, plan  # noqa: E402
 from migration_harness import TunnelLab  # noqa: E402
+from resume_harness import (  # noqa: E402
+    case_ground_endpoint,
+    case_outage,
+    case_proxy_restart,
+    case_tcp_uplink_change,
+    case_udp_blocked,
+    survived,
+)
 
 JUMP_PORT = 2222
 BASELINE_WINDOW = 60.0  # seconds the baseline gets to come back
@@ -159,6 +179,53 @@ def scp_row(tl, rows):
     print(f"  {rows[-1]['metric']}: {rows[-1]['value']} s", flush=True)
 
 
+#: (case key, row title, target for the gap, the case function with its arguments)
+RESUME_CASES = [
+    ("ground", "cellular→satellite (ground endpoint only)", "≤ 3 s", case_ground_endpoint, ()),
+    ("sigterm", "proxy restart (SIGTERM)", "≤ 5 s", case_proxy_restart, (signal.SIGTERM,)),
+    ("kill9", "proxy restart (kill -9)", "≤ 5 s", case_proxy_restart, (signal.SIGKILL,)),
+    ("udp", "UDP blocked (QUIC→TCP) and unblocked", "≤ 6 s", case_udp_blocked, ()),
+    ("tcpmove", "TCP fallback changing uplink", "≤ 5 s", case_tcp_uplink_change, ()),
+    ("outage", "3 min without any uplink", "≤ 183 s (outage + 3 s)", case_outage, (180.0,)),
+]
+
+
+def resume_rows(tl, rows, quick: bool) -> None:
+    """One "resume gap" row (and a "bytes replayed" row) per resumable-session case."""
+    for key, title, target, fn, args in RESUME_CASES:
+        if quick and key == "outage":
+            continue
+        keep: dict = {}
+        value, note, replayed = None, None, None
+        try:
+            result = fn(tl, f"rs{key}"[:12], keep, *args)
+            note = survived(tl, result, with_helper=False)
+            if note is None:
+                value = round(result.gap, 3)
+            if result.helper_session is not None:  # the outage's second session: generated config
+                why = survived(tl, result)
+                note = "; ".join(filter(None, [note, "ssh via the generated ssh config: " +
+                                               ("survived" if why is None else why)]))
+            replayed = result.replayed(tl)
+            extra = {k: v for k, v in result.notes.items() if isinstance(v, int | float)}
+            if extra:
+                note = "; ".join(filter(None, [note, ", ".join(f"{k}={v:.3f}" for k, v in extra.items())]))
+        except Exception as exc:  # noqa: BLE001 - a case that breaks is a null row, the rest still run
+            note = f"{type(exc).__name__}: {exc}"
+        finally:
+            if keep.get("run") is not None:
+                keep["run"].close()
+            if keep.get("device") in tl.devices:
+                tl.fleet.stop(tl.devices[keep["device"]]["agent"])
+        rows.append({"metric": f"resume gap, {title}", "value": value, "unit": "s", "baseline": None,
+                     "target": target, "note": note})
+        print(f"  {rows[-1]['metric']}: {value} s{f' ({note})' if note else ''}", flush=True)
+        if replayed is not None:
+            rows.append({"metric": f"bytes replayed, {title}", "value": replayed, "unit": "B",
+                         "baseline": None, "target": None})
+            print(f"  {rows[-1]['metric']}: {replayed} B", flush=True)
+
+
 def run(quick: bool = False) -> list[dict]:
     rows: list[dict] = []
     with Lab() as lab, tempfile.TemporaryDirectory() as tmp:
@@ -183,6 +250,7 @@ def run(quick: bool = False) -> list[dict]:
                 measure("60 s dead zone (new session)", "≤ 3 s after coverage returns", tl, base,
                         ("wifi",), lambda d: d.outage(60.0), reconnect=True, rows=rows)
             scp_row(tl, rows)
+            resume_rows(tl, rows, quick)
         finally:
             tl.close()
     return rows
