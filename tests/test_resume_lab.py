@@ -167,12 +167,6 @@ def test_three_minutes_without_any_uplink(tl, three_minutes):
     assert_survived(tl, run, with_helper=False)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ssh's own keepalive from the generated ssh config (tunnel/engineer.py ssh_config: "
-    "ServerAliveInterval 15, ServerAliveCountMax 3 by default) ends ssh after ~45 s without the "
-    "device's replies ('Timeout, server … not responding'), long before the tunnel resumes; the "
-    "helper itself re-attaches (a 70 s outage without ServerAlive survives). Fix: interval × count "
-    ">= the resume hold (e.g. ServerAliveCountMax 40), then remove this mark"))
 def test_three_minutes_ssh_through_the_generated_config(tl, three_minutes):
     """ssh as ``tunnel config`` sets it up keeps its session through the outage too: the
     helper re-attaches, and ssh's own keepalive must not give up before the resume hold does."""
