@@ -41,7 +41,7 @@ LAYERS: list[tuple[int, str, str, set[str]]] = [
     }),
     (2, "storage", "the CA host's state directory and the registry (SQLite)", {
         "enroll.state", "enroll.registry", "enroll.audit", "enroll.tokens", "enroll.users",
-        "enroll.admin", "enroll.backup", "enroll.repositories", "enroll.snapshot",
+        "enroll.admin", "enroll.backup", "enroll.repositories", "enroll.snapshot", "enroll.session_log",
     }),
     (2, "transport", "QUIC and TLS/TCP connections, streams, stream headers, splicing", {
         "tunnel.transport", "tunnel.transport.*", "tunnel.protocol", "tunnel.splice",

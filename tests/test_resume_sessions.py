@@ -31,18 +31,13 @@ from fleet_harness import PY, wait_until
 from enroll import audit
 from enroll.registry import Device, iso
 from enroll.roles import ADMIN_ROLE_YAML, parse_roles
+from enroll.session_log import end_if_not_resumed, find_resumable, recover_open_sessions
 from enroll.snapshot import PolicySnapshot, UserPolicy
 from enroll.state import FleetState
 from tunnel.agent_config import ConfigError, _hold, _size
 from tunnel.agent_sessions import HeldSession, resume_refusal
 from tunnel.client import Client, ProxyLink, Refusal, ResumableSession, UserIdentity
-from tunnel.proxy_resume import (
-    end_if_not_resumed,
-    find_resumable,
-    held_denials,
-    recover_open_sessions,
-    replayed,
-)
+from tunnel.proxy_resume import held_denials, replayed
 from tunnel.resume import new_secret, secret_digest
 from tunnel.splice import SocketEnds
 
@@ -155,7 +150,7 @@ def test_recovery_detaches_resumable_sessions_and_ends_the_others(registry):
     assert ended == ["raw"] and [d.session for d in detached] == ["res"] and detached[0].start_seq == seq
     with registry.write() as db:  # a second restart writes no second detach
         assert recover_open_sessions(db, "proxy restarted") == ([], detached)
-    kinds = [(e["type"], e["fields"].get("session")) for e in audit.events(registry.db)]
+    kinds = [(e.type, e.fields.get("session")) for e in audit.events(registry)]
     assert kinds.count(("session.detach", "res")) == 1 and ("session.end", "raw") in kinds
 
 
@@ -174,23 +169,28 @@ def test_sweep_ends_a_detached_session_only_after_the_hold_and_only_if_not_resum
         assert end_if_not_resumed(db, a, 60, late) == "ended"
         assert end_if_not_resumed(db, b, 60, late) == "gone"  # resumed meanwhile
         assert end_if_not_resumed(db, a, 60, late) == "gone"  # ended once
-    ends = [e for e in audit.events(registry.db) if e["type"] == "session.end"]
-    assert [(e["fields"]["session"], e["reason"]) for e in ends] == [("a", "not resumed")]
-    assert ends[0]["actor"] == "user:alice" and ends[0]["fields"]["service"] == "ssh"
+    ends = [e for e in audit.events(registry, "session.end")]
+    assert [(e.fields["session"], e.reason) for e in ends] == [("a", "not resumed")]
+    assert ends[0].actor == "user:alice" and ends[0].fields["service"] == "ssh"
 
 
 def test_find_resumable_answers_only_for_the_owner_of_a_live_resumable_session(registry):
     _start(registry, "mine", True)
     _start(registry, "raw", False)
-    found = find_resumable(registry.db, "mine", "user:alice", "r1")
+
+    def find(session: str, actor: str, device: str):
+        with registry.write() as db:
+            return find_resumable(db, session, actor, device)
+
+    found = find("mine", "user:alice", "r1")
     assert found is not None and found.common["service"] == "ssh" and not found.detached
-    assert find_resumable(registry.db, "mine", "user:mallory", "r1") is None  # another user's
-    assert find_resumable(registry.db, "mine", "user:alice", "r2") is None  # another device
-    assert find_resumable(registry.db, "raw", "user:alice", "r1") is None  # never resumable
-    assert find_resumable(registry.db, "nope", "user:alice", "r1") is None
+    assert find("mine", "user:mallory", "r1") is None  # another user's
+    assert find("mine", "user:alice", "r2") is None  # another device
+    assert find("raw", "user:alice", "r1") is None  # never resumable
+    assert find("nope", "user:alice", "r1") is None
     with registry.write() as db:
         audit.append(db, "session.end", actor="user:alice", device="r1", session="mine")
-    assert find_resumable(registry.db, "mine", "user:alice", "r1") is None  # ended
+    assert find("mine", "user:alice", "r1") is None  # ended
 
 
 def test_replayed_bytes_from_the_two_headers():

@@ -36,6 +36,7 @@ from typing import Any
 from enroll import audit
 from enroll.registry import iso
 from enroll.repositories import Devices
+from enroll.session_log import NOT_RESUMED, end_if_not_resumed, recover_open_sessions
 from enroll.state import FleetState
 from tunnel import access
 from tunnel.admission import CODES, Denied, admit, identify, recheck_agent, seen_by
@@ -45,7 +46,6 @@ from tunnel.protocol import ALPN_AGENT, ALPN_ENROLL, ALPN_USER
 from tunnel.proxy_agents import AgentLinks
 from tunnel.proxy_core import AgentLink, Liveness, ProxyCore, Session
 from tunnel.proxy_enroll import OnlineEnrollment
-from tunnel.proxy_resume import NOT_RESUMED, end_if_not_resumed, recover_open_sessions
 from tunnel.proxy_sessions import UserSessions
 from tunnel.registry_writer import RegistryWriter
 from tunnel.transport import Connection, Refused, TLSIdentity, serve, tcp_serve
@@ -126,7 +126,7 @@ class Proxy(ProxyCore):
         No raw session can outlive the proxy process, so before listening every ``session.start``
         without its ``session.end`` is closed. A resumable one may still be held at both ends:
         it gets ``session.detach`` instead and joins the sessions the sweep ends if they are not
-        resumed within the hold time (:func:`tunnel.proxy_resume.recover_open_sessions`). The
+        resumed within the hold time (:func:`enroll.session_log.recover_open_sessions`). The
         write is queued first, so it runs before any event of this process; if the registry is
         busy it stays queued and the proxy starts anyway. (One registry serves one proxy: a
         second proxy on it would see its live sessions closed here.)

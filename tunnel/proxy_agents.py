@@ -20,13 +20,14 @@ import time
 from enroll import audit
 from enroll.enrollment import renew
 from enroll.repositories import Devices
+from enroll.session_log import end_if_not_resumed
 from enroll.state import FleetState
 from tunnel import wire
 from tunnel.admission import CODES, Peer
 from tunnel.log import event
 from tunnel.protocol import read_header, reply_with_body
 from tunnel.proxy_core import DENIAL_AUDIT_WAIT, AgentLink, Liveness, ProxyCore, try_write
-from tunnel.proxy_resume import end_if_not_resumed, held_denials
+from tunnel.proxy_resume import held_denials
 from tunnel.transport import Connection, PathChange, Stream, TransportError
 
 log = logging.getLogger("tunnel.proxy")

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from enroll import audit
+from enroll.session_log import Detached
 from enroll.state import FleetState
 from tunnel import access
 from tunnel.admission import CODES, Peer
 from tunnel.live_policy import LivePolicy
 from tunnel.log import event
 from tunnel.metrics import ProxyMetrics
-from tunnel.proxy_resume import Detached
 from tunnel.ratelimit import RateLimiter, RefusalTally
 from tunnel.resume import DEFAULT_HOLD
 from tunnel.transport import Connection, Stream, TransportError
@@ -185,7 +185,7 @@ class ProxyCore:
 
         A resumable session whose stream was lost (an error, not a policy cut) is not over: it
         gets ``session.detach`` instead, and the sweep ends it if it is not resumed within the
-        hold time (see :mod:`tunnel.proxy_resume`)."""
+        hold time (see :mod:`enroll.session_log`)."""
         if self.open_sessions.get(session.id) is not session:
             return None
         del self.open_sessions[session.id]

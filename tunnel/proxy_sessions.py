@@ -18,12 +18,13 @@ import secrets
 import time
 from typing import Any
 
+from enroll.session_log import find_resumable
 from tunnel import access, wire
 from tunnel.admission import CODES, Peer
 from tunnel.log import event
 from tunnel.protocol import read_header, reply_with_body
 from tunnel.proxy_core import DENIAL_AUDIT_WAIT, AgentLink, ProxyCore, Session, finish, try_write
-from tunnel.proxy_resume import find_resumable, replayed
+from tunnel.proxy_resume import replayed
 from tunnel.splice import StreamEnds, splice
 from tunnel.transport import Connection, Stream, TransportError
 
