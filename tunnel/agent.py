@@ -39,6 +39,11 @@ Sessions and background jobs are kept too. Stopping (``stop()``, or the task can
 SIGTERM) goes in order: watchers, background jobs, then the connections are closed ("agent
 stopping", the reason the proxy records), the session tasks are awaited (each resets its local
 socket), and the connections' close is awaited — each step bounded by ``STOP_GRACE``.
+
+(About 800 lines, on purpose: what is left here is the one adapter whose methods share the
+connection's task set and the session counts — dialing, serving, migrating, probing, the
+per-session splice. The decisions live in ``agent_decisions.py``, the held resumable sessions
+in ``agent_sessions.py``; splitting the adapter further would pass its state around instead.)
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ browser), ``tunnel ls`` and ``tunnel status``. The engineer's identity lives in 
 (``--identity``, ``$FLEET_IDENTITY``, else ``~/.config/fleet-tunnel``)::
 
     user.crt  user.key (0600)  ca.crt  client.yaml   (proxy: HOST:PORT, server_name: NAME)
+
+(About 720 lines: the client connection, the engineer's entry points and the resumable session
+they share (:class:`ResumableSession`, issue 17). The session dials through :class:`Client`
+and the entry points run sessions, so moving either out would make an import circle.)
 """
 
 from __future__ import annotations
