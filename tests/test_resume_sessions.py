@@ -553,3 +553,36 @@ def test_ssh_session_continues_across_a_proxy_restart(ssh_fleet, sig):
     events = _sessions(fleet)
     assert len({e["fields"]["session"] for e in events}) == 1, events
     assert [e["type"] for e in events][:1] == ["session.start"] and "session.resume" in [e["type"] for e in events]
+
+
+@pytest.mark.resumable
+def test_a_certificate_revoked_mid_session_ends_it_at_the_device_too(resumable_fleet, capsys):
+    """The proxy cuts a live session whose engineer's certificate was revoked; the agent saw
+    only its stream lost and holds the session. Its next check of held sessions (every second)
+    must end it with the reason, resetting the device's local connection — not leave the
+    revoked engineer's service connection open for the hold time (60 s here)."""
+    from enroll.cli import main as enroll_main
+
+    fleet, ops = resumable_fleet["fleet"], resumable_fleet["ops"]
+    fwd, port = _forward(fleet, ops)
+    try:
+        transfer = Transfer(port)
+        wait_until(lambda: transfer.echoed > 1024 * 1024, 30, what="the transfer under way")
+        capsys.readouterr()
+        assert enroll_main(["--state", str(fleet.state.root), "cert", "ls", "--user", "ops",
+                            "--format", "json"]) == 0
+        serial = json.loads(capsys.readouterr().out)[0]["serial"]
+        assert enroll_main(["--state", str(fleet.state.root), "cert", "revoke", serial,
+                            "--message", "laptop lost"]) == 0
+        got, _, how = transfer.wait(90)
+        assert how == "reset", (got, how)
+    finally:
+        _stop(fwd)
+    agent_log = resumable_fleet["config"].parent / "agent.log"
+
+    def agent_ended() -> list[dict]:
+        return [json.loads(line) for line in agent_log.read_text().splitlines() if '"session ended"' in line]
+
+    # well inside the 60 s hold: the proxy told the agent at its next held-session check
+    wait_until(agent_ended, 20, 0.2, what="the agent's line for the cut session")
+    assert "revoked" in agent_ended()[-1]["reason"], agent_ended()

@@ -588,7 +588,10 @@ class Agent:
                 "transport": conn.transport_name,
                 "migrations": self.counters.migrations, "reconnects": self.counters.reconnects,
                 # the proxy resolves a port to one of these names before it authorizes a session
-                "services": self.config.service_ports(), **extra}
+                "services": self.config.service_ports(),
+                # it can hold and re-attach sessions (issue 17): the proxy offers resuming only
+                # to an agent that says so, so an older agent keeps getting the raw open it knows
+                "resume": True, **extra}
         if reconnect:
             args.update(reconnect=reconnect, outage=outage)
         if self._interception:

@@ -368,7 +368,16 @@ class ResumableSession:
         session = cls(connect, device, service, login, resume_hold() if hold is None else hold)
         session._secret = new_secret() if session.hold > 0 else None
         client = await connect()
-        stream, rest, reply = await client.dial_reply(device, service, login, resume_secret=session._secret)
+        try:
+            stream, rest, reply = await client.dial_reply(device, service, login, resume_secret=session._secret)
+        except Refusal as exc:
+            if session._secret is None or exc.code != "bad_header" or "resume_secret" not in str(exc):
+                raise
+            # a proxy from before resumable sessions refuses a field it does not know: the
+            # session goes on raw, as it did with that proxy before
+            session._secret = None
+            client = await connect()
+            stream, rest, reply = await client.dial_reply(device, service, login)
         session.id = reply.get("session")
         session._first = (stream, rest)
         if session._secret is not None and reply.get("resumable") and session.id:
@@ -457,8 +466,8 @@ class ResumableSession:
             except Refusal as exc:
                 if exc.code not in RESUME_RETRY:
                     return Refusal(f"session {self.id} to {self.device} could not resume: {exc}", exc.code)
-            except ResumeError as exc:
-                if stream is not None:
+            except (ResumeError, SessionCut) as exc:  # SessionCut: the hold ran out meanwhile
+                if stream is not None:  # never left attached at the agent with nobody here
                     with contextlib.suppress(TransportError):
                         stream.reset(1)
                 return SessionCut(f"session {self.id} to {self.device} ended: {exc}")

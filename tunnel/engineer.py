@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import os
 import shlex
 import shutil
 import signal
@@ -294,6 +295,10 @@ def _detach(signum, frame) -> None:
     raise _Detach
 
 
+def _noted(signum, frame) -> None:
+    """SIGTERM/SIGINT once attached: the wakeup pipe (``signal.set_wakeup_fd``) says it."""
+
+
 def forward_via_helper(identity: UserIdentity, device: str, service: str, host: str, port: int,
                        ready=None, check: bool = True) -> bool:
     """``tunnel.client.forward``, served by the per-user helper; False when no helper can be had
@@ -322,11 +327,25 @@ def forward_via_helper(identity: UserIdentity, device: str, service: str, host: 
             raise _refusal(result)
         if ready:
             ready(listener.getsockname())
-        for event in handoff.events():
-            if "say" in event:
-                print(event["say"], file=sys.stderr, flush=True)
-            elif event.get("end"):
-                raise ClientError(event.get("reason") or "the forward ended", event.get("code") or "cut")
+        # From here a signal only wakes the loop below (never raises inside it): a line read off
+        # the helper's socket cannot be lost between the read and the print.
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        previous_wakeup = signal.set_wakeup_fd(wake_w)
+        try:
+            for sig in previous:
+                signal.signal(sig, _noted)
+            for event in handoff.events(wake_r):
+                if "say" in event:
+                    print(event["say"], file=sys.stderr, flush=True)
+                elif event.get("end"):
+                    raise ClientError(event.get("reason") or "the forward ended", event.get("code") or "cut")
+            else:
+                raise _Detach  # woken by SIGTERM/SIGINT
+        finally:
+            signal.set_wakeup_fd(previous_wakeup)
+            os.close(wake_r)
+            os.close(wake_w)
     except _Detach:
         if handoff is not None:  # what the helper already said still reaches the engineer
             signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -475,10 +475,16 @@ class Forwarding:
         except (HelperGone, Unusable, hp.ProtocolError) as exc:
             return {"ok": False, "code": "unreachable", "reason": f"the helper did not answer: {exc}"}
 
-    def events(self):
+    def events(self, wake: int | None = None):
         """``{"say": LINE}`` per connection refused or cut, until the end: ``{"end": True, "code",
-        "reason"}`` from the helper, or a cut one when the helper went away without it (killed)."""
+        "reason"}`` from the helper, or a cut one when the helper went away without it (killed).
+        Stops early, losing no line, once ``wake`` (a signal's wakeup pipe) is readable."""
         while True:
+            if wake is not None and b"\n" not in self.lines.buffer:
+                import select
+
+                if wake in select.select([self.sock.fileno(), wake], [], [])[0]:
+                    return  # the caller drains what is on its way (pending)
             try:
                 event = self.lines.line(None)
             except (HelperGone, Unusable, hp.ProtocolError) as exc:

@@ -305,15 +305,22 @@ class Proxy(ProxyCore):
                                          session.service, session.login, now=now)
                 if not decision.allowed:
                     event(log, "cutting session", session=session.id, code=decision.code)
+                    if session.resumable:  # the agent will hold it: tell it at its next check
+                        self.policy_cuts[session.id] = (decision.reason, time.monotonic())
                     session.resumable = False  # over for good, not detached: its end says why
                     session.cut(decision.reason)
                     self.sessions.pop(session.id, None)
-            if self.detached and time.monotonic() - last_sweep > SWEEP_INTERVAL:
+            if (self.detached or self.policy_cuts) and time.monotonic() - last_sweep > SWEEP_INTERVAL:
                 last_sweep = time.monotonic()
                 self._sweep_detached()
             for device_id, link in list(self.agents.items()):
                 if (denied := recheck_agent(snapshot, link.peer, now)) is not None:
                     event(log, "cutting agent", device=device_id, code=denied.code)
+                    for session in list(self.sessions.values()):
+                        if session.link is link:  # ended for good (the agent ends its held ones
+                            session.resumable = False  # on this refusal): the end says why
+                            session.cut(denied.reason)
+                            self.sessions.pop(session.id, None)
                     link.conn.close(CODES[denied.code], f"{denied.code}: {denied.reason}")
             if time.monotonic() - last_touch > 60 and self.agents:
                 last_touch = time.monotonic()
@@ -328,6 +335,9 @@ class Proxy(ProxyCore):
         """End (``session.end``, reason ``not resumed``) each detached session not resumed
         within the hold time; forget those resumed (here or through another proxy)."""
         hold = self.resume_hold
+        for session_id, (_, when) in list(self.policy_cuts.items()):
+            if time.monotonic() - when > hold:
+                del self.policy_cuts[session_id]
         for session_id, detached in list(self.detached.items()):
             if session_id in self.open_sessions:
                 self.detached.pop(session_id, None)  # resumed here

@@ -230,6 +230,10 @@ class AgentLinks:
                 # the sessions that ended at the device (hold time, an abort) get theirs, with
                 # the device's reason
                 drop = held_denials(self.proxy.policy.snapshot, link.device_id, args.get("sessions"))
+                for report in args.get("sessions") or []:  # cut here for good (certificate, lock)
+                    session_id = report.get("session") if isinstance(report, dict) else None
+                    if isinstance(session_id, str) and (cut := self.proxy.policy_cuts.get(session_id)):
+                        drop.setdefault(session_id, cut[0])
                 ended = args.get("ended")
                 reported = {e["session"]: e["reason"] for e in (ended if isinstance(ended, list) else [])[:256]
                             if isinstance(e, dict) and isinstance(e.get("session"), str)

@@ -70,6 +70,8 @@ class AgentLink:
     totals: dict[str, int] = field(default_factory=lambda: {"connections": 1, "migrations": 0})
     #: the device's listed services (name → port) from its hello; None until it says
     services: dict[str, int] | None = None
+    #: the agent said it can resume sessions (hello ``resume``, issue 17); an older agent does not
+    resumes: bool = False
     #: set once the first hello was handled (a dial waits for it briefly, see HELLO_WAIT)
     hello: asyncio.Event = field(default_factory=asyncio.Event)
     #: why the proxy gave up on this agent (it stopped answering probes), if it did
@@ -82,6 +84,7 @@ class AgentLink:
             self.uplink = str(args["uplink"])
         if "services" in args:
             self.services = access.service_table(args["services"])
+        self.resumes = args.get("resume") is True
         self.hello.set()
 
     def as_dict(self) -> dict:
@@ -148,6 +151,10 @@ class ProxyCore:
         #: resumable sessions whose stream is away, by id: the sweep ends those not resumed
         #: (:meth:`tunnel.proxy.Proxy._sweep_detached`)
         self.detached: dict[str, Detached] = {}
+        #: resumable sessions this proxy cut for good (a revoked or expired certificate, a lock):
+        #: id → (reason, when); the agent, which saw only a lost stream and holds the session, is
+        #: told to drop it at its next ``held`` check. Kept for the hold time.
+        self.policy_cuts: dict[str, tuple[str, float]] = {}
         self.probe_interval, self.probe_timeout, self.dead_after = PROBE_INTERVAL, PROBE_TIMEOUT, DEAD_AFTER
         self.device_totals: dict[str, dict[str, int]] = {}  # connections and migrations per device
         self.enroll_limiter = RateLimiter(rate=enroll_rate, burst=max(1.0, enroll_rate * 2))

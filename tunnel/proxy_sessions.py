@@ -128,8 +128,9 @@ class UserSessions:
         agent_stream = None
         try:
             agent_stream = await link.conn.open_stream()
-            # a resumable session (issue 17) when the engineer asked and this proxy allows it
-            secret = msg.get("resume_secret") if self.proxy.resume_hold > 0 else None
+            # a resumable session (issue 17) when the engineer asked, this proxy allows it and
+            # the agent can (an older agent rejects an open with fields it does not know)
+            secret = msg.get("resume_secret") if self.proxy.resume_hold > 0 and link.resumes else None
             await agent_stream.write(wire.encode("open", service=service, session=session,
                                                  identity=peer.actor, login=login, resume_secret=secret))
             reply, agent_rest = await read_header(agent_stream, AGENT_REPLY_TIMEOUT)
