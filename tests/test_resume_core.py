@@ -16,6 +16,7 @@ from tunnel.resume import (
     ACK_BYTES,
     ACK_INTERVAL,
     ATTACHED,
+    CHUNK_OVERHEAD,
     CODES,
     DATA,
     END,
@@ -210,16 +211,26 @@ def test_an_ack_beyond_what_was_sent_is_a_broken_peer():
 
 
 def test_the_buffer_is_the_send_window():
-    buffer = ReplayBuffer(limit=10)
-    assert buffer.room(64)  # an empty buffer takes one chunk of any size, alone
+    o = CHUNK_OVERHEAD  # what each held chunk costs besides its bytes
+    buffer = ReplayBuffer(limit=10 + 2 * o)
+    assert buffer.room(64 + 10 * o)  # an empty buffer takes one chunk of any size, alone
     buffer.append(b"x" * 6)
-    assert buffer.room(4) and not buffer.room(5)
+    assert buffer.room(4) and not buffer.room(5)  # two chunks held: 6 + 4 bytes + 2 overheads
     buffer.append(b"y" * 4)
     assert not buffer.room(1)
-    buffer.ack(3)
-    assert buffer.room(3) and not buffer.room(4)
+    buffer.ack(6)  # the first chunk goes, and its overhead with it
+    assert buffer.room(6) and not buffer.room(7)
     with pytest.raises(ValueError):
         ReplayBuffer(limit=0)
+
+
+def test_tiny_chunks_cost_their_overhead_so_memory_stays_near_the_window():
+    """A local service (or a peer) writing one byte at a time must not make the buffer hold
+    ~40 times its window in memory: each chunk is charged CHUNK_OVERHEAD."""
+    buffer = ReplayBuffer(limit=64 * 1024)
+    while buffer.room(1):
+        buffer.append(b"x")
+    assert buffer.held * (1 + CHUNK_OVERHEAD) <= 64 * 1024 + 1 + CHUNK_OVERHEAD
 
 
 def test_random_appends_acks_and_replays_agree_with_a_plain_bytes_model():

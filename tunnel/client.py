@@ -46,6 +46,8 @@ from tunnel.splice import (
 from tunnel.transport import Connection, ErrorCode, Stream, TLSIdentity, TransportError, dial
 
 if TYPE_CHECKING:  # loaded with the first resumable session
+    from collections.abc import Callable
+
     from tunnel.resumable import ResumableEnds
 
 #: engineer-side liveness while sessions are open (see ``Client.watch``)
@@ -348,9 +350,12 @@ class ResumableSession:
     :class:`Refusal`, with the proxy's reason: a lock or relabel issued during the outage).
     """
 
-    def __init__(self, connect, device: str, service: str, login: str | None, hold: float):
+    def __init__(self, connect, device: str, service: str, login: str | None, hold: float,
+                 tell: Callable[[str], None] | None = None):
         #: ``connect()`` → a live Client (ProxyLink.client, or the helper's warm connection)
         self._connect = connect
+        #: where the engineer reads "lost; resuming" / "resumed" (stderr, or the helper's command)
+        self._tell = tell or note
         self.device, self.service, self.login, self.hold = device, service, login, hold
         self.id: str | None = None
         self.resumes = 0
@@ -362,10 +367,10 @@ class ResumableSession:
 
     @classmethod
     async def open(cls, connect, device: str, service: str, login: str | None = None,
-                   hold: float | None = None) -> ResumableSession:
+                   hold: float | None = None, tell: Callable[[str], None] | None = None) -> ResumableSession:
         from tunnel.resume import new_secret
 
-        session = cls(connect, device, service, login, resume_hold() if hold is None else hold)
+        session = cls(connect, device, service, login, resume_hold() if hold is None else hold, tell)
         session._secret = new_secret() if session.hold > 0 else None
         client = await connect()
         try:
@@ -450,7 +455,7 @@ class ResumableSession:
 
         loop = asyncio.get_running_loop()
         lost_at, base = loop.time(), RESUME_FIRST_DELAY
-        note(f"session {self.id} to {self.device}: the tunnel was lost ({why}); resuming")
+        self._tell(f"session {self.id} to {self.device}: the tunnel was lost ({why}); resuming")
         while not spliced.done():
             away = loop.time() - lost_at
             if away >= self.hold:
@@ -482,7 +487,7 @@ class ResumableSession:
                 self.resumes += 1
                 to_device = max(0, sent - reply.get("received", 0))
                 from_device = max(0, reply.get("sent", received) - received)
-                note(f"session {self.id} to {self.device} resumed after {loop.time() - lost_at:.1f}s "
+                self._tell(f"session {self.id} to {self.device} resumed after {loop.time() - lost_at:.1f}s "
                      f"(replayed: {to_device} B to the device, {from_device} B from it)")
                 return None
             delay = base * (0.5 + random.random() / 2)

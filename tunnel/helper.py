@@ -142,6 +142,12 @@ class FramedEnds(Ends):
         self.writer.close()
 
 
+def _hold(req: dict) -> float:
+    """The command's resume hold (its ``$FLEET_RESUME_HOLD``), else this helper's own."""
+    hold = hp.hold_seconds(req["hold"]) if "hold" in req else None
+    return resume_hold() if hold is None else hold
+
+
 class _SaidFirst(SocketEnds):
     """A forwarded TCP connection whose reset waits until the command was told why.
 
@@ -460,7 +466,7 @@ class Helper:
         try:
             self._check_expiry()
             client = await self.client()
-            session = await ResumableSession.open(self.client, device, service, login)
+            session = await ResumableSession.open(self.client, device, service, login, _hold(req))
         except ClientError as exc:
             writer.write(hp.encode_line(self._refused(exc)))
             return
@@ -567,7 +573,7 @@ class Helper:
         except hp.ProtocolError as exc:
             send({"ok": False, "code": exc.code, "reason": str(exc)})
             return
-        device, service = req["device"], req["service"]
+        device, service, hold = req["device"], req["service"], _hold(req)
         try:
             self._check_expiry()
             client = await self.client()
@@ -593,7 +599,8 @@ class Helper:
             clean = False
             try:
                 try:
-                    session = await ResumableSession.open(self.client, device, service)
+                    session = await ResumableSession.open(self.client, device, service, None, hold,
+                                                          lambda line: send({"say": f"tunnel: {line}"}))
                 except ClientError as exc:
                     say(peer, f"refused: {exc} (reset the local connection)")
                     return
@@ -620,7 +627,7 @@ class Helper:
         server = await asyncio.start_server(handle, sock=listener)
         # resumable sessions outlive the warm connection (the next dial or re-attach makes a
         # new one), so the forward ends with the proxy connection only when resuming is off
-        lost = asyncio.create_task(self._lost(client) if resume_hold() <= 0 else asyncio.Event().wait())
+        lost = asyncio.create_task(self._lost(client) if hold <= 0 else asyncio.Event().wait())
         detached = asyncio.create_task(reader.read(1))  # the command ended (or broke) the handoff
         end: dict | None = None
         try:

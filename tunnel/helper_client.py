@@ -376,7 +376,8 @@ def direct(argv: list[str]) -> int:
 
 
 def dial(directory: str, device: str, port: str, login: str | None) -> int:
-    fields = {"device": device, "service": port, "login": login}
+    fields = {"device": device, "service": port, "login": login,
+              "hold": os.environ.get("FLEET_RESUME_HOLD") or None}
     fallback = ["proxy-command", device, port, "--identity", directory] + (["--login", login] if login else [])
     got = obtain(directory, "dial", fields)
     if got is None:
@@ -517,7 +518,8 @@ def forward(directory: str, device: str, service: str, listener_fd: int, proxy: 
     None when no helper can be had: nothing was dialed, and the caller forwards by itself.
     """
     got = obtain(directory, "forward", {"device": device, "service": service, "proxy": proxy,
-                                        "check": "yes" if check else "no"})
+                                        "check": "yes" if check else "no",
+                                        "hold": os.environ.get("FLEET_RESUME_HOLD") or None})
     if got is None:
         return None
     sock, lines, _ack = got

@@ -72,8 +72,8 @@ OPS = ("dial", "cert", "request", "forward", "status", "stop")
 #: fields each op needs (all strings), beyond protocol/version/identity/op
 REQUIRED = {"dial": ("device", "service"), "cert": ("device", "login"), "request": ("name",),
             "forward": ("device", "service"), "status": (), "stop": ()}
-OPTIONAL = {"dial": ("login",), "cert": ("proxy",), "request": ("proxy",),
-            "forward": ("proxy", "check"), "status": (), "stop": ()}
+OPTIONAL = {"dial": ("login", "hold"), "cert": ("proxy",), "request": ("proxy",),
+            "forward": ("proxy", "check", "hold"), "status": (), "stop": ()}
 MAX_FIELD = 255
 #: the proxy requests a ``request`` may name: the engineer's read-only questions
 REQUESTS = ("ls", "whoami", "status")
@@ -249,6 +249,16 @@ def request(op: str, version: str, identity: str, **fields: Any) -> bytes:
     return encode_line(message)
 
 
+def hold_seconds(text: str) -> float | None:
+    """The resume hold a client asks for (its ``$FLEET_RESUME_HOLD``: the command's own setting
+    wins over the helper's environment); None if it is not a number of seconds >= 0."""
+    try:
+        hold = float(text)
+    except (TypeError, ValueError):
+        return None
+    return hold if 0 <= hold < float("inf") else None
+
+
 def _field_ok(value: object) -> bool:
     return isinstance(value, str) and 0 < len(value) <= MAX_FIELD and value.isprintable()
 
@@ -277,6 +287,8 @@ def parse_request(line: bytes, version: str, identity: str) -> dict[str, Any]:
         raise ProtocolError(f"request: {message['name']!r} is not one of {', '.join(REQUESTS)}")
     if op == "forward" and message.get("check", "yes") not in CHECK_VALUES:
         raise ProtocolError("forward: check must be yes or no")
+    if "hold" in message and hold_seconds(message["hold"]) is None:
+        raise ProtocolError(f"{op}: hold must be seconds, 0 or more")
     known = {"protocol", "version", "identity", "op", *REQUIRED[op], *OPTIONAL[op]}
     if extra := sorted(set(message) - known):
         raise ProtocolError(f"{op}: unknown fields {extra}")

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from tunnel.resume import (
     ABORT,
     ACK,
+    CHUNK_OVERHEAD,
     DEFAULT_BUFFER,
     DEFAULT_HOLD,
     END,
@@ -260,7 +261,7 @@ class ResumableEnds(Ends):
         while True:
             if self._inbox:
                 data = self._inbox.popleft()
-                self._inbox_bytes -= len(data)
+                self._inbox_bytes -= len(data) + CHUNK_OVERHEAD
                 self._read_wake.set()
                 if state.took(len(data), self._clock()):
                     self._write_wake.set()
@@ -386,7 +387,7 @@ class ResumableEnds(Ends):
                                 event = event[drop:]
                             if event:
                                 self._inbox.append(event)
-                                self._inbox_bytes += len(event)
+                                self._inbox_bytes += len(event) + CHUNK_OVERHEAD
                                 self._recv_wake.set()
                         elif event.kind == FROM:
                             assert isinstance(event.value, int)

@@ -266,12 +266,18 @@ def _control(kind: int, payload: bytes) -> Frame:
 # -- the replay buffer ----------------------------------------------------------------------
 
 
+#: what one held chunk costs beyond its bytes (the bytes object, its deque slot): charged
+#: against the window so that a peer or a local service writing tiny pieces cannot make the
+#: memory a session holds many times its window (1-byte chunks cost ~40x their bytes)
+CHUNK_OVERHEAD = 64
+
+
 class ReplayBuffer:
     """Sent application bytes the peer has not acknowledged: offsets ``start`` .. ``end``.
 
     Chunks are kept as they were sent (no copy, no joining); an ACK drops whole chunks and
     remembers how far into the first one it reached. ``limit`` is the send window: ``room()``
-    says whether a chunk may be added now.
+    says whether a chunk may be added now (each held chunk counts ``CHUNK_OVERHEAD`` extra).
     """
 
     def __init__(self, limit: int = DEFAULT_BUFFER) -> None:
@@ -290,7 +296,7 @@ class ReplayBuffer:
     def room(self, size: int) -> bool:
         """May a chunk of ``size`` bytes go in now? Always when empty (a chunk larger than the
         window is still sent, alone), else only within the limit: memory stays bounded."""
-        return self.held == 0 or self.held + size <= self.limit
+        return self.held == 0 or self.held + size + CHUNK_OVERHEAD * (len(self._chunks) + 1) <= self.limit
 
     def append(self, data: bytes) -> None:
         if data:
