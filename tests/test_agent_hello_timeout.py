@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 
 from tunnel.proxy import Proxy
+from tunnel.proxy_agents import AgentLinks
 
 
 def test_an_unanswered_hello_makes_the_agent_reconnect_not_exit(fleet, echo, monkeypatch):
     config = fleet.enroll_device("robot-1", {"customer": "acme"}, {"echo": f"127.0.0.1:{echo.port}"},
                                  transport="quic")
-    answer = Proxy._agent_request
+    answer = AgentLinks._agent_request
     held: list[object] = []
 
     async def first_hello_unanswered(self, link, stream):
@@ -27,7 +28,7 @@ def test_an_unanswered_hello_makes_the_agent_reconnect_not_exit(fleet, echo, mon
             await asyncio.Event().wait()
         await answer(self, link, stream)
 
-    monkeypatch.setattr(Proxy, "_agent_request", first_hello_unanswered)
+    monkeypatch.setattr(AgentLinks, "_agent_request", first_hello_unanswered)
 
     async def run() -> None:
         proxy = Proxy(fleet.state)
