@@ -9,7 +9,9 @@ Three paths to the same bulk TCP service, in the same run:
 
 Both directions: ``down`` (the device sends, e.g. logs, scp from the device) and ``up`` (the
 engineer sends). ``tunnel forward`` dials the proxy the way an engineer does by default (TLS/TCP
-first, QUIC as the fallback) while the agent is on QUIC; the rows name the transport each hop
+first, QUIC as the fallback; with ``FLEET_HELPER=off``, so the forward process itself splices
+and its CPU is what is measured; sessions are resumable, the default) while the agent is on
+QUIC; the rows name the transport each hop
 actually used (read from the processes' sockets, not assumed). A second ``tunnel forward`` with
 ``FLEET_TRANSPORT=quic`` measures the all-QUIC variant in the same run (proxy and forward rows
 marked "engineer hop QUIC"). Each figure is the median of several transfers. CPU-ms per MB comes from
@@ -105,12 +107,17 @@ def run(quick: bool = False) -> list[dict]:
     with Services() as svc, SshRig() as ssh, \
             TunnelRig({"bulk": f"127.0.0.1:{svc.bulk_port}"}) as ft:
         os.environ.pop("FLEET_TRANSPORT", None)  # the engineer's default order
+        # the forward splices in its own process (measured here), not in the per-user helper:
+        # through the helper this process would only wait, and the helper's one connection
+        # would also carry the QUIC variant below whatever FLEET_TRANSPORT it was given
+        os.environ["FLEET_HELPER"] = "off"
         fport, fwd = ft.forward("bulk")
         os.environ["FLEET_TRANSPORT"] = "quic"  # the all-QUIC variant, for comparison
         try:
             qport, qfwd = ft.forward("bulk")
         finally:
             del os.environ["FLEET_TRANSPORT"]
+            del os.environ["FLEET_HELPER"]
         rport, ssh_client = ssh.reverse(svc.bulk_port)
         for port in (fport, qport, rport):  # warm the paths (session setup, sshd session child)
             transfer(port, "down", MB)
