@@ -22,12 +22,15 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tunnel import wire
 from tunnel.log import event
-from tunnel.resumable import ResumableEnds
 from tunnel.resume import ResumeError, secret_digest, secret_matches
 from tunnel.transport import Stream, TransportError
+
+if TYPE_CHECKING:  # loaded with the first resumable session: an idle agent does without it
+    from tunnel.resumable import ResumableEnds
 
 log = logging.getLogger("tunnel.agent")
 
