@@ -247,7 +247,8 @@ class Transfer:
                 "--identity", str(tl.engineer)]
         self.forward = tl.lab.spawn(tl.lab.internet, argv, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                    env={**os.environ, **tl.fleet.env, **(env or {})})
+                                    # the engineer's direct path (the helper's is its own case)
+                                    env={**os.environ, **tl.fleet.env, "FLEET_HELPER": "off", **(env or {})})
         self.stderr_lines: list[str] = []
         self._port: int | None = None
         threading.Thread(target=self._read_stderr, daemon=True).start()
