@@ -7,6 +7,7 @@ import logging
 import socket
 
 import pytest
+from fleet_harness import missing_peer
 from transport_helpers import ALPN, SERVER_NAME, read_all, run, running_server
 
 from tunnel.transport import connect, udp
@@ -80,7 +81,7 @@ async def _receive(sock: socket.socket, count: int) -> list[bytes]:
 @pytest.mark.parametrize("gso", [True, False], ids=["gso", "plain"])
 def test_mixed_batch_arrives_intact_and_in_order(gso):
     if gso and not udp.gso_supported():
-        pytest.skip("kernel without UDP_SEGMENT")
+        missing_peer("this kernel has no UDP_SEGMENT (GSO)")
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -224,7 +225,7 @@ def test_as_root_the_buffers_are_forced_to_4_mb():
     import os
 
     if os.geteuid() != 0:
-        pytest.skip("SO_RCVBUFFORCE needs root")
+        missing_peer("SO_RCVBUFFORCE needs root (CI runs as root)")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         rcv, snd = udp.tune_buffers(s)
     assert rcv >= udp.SOCKET_BUFFER and snd >= udp.SOCKET_BUFFER
@@ -245,7 +246,7 @@ def test_split_segments_and_gro_cmsg():
 def test_gso_sender_to_endpoint_reader_every_datagram_intact(gro):
     """GSO runs may arrive as one coalesced read (GRO): they are cut up again, in order."""
     if not udp.gso_supported():
-        pytest.skip("kernel without UDP_SEGMENT")
+        missing_peer("this kernel has no UDP_SEGMENT (GSO)")
 
     async def main():
         loop = asyncio.get_running_loop()
