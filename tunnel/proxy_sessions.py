@@ -95,11 +95,9 @@ class UserSessions:
             await try_write(stream, wire.reply_refused("bad_header", f"unexpected {msg.kind!r} header"))
             finish(stream)
 
-    async def _dial(self, peer: Peer, stream: Stream, msg: wire.Message, rest: bytes, remote: str) -> None:
-        if msg.get("resume") is not None:
-            await self._resume(peer, stream, msg, rest, remote)
-            return
-        device_id, requested, login = msg["device"], msg["service"], msg.get("login")
+    async def _decide(self, peer: Peer, device_id: str, requested: str, login: str | None):
+        """The device, its link, the canonical service name and the decision for a dial or a
+        resume (which is authorized exactly as a dial)."""
         snapshot = await self.proxy.policy.refresh()
         dev = snapshot.device(device_id)
         link = self.proxy.agents.get(device_id)
@@ -116,6 +114,14 @@ class UserSessions:
             decision = access.Decision(False, resolved.code, resolved.reason)
         if decision.allowed and self.proxy.stopping:
             decision = access.Decision(False, "shutdown", "the proxy is shutting down: retry in a moment")
+        return dev, link, service, decision
+
+    async def _dial(self, peer: Peer, stream: Stream, msg: wire.Message, rest: bytes, remote: str) -> None:
+        if msg.get("resume") is not None:
+            await self._resume(peer, stream, msg, rest, remote)
+            return
+        device_id, requested, login = msg["device"], msg["service"], msg.get("login")
+        dev, link, service, decision = await self._decide(peer, device_id, requested, login)
         session = secrets.token_hex(8)
         common = dict(actor=peer.actor, actor_roles=peer.identity.roles, device=device_id,
                       labels=dev.labels if dev else None, remote=remote, service=service,
@@ -218,20 +224,7 @@ class UserSessions:
         agent checks its secret, identity and offset. Every refusal is audited and leaves the
         real session as it was; a success writes ``session.resume`` (outage, bytes replayed)."""
         device_id, requested, login, session = msg["device"], msg["service"], msg.get("login"), msg["resume"]
-        snapshot = await self.proxy.policy.refresh()
-        dev = snapshot.device(device_id)
-        link = self.proxy.agents.get(device_id)
-        if link is not None and not link.hello.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(link.hello.wait(), HELLO_WAIT)
-        resolved = access.canonical_service(requested, link.services if link else None, device_id)
-        service = resolved.name
-        decision = access.decide(snapshot, peer, device_id, service or requested, login,
-                                 online=link is not None)
-        if not resolved.ok and (decision.allowed or (service is None and decision.code == "forbidden")):
-            decision = access.Decision(False, resolved.code, resolved.reason)
-        if decision.allowed and self.proxy.stopping:
-            decision = access.Decision(False, "shutdown", "the proxy is shutting down: retry in a moment")
+        dev, link, service, decision = await self._decide(peer, device_id, requested, login)
         away = msg.get("away", 0.0)
         if decision.allowed and away > self.proxy.resume_hold:
             decision = access.Decision(False, "resume_expired",
