@@ -257,7 +257,7 @@ def _loaded_after(code: str) -> set[str]:
 
 def test_tunnel_agent_command_loads_only_device_layers():
     loaded = _loaded_after(
-        "from tunnel import cli\ncli.build_parser(ops=False).parse_args(['agent', '--config', 'x'])\n"
+        "from tunnel import cli\ncli.build_parser(agent_only=True).parse_args(['agent', '--config', 'x'])\n"
         "import tunnel.agent"
     )
     assert "tunnel.agent" in loaded

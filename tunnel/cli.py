@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -17,7 +18,6 @@ from enroll.clitools import ENGINEER, FORMAT, STATE, Command, Extension, Program
 from enroll.durations import parse_duration
 from enroll.errors import EXIT_OK, EXIT_REFUSED, EXIT_RETIRED, EXIT_UNAVAILABLE, FleetError
 from enroll.labels import parse_selector
-from enroll.secret_input import ArgvSecretAction, read_secret
 from tunnel import log as tlog
 from tunnel.transport import TransportError
 
@@ -246,6 +246,8 @@ def cmd_login(args) -> int:
     if len(piped) > 1 and not sys.stdin.isatty():
         raise ClientError(f"{' and '.join(piped)} would all read stdin: pass the invite in $FLEET_INVITE "
                           "and the code in $FLEET_TOTP (or in files) instead")
+    from enroll.secret_input import read_secret
+
     invite = read_secret("invite", file=args.invite_file, env="FLEET_INVITE")
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\n")
@@ -452,6 +454,14 @@ def cmd_completion(args) -> int:
     return clitools.print_completion(TUNNEL, args.shell)
 
 
+def _argv_secret(**kwargs) -> argparse.Action:
+    """``enroll.secret_input.ArgvSecretAction``, imported when a parser with ``login`` is built
+    (getpass, shlex and termios are no part of ``tunnel agent``)."""
+    from enroll.secret_input import ArgvSecretAction
+
+    return ArgvSecretAction(**kwargs)
+
+
 TUNNEL = Program("tunnel", __doc__, epilog=EPILOG, commands=(
     Command("proxy", "run the proxy: agents and engineers on one port (UDP and TCP)", cmd_proxy, (
         *STATE,
@@ -510,13 +520,13 @@ TUNNEL = Program("tunnel", __doc__, epilog=EPILOG, commands=(
         opt("--invite-file", metavar="FILE",
             help="first login: read the one-time invite from FILE (- or --invite alone: stdin, "
                  "or a prompt on a terminal); default: $FLEET_INVITE"),
-        opt("--invite", dest="invite_argv", action=ArgvSecretAction, env="FLEET_INVITE",
+        opt("--invite", dest="invite_argv", action=_argv_secret, env="FLEET_INVITE",
             file_flag="--invite-file", what="invite", help=argparse.SUPPRESS),
         opt("--ca-pin", metavar="sha256:HEX", help="fleet CA pin (first login)"),
         opt("--totp-file", metavar="FILE",
             help="read the one-time code, if your account needs one, from FILE (- or --totp "
                  "alone: stdin, or a prompt on a terminal); default: $FLEET_TOTP"),
-        opt("--totp", dest="totp_argv", action=ArgvSecretAction, env="FLEET_TOTP",
+        opt("--totp", dest="totp_argv", action=_argv_secret, env="FLEET_TOTP",
             file_flag="--totp-file", what="one-time code", help=argparse.SUPPRESS),
         opt("--ttl", help="ask for a shorter certificate (roles cap it with max_session_ttl)"),
         opt("--password-stdin", action="store_true",
@@ -596,11 +606,15 @@ TUNNEL = Program("tunnel", __doc__, epilog=EPILOG, commands=(
 ))
 
 
-def build_parser(*, ops: bool = True) -> argparse.ArgumentParser:
-    """The parser of ``TUNNEL``; ``ops=False`` (``tunnel agent``) leaves out the ops commands,
-    whose registry code a device has not installed (sqlite-utils alone: 4.5 MiB of an idle agent)."""
-    return TUNNEL.parser(extensions=ops)
-
+def build_parser(*, agent_only: bool = False) -> argparse.ArgumentParser:
+    """The parser of ``TUNNEL``. ``agent_only`` (``tunnel agent``) builds the ``agent`` command
+    alone: a device has not installed the ops commands' registry code (sqlite-utils alone was
+    4.5 MiB of an idle agent), and the engineer commands' parsers were 0.15 MiB of it more."""
+    if agent_only:
+        agent = dataclasses.replace(TUNNEL, commands=tuple(
+            c for c in TUNNEL.commands if isinstance(c, Command) and c.name == "agent"))
+        return agent.parser(extensions=False)
+    return TUNNEL.parser()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -611,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     root here loads nothing: ``tunnel agent`` never imports the engineer client.
     """
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(ops=argv[:1] != ["agent"]).parse_args(argv)
+    args = build_parser(agent_only=argv[:1] == ["agent"]).parse_args(argv)
     try:
         return args.func(args)
     except TransportError as exc:  # the connection ended under a command, outside the client

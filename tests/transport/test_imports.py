@@ -33,14 +33,14 @@ def test_the_tcp_fallback_loads_on_first_use():
 
 def test_tunnel_agent_command_skips_the_ops_audit_commands():
     mods = _modules_after(
-        "from tunnel import cli\ncli.build_parser(ops=False).parse_args(['agent', '--config', 'x'])"
+        "from tunnel import cli\ncli.build_parser(agent_only=True).parse_args(['agent', '--config', 'x'])"
     )
     assert not {m for m in mods if m.startswith(("sqlite_utils", "sqlite3", "tunnel.audit_cmd"))}
 
 
 def test_tunnel_agent_command_loads_no_engineer_client():
     mods = _modules_after(
-        "from tunnel import cli\ncli.build_parser(ops=False).parse_args(['agent', '--config', 'x'])"
+        "from tunnel import cli\ncli.build_parser(agent_only=True).parse_args(['agent', '--config', 'x'])"
     )
     assert "tunnel.cli" in mods
     assert not mods & {"tunnel.client", "tunnel.engineer", "tunnel.proxy", "enroll.state"}
