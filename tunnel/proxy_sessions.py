@@ -148,6 +148,9 @@ class UserSessions:
             await self._refuse(stream, "device_unreachable", reason, result="failed", stage="open", **common)
             return
         if not reply.get("ok"):
+            # the agent's refusal came with its FIN; ours ends the stream, or it would keep one of
+            # the streams the agent grants this connection until it reconnects
+            finish(agent_stream)
             code, reason = reply.get("code", "refused"), reply.get("reason", "refused by the device")
             await self._refuse(stream, code, reason, result="denied", stage="device", **common)
             return
@@ -263,6 +266,9 @@ class UserSessions:
             await self._refuse(stream, "device_unreachable", reason, result="failed", stage="resume", **common)
             return
         if not reply.get("ok"):
+            # the agent's refusal came with its FIN; ours ends the stream, or it would keep one of
+            # the streams the agent grants this connection until it reconnects
+            finish(agent_stream)
             code, reason = reply.get("code", "refused"), reply.get("reason", "refused by the device")
             await self._refuse(stream, code, reason, result="denied", stage="resume", **common)
             return
