@@ -11,7 +11,9 @@ the TLS/TCP fallback) show it still works then:
 * ``encodings.idna`` (and ``stringprep``): never for an ASCII proxy name
   (``quic._resolve`` hands the resolver bytes);
 * ``ctypes``: never where cffi's backend is loaded (``quic.release_free_heap``);
-* ``tunnel.transport.tcp`` and h2: with the TLS/TCP fallback.
+* ``tunnel.transport.tcp`` and h2: with the TLS/TCP fallback;
+* ``enroll.secret_input`` (getpass, termios): with ``tunnel login``'s parser, never the
+  agent's (``tunnel.cli.build_parser(agent_only=True)``).
 
 The agent here runs QUIC only: with the default race, a handshake slower than the 0.3 s head
 start (a loaded CI machine) lets TLS/TCP join and load h2 rightly; ``tests/transport/
@@ -44,7 +46,7 @@ sys.exit(main(sys.argv[2:]))
 
 NOT_WHILE_IDLE = {
     "tunnel.agent_sessions", "tunnel.resume", "tunnel.resumable", "tunnel.splice",
-    "encodings.idna", "stringprep", "ctypes",
+    "encodings.idna", "stringprep", "ctypes", "enroll.secret_input", "getpass", "termios",
     "tunnel.transport.tcp", "tunnel.transport.h2session", "h2", "hpack",
     "aioquic.asyncio", "tunnel.client", "tunnel.engineer", "tunnel.proxy",
 }
