@@ -6,7 +6,8 @@ tables can be read) over QUIC and TCP, with refused dials, a reset session and a
 and moved to the other transport, and check that every table is back to its size before. The
 RSS growth seen in the soak was glibc's allocator, not a leak (bytes in use flat, the heap's
 free bytes growing): the proxy fixes glibc's mmap threshold at start, so large buffers go back
-to the kernel when freed, and trims the heap every minute (tunnel/memory.py); both checked here.
+to the kernel when freed, trims the heap every minute and bounds SQLite's heap, whose page caches
+grow with the audit table (tunnel/memory.py); all checked here.
 """
 
 import asyncio
