@@ -34,9 +34,10 @@ yet the proxy's RSS crept up ~1-1.4 MB a minute for 25 minutes. The causes and t
 * **SQLite's page caches** (``limit_sqlite_heap``, once at proxy start, with the glibc
   thresholds). Each of the proxy's long-lived registry connections (the event loop's, the
   registry writer's, the policy loader's) caches up to 2 MB of pages by default and fills it as
-  the audit table grows: +40 KB a minute at the soak's ~60 sessions a minute (``sqlite`` in the
-  ``FLEET_MEMORY_TRACE`` records), a climb spread over an hour. A 2 MB soft limit on SQLite's
-  whole heap in the process caps it where it starts.
+  the audit table grows: +40-65 KB a minute at the soak's ~40-60 sessions a minute (``sqlite`` in the
+  ``FLEET_MEMORY_TRACE`` records; 1.1-1.5 MB in all in the first minutes), ~6.6 MB at most,
+  spread over an hour. A 2 MB soft limit on SQLite's
+  whole heap in the process caps it at a third of that.
 
 None is needed for correctness; they keep the RSS an operator watches honest. Only glibc has
 ``mallopt``/``malloc_trim``; elsewhere (musl, macOS) only the collection runs.
@@ -105,7 +106,7 @@ def limit_sqlite_heap(limit: int = SQLITE_HEAP_LIMIT) -> None:
     Why: each SQLite connection keeps up to 2 MB of database pages (``cache_size`` -2000) and
     never gives them back. The proxy's long-lived connections (the event loop's, the registry
     writer's, the policy loader's) fill theirs slowly as the audit table grows - measured in
-    the soak: +40 KB a minute at ~60 sessions a minute, so 6 MB of RSS creep spread over an hour
+    the soak: +40-65 KB a minute at 40-60 sessions a minute, so 6 MB of RSS creep spread over an hour
     or more. The soft limit is process-wide (one setting covers connections opened anywhere in
     the proxy, now or later): above it a page cache reuses its own least recently used pages
     instead of growing. Pages evicted are read again from the kernel's page cache (the registry
