@@ -6,7 +6,8 @@ tables can be read) over QUIC and TCP, with refused dials, a reset session and a
 and moved to the other transport, and check that every table is back to its size before. The
 RSS growth seen in the soak was glibc's allocator, not a leak (bytes in use flat, the heap's
 free bytes growing): the proxy fixes glibc's mmap threshold at start, so large buffers go back
-to the kernel when freed, and trims the heap every minute (tunnel/memory.py); both checked here.
+to the kernel when freed, trims the heap every minute and bounds SQLite's heap, whose page caches
+grow with the audit table (tunnel/memory.py); all checked here.
 """
 
 import asyncio
@@ -270,3 +271,64 @@ def test_tunnel_proxy_tunes_the_allocator_first(monkeypatch, tmp_path):
     status = cli.main(["proxy", "--state", str(tmp_path / "no-such-state")])
     assert status != 0  # no fleet state there: refused, after the allocator was set up
     assert calls == ["tuned"]
+
+
+# SQLite's page caches: what one long-lived connection holds after appending ~6 MB of rows
+_SQLITE_PROBE = """
+import json, os, sqlite3, sys, tempfile
+from tunnel.memory import sqlite_memory, tune_allocator
+tuned = tune_allocator() if sys.argv[1] == "tune" else None
+conn = sqlite3.connect(os.path.join(tempfile.mkdtemp(), "registry.db"))
+conn.execute("PRAGMA journal_mode=WAL")
+conn.execute("CREATE TABLE audit (seq INTEGER PRIMARY KEY, device TEXT, fields TEXT)")
+conn.execute("CREATE INDEX audit_device ON audit (device, seq)")
+for batch in range(60):  # as the registry writer appends audit events: one transaction a batch
+    with conn:
+        conn.executemany("INSERT INTO audit (device, fields) VALUES (?, ?)",
+                         [(f"robot-{i % 30}", os.urandom(100).hex()) for i in range(200)])
+print(json.dumps({"tuned": tuned, "limit": conn.execute("PRAGMA soft_heap_limit").fetchone()[0],
+                  "sqlite": sqlite_memory(), "rows": conn.execute("SELECT count(*) FROM audit").fetchone()[0]}))
+"""
+
+
+def _sqlite_probe(tune: bool, **env: str) -> dict:
+    clean = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", _SQLITE_PROBE, "tune" if tune else "leave"],
+                         env={**clean, **env}, capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(out.stdout)
+
+
+def test_sqlite_memory_reads_the_librarys_own_counters():
+    import sqlite3
+
+    before = memory.sqlite_memory()
+    assert before is not None  # the counters of the libsqlite3 that _sqlite3 links are reachable
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute("CREATE TABLE t (x TEXT)")
+        conn.executemany("INSERT INTO t VALUES (?)", [("x" * 200,)] * 2000)
+        during = memory.sqlite_memory()
+        assert during is not None
+        assert during["connections"] == before["connections"] + 1
+        assert during["used"] > before["used"] + 200 * 2000  # the rows' pages, out of Python's sight
+        assert during["highwater"] >= during["used"]
+    finally:
+        conn.close()
+
+
+def test_the_proxys_sqlite_page_caches_stay_under_the_soft_limit():
+    """Issue 19: a long-lived connection's page cache grows with the audit table up to 2 MB
+    (SQLite's default ``cache_size``), a slow RSS climb over tens of minutes for each of the
+    proxy's connections. ``tune_allocator`` (first thing in ``tunnel proxy``) sets SQLite's soft
+    heap limit: the cache then reuses its pages instead of growing."""
+    untuned = _sqlite_probe(tune=False)
+    assert untuned["limit"] == 0  # SQLite's default: no limit
+    assert untuned["sqlite"]["used"] > 2_000_000  # the default cache filled up
+    tuned = _sqlite_probe(tune=True)
+    assert tuned["rows"] == untuned["rows"] == 12_000  # nothing lost: evicted pages are read again
+    assert tuned["limit"] == memory.SQLITE_HEAP_LIMIT
+    assert tuned["sqlite"]["used"] <= memory.SQLITE_HEAP_LIMIT * 1.05
+    # an operator's own glibc tunables leave glibc alone, not SQLite's limit
+    theirs = _sqlite_probe(tune=True, GLIBC_TUNABLES="glibc.malloc.arena_max=4")
+    assert theirs["tuned"] is False
+    assert theirs["limit"] == memory.SQLITE_HEAP_LIMIT

@@ -1,8 +1,8 @@
-"""Keep the proxy's RSS at the memory it uses: fixed glibc thresholds, a periodic collection and trim.
+"""Keep the proxy's RSS at the memory it uses: fixed glibc thresholds, a bounded SQLite heap, a periodic collection and trim.
 
 Why (measured in issue 19 under the soak's load: 30 agents, sessions of 64 KiB-4 MiB, the
 ``FLEET_MEMORY_TRACE`` records below): no proxy table grows and live Python objects stay flat,
-yet the proxy's RSS crept up ~1-1.4 MB a minute for 25 minutes. Two causes, two remedies:
+yet the proxy's RSS crept up ~1-1.4 MB a minute for 25 minutes. The causes and their remedies:
 
 * **glibc's dynamic mmap threshold** (``tune_allocator``, once at proxy start). glibc serves a
   block of 128 KiB or more with its own ``mmap`` and gives it back at ``free`` - but when such a
@@ -31,7 +31,15 @@ yet the proxy's RSS crept up ~1-1.4 MB a minute for 25 minutes. Two causes, two 
   dead-peer timeout) and then ``malloc_trim(0)``, which returns every whole free page of every
   glibc arena (``MADV_DONTNEED``).
 
-Neither is needed for correctness; they keep the RSS an operator watches honest. Only glibc has
+* **SQLite's page caches** (``limit_sqlite_heap``, once at proxy start, with the glibc
+  thresholds). Each of the proxy's long-lived registry connections (the event loop's, the
+  registry writer's, the policy loader's) caches up to 2 MB of pages by default and fills it as
+  the audit table grows: +40-65 KB a minute at the soak's ~40-60 sessions a minute (``sqlite`` in the
+  ``FLEET_MEMORY_TRACE`` records; 1.1-1.5 MB in all in the first minutes), ~6.6 MB at most,
+  spread over an hour. A 2 MB soft limit on SQLite's
+  whole heap in the process caps it at a third of that.
+
+None is needed for correctness; they keep the RSS an operator watches honest. Only glibc has
 ``mallopt``/``malloc_trim``; elsewhere (musl, macOS) only the collection runs.
 """
 
@@ -40,6 +48,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import sys
 
 #: seconds between trims in a running proxy; a trim holds the allocator for milliseconds (22 ms
 #: measured for a badly fragmented 70 MB heap), so once a minute costs nothing noticeable
@@ -64,7 +73,11 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 #: blocks this large or larger get their own ``mmap`` and go back to the kernel when freed:
-#: glibc's default, fixed (setting it turns off glibc's raising it after each large free)
+#: glibc's default, fixed (setting it turns off glibc's raising it after each large free).
+#: 32 KiB was tried (``GLIBC_TUNABLES``, one 10-minute soak): the C heap then stopped at 19 MB
+#: where it had climbed 20 -> 28 MB, but a 64 KiB buffer costs 49 µs from ``mmap`` against 1.2 µs
+#: from the heap (measured on the loaded 2-core machine), a few CPU-ms per MB for a proxy moving
+#: data in such buffers: not taken without a throughput comparison on a quiet machine.
 MMAP_THRESHOLD = 128 * 1024
 #: free memory at the heap's top beyond this is returned at once (glibc's default, fixed too:
 #: the dynamic adjustment raises it to twice the largest freed mmapped block)
@@ -81,13 +94,44 @@ def _load_mallopt():
     return fn
 
 
+#: SQLite's heap in the whole proxy (every connection's page cache, schemas, statements): its
+#: soft limit. The proxy's few connections need ~0.6 MB besides their caches (measured);
+#: SQLite's default lets each cache 2 MB, reached only after tens of minutes of audit appends.
+SQLITE_HEAP_LIMIT = 2 * 1024 * 1024
+
+
+def limit_sqlite_heap(limit: int = SQLITE_HEAP_LIMIT) -> None:
+    """Bound the memory SQLite holds in this process (``PRAGMA soft_heap_limit``).
+
+    Why: each SQLite connection keeps up to 2 MB of database pages (``cache_size`` -2000) and
+    never gives them back. The proxy's long-lived connections (the event loop's, the registry
+    writer's, the policy loader's) fill theirs slowly as the audit table grows - measured in
+    the soak: +40-65 KB a minute at 40-60 sessions a minute, so 6 MB of RSS creep spread over an hour
+    or more. The soft limit is process-wide (one setting covers connections opened anywhere in
+    the proxy, now or later): above it a page cache reuses its own least recently used pages
+    instead of growing. Pages evicted are read again from the kernel's page cache (the registry
+    is a local file): microseconds, off the event loop for the writer and the policy loader.
+    It is soft: an allocation never fails because of it.
+    """
+    import sqlite3
+
+    conn = sqlite3.connect(":memory:")  # the pragma sets the library's process-wide limit
+    try:
+        conn.execute(f"PRAGMA soft_heap_limit = {int(limit)}")
+    finally:
+        conn.close()
+
+
 def tune_allocator() -> bool | None:
-    """Fix glibc's mmap and trim thresholds for this process (see the module docstring: why).
+    """Fix glibc's mmap and trim thresholds for this process, bound SQLite's heap (see the
+    module docstring and :func:`limit_sqlite_heap`: why).
 
     Call it once, early in a long-running process (the proxy calls it first thing in ``tunnel
-    proxy``). Returns True if set, False if glibc refused or the operator's ``GLIBC_TUNABLES``
-    already set malloc parameters (theirs win), None where there is no ``mallopt`` (not glibc).
+    proxy``). Returns True if glibc's thresholds were set, False if glibc refused or the
+    operator's ``GLIBC_TUNABLES`` already set malloc parameters (theirs win), None where there is
+    no ``mallopt`` (not glibc). SQLite's limit is set in every case.
     """
+    limit_sqlite_heap()
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     mallopt = _load_mallopt()
@@ -119,7 +163,8 @@ def release_free_memory() -> bool | None:
 #
 # ``FLEET_MEMORY_TRACE=/some/dir`` makes every ``release_free_memory`` call (once a minute in the
 # proxy) also append one JSON line to ``/some/dir/memory-<pid>.jsonl``: RSS, glibc's view of its
-# heap (bytes in use, free, mmapped) before and after a full garbage collection, how many objects
+# heap (bytes in use, free, mmapped) before and after a full garbage collection, SQLite's own heap
+# (``sqlite_memory``: page caches live there, out of Python's sight) and its open connections, how many objects
 # that collection found unreachable, the garbage collector's counters, and the object types whose
 # live count grew most since the first record. ``FLEET_MEMORY_TRACE_FRAMES=N`` adds tracemalloc
 # (N frames deep) and the allocation sites whose traced size grew most. It exists to tell a leak
@@ -146,6 +191,60 @@ def heap_info() -> dict[str, int] | None:
     fn.restype = _MallInfo2
     m = fn()
     return {"heap": m.arena, "in_use": m.uordblks, "free": m.fordblks, "mmapped": m.hblkhd}
+
+
+class _SQLiteStatus:
+    """SQLite's own allocator counters, read from the ``libsqlite3`` that ``_sqlite3`` links.
+
+    ``sqlite3_memory_used`` is every byte SQLite holds through ``malloc`` (page caches, schema,
+    prepared statements) in the whole process, all connections together; the page-cache
+    "overflow" counter is the part that is page cache. Python cannot see either. The extension
+    module's own handle is used because ``dlsym`` on it searches the libraries it was linked
+    with: the counters come from the very copy of SQLite the proxy's connections use.
+    """
+
+    #: ``sqlite3_status64`` operations (sqlite3.h)
+    MEMORY_USED, PAGECACHE_OVERFLOW, MALLOC_COUNT = 0, 2, 9
+
+    def __init__(self) -> None:
+        import _sqlite3
+
+        lib = ctypes.CDLL(_sqlite3.__file__)
+        self._status = lib.sqlite3_status64
+        self._status.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64),
+                                 ctypes.c_int]
+        self._status.restype = ctypes.c_int
+
+    def read(self, op: int) -> tuple[int, int] | None:
+        current, highwater = ctypes.c_int64(), ctypes.c_int64()
+        if self._status(op, ctypes.byref(current), ctypes.byref(highwater), 0) != 0:
+            return None
+        return current.value, highwater.value
+
+    def record(self) -> dict[str, int | None]:
+        import sqlite3
+
+        used = self.read(self.MEMORY_USED)
+        cache = self.read(self.PAGECACHE_OVERFLOW)
+        count = self.read(self.MALLOC_COUNT)
+        return {"used": used and used[0], "highwater": used and used[1], "page_cache": cache and cache[0],
+                "allocations": count and count[0],
+                "connections": sum(1 for o in gc.get_objects() if isinstance(o, sqlite3.Connection))}
+
+
+def sqlite_memory() -> dict[str, int | None] | None:
+    """SQLite's heap in this process (bytes in use, its high-water mark, page cache, allocations)
+    and how many ``sqlite3`` connections are open; None if the library's counters are unreachable."""
+    global _sqlite_status
+    if _sqlite_status is None:
+        try:
+            _sqlite_status = _SQLiteStatus()
+        except (OSError, AttributeError, ImportError):
+            return None
+    return _sqlite_status.record()
+
+
+_sqlite_status: _SQLiteStatus | None = None
 
 
 def _rss_kb() -> int | None:
@@ -187,7 +286,8 @@ class _Tracer:
         import time
 
         rec = {"t": time.time(), "rss_kb": _rss_kb(), "heap": heap_info(), "gc_count": gc.get_count(),
-               "gc_collections": [g["collections"] for g in gc.get_stats()]}
+               "gc_collections": [g["collections"] for g in gc.get_stats()], "sqlite": sqlite_memory(),
+               "pymalloc_blocks": sys.getallocatedblocks()}
         rec["unreachable"] = gc.collect()
         rec["heap_after_gc"] = heap_info()
         types = self._types()
