@@ -168,6 +168,14 @@ class Proxy(ProxyCore):
             if server:
                 server.close()
                 await server.wait_closed()
+        # a task started while the servers were still open (a resume that raced the shutdown)
+        # must not run on after the registry is closed
+        for _ in range(3):  # bounded: a task that spawns while cancelled cannot keep stop() here
+            if not (tasks := list(self._tasks)):
+                break
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         if self.writer:
             await self._flush_at_stop()
             await self.writer.close()

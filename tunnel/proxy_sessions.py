@@ -55,6 +55,10 @@ class UserSessions:
                 stream = await conn.accept_stream()
             except TransportError:
                 return
+            if self.proxy.stopping:  # its task would outlive the registry: refuse it at once
+                with contextlib.suppress(TransportError):
+                    stream.reset(CODES["shutdown"])
+                continue
             self.proxy.spawn(self._user_stream(conn, peer, stream))
 
     async def _user_stream(self, conn: Connection, peer: Peer, stream: Stream) -> None:
