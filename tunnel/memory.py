@@ -112,14 +112,19 @@ def limit_sqlite_heap(limit: int = SQLITE_HEAP_LIMIT) -> None:
     instead of growing. Pages evicted are read again from the kernel's page cache (the registry
     is a local file): microseconds, off the event loop for the writer and the policy loader.
     It is soft: an allocation never fails because of it.
-    """
-    import sqlite3
 
-    conn = sqlite3.connect(":memory:")  # the pragma sets the library's process-wide limit
+    Set through the library's C call (``sqlite3_soft_heap_limit64``, the one the pragma makes),
+    like :class:`_SQLiteStatus`'s counters: this module stays out of the database itself.
+    """
+    import _sqlite3
+    import ctypes
+
     try:
-        conn.execute(f"PRAGMA soft_heap_limit = {int(limit)}")
-    finally:
-        conn.close()
+        set_limit = ctypes.CDLL(_sqlite3.__file__).sqlite3_soft_heap_limit64
+    except (OSError, AttributeError):  # a build without it: the caches keep their default
+        return
+    set_limit.argtypes, set_limit.restype = [ctypes.c_int64], ctypes.c_int64
+    set_limit(int(limit))
 
 
 def tune_allocator() -> bool | None:
