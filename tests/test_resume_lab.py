@@ -139,6 +139,11 @@ def test_through_the_helper_proxy_killed(tl, case):
     run = case_proxy_restart(tl, "rhelper", case, signal.SIGKILL, helper=True)
     print_case(tl, run)
     assert_survived(tl, run)
+    # the helper carried both (a forward that could not have the helper would go direct)
+    helper_log = "\n".join(p.read_text(errors="replace")
+                           for p in (tl.lab.tmpdir / "xdg-run" / "fleet-tunnel").glob("helper-*.log"))
+    for sid in (run.ssh_session, run.bulk_session):
+        assert f"session {sid}: stream lost" in helper_log, f"session {sid} was not held by the helper"
 
 
 @pytest.fixture(scope="module")
