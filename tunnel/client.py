@@ -255,9 +255,11 @@ def _drop(stream: Stream | None) -> None:
 
 
 async def exchange(conn: Connection, op: str, args: dict, timeout: float) -> dict:
-    """Send one request on a new stream; return the reply body or raise Refusal."""
-    stream = await conn.open_stream()
-    await stream.write(wire.encode("request", op=op, args={k: v for k, v in args.items() if v is not None}))
+    """Send one request on a new stream; return the reply body or raise Refusal (TimeoutError
+    when no stream could be opened, or no answer came, within ``timeout``)."""
+    async with asyncio.timeout(timeout):  # no stream slot free must not wait for ever either
+        stream = await conn.open_stream()
+        await stream.write(wire.encode("request", op=op, args={k: v for k, v in args.items() if v is not None}))
     stream.write_eof()
     reply, body = await read_reply(stream, timeout)
     if not reply["ok"]:
