@@ -238,17 +238,18 @@ class Transfer:
     """One download through a real ``tunnel forward DEVICE bulk`` in the internet namespace.
 
     ``received``/``arrivals`` track progress; after :meth:`wait`, ``sha256`` is the digest of
-    what arrived and ``ended`` how the stream ended (``"eof"`` or the error).
+    what arrived and ``ended`` how the stream ended (``"eof"`` or the error). ``helper``: the
+    forward is served by the per-user helper (the engineer's default), else the direct path.
     """
 
-    def __init__(self, tl: TunnelLab, device: str, env: dict | None = None):
+    def __init__(self, tl: TunnelLab, device: str, env: dict | None = None, helper: bool = False):
         self.tl = tl
         argv = [PY, "-m", "tunnel.cli", "forward", device, "bulk", "--local", "127.0.0.1:0",
                 "--identity", str(tl.engineer)]
+        base = helper_env(tl) if helper else {**os.environ, **tl.fleet.env, "FLEET_HELPER": "off"}
         self.forward = tl.lab.spawn(tl.lab.internet, argv, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                    # the engineer's direct path (the helper's is its own case)
-                                    env={**os.environ, **tl.fleet.env, "FLEET_HELPER": "off", **(env or {})})
+                                    env={**base, **(env or {})})
         self.stderr_lines: list[str] = []
         self._port: int | None = None
         threading.Thread(target=self._read_stderr, daemon=True).start()
@@ -448,9 +449,11 @@ class CaseRun:
 
 def start_case(tl: TunnelLab, name: str, device: str, *, size: int = TRANSFER_SIZE,
                rate: float = TRANSFER_RATE, helper: bool = False, also_helper: bool = False) -> CaseRun:
-    """Open the tick session (``helper``: through the per-user helper; ``also_helper``: a second
-    one through it besides the direct one) and the transfer to ``device`` (added already); all
-    flowing."""
+    """Open the tick session and the transfer to ``device`` (added already), all flowing.
+
+    ``helper``: both through the per-user helper (ssh's ProxyCommand and the helper-served
+    ``tunnel forward``); ``also_helper``: a second tick session through it besides the direct
+    one (the transfer stays direct)."""
     dev = tl.devices[device]["dev"]
     server = ByteServer(tl.lab, dev.ns, size=size, rate=rate)
     session = seq_tick_session(tl, device, helper=helper)
@@ -458,7 +461,7 @@ def start_case(tl: TunnelLab, name: str, device: str, *, size: int = TRANSFER_SI
     try:
         if also_helper:
             second = seq_tick_session(tl, device, helper=True)
-        transfer = Transfer(tl, device)
+        transfer = Transfer(tl, device, helper=helper)
         transfer.wait_received(min(size // 8, 2 * 1024 * 1024), 30)
     except BaseException:
         session.close()
@@ -546,7 +549,13 @@ def case_proxy_restart(tl: TunnelLab, name: str, keep: dict, sig: int = signal.S
     run = keep["run"] = start_case(tl, title, name, helper=helper)
     run.started = time.monotonic()
     run.back = restart_proxy(tl, sig)
-    return finish_case(run)
+    finish_case(run)
+    # where a kill -9's gap goes: the agent hears nothing from the dead proxy (no close comes)
+    # until its liveness window, dead_after x max(probe timeout, 2 RTT), has passed
+    silent = [r.get("silent", (r.get("fields") or {}).get("silent")) for r in tl.agent_log(name)
+              if str(r.get("msg", "")).startswith("path dead")]
+    run.notes["agent_silent_before_reconnect"] = silent[-1] if silent else None
+    return run
 
 
 def case_outage(tl: TunnelLab, name: str, keep: dict, seconds: float = 180.0) -> CaseRun:

@@ -132,12 +132,18 @@ def test_proxy_restart(tl, case, sig):
 
 
 def test_through_the_helper_proxy_killed(tl, case):
-    """The ssh session through the per-user helper (the generated ssh config's ProxyCommand):
-    the helper's connection to the proxy is gone after a kill -9, so the helper's splice must
-    re-attach the session like ``tunnel proxy-command`` does."""
+    """The ssh session and the download through the per-user helper (the generated ssh config's
+    ProxyCommand, and ``tunnel forward`` as the helper serves it): the helper's connection to the
+    proxy is gone after a kill -9, so the helper's splice must re-attach both sessions like
+    ``tunnel proxy-command`` and the direct forward do, the download byte-exact."""
     run = case_proxy_restart(tl, "rhelper", case, signal.SIGKILL, helper=True)
     print_case(tl, run)
     assert_survived(tl, run)
+    # the helper carried both (a forward that could not have the helper would go direct)
+    helper_log = "\n".join(p.read_text(errors="replace")
+                           for p in (tl.lab.tmpdir / "xdg-run" / "fleet-tunnel").glob("helper-*.log"))
+    for sid in (run.ssh_session, run.bulk_session):
+        assert f"session {sid}: stream lost" in helper_log, f"session {sid} was not held by the helper"
 
 
 @pytest.fixture(scope="module")
@@ -167,13 +173,14 @@ def test_three_minutes_without_any_uplink(tl, three_minutes):
     assert_survived(tl, run, with_helper=False)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known bug (stop 22): in a whole-module run the helper here is the one that already re-attached "
-    "its ssh session after the proxy's kill -9 in test_through_the_helper_proxy_killed, and this "
-    "session then gets no tick after the outage; with a fresh helper (the test alone) it passes"))
 def test_three_minutes_ssh_through_the_generated_config(tl, three_minutes):
     """ssh as ``tunnel config`` sets it up keeps its session through the outage too: the
-    helper re-attaches, and ssh's own keepalive must not give up before the resume hold does."""
+    helper re-attaches, and ssh's own keepalive must not give up before the resume hold does.
+
+    In a whole-module run this helper is the one that re-attached after the proxy's kill -9
+    (``test_through_the_helper_proxy_killed``), on a new connection: the case that once ran out
+    of streams there, one refused resume dial every 2 s through the outage (stop 22's open bug;
+    ``tests/test_resume_streams.py``)."""
     run = three_minutes
     session = run.helper_session
     assert session is not None

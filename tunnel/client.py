@@ -52,6 +52,8 @@ if TYPE_CHECKING:  # loaded with the first resumable session
 
 #: engineer-side liveness while sessions are open (see ``Client.watch``)
 PING_INTERVAL, DEAD_AFTER = 2.0, 10.0
+#: how long a dial may take, from opening its stream to the proxy's answer
+DIAL_TIMEOUT = 20.0
 
 
 class ClientError(FleetError, RuntimeError):
@@ -202,18 +204,37 @@ class Client:
     async def dial_reply(self, device: str, service: str, login: str | None = None,
                          **resume) -> tuple[Stream, bytes, wire.Message]:
         """:meth:`dial`, with the resume fields of the dial header (``resume_secret``, and on a
-        re-attach ``resume``, ``received``, ``sent``, ``away``) and the proxy's reply returned."""
+        re-attach ``resume``, ``received``, ``sent``, ``away``) and the proxy's reply returned.
+
+        A dial that does not become a session closes its stream here, both ways: the proxy's
+        refusal came with its FIN, so ours completes the stream (a failure resets it). A stream
+        left half-open keeps its slot in the proxy's stream limit (128 a QUIC connection, 512 on
+        HTTP/2) for the life of the connection; a warm helper connection, or a session retrying
+        its resume through a long outage (a refused dial every 2 s), then ran out of streams and
+        every later dial on that connection hung."""
+        stream: Stream | None = None
         try:
-            stream = await self.conn.open_stream()
-            await stream.write(wire.encode("dial", device=device, service=service, login=login, **resume))
-            reply, rest = await read_header(stream, timeout=20.0)
+            # the whole dial is bounded: a stream that cannot open (no slot left) fails it too
+            async with asyncio.timeout(DIAL_TIMEOUT):
+                stream = await self.conn.open_stream()
+                await stream.write(wire.encode("dial", device=device, service=service, login=login, **resume))
+                reply, rest = await read_header(stream, timeout=DIAL_TIMEOUT)
         except (wire.HeaderError, TimeoutError) as exc:
+            _drop(stream)
             raise ClientError(f"no answer from the proxy: {exc or 'timeout'}") from None
         except TransportError as exc:
+            _drop(stream)
             raise closed_error(exc) from None
         except OSError as exc:
+            _drop(stream)
             raise ClientError(f"the connection to the proxy failed: {describe(exc)}", "unreachable") from None
+        except BaseException:  # cancelled (a re-attach's deadline): no half-open stream either
+            _drop(stream)
+            raise
+        assert stream is not None  # opened, or the timeout above raised
         if not reply["ok"]:
+            with contextlib.suppress(TransportError, OSError):
+                stream.write_eof()
             raise Refusal(reply.get("reason", "refused"), reply.get("code", "refused"))
         return stream, rest, reply
 
@@ -226,10 +247,19 @@ class Client:
             raise closed_error(exc) from None
 
 
+def _drop(stream: Stream | None) -> None:
+    """Reset a stream that will not be used (see ``Client.dial_reply``), whatever its state."""
+    if stream is not None:
+        with contextlib.suppress(TransportError, OSError, ValueError):
+            stream.reset(0)
+
+
 async def exchange(conn: Connection, op: str, args: dict, timeout: float) -> dict:
-    """Send one request on a new stream; return the reply body or raise Refusal."""
-    stream = await conn.open_stream()
-    await stream.write(wire.encode("request", op=op, args={k: v for k, v in args.items() if v is not None}))
+    """Send one request on a new stream; return the reply body or raise Refusal (TimeoutError
+    when no stream could be opened, or no answer came, within ``timeout``)."""
+    async with asyncio.timeout(timeout):  # no stream slot free must not wait for ever either
+        stream = await conn.open_stream()
+        await stream.write(wire.encode("request", op=op, args={k: v for k, v in args.items() if v is not None}))
     stream.write_eof()
     reply, body = await read_reply(stream, timeout)
     if not reply["ok"]:
