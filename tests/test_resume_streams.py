@@ -79,9 +79,6 @@ def test_refused_dials_give_their_streams_back(fleet, echo, monkeypatch, transpo
     assert echoed == b"still streams left"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "needs SEAM_REQUESTS.md (resume) #1 in tunnel/proxy_sessions.py: the proxy ends its stream to "
-    "the agent after the device refused; remove this marker when applying it"))
 def test_the_devices_refusals_give_the_agents_streams_back(fleet):
     """The same limit on the agent's connection: a device that refuses more opens than that
     connection has streams (its service down, sshd restarting under Ansible's retries) keeps
