@@ -322,7 +322,9 @@ def splice(sock: _socket.socket, pending: bytes, what: str) -> int:
     Ansible run). So SIGHUP is caught; the closed stdin sends END, as a FIN would, and the
     client waits up to END_WAIT for the device's END, then exits as before (a cut).
     """
-    import _signal
+    # _signal, not signal: signal imports enum (~10 ms of every dial); typeshed has no stub for
+    # this C module, whose signal() and SIGHUP are the ones signal re-exports
+    import _signal  # type: ignore[import-not-found]
     import select
 
     _signal.signal(_signal.SIGHUP, _hangup)
