@@ -249,6 +249,30 @@ def test_connection_sharing_and_bulk_data_survive(world, tmp_path):
     assert out.stdout.split()[0].decode() == hashlib.sha256(blob).hexdigest()
 
 
+def test_an_ssh_master_that_exits_ends_its_session_cleanly(world, tmp_path):
+    """ssh SIGHUPs its ProxyCommand as it exits (a ControlPersist master retiring, ``-O exit``,
+    the end of every Ansible run): the session still ends as a closed TCP connection would —
+    session.end ok — not cut, held for resuming and audited as an error."""
+    seen = len(world.audit())
+    control = ["-o", "ControlMaster=auto", "-o", f"ControlPath={tmp_path}/cm", "-o", "ControlPersist=60"]
+    base = ["ssh", "-F", str(world.config), "-o", "BatchMode=yes", *control]
+    out = subprocess.run([*base, "-fN", "root@acme-on"], capture_output=True, text=True, timeout=60, env=env(world))
+    assert out.returncode == 0, out.stderr
+    out = subprocess.run([*base, "root@acme-on", "echo shared"], capture_output=True, text=True, timeout=60,
+                         env=env(world))
+    assert out.returncode == 0 and out.stdout == "shared\n", out.stderr
+    subprocess.run([*base, "-O", "exit", "root@acme-on"], capture_output=True, timeout=30, env=env(world))
+
+    def ended():
+        events = [e for e in world.audit()[seen:] if e.get("device") == "acme-on"]
+        started = {e["fields"]["session"] for e in events if e["type"] == "session.start"}
+        return started and [e for e in events if e["type"] in ("session.end", "session.detach")
+                            and e["fields"]["session"] in started]
+
+    ends = wait_until(ended, 15, 0.1, "the master's session ended")
+    assert [(e["type"], e["result"]) for e in ends] == [("session.end", "ok")], ends
+
+
 def test_second_identity_gets_its_own_helper(world):
     out = subprocess.run([PY, "-m", "tunnel.cli", "config", "--hosts", "*", "--write", "--identity", str(world.ops)],
                          capture_output=True, text=True, timeout=30, env=env(world))

@@ -300,18 +300,39 @@ class _suppress:
         return kind is not None and issubclass(kind, OSError)
 
 
+#: how long, once ssh closed its side, the device's side gets to end before this client exits
+END_WAIT = 3.0
+
+
+def _hangup(signum, frame) -> None:
+    """ssh's SIGHUP as it exits: noted, not fatal (see ``splice``)."""
+
+
 def splice(sock: _socket.socket, pending: bytes, what: str) -> int:
     """stdin → DATA frames → helper; helper's frames → stdout; until both directions ended.
 
     END from the helper closes stdout (a clean end); CUT, a bad frame, or the helper's socket
     ending without END is a cut: one line on stderr, exit status 4.
+
+    ssh, as it exits, closes both pipes and at once sends its ProxyCommand SIGHUP. Dying of it
+    would drop the helper's socket before the device's side ended: the helper would see a
+    cut, and the proxy and agent would hold the session for resuming (minutes, with the
+    device's sshd connection open) and audit it as an error, although ssh ended it the way
+    a closed TCP connection ends (every ssh master that ControlPersist retires, every
+    Ansible run). So SIGHUP is caught; the closed stdin sends END, as a FIN would, and the
+    client waits up to END_WAIT for the device's END, then exits as before (a cut).
     """
+    # _signal, not signal: signal imports enum (~10 ms of every dial); typeshed has no stub for
+    # this C module, whose signal() and SIGHUP are the ones signal re-exports
+    import _signal  # type: ignore[import-not-found]
     import select
 
+    _signal.signal(_signal.SIGHUP, _hangup)
     sock.settimeout(None)
     decoder = hp.FrameDecoder()
     received = 0
     out_open, in_open = True, True
+    in_ended = 0.0
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     poller.register(0, select.POLLIN)
@@ -340,7 +361,11 @@ def splice(sock: _socket.socket, pending: bytes, what: str) -> int:
         if why:
             return cut(why)
         while out_open or in_open:
-            for fd, _event in poller.poll():
+            timeout = None if in_open else max(0.0, in_ended + END_WAIT - time.monotonic())
+            events = poller.poll(None if timeout is None else int(timeout * 1000) + 1)
+            if not events and not in_open and time.monotonic() >= in_ended + END_WAIT:
+                return cut(f"the device did not end its side within {END_WAIT:g}s of ssh closing its own")
+            for fd, _event in events:
                 if fd == 0:
                     data = os.read(0, CHUNK)
                     if data:
@@ -349,6 +374,7 @@ def splice(sock: _socket.socket, pending: bytes, what: str) -> int:
                         sock.sendall(hp.frame(hp.END))
                         poller.unregister(0)
                         in_open = False
+                        in_ended = time.monotonic()
                 else:
                     data = sock.recv(CHUNK)
                     if not data:
