@@ -27,8 +27,11 @@ def test_dials_during_shutdown_are_refused_and_leave_no_task_behind(fleet, echo,
         await proxy.start(fleet.proxy_host, fleet.proxy_port, idle_timeout=5.0)
         agent = fleet.start_agent(config)
         try:
-            while "stop-1" not in proxy.agents:
+            for _ in range(300):
+                if "stop-1" in proxy.agents:
+                    break
                 await asyncio.sleep(0.1)
+            assert "stop-1" in proxy.agents, "the agent did not come online"
             client = await Client.connect(ops)  # admitted before the stop
             stopping = asyncio.create_task(proxy.stop())
             outcomes = []
@@ -47,9 +50,22 @@ def test_dials_during_shutdown_are_refused_and_leave_no_task_behind(fleet, echo,
             client.close()
             assert not proxy._tasks, proxy._tasks
             assert "served" not in outcomes[1:], outcomes  # once stopping, nothing is served
+            # and the engineer reads why: the proxy is stopping, not "refused this identity"
+            assert set(outcomes[1:]) <= {"shutdown", "unreachable"}, outcomes
         finally:
             fleet.stop(agent)
         await asyncio.sleep(0.2)  # let a stray task's exception reach the handler
         assert not errors, errors
 
     asyncio.run(run())
+
+
+def test_a_stream_reset_for_shutdown_reads_as_the_proxy_stopping():
+    """What ``UserSessions.serve`` sends a stream accepted while stopping, as the engineer reads it."""
+    from tunnel.admission import CODES
+    from tunnel.client import Refusal, closed_error
+    from tunnel.transport import StreamReset
+
+    error = closed_error(StreamReset(CODES["shutdown"], remote=True))
+    assert isinstance(error, Refusal) and error.code == "shutdown"
+    assert "shutting down" in str(error)

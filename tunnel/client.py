@@ -134,7 +134,10 @@ class Refusal(ClientError):
 
 
 def closed_error(exc: TransportError) -> ClientError:
-    """Why the proxy closed the connection, as the engineer should read it."""
+    """Why the proxy closed the connection (or, stopping, reset a new stream), as the engineer
+    should read it."""
+    if exc.code == "reset" and CLOSE_NAMES.get(exc.wire_code) == "shutdown":  # see proxy_sessions' serve
+        return Refusal("the proxy is shutting down: retry in a moment", "shutdown")
     if exc.application and exc.wire_code in CLOSE_NAMES:
         return ClientError(f"the proxy refused this identity: {exc.reason}", CLOSE_NAMES[exc.wire_code])
     return ClientError(f"the connection to the proxy ended: {exc.reason or exc}", "unreachable")
@@ -257,9 +260,14 @@ def _drop(stream: Stream | None) -> None:
 async def exchange(conn: Connection, op: str, args: dict, timeout: float) -> dict:
     """Send one request on a new stream; return the reply body or raise Refusal (TimeoutError
     when no stream could be opened, or no answer came, within ``timeout``)."""
-    async with asyncio.timeout(timeout):  # no stream slot free must not wait for ever either
-        stream = await conn.open_stream()
-        await stream.write(wire.encode("request", op=op, args={k: v for k, v in args.items() if v is not None}))
+    stream = None
+    try:
+        async with asyncio.timeout(timeout):  # no stream slot free must not wait for ever either
+            stream = await conn.open_stream()
+            await stream.write(wire.encode("request", op=op, args={k: v for k, v in args.items() if v is not None}))
+    except BaseException:
+        _drop(stream)  # opened but not written in time: its slot must come back
+        raise
     stream.write_eof()
     reply, body = await read_reply(stream, timeout)
     if not reply["ok"]:

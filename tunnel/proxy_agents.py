@@ -26,7 +26,7 @@ from tunnel import wire
 from tunnel.admission import CODES, Peer
 from tunnel.log import event
 from tunnel.protocol import read_header, reply_with_body
-from tunnel.proxy_core import DENIAL_AUDIT_WAIT, AgentLink, Liveness, ProxyCore, try_write
+from tunnel.proxy_core import DENIAL_AUDIT_WAIT, AgentLink, Liveness, ProxyCore, finish, try_write
 from tunnel.proxy_resume import held_denials
 from tunnel.transport import Connection, PathChange, Stream, TransportError
 
@@ -253,9 +253,10 @@ class AgentLinks:
                 await stream.write(reply_with_body({"cert": cert}))
             else:
                 await stream.write(wire.reply_refused("unknown_op", f"unknown request {op!r}"))
-        except (ValueError, TimeoutError) as exc:
-            # HeaderError, EnrollError/RenewalError (bad CSR, renewal limit), CertError: every
-            # refusal is answered with a code and audited, never left to time out on the agent.
+        except (ValueError, TimeoutError, KeyError, TypeError, AttributeError) as exc:
+            # HeaderError, EnrollError/RenewalError (bad CSR, renewal limit), CertError, a
+            # request of the wrong shape: every refusal is answered with a code and audited,
+            # never left to time out on the agent.
             code = getattr(exc, "code", "refused")
             dev = self.proxy.registry.device(link.device_id)
             await self.proxy.audit("access.denied", actor=link.peer.actor, device=link.device_id,
@@ -267,8 +268,9 @@ class AgentLinks:
             await try_write(stream, wire.reply_refused(
                 "registry_unavailable", f"the proxy cannot write its registry now ({exc}); retry later"))
         except TransportError:
-            return
-        stream.write_eof()
+            pass
+        finally:
+            finish(stream)  # whatever happened: a stream left open keeps one of the agent's slots
 
 
 def _renew_in_thread(state: FleetState, device_id: str, csr: str) -> str:
