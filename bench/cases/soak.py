@@ -505,27 +505,39 @@ class Soak:
     def audit_pairing(self) -> tuple[int, int, int]:
         """(``session.start`` events, sessions without ``session.end``, of those: still held).
 
-        A resumable session (issue 17) whose stream was lost - a proxy restart or the final
-        stop cut it - gets ``session.detach``; the ends hold it for the resume hold time and the
-        proxy's sweep writes its ``session.end`` (``not resumed``) when that runs out. One whose
-        last event is such a detach less than a hold time before the end of the soak is not yet
-        over by design: counted apart, not as a missing end. Any other start without an end is.
+        A resumable session (issue 17) whose tunnel was lost gets ``session.detach``; the ends
+        hold it for the resume hold time and the proxy's sweep writes its ``session.end`` (``not
+        resumed``) when that runs out. Such a session is not over yet by design, and is counted
+        apart from a missing end, only when its detach came with one of the soak's disruptions
+        that concerns its device (that device's agent killed or switched, or a proxy restart:
+        from GRACE before it until the fleet was back) and less than the proxy's hold time
+        before the end. Any other start without an end is a missing end — one detached at the
+        final stop included (the workers were done by then: that session had hung).
         """
         from tunnel.resume import DEFAULT_HOLD
 
-        hold = float(os.environ.get("FLEET_RESUME_HOLD") or DEFAULT_HOLD)
-        last: dict[str, tuple[str, str]] = {}
+        hold = DEFAULT_HOLD  # the soak's proxy runs with its default --resume-hold
+        last: dict[str, tuple[str, str, str | None]] = {}
         starts: set[str] = set()
         for e in self.fleet.audit():
             if e["type"] in ("session.start", "session.resume", "session.detach", "session.end"):
                 sid = e["fields"].get("session")
-                last[sid] = (e["type"], e["time"])
+                last[sid] = (e["type"], e["time"], e["fields"].get("device"))
                 if e["type"] == "session.start":
                     starts.add(sid)
         open_ = [sid for sid in starts if last[sid][0] != "session.end"]
-        now = time.time()
-        held = [sid for sid in open_ if last[sid][0] == "session.detach"
-                and now - dt.datetime.fromisoformat(last[sid][1].replace("Z", "+00:00")).timestamp() < hold]
+
+        def excused(sid: str) -> bool:
+            kind, when, device = last[sid]
+            if kind != "session.detach":
+                return False
+            at = dt.datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp() - self.wall0
+            if not 0 <= at <= self.minutes * 60 or self.minutes * 60 - at >= hold:
+                return False
+            return any(d.device in (None, device) and d.at - GRACE <= at <= self.recovered(d)
+                       for d in self.disruptions)
+
+        held = [sid for sid in open_ if excused(sid)]
         return len(starts), len(open_) - len(held), len(held)
 
     def tracebacks(self) -> dict[str, int]:
@@ -623,8 +635,9 @@ class Soak:
              if fds and thr else None},
             {"metric": "soak: session.start without session.end", "value": open_, "unit": "sessions",
              "target": "< 1", "note": f"of {starts} session.start in the audit"
-             + (f"; {held} more resumable sessions detached by a proxy stop or restart, still within "
-                f"the resume hold at the end (the proxy's sweep ends them if they are not resumed)"
+             + (f"; {held} more resumable sessions detached by a disruption of their device or the "
+                f"proxy, still within the resume hold at the end (the proxy's sweep ends them if "
+                f"they are not resumed)"
                 if held else "")},
             {"metric": "soak: tracebacks in logs", "value": sum(tb.values()), "unit": "tracebacks",
              "target": "< 1", "note": ", ".join(f"{k}: {v}" for k, v in tb.items()) or None},
