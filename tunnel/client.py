@@ -52,7 +52,10 @@ if TYPE_CHECKING:  # loaded with the first resumable session
 
 #: engineer-side liveness while sessions are open (see ``Client.watch``)
 PING_INTERVAL, DEAD_AFTER = 2.0, 10.0
-#: how long a dial may take, from opening its stream to the proxy's answer
+#: how long a dial may take, from opening its stream to the proxy's answer. Above the proxy's
+#: own worst case, so the proxy's answer (with its reason) comes first: a dial waits at most
+#: HELLO_WAIT 2 s + AGENT_REPLY_TIMEOUT 10 s + START_AUDIT_WAIT 3 s there (tunnel/proxy_sessions.py),
+#: a resume 3 s more to find its session; raise this with them
 DIAL_TIMEOUT = 20.0
 
 
