@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 from fleet_harness import PY, wait_until
-from test_resume_sessions import _forward, _sessions, _start_proxy, _stop
+from test_resume_sessions import _forward, _sessions, _start_proxy, _stop, resumable_fleet  # noqa: F401 (a fixture)
 
 from tunnel import helper_client
 from tunnel import helper_protocol as hp
@@ -171,23 +171,18 @@ def _refused_through_the_helper(ops, count: int) -> set[str]:
 
 
 @pytest.mark.resumable
-def test_helper_session_resumes_again_after_a_proxy_kill9_and_many_refusals(fleet, echo, monkeypatch):
+def test_helper_session_resumes_again_after_a_proxy_kill9_and_many_refusals(resumable_fleet, monkeypatch):  # noqa: F811
     """The lab's failing sequence without its 3 minutes: a forward served by the helper carries a
     connection across a proxy kill -9 (the helper re-attaches it on a new connection); that new
     connection then takes more refused dials than it has streams; then the device drops out
     (its agent stopped until the proxy gives it up) and comes back. The same session resumes
     again and every byte comes back once, in order."""
+    fleet, proxy, agent, ops = (resumable_fleet[k] for k in ("fleet", "proxy", "agent", "ops"))
     run_dir = fleet.root / "run"
     run_dir.mkdir(mode=0o700)
     fleet.env.update(XDG_RUNTIME_DIR=str(run_dir), PYTHONPATH=str(REPO))
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(run_dir))  # for helper_client.ask in this process
     fleet.enroll_device("robot-off", {"customer": "acme"}, {"echo": "127.0.0.1:9"})
-    config = fleet.enroll_device("robot-1", {"customer": "acme"}, {"echo": f"127.0.0.1:{echo.port}"},
-                                 keepalive="1s", resume_hold="60s")
-    proxy = _start_proxy(fleet)
-    agent = fleet.start_agent(config)
-    ops = fleet.user("ops", ["admin"])
-    fleet.wait_online(ops, "robot-1")
     fwd, port = _forward(fleet, ops)  # FLEET_HELPER is on: the helper serves the forward
     stopped = False
     try:
