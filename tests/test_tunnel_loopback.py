@@ -64,7 +64,7 @@ def test_forward_many_concurrent_connections_with_checksums(running):
 
         def client(i):
             payload = os.urandom(300_000 + i)
-            got = bytearray()
+            got, began = bytearray(), time.monotonic()
             try:
                 with socket.create_connection(("127.0.0.1", port)) as s:
                     sender = threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)))
@@ -73,7 +73,7 @@ def test_forward_many_concurrent_connections_with_checksums(running):
                         got += chunk
                     sender.join()
             except OSError as exc:
-                results[i] = f"{exc!r} after {len(got)} of {len(payload)} bytes"
+                results[i] = f"{exc!r} after {len(got)} of {len(payload)} bytes, {time.monotonic() - began:.1f} s"
                 return
             results[i] = hashlib.sha256(payload).digest() == hashlib.sha256(got).digest()
 
