@@ -137,12 +137,13 @@ class UserSessions:
         assert link is not None and service is not None  # allowed: the device is online, the service known
         agent_stream = None
         try:
-            agent_stream = await link.conn.open_stream()
             # a resumable session (issue 17) when the engineer asked, this proxy allows it and
             # the agent can (an older agent rejects an open with fields it does not know)
             secret = msg.get("resume_secret") if self.proxy.resume_hold > 0 and link.resumes else None
-            await agent_stream.write(wire.encode("open", service=service, session=session,
-                                                 identity=peer.actor, login=login, resume_secret=secret))
+            async with asyncio.timeout(AGENT_REPLY_TIMEOUT):  # no stream free there: not for ever
+                agent_stream = await link.conn.open_stream()
+                await agent_stream.write(wire.encode("open", service=service, session=session,
+                                                     identity=peer.actor, login=login, resume_secret=secret))
             reply, agent_rest = await read_header(agent_stream, AGENT_REPLY_TIMEOUT)
         except (TransportError, wire.HeaderError, TimeoutError) as exc:
             if agent_stream is not None:
@@ -257,10 +258,11 @@ class UserSessions:
             return
         agent_stream = None
         try:
-            agent_stream = await link.conn.open_stream()
-            await agent_stream.write(wire.encode(
-                "open", service=service, session=session, identity=peer.actor, login=login, resume=session,
-                resume_secret=msg.get("resume_secret"), received=msg.get("received", 0)))
+            async with asyncio.timeout(AGENT_REPLY_TIMEOUT):  # no stream free there: not for ever
+                agent_stream = await link.conn.open_stream()
+                await agent_stream.write(wire.encode(
+                    "open", service=service, session=session, identity=peer.actor, login=login, resume=session,
+                    resume_secret=msg.get("resume_secret"), received=msg.get("received", 0)))
             reply, agent_rest = await read_header(agent_stream, AGENT_REPLY_TIMEOUT)
         except (TransportError, wire.HeaderError, TimeoutError) as exc:
             if agent_stream is not None:

@@ -59,6 +59,29 @@ def test_streams_both_ways_and_half_close(pki, transport):
     run(main())
 
 
+def test_streams_opened_at_once_by_many_tasks_all_open(pki, transport):
+    # sessions to one device start together: on TLS/TCP more of them than the idle reverse
+    # pool wait at once for the agent's next offers, and every one of them must be woken (a
+    # single waiter slot lost all but the last, and a dial hung for its whole timeout)
+    async def main():
+        async with transport.server(pki) as h:
+            client = await transport.dial(h, pki.device)
+            server_conn = await h.connections.get()
+
+            async def one(i):
+                s = await server_conn.open_stream()
+                await s.write(b"stream %d" % i)
+                s.write_eof()
+                return s
+
+            opened = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(20))), 10)
+            got = sorted([await read_all(await client.accept_stream()) for _ in opened])
+            assert got == sorted(b"stream %d" % i for i in range(20))
+            client.close()
+
+    run(main())
+
+
 @pytest.mark.parametrize("side", ["client", "server"])
 def test_streams_written_out_of_order_all_arrive(pki, transport, side):
     # QUIC: a later stream's data may come first; the earlier stream is still new then

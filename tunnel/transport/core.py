@@ -31,6 +31,12 @@ def wake(fut: asyncio.Future[None] | None) -> None:
         fut.set_result(None)
 
 
+def wake_all(futs: set[asyncio.Future[None]]) -> None:
+    """Wake every waiter of a condition several tasks may wait on at once (each looks again)."""
+    for fut in futs:
+        wake(fut)
+
+
 class Session(Protocol):
     """What the core needs from the wire under it (one per connection).
 

@@ -96,7 +96,7 @@ from .base import (
     TLSIdentity,
     TransportError,
 )
-from .core import CoreConnection, CoreStream, wake
+from .core import CoreConnection, CoreStream, wake, wake_all
 from .h2session import FleetH2Session
 from .h2wire import (  # noqa: F401  (the budget names are re-exported for tests)
     ALERT_BAD_CERTIFICATE,
@@ -193,7 +193,7 @@ class _TcpSession:
         self._conn._ack(stream_id, n)  # dropped unread: its window is free again
 
     def forget(self, stream_id: int) -> None:
-        wake(self._conn._stream_slot_waiter)
+        wake_all(self._conn._stream_slot_waiters)
 
     def buffered(self, stream_id: int) -> tuple[int, int]:
         # received bytes all sit in the core's buffer; sent ones in the connection's TLS buffer
@@ -252,14 +252,16 @@ class _TcpConnection(CoreConnection):
         self._wire = FleetH2Session(
             client=is_client, stream_window=stream_window, server_name=server_name
         )
-        self._stream_slot_waiter: asyncio.Future[None] | None = None
+        #: client: open_stream calls waiting for a stream slot (every one of them: several
+        #: sessions may wait at once, and each wakes to look again)
+        self._stream_slot_waiters: set[asyncio.Future[None]] = set()
         self._idle_timeout = idle_timeout
         self._idle_handle: asyncio.TimerHandle | None = None
         self._close_handle: asyncio.TimerHandle | None = None
         #: client: the server's hello answer arrived
         self._hello_done: asyncio.Future[None] = self._loop.create_future()
-        #: server: waiting for the client to offer a reverse request
-        self._pool_waiter: asyncio.Future[None] | None = None
+        #: server: open_stream calls waiting for the client to offer a reverse request
+        self._pool_waiters: set[asyncio.Future[None]] = set()
         protocol.attach(self)
 
     def __repr__(self) -> str:
@@ -335,15 +337,15 @@ class _TcpConnection(CoreConnection):
             if not self._is_client and (claimed := self._wire.claim_reverse()) is not None:
                 sid = claimed
                 break
+            # client: a stream slot frees when one ends or the peer allows more; server: the
+            # client offers a new reverse request about one round trip later
+            waiters = self._stream_slot_waiters if self._is_client else self._pool_waiters
             waiter = self._loop.create_future()
-            if self._is_client:  # a stream slot frees when one ends or the peer allows more
-                self._stream_slot_waiter = waiter
-            else:  # the client offers a new reverse request about one round trip later
-                self._pool_waiter = waiter
+            waiters.add(waiter)
             try:
                 await waiter
             finally:
-                self._stream_slot_waiter = self._pool_waiter = None
+                waiters.discard(waiter)
         stream = self._add_stream(CoreStream(self, sid))
         self._flush()
         return stream
@@ -382,18 +384,18 @@ class _TcpConnection(CoreConnection):
             if (stream := self._streams.get(event.stream_id)) is not None:
                 stream.on_peer_reset(event.code)  # RST_STREAM ends both directions
                 stream.on_stop_sending(event.code)
-            wake(self._stream_slot_waiter)
+            wake_all(self._stream_slot_waiters)
         elif isinstance(event, wire.PeerStream):
             self._deliver(CoreStream(self, event.stream_id))
         elif isinstance(event, wire.PoolGrew):
-            wake(self._pool_waiter)
+            wake_all(self._pool_waiters)
         elif isinstance(event, wire.HelloRequested):
             self._on_hello_request(event.headers)
         elif isinstance(event, wire.HelloAnswered):
             wake(self._hello_done)
         elif isinstance(event, wire.SendRoom):
             self._wake_writers()
-            wake(self._stream_slot_waiter)
+            wake_all(self._stream_slot_waiters)
         elif isinstance(event, wire.PingAnswered):
             self._ping_acked(event.uid)
         elif isinstance(event, wire.Closed):
@@ -466,8 +468,8 @@ class _TcpConnection(CoreConnection):
         if not self._hello_done.done():
             self._hello_done.set_exception(error)
             self._hello_done.exception()
-        wake(self._pool_waiter)
-        wake(self._stream_slot_waiter)
+        wake_all(self._pool_waiters)
+        wake_all(self._stream_slot_waiters)
         if self._idle_handle is not None:
             self._idle_handle.cancel()
 
