@@ -74,10 +74,12 @@ _M_MMAP_THRESHOLD = -3
 
 #: blocks this large or larger get their own ``mmap`` and go back to the kernel when freed:
 #: glibc's default, fixed (setting it turns off glibc's raising it after each large free).
-#: 32 KiB was tried (``GLIBC_TUNABLES``, one 10-minute soak): the C heap then stopped at 19 MB
-#: where it had climbed 20 -> 28 MB, but a 64 KiB buffer costs 49 µs from ``mmap`` against 1.2 µs
-#: from the heap (measured on the loaded 2-core machine), a few CPU-ms per MB for a proxy moving
-#: data in such buffers: not taken without a throughput comparison on a quiet machine.
+#: 32 KiB was tried (``GLIBC_TUNABLES``, two 10-minute soaks): the C heap then stopped at 16-19 MB
+#: where it had climbed 20 -> 28 MB, yet the RSS still rose 0.13-0.32 MB/min; and a 64 KiB buffer
+#: costs 49 µs from ``mmap`` against 1.2 µs from the heap. On a quiet machine (8 alternating pairs
+#: of ``bench/run throughput --quick``, every process under the same setting) it cost the proxy
+#: 8-13 % more CPU per MB (medians, CPU-ms/MB, 128 KiB vs 32 KiB: TLS/TCP engineer hop 17.2 vs
+#: 19.6 down, 23.4 vs 26.4 up; all-QUIC 31.8 vs 33.3 down, 32.0 vs 35.8 up): not taken.
 MMAP_THRESHOLD = 128 * 1024
 #: free memory at the heap's top beyond this is returned at once (glibc's default, fixed too:
 #: the dynamic adjustment raises it to twice the largest freed mmapped block)
