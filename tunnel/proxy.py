@@ -211,7 +211,11 @@ class Proxy(ProxyCore):
             event(log, "refused", level=logging.WARNING, actor=actor, code=denied.code, remote=remote)
             self.metrics.refused(denied.code, "connect")
             raise Refused(CODES[denied.code], f"{denied.code}: {denied.reason}") from None
-        self.peers[conn] = peer
+        # Only a connection still open is handed to _on_connection, whose ``finally`` removes
+        # its peer; one closed while this ran (the losing side of an agent's QUIC/TCP race, an
+        # agent killed mid-handshake) would stay here for good with all its buffers (issue 19).
+        if not conn.is_closed:
+            self.peers[conn] = peer
 
     async def _on_connection(self, conn: Connection) -> None:
         self.metrics.accepted(conn.alpn)
