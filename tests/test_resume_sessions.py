@@ -438,6 +438,31 @@ def test_agent_killed_cannot_resume_and_the_engineer_sees_a_cut_after_the_hold(r
 
 
 @pytest.mark.resumable
+def test_a_restarted_agent_refuses_the_resume_and_the_session_ends_at_once(resumable_fleet):
+    """The agent was killed and came back without the session: its refusal of the resume
+    (``resume_unknown``) ends it for good. The engineer's end resets the local connection with
+    the device's reason, and the proxy writes ``session.end`` then, not after its hold (a soak
+    stopped within the hold found such sessions with a start and no end)."""
+    fleet, ops = resumable_fleet["fleet"], resumable_fleet["ops"]
+    fwd, port = _forward(fleet, ops, env={"FLEET_RESUME_HOLD": "600"})
+    try:
+        transfer = Transfer(port)
+        wait_until(lambda: transfer.echoed > 1024 * 1024, 30, what="the transfer under way")
+        resumable_fleet["agent"].send_signal(signal.SIGKILL)
+        resumable_fleet["agent"].wait(10)
+        resumable_fleet["agent"] = fleet.start_agent(resumable_fleet["config"])
+        got, _, how = transfer.wait(90)
+        assert how == "reset" and got < TOTAL, (got, how)
+    finally:
+        err = _stop(fwd)
+    assert "no such session is held on this device" in err, err
+    wait_until(lambda: _sessions(fleet)[-1]["type"] == "session.end", 30, 0.2, what="the session's end")
+    events = _sessions(fleet)
+    assert [e["type"] for e in events] == ["session.start", "session.detach", "session.end"], events
+    assert events[-1]["reason"].startswith("not resumed: no such session is held on this device"), events[-1]
+
+
+@pytest.mark.resumable
 @pytest.mark.parametrize("lock,stage", [
     (["lock", "robot-1"], "resume"),
     (["user", "lock", "ops"], "connect"),

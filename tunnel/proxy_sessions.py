@@ -18,7 +18,7 @@ import secrets
 import time
 from typing import Any
 
-from enroll.session_log import find_resumable
+from enroll.session_log import NOT_RESUMED, Detached, Resumable, end_if_not_resumed, find_resumable
 from tunnel import access, wire
 from tunnel.admission import CODES, Peer
 from tunnel.log import event
@@ -31,6 +31,9 @@ from tunnel.transport import Connection, Stream, TransportError
 log = logging.getLogger("tunnel.proxy")
 
 AGENT_REPLY_TIMEOUT = 10.0
+#: a device's refusals of a resume that mean it no longer holds the session (its agent
+#: restarted, or the session ended or ran out of hold there): the session ends at once
+DEVICE_DROPPED = frozenset({"resume_unknown", "resume_expired"})
 #: How long a dial that arrives right after the agent connected waits for its hello (which
 #: carries the device's service table, needed to resolve a port to a service name).
 HELLO_WAIT = 2.0
@@ -277,6 +280,8 @@ class UserSessions:
             finish(agent_stream)
             code, reason = reply.get("code", "refused"), reply.get("reason", "refused by the device")
             await self._refuse(stream, code, reason, result="denied", stage="resume", **common)
+            if code in DEVICE_DROPPED and found.detached:
+                self._end_dropped(session, found, f"{NOT_RESUMED}: {reason}")
             return
         # the same session through this proxy still looks attached (its loss not seen yet): the
         # agent has moved it to the new stream, so the old one ends here without an event
@@ -300,6 +305,16 @@ class UserSessions:
             return
         event(log, "session resume", session=session, user=peer.name, device=device_id, outage=away)
         await self._carry(tracked, stream, rest, agent_stream, agent_rest, link)
+
+    def _end_dropped(self, session: str, found: Resumable, reason: str) -> None:
+        """Write ``session.end`` now for a detached session its device no longer holds.
+
+        Its ends can never meet again (the bytes in flight were in the agent's replay buffer):
+        waiting for the sweep would leave the session without an end for the whole hold time,
+        and without one for good if the proxy stopped meanwhile."""
+        self.proxy.detached.pop(session, None)
+        detached = Detached(session, found.start_seq, found.common)
+        self.proxy.write(lambda db: end_if_not_resumed(db, detached, hold=0, reason=reason))
 
     async def _refuse(self, stream: Stream, code: str, reason: str, *, result: str, stage: str,
                       audit_wait: float = DENIAL_AUDIT_WAIT, **common) -> None:
