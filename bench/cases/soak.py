@@ -510,8 +510,8 @@ class Soak:
         resumed``) when that runs out. Such a session is not over yet by design, and is counted
         apart from a missing end, only when its detach came with one of the soak's disruptions
         that concerns its device (that device's agent killed or switched, or a proxy restart:
-        from GRACE before it until the fleet was back) and less than the proxy's hold time
-        before the end. Any other start without an end is a missing end — one detached at the
+        from GRACE before it until the fleet was back) or with a reconnect its agent logged
+        (within GRACE), and less than the proxy's hold time before the end. Any other start without an end is a missing end — one detached at the
         final stop included (the workers were done by then: that session had hung).
         """
         from tunnel.resume import DEFAULT_HOLD
@@ -522,7 +522,7 @@ class Soak:
         for e in self.fleet.audit():
             if e["type"] in ("session.start", "session.resume", "session.detach", "session.end"):
                 sid = e["fields"].get("session")
-                last[sid] = (e["type"], e["time"], e["fields"].get("device"))
+                last[sid] = (e["type"], e["time"], e.get("device"))
                 if e["type"] == "session.start":
                     starts.add(sid)
         open_ = [sid for sid in starts if last[sid][0] != "session.end"]
@@ -535,7 +535,8 @@ class Soak:
             if not 0 <= at <= self.minutes * 60 or self.minutes * 60 - at >= hold:
                 return False
             return any(d.device in (None, device) and d.at - GRACE <= at <= self.recovered(d)
-                       for d in self.disruptions)
+                       for d in self.disruptions) or any(
+                r.device == device and r.at - GRACE <= at <= r.at + GRACE for r in self._reconnects)
 
         held = [sid for sid in open_ if excused(sid)]
         return len(starts), len(open_) - len(held), len(held)
