@@ -227,7 +227,7 @@ class Client:
                 reply, rest = await read_header(stream, timeout=DIAL_TIMEOUT)
         except (wire.HeaderError, TimeoutError) as exc:
             _drop(stream)
-            raise ClientError(f"no answer from the proxy: {exc or 'timeout'}") from None
+            raise ClientError(f"no answer from the proxy: {str(exc) or 'timeout'}") from None
         except TransportError as exc:
             _drop(stream)
             raise closed_error(exc) from None
@@ -248,7 +248,7 @@ class Client:
         try:
             return await exchange(self.conn, op, args, timeout=20.0)
         except (wire.HeaderError, TimeoutError) as exc:
-            raise ClientError(f"no answer from the proxy: {exc or 'timeout'}") from None
+            raise ClientError(f"no answer from the proxy: {str(exc) or 'timeout'}") from None
         except TransportError as exc:
             raise closed_error(exc) from None
 
@@ -301,7 +301,7 @@ async def anonymous_request(
     try:
         return await exchange(conn, op, args, timeout)
     except (TransportError, wire.HeaderError, TimeoutError) as exc:
-        raise ClientError(f"{op} through {proxy} failed: {exc or 'timeout'}") from None
+        raise ClientError(f"{op} through {proxy} failed: {str(exc) or 'timeout'}") from None
     finally:
         conn.close(0, "done")
 

@@ -143,16 +143,18 @@ class UserSessions:
             # a resumable session (issue 17) when the engineer asked, this proxy allows it and
             # the agent can (an older agent rejects an open with fields it does not know)
             secret = msg.get("resume_secret") if self.proxy.resume_hold > 0 and link.resumes else None
-            async with asyncio.timeout(AGENT_REPLY_TIMEOUT):  # no stream free there: not for ever
+            # one deadline from the open to the reply (no stream free there must not wait for
+            # ever either), so the proxy answers within the engineer's DIAL_TIMEOUT
+            async with asyncio.timeout(AGENT_REPLY_TIMEOUT):
                 agent_stream = await link.conn.open_stream()
                 await agent_stream.write(wire.encode("open", service=service, session=session,
                                                      identity=peer.actor, login=login, resume_secret=secret))
-            reply, agent_rest = await read_header(agent_stream, AGENT_REPLY_TIMEOUT)
+                reply, agent_rest = await read_header(agent_stream, AGENT_REPLY_TIMEOUT)
         except (TransportError, wire.HeaderError, TimeoutError) as exc:
             if agent_stream is not None:
                 with contextlib.suppress(TransportError):
                     agent_stream.reset(1)
-            reason = f"device {device_id} did not answer: {exc or 'timeout'}"
+            reason = f"device {device_id} did not answer: {str(exc) or f'nothing within {AGENT_REPLY_TIMEOUT:g}s'}"
             await self._refuse(stream, "device_unreachable", reason, result="failed", stage="open", **common)
             return
         if not reply.get("ok"):
@@ -261,17 +263,17 @@ class UserSessions:
             return
         agent_stream = None
         try:
-            async with asyncio.timeout(AGENT_REPLY_TIMEOUT):  # no stream free there: not for ever
+            async with asyncio.timeout(AGENT_REPLY_TIMEOUT):  # one deadline, as for a dial
                 agent_stream = await link.conn.open_stream()
                 await agent_stream.write(wire.encode(
                     "open", service=service, session=session, identity=peer.actor, login=login, resume=session,
                     resume_secret=msg.get("resume_secret"), received=msg.get("received", 0)))
-            reply, agent_rest = await read_header(agent_stream, AGENT_REPLY_TIMEOUT)
+                reply, agent_rest = await read_header(agent_stream, AGENT_REPLY_TIMEOUT)
         except (TransportError, wire.HeaderError, TimeoutError) as exc:
             if agent_stream is not None:
                 with contextlib.suppress(TransportError):
                     agent_stream.reset(1)
-            reason = f"device {device_id} did not answer: {exc or 'timeout'}"
+            reason = f"device {device_id} did not answer: {str(exc) or f'nothing within {AGENT_REPLY_TIMEOUT:g}s'}"
             await self._refuse(stream, "device_unreachable", reason, result="failed", stage="resume", **common)
             return
         if not reply.get("ok"):
@@ -312,9 +314,17 @@ class UserSessions:
         Its ends can never meet again (the bytes in flight were in the agent's replay buffer):
         waiting for the sweep would leave the session without an end for the whole hold time,
         and without one for good if the proxy stopped meanwhile."""
-        self.proxy.detached.pop(session, None)
+        kept = self.proxy.detached.pop(session, None)
         detached = Detached(session, found.start_seq, found.common)
-        self.proxy.write(lambda db: end_if_not_resumed(db, detached, hold=0, reason=reason))
+
+        def written(future: asyncio.Future) -> None:
+            if future.cancelled() or future.exception() is not None:  # the sweep tries again
+                event(log, "session end not written", level=logging.WARNING, session=session,
+                      error=str(future.exception()) if not future.cancelled() else "cancelled")
+                if kept is not None:
+                    self.proxy.detached.setdefault(session, kept)
+
+        self.proxy.write(lambda db: end_if_not_resumed(db, detached, hold=0, reason=reason)).add_done_callback(written)
 
     async def _refuse(self, stream: Stream, code: str, reason: str, *, result: str, stage: str,
                       audit_wait: float = DENIAL_AUDIT_WAIT, **common) -> None:
