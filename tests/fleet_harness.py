@@ -83,6 +83,17 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: s
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+async def until(predicate, what: str, timeout: float = 30.0) -> None:
+    """``wait_until`` inside an event loop (in-process proxies and agents): sleeps, never blocks."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
 class Fleet:
     """A fleet state directory plus helpers to enroll devices and issue engineer identities."""
 

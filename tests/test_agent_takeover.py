@@ -22,6 +22,7 @@ import hashlib
 import os
 
 import pytest
+from fleet_harness import until
 
 from tunnel import wire
 from tunnel.agent import load_identity
@@ -30,14 +31,6 @@ from tunnel.client import Client, UserIdentity
 from tunnel.protocol import ALPN_AGENT, read_reply
 from tunnel.proxy import Proxy
 from tunnel.transport import dial
-
-
-async def _until(predicate, what: str, timeout: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.parametrize("ghost_transport", ["quic", "tcp"])
@@ -61,7 +54,7 @@ def test_a_connection_without_hello_does_not_replace_the_agent(fleet, echo, monk
         agent = fleet.start_agent(config)
         client = ghost = None
         try:
-            await _until(lambda: "robot-1" in proxy.agents and proxy.agents["robot-1"].hello.is_set(),
+            await until(lambda: "robot-1" in proxy.agents and proxy.agents["robot-1"].hello.is_set(),
                          "the agent online")
             link = proxy.agents["robot-1"]
             client = await Client.connect(ops)
@@ -73,12 +66,12 @@ def test_a_connection_without_hello_does_not_replace_the_agent(fleet, echo, monk
                 got += await stream.read(65536)
 
             ghost = await ghost_dial()  # the device's identity, but no hello: an abandoned attempt
-            await _until(lambda: sum(p.name == "robot-1" for p in proxy.peers.values()) == 2,
+            await until(lambda: sum(p.name == "robot-1" for p in proxy.peers.values()) == 2,
                          "the proxy to admit the ghost connection")
             await asyncio.sleep(0.5)
             assert proxy.agents["robot-1"] is link, "a connection that never said hello took over"
             ghost.close(0, "attempt abandoned")
-            await _until(lambda: sum(p.name == "robot-1" for p in proxy.peers.values()) == 1,
+            await until(lambda: sum(p.name == "robot-1" for p in proxy.peers.values()) == 1,
                          "the ghost connection to end")
 
             await stream.write(data[100_000:])
@@ -97,8 +90,8 @@ def test_a_connection_without_hello_does_not_replace_the_agent(fleet, echo, monk
             hello.write_eof()
             reply, _ = await read_reply(hello, 10.0)
             assert reply["ok"], reply
-            await _until(lambda: proxy.agents["robot-1"] is not link, "the hello to take over")
-            await _until(lambda: link.conn.is_closed, "the replaced connection to end")
+            await until(lambda: proxy.agents["robot-1"] is not link, "the hello to take over")
+            await until(lambda: link.conn.is_closed, "the replaced connection to end")
         finally:
             if ghost is not None:
                 ghost.close()

@@ -16,20 +16,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from fleet_harness import until
 
 from tunnel.agent import load_identity
 from tunnel.agent_config import load
 from tunnel.protocol import ALPN_AGENT
 from tunnel.proxy import Proxy
 from tunnel.transport import dial
-
-
-async def _until(predicate, what: str, timeout: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.parametrize("transport", ["quic", "tcp"])
@@ -67,7 +60,7 @@ def test_a_connection_closed_during_authorization_is_not_kept(fleet, transport):
                      server_name=endpoint.server_name, alpn=ALPN_AGENT, keepalive=None), 30)
             await asyncio.wait_for(authorizing.wait(), 30)
             conn.close(0, "attempt abandoned")  # as an agent closes the losing side of its race
-            await _until(lambda: seen and seen[0].is_closed, "the proxy to see the connection closed")
+            await until(lambda: seen and seen[0].is_closed, "the proxy to see the connection closed")
             release.set()
             await asyncio.wait_for(authorized.wait(), 30)
             await asyncio.sleep(0)  # _authorize_and_run returns right after authorize()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from fleet_harness import until
 
 from tunnel import wire
 from tunnel.agent import load_identity
@@ -20,14 +21,6 @@ from tunnel.client import Client, ResumableSession, UserIdentity
 from tunnel.protocol import ALPN_AGENT, read_header, read_reply
 from tunnel.proxy import Proxy
 from tunnel.transport import dial
-
-
-async def _until(predicate, what: str, timeout: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.resumable
@@ -54,7 +47,7 @@ def test_the_proxy_offers_resuming_only_to_an_agent_that_says_it_can(fleet, says
             stream.write_eof()
             reply, _ = await read_reply(stream)
             assert reply["ok"]
-            await _until(lambda: "robot-1" in proxy.agents and proxy.agents["robot-1"].hello.is_set(),
+            await until(lambda: "robot-1" in proxy.agents and proxy.agents["robot-1"].hello.is_set(),
                          "the agent's hello handled")
 
             client = await Client.connect(ops)
