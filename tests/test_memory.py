@@ -23,6 +23,7 @@ import sys
 import pytest
 import yaml
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
+from fleet_harness import until
 
 from tunnel import cli, memory
 from tunnel.client import Client, Refusal, UserIdentity
@@ -58,14 +59,6 @@ def _tables(proxy: Proxy) -> dict[str, int]:
                   "aioquic streams": quic_streams, "h2 open streams": h2_open,
                   "blocked writers": blocked})
     return sizes
-
-
-async def _until(predicate, what: str, timeout: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
 
 
 async def _session(client: Client, device: str, size: int, *, reset: bool = False) -> None:
@@ -114,7 +107,7 @@ def test_proxy_tables_return_to_baseline_after_many_sessions(fleet, echo, monkey
         await proxy.start(fleet.proxy_host, fleet.proxy_port, idle_timeout=5.0)
         agents = {name: fleet.start_agent(config) for name, config in configs.items()}
         try:
-            await _until(lambda: len(proxy.agents) == 2, "both agents online")
+            await until(lambda: len(proxy.agents) == 2, "both agents online")
             monkeypatch.setenv("FLEET_TRANSPORT", "quic")
             await _sessions(ops, sorted(configs), 4)  # warm-up: every code path ran once
             settled = {"peers": 2, "sessions": 0, "open_sessions": 0, "streams": 0}
@@ -123,7 +116,7 @@ def test_proxy_tables_return_to_baseline_after_many_sessions(fleet, echo, monkey
                 now = _tables(proxy)
                 return all(now[k] == v for k, v in settled.items())
 
-            await _until(quiet, "the warm-up sessions to end")
+            await until(quiet, "the warm-up sessions to end")
             await asyncio.sleep(1)
             baseline = _tables(proxy)
             assert baseline["h2 open streams"] == REVERSE_POOL  # robot-t's, ready for sessions
@@ -138,7 +131,7 @@ def test_proxy_tables_return_to_baseline_after_many_sessions(fleet, echo, monkey
                     raw["transport"] = "tcp"
                     configs["robot-q"].write_text(yaml.safe_dump(raw))
                     agents["robot-q"] = fleet.start_agent(configs["robot-q"])
-                    await _until(lambda: [link.transport for link in proxy.agents.values()]
+                    await until(lambda: [link.transport for link in proxy.agents.values()]
                                  == ["tcp", "tcp"], "robot-q back over TCP")
             # robot-q's connection moved from QUIC to TCP; everything else is as before
             expected = {**baseline, "quic connections": baseline["quic connections"] - 1,
@@ -149,7 +142,7 @@ def test_proxy_tables_return_to_baseline_after_many_sessions(fleet, echo, monkey
                         # each agent's TCP connection keeps REVERSE_POOL streams it opened ready
                         "h2 open streams": 2 * REVERSE_POOL}
             try:
-                await _until(lambda: _tables(proxy) == expected, "the tables to return to baseline")
+                await until(lambda: _tables(proxy) == expected, "the tables to return to baseline")
             except AssertionError:
                 diff = {k: (expected.get(k), v) for k, v in _tables(proxy).items() if expected.get(k) != v}
                 raise AssertionError(f"tables (expected, now) differ after 120 sessions: {diff}") from None
@@ -190,10 +183,10 @@ def test_ended_quic_connections_are_freed_by_the_periodic_release(fleet, echo, m
         agent = fleet.start_agent(config)
         gc.disable()  # as when the collector's thresholds have not come round yet
         try:
-            await _until(lambda: len(proxy.agents) == 1, "the agent online")
+            await until(lambda: len(proxy.agents) == 1, "the agent online")
             for _ in range(12):  # one engineer connection per session, as tunnel proxy-command makes
                 await _sessions(ops, ["robot-q"], 1)
-            await _until(lambda: len(proxy.server._connections) == 1, "the engineer connections to end")
+            await until(lambda: len(proxy.server._connections) == 1, "the engineer connections to end")
             await asyncio.sleep(1)  # the last close's pending callbacks have run
             assert _ended_quic_connections() >= 12  # garbage, kept by its cycles
             release_free_memory()
@@ -214,7 +207,7 @@ def test_proxy_trims_its_heap_periodically(fleet):
         proxy.trim_every = 0.05
         await proxy.start(fleet.proxy_host, fleet.proxy_port, tcp=False)
         try:
-            await _until(lambda: proxy.trims >= 2, "two trims")
+            await until(lambda: proxy.trims >= 2, "two trims")
         finally:
             await proxy.stop()
 
