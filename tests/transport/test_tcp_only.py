@@ -158,3 +158,19 @@ def test_throughput_one_stream_tcp_vs_quic(pki):
         assert tcp_rate > 0 and quic_rate > 0
 
     run(main(), timeout=60)
+
+
+def test_a_peer_that_says_goaway_and_never_closes_is_dropped_after_the_grace(pki):
+    # an agent going back to QUIC ends its TLS/TCP link with a GOAWAY; if its close of the
+    # socket never arrives, the proxy's end must still terminate (its serve task held the
+    # connection, its HTTP/2 state and buffers for good: found in a soak)
+    async def main():
+        async with running_tcp_server(pki) as h:
+            client = await tcp_dial(h, pki.device)
+            server_conn = await h.connections.get()
+            client._send_goaway(0, "going away", application=True)
+            client._protocol.stop_reading()  # and then silent: nothing read, nothing closed
+            await asyncio.wait_for(server_conn.wait_closed(), tcp.CLOSE_GRACE + 5)
+            client._transport.abort()
+
+    run(main())

@@ -418,7 +418,9 @@ class _TcpConnection(CoreConnection):
         if not err.remote:
             log.info("HTTP/2 protocol error from %s: %s", self.remote_address, err.reason)
         self._fail(err)
-        self._transport.close()
+        # with the abort after CLOSE_GRACE armed: a peer that said GOAWAY and never closes its
+        # end (an agent gone back to QUIC, a half-dead path) must not keep this connection
+        self._close_transport()
 
     def _on_hello_request(self, headers: dict[str, str]) -> None:  # pragma: no cover
         raise NotImplementedError  # server only
