@@ -268,8 +268,10 @@ def refuse(reply: dict) -> int:
 
 #: how long a refused client keeps reading what ssh sends before it exits
 LINGER = 3.0
-#: the earliest a refusal is handed to ssh, counted from this client's start (see ``refuse``)
-REFUSAL_FLOOR = 0.5
+#: the earliest a refusal is handed to ssh, counted from this client's start (see ``refuse``):
+#: 0.5 s lost Ansible's reason to its own "Broken pipe" on a loaded 2-core machine (a playbook's
+#: worker started writing later than that); a refused ssh costs this long, not a session
+REFUSAL_FLOOR = 1.0
 STARTED = time.monotonic()
 
 
