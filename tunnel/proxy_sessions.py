@@ -30,6 +30,11 @@ from tunnel.transport import Connection, Stream, TransportError
 
 log = logging.getLogger("tunnel.proxy")
 
+
+class _NoAnswer(Exception):
+    """The agent did not take a stream and answer its header in time (the reason)."""
+
+
 AGENT_REPLY_TIMEOUT = 10.0
 #: a device's refusals of a resume that mean it no longer holds the session (its agent
 #: restarted, or the session ended or ran out of hold there): the session ends at once
@@ -138,24 +143,15 @@ class UserSessions:
             await self._refuse(stream, decision.code, decision.reason, result="denied", stage="dial", **common)
             return
         assert link is not None and service is not None  # allowed: the device is online, the service known
-        agent_stream = None
+        # a resumable session (issue 17) when the engineer asked, this proxy allows it and the
+        # agent can (an older agent rejects an open with fields it does not know)
+        secret = msg.get("resume_secret") if self.proxy.resume_hold > 0 and link.resumes else None
         try:
-            # a resumable session (issue 17) when the engineer asked, this proxy allows it and
-            # the agent can (an older agent rejects an open with fields it does not know)
-            secret = msg.get("resume_secret") if self.proxy.resume_hold > 0 and link.resumes else None
-            # one deadline from the open to the reply (no stream free there must not wait for
-            # ever either), so the proxy answers within the engineer's DIAL_TIMEOUT
-            async with asyncio.timeout(AGENT_REPLY_TIMEOUT):
-                agent_stream = await link.conn.open_stream()
-                await agent_stream.write(wire.encode("open", service=service, session=session,
-                                                     identity=peer.actor, login=login, resume_secret=secret))
-                reply, agent_rest = await read_header(agent_stream, AGENT_REPLY_TIMEOUT)
-        except (TransportError, wire.HeaderError, TimeoutError) as exc:
-            if agent_stream is not None:
-                with contextlib.suppress(TransportError):
-                    agent_stream.reset(1)
-            reason = f"device {device_id} did not answer: {str(exc) or f'nothing within {AGENT_REPLY_TIMEOUT:g}s'}"
-            await self._refuse(stream, "device_unreachable", reason, result="failed", stage="open", **common)
+            agent_stream, reply, agent_rest = await self._open_at_agent(link, wire.encode(
+                "open", service=service, session=session, identity=peer.actor, login=login, resume_secret=secret))
+        except _NoAnswer as exc:
+            await self._refuse(stream, "device_unreachable", f"device {device_id} did not answer: {exc}",
+                               result="failed", stage="open", **common)
             return
         if not reply.get("ok"):
             # the agent's refusal came with its FIN; ours ends the stream, or it would keep one of
@@ -261,20 +257,13 @@ class UserSessions:
             await self._refuse(stream, "resume_unknown", f"no resumable session {session} of yours on {device_id}",
                                result="denied", stage="resume", **common)
             return
-        agent_stream = None
         try:
-            async with asyncio.timeout(AGENT_REPLY_TIMEOUT):  # one deadline, as for a dial
-                agent_stream = await link.conn.open_stream()
-                await agent_stream.write(wire.encode(
-                    "open", service=service, session=session, identity=peer.actor, login=login, resume=session,
-                    resume_secret=msg.get("resume_secret"), received=msg.get("received", 0)))
-                reply, agent_rest = await read_header(agent_stream, AGENT_REPLY_TIMEOUT)
-        except (TransportError, wire.HeaderError, TimeoutError) as exc:
-            if agent_stream is not None:
-                with contextlib.suppress(TransportError):
-                    agent_stream.reset(1)
-            reason = f"device {device_id} did not answer: {str(exc) or f'nothing within {AGENT_REPLY_TIMEOUT:g}s'}"
-            await self._refuse(stream, "device_unreachable", reason, result="failed", stage="resume", **common)
+            agent_stream, reply, agent_rest = await self._open_at_agent(link, wire.encode(
+                "open", service=service, session=session, identity=peer.actor, login=login, resume=session,
+                resume_secret=msg.get("resume_secret"), received=msg.get("received", 0)))
+        except _NoAnswer as exc:
+            await self._refuse(stream, "device_unreachable", f"device {device_id} did not answer: {exc}",
+                               result="failed", stage="resume", **common)
             return
         if not reply.get("ok"):
             # the agent's refusal came with its FIN; ours ends the stream, or it would keep one of
@@ -307,6 +296,24 @@ class UserSessions:
             return
         event(log, "session resume", session=session, user=peer.name, device=device_id, outage=away)
         await self._carry(tracked, stream, rest, agent_stream, agent_rest, link)
+
+    @staticmethod
+    async def _open_at_agent(link: AgentLink, header: bytes) -> tuple[Stream, wire.Message, bytes]:
+        """Open a stream to the agent, send ``header`` and read its reply, under one deadline (a
+        stream the agent has no slot for must not wait for ever either), so the proxy answers
+        within the engineer's DIAL_TIMEOUT. Raises :class:`_NoAnswer` (the stream reset)."""
+        agent_stream = None
+        try:
+            async with asyncio.timeout(AGENT_REPLY_TIMEOUT):
+                agent_stream = await link.conn.open_stream()
+                await agent_stream.write(header)
+                reply, rest = await read_header(agent_stream, AGENT_REPLY_TIMEOUT)
+        except (TransportError, wire.HeaderError, TimeoutError) as exc:
+            if agent_stream is not None:
+                with contextlib.suppress(TransportError):
+                    agent_stream.reset(1)
+            raise _NoAnswer(str(exc) or f"nothing within {AGENT_REPLY_TIMEOUT:g}s") from None
+        return agent_stream, reply, rest
 
     def _end_dropped(self, session: str, found: Resumable, reason: str) -> None:
         """Write ``session.end`` now for a detached session its device no longer holds.

@@ -511,8 +511,9 @@ class Soak:
         apart from a missing end, only when its detach came with one of the soak's disruptions
         that concerns its device (that device's agent killed or switched, or a proxy restart:
         from GRACE before it until the fleet was back) or with a reconnect its agent logged
-        (within GRACE), and less than the proxy's hold time before the end. Any other start without an end is a missing end — one detached at the
-        final stop included (the workers were done by then: that session had hung).
+        (within GRACE), and less than the proxy's hold time before the end. Any other start
+        without an end is a missing end — one detached at the final stop included (the workers
+        were done by then: that session had hung).
         """
         from tunnel.resume import DEFAULT_HOLD
 
