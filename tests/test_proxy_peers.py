@@ -14,6 +14,8 @@ registered, over either transport.
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import pytest
 from fleet_harness import until
@@ -69,6 +71,46 @@ def test_a_connection_closed_during_authorization_is_not_kept(fleet, transport):
         finally:
             release.set()
             if conn is not None:
+                conn.close(0, "done")
+            await proxy.stop()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("transport", ["quic", "tcp"])
+def test_a_replaced_agent_connection_is_released(fleet, transport):
+    """The soak's next find (issue 19): the serve task of a device's new connection kept the link
+    it replaced, and with it that ended connection's whole state, for as long as the new one
+    lived: one per reconnected device (agent restarts, TCP → QUIC upgrades). The registry
+    writer's thread, idle, held its last batch too (here: the first connection's disconnect audit)."""
+    config = fleet.enroll_device("robot-1", {"customer": "acme"}, {}, transport=transport)
+    agent_config = load(config)
+    endpoint = agent_config.proxies[0]
+
+    async def run() -> None:
+        proxy = Proxy(fleet.state)
+        proxy.trim_every = None
+        await proxy.start(host=fleet.proxy_host, port=fleet.proxy_port)
+        conns = []
+        try:
+            async def connect():
+                conns.append(await asyncio.wait_for(
+                    dial(endpoint.host, endpoint.port, transports=(transport,), identity=load_identity(agent_config),
+                         server_name=endpoint.server_name, alpn=ALPN_AGENT, keepalive=None), 30))
+
+            await connect()
+            await until(lambda: "robot-1" in proxy.agents, "the first connection to be the device's link")
+            first = weakref.ref(proxy.agents["robot-1"].conn)  # no strong reference in this test
+            await connect()  # the device connects again while its first connection is still up
+            await until(lambda: len(proxy.peers) == 2, "the second connection to be served")
+            conns[0].close(0, "agent restarted")
+            await until(lambda: first() not in proxy.peers, "the proxy to end the first connection")
+            await asyncio.sleep(0.2)  # the last steps of its serve task
+            gc.collect()
+            assert first() is None, "the ended connection is still referenced"
+            assert len(proxy.peers) == 1 and not conns[1].is_closed
+        finally:
+            for conn in conns:
                 conn.close(0, "done")
             await proxy.stop()
 

@@ -69,6 +69,9 @@ class RegistryWriter:
                     self._commit(registry, items)
                 if stop:
                     return
+                # not kept while waiting for the next write: a write's closure may hold a whole
+                # connection (an agent's disconnect audit), kept for as long as the proxy is idle
+                del batch, items
         finally:
             registry.close()
 
