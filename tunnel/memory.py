@@ -15,10 +15,11 @@ yet the proxy's RSS crept up ~1-1.4 MB a minute for 25 minutes. The causes and t
   to ``mmap`` and back to the kernel when freed. Measured side by side under the same load (10
   minutes of soak-shaped churn, no restarts): glibc's free heap bytes 3-6 MB instead of
   15-20 MB, the heap's RSS 17-21 MB instead of swinging 23-41 MB between trims, the proxy's
-  RSS 75-80 MB instead of 82-91 MB. The 30-minute soak's slope fell from 1.0-1.4 to 0.39
-  MB/min (a loaded run with a third of the sessions: not yet shown flat). Cost: one
-  ``mmap``/``munmap`` pair per large buffer; no CPU-per-MB difference showed in the
-  throughput case beyond its noise.
+  RSS 75-80 MB instead of 82-91 MB. Cost: one ``mmap``/``munmap`` pair per large buffer; no
+  CPU-per-MB difference showed in the throughput case beyond its noise. The 30-minute soak's
+  slope fell from 1.0-1.4 to 0.39 MB/min; most of what was left were ended connections still
+  referenced (fixed where they were held: ``AgentLinks.serve``, the registry writer), after
+  which it was 0.10 MB/min.
   ``M_ARENA_MAX`` was measured as well (``arena_max=1``): no difference, the proxy's few
   threads (registry writer, policy loader) allocate little, so it is left at glibc's default.
   An operator's own ``GLIBC_TUNABLES=glibc.malloc.…`` wins: then nothing is changed.
