@@ -8,7 +8,8 @@ connection closed meanwhile (the losing side of an agent's QUIC/TCP race, an age
 its handshake) is never handed to ``_on_connection``, whose ``finally`` is what removes it.
 
 Here authorization is held until the client has closed its connection: the peer must not stay
-registered, over either transport.
+registered, over either transport. The second test covers the next find of the same soak: an
+ended agent connection still referenced after it was replaced.
 """
 
 from __future__ import annotations
@@ -27,11 +28,22 @@ from tunnel.proxy import Proxy
 from tunnel.transport import dial
 
 
+def _agent_dialer(fleet, transport):
+    """Enroll robot-1; return a coroutine function that dials the proxy as its agent would."""
+    agent_config = load(fleet.enroll_device("robot-1", {"customer": "acme"}, {}, transport=transport))
+    endpoint = agent_config.proxies[0]
+
+    async def dial_agent():
+        return await asyncio.wait_for(
+            dial(endpoint.host, endpoint.port, transports=(transport,), identity=load_identity(agent_config),
+                 server_name=endpoint.server_name, alpn=ALPN_AGENT, keepalive=None), 30)
+
+    return dial_agent
+
+
 @pytest.mark.parametrize("transport", ["quic", "tcp"])
 def test_a_connection_closed_during_authorization_is_not_kept(fleet, transport):
-    config = fleet.enroll_device("robot-1", {"customer": "acme"}, {}, transport=transport)
-    agent_config = load(config)
-    endpoint = agent_config.proxies[0]
+    dial_agent = _agent_dialer(fleet, transport)
 
     async def run() -> None:
         proxy = Proxy(fleet.state)
@@ -57,9 +69,7 @@ def test_a_connection_closed_during_authorization_is_not_kept(fleet, transport):
         await proxy.start(host=fleet.proxy_host, port=fleet.proxy_port)  # in-process: not "slow"
         conn = None
         try:
-            conn = await asyncio.wait_for(
-                dial(endpoint.host, endpoint.port, transports=(transport,), identity=load_identity(agent_config),
-                     server_name=endpoint.server_name, alpn=ALPN_AGENT, keepalive=None), 30)
+            conn = await dial_agent()
             await asyncio.wait_for(authorizing.wait(), 30)
             conn.close(0, "attempt abandoned")  # as an agent closes the losing side of its race
             await until(lambda: seen and seen[0].is_closed, "the proxy to see the connection closed")
@@ -83,9 +93,7 @@ def test_a_replaced_agent_connection_is_released(fleet, transport):
     it replaced, and with it that ended connection's whole state, for as long as the new one
     lived: one per reconnected device (agent restarts, TCP → QUIC upgrades). The registry
     writer's thread, idle, held its last batch too (here: the first connection's disconnect audit)."""
-    config = fleet.enroll_device("robot-1", {"customer": "acme"}, {}, transport=transport)
-    agent_config = load(config)
-    endpoint = agent_config.proxies[0]
+    dial_agent = _agent_dialer(fleet, transport)
 
     async def run() -> None:
         proxy = Proxy(fleet.state)
@@ -93,21 +101,21 @@ def test_a_replaced_agent_connection_is_released(fleet, transport):
         await proxy.start(host=fleet.proxy_host, port=fleet.proxy_port)
         conns = []
         try:
-            async def connect():
-                conns.append(await asyncio.wait_for(
-                    dial(endpoint.host, endpoint.port, transports=(transport,), identity=load_identity(agent_config),
-                         server_name=endpoint.server_name, alpn=ALPN_AGENT, keepalive=None), 30))
-
-            await connect()
+            conns.append(await dial_agent())
             await until(lambda: "robot-1" in proxy.agents, "the first connection to be the device's link")
             first = weakref.ref(proxy.agents["robot-1"].conn)  # no strong reference in this test
-            await connect()  # the device connects again while its first connection is still up
+            conns.append(await dial_agent())  # the device connects again while its first connection is still up
             await until(lambda: len(proxy.peers) == 2, "the second connection to be served")
             conns[0].close(0, "agent restarted")
             await until(lambda: first() not in proxy.peers, "the proxy to end the first connection")
-            await asyncio.sleep(0.2)  # the last steps of its serve task
-            gc.collect()
-            assert first() is None, "the ended connection is still referenced"
+
+
+            def released() -> bool:
+                gc.collect()
+                return first() is None
+
+            # polled: the registry writer's thread lets go of its batch a moment after settling it
+            await until(released, "the ended connection to be released (still referenced)", timeout=10)
             assert len(proxy.peers) == 1 and not conns[1].is_closed
         finally:
             for conn in conns:
