@@ -109,7 +109,6 @@ def test_a_replaced_agent_connection_is_released(fleet, transport):
             conns[0].close(0, "agent restarted")
             await until(lambda: first() not in proxy.peers, "the proxy to end the first connection")
 
-
             def released() -> bool:
                 gc.collect()
                 return first() is None
